@@ -1,0 +1,75 @@
+"""CLIP's symmetric InfoNCE (softmax) loss.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021.
+
+With x_i, y_j the L2-normalised image and text embeddings and t = exp(logit_scale)::
+
+    logits_ij = t * x_i . y_j                                   # (B, B), positives on the diagonal
+    loss = ( CE_rows(logits, i) + CE_cols(logits, i) ) / 2      # image->text and text->image
+
+``logit_scale`` starts at log(1/0.07) and is clamped at log(100) before each use, as CLIP clamps it after
+every optimiser step.
+
+Shapes: ``image_emb``, ``text_emb`` (B, D) on each rank. Distributed: embeddings are all-gathered with
+autograd. ``local_loss=True`` scores this rank's rows against every column in both directions,
+O(B_local x B_global) memory; ``local_loss=False`` computes the whole (B_global, B_global) matrix on every rank.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import probloss
+from probloss import dist
+
+
+@probloss.register_loss("infonce")
+class InfoNCE(probloss.ContrastiveLoss):
+    """Args:
+        init_logit_scale: initial log of the multiplicative scale t (CLIP: log(1/0.07)).
+        max_logit_scale: clamp for logit_scale (CLIP: log(100)); None disables it.
+        learn_logit_scale: whether t is a learnable parameter.
+        local_loss: distributed mode, see the module docstring.
+    """
+
+    # What probloss.testing.check_distributed checks across real processes.
+    distributed_variants = [{"local_loss": True}, {"local_loss": False}]
+
+    def __init__(
+        self,
+        init_logit_scale: float = math.log(1 / 0.07),
+        max_logit_scale: float | None = math.log(100),
+        learn_logit_scale: bool = True,
+        local_loss: bool = True,
+    ):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
+        self.max_logit_scale = max_logit_scale
+        self.local_loss = local_loss
+
+    def scale(self) -> torch.Tensor:
+        if self.max_logit_scale is not None:
+            with torch.no_grad():  # CLIP's clamp, applied to the parameter itself so it can come back down
+                self.logit_scale.clamp_(max=self.max_logit_scale)
+        return self.logit_scale.exp()
+
+    def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
+        x, y = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+        t = self.scale()
+        all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)  # (B_global, D); identity in one process
+        if self.local_loss:
+            # This rank's rows against every column, in both directions; positives at this rank's offset.
+            labels = torch.arange(x.shape[0], device=x.device) + dist.get_rank() * x.shape[0]
+            loss_i2t = F.cross_entropy(t * x @ all_y.T, labels)  # (B_local, B_global)
+            loss_t2i = F.cross_entropy(t * y @ all_x.T, labels)
+        else:
+            logits = t * all_x @ all_y.T  # (B_global, B_global), the same on every rank
+            labels = torch.arange(logits.shape[0], device=x.device)
+            loss_i2t = F.cross_entropy(logits, labels)
+            loss_t2i = F.cross_entropy(logits.T, labels)
+        return (loss_i2t + loss_t2i) / 2
+
+    def compute_scores(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
+        return self.scale() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T

@@ -1,0 +1,218 @@
+"""The only module that talks to torch.distributed. Every function is an exact no-op in one process.
+
+Gradient convention (what makes the distributed invariant of DESIGN.md hold): every rank computes its own
+loss L_r, and the experiment's loss is the mean over ranks. Communication ops are differentiable and
+route each rank's gradient back to the rank that owns the tensor, summed over ranks. So the gradient a rank
+sees on its own embeddings is sum_r dL_r/dx = W * d(mean_r L_r)/dx, and after DDP divides parameter
+gradients by W the encoders get exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+# Backends known to implement isend/irecv. XLA (TPU) does not: the ring falls back to an all-gather.
+P2P_BACKENDS = {"gloo", "nccl", "mpi", "ucc"}
+_warned_no_p2p = False
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def supports_p2p() -> bool:
+    """Whether the default process group can do point-to-point sends (gloo, nccl, mpi, ucc can; xla cannot)."""
+    if not is_distributed():
+        return True
+    backend = str(dist.get_backend()).lower()
+    # "cpu:gloo,cuda:nccl" style backends name one backend per device type.
+    names = {part.split(":")[-1] for part in backend.split(",")}
+    return names <= P2P_BACKENDS
+
+
+def warn_no_p2p_once(what: str) -> None:
+    global _warned_no_p2p
+    if not _warned_no_p2p:
+        _warned_no_p2p = True
+        warnings.warn(
+            f"{what}: the process-group backend {dist.get_backend()!r} has no point-to-point send/recv; "
+            "falling back to an all-gather (same result, O(B_global x D) memory per rank).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(
+    [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.bool]
+)}
+_MAX_DIMS = 4
+
+
+def check_same_shapes(tensors: dict[str, torch.Tensor | None], what: str = "loss") -> None:
+    """Raise on every rank if ranks hold tensors of different shapes or dtypes (instead of hanging).
+
+    Collectives on differently shaped tensors hang or fail with an opaque message, so before any exchange all
+    ranks swap a small description of their inputs and compare.
+    """
+    if not is_distributed():
+        return
+    rows = []
+    for name, tensor in tensors.items():
+        if tensor is None:
+            rows.append([-1] * (_MAX_DIMS + 2))
+            continue
+        if tensor.dim() > _MAX_DIMS:
+            raise ValueError(f"{name} has {tensor.dim()} dimensions; at most {_MAX_DIMS} are supported")
+        shape = list(tensor.shape) + [-2] * (_MAX_DIMS - tensor.dim())
+        rows.append([tensor.dim(), *shape, _DTYPE_CODES.get(tensor.dtype, 99)])
+    device = next((t.device for t in tensors.values() if t is not None), torch.device("cpu"))
+    mine = torch.tensor(rows, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    if all(torch.equal(mine, other) for other in everyone):
+        return
+    names = list(tensors)
+    for k, name in enumerate(names):
+        descriptions = [_describe(other[k].tolist()) for other in everyone]
+        if len(set(descriptions)) > 1:
+            per_rank = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descriptions))
+            raise ValueError(
+                f"{what}: ranks hold different {name} ({per_rank}). Every rank must get the same local batch "
+                "size and embedding shape: make the global batch divisible by the world size and drop or "
+                "resample the last uneven batch."
+            )
+
+
+def _describe(row: list[int]) -> str:
+    if row[0] == -1:
+        return "None"
+    dtype = {code: dtype for dtype, code in _DTYPE_CODES.items()}.get(row[-1], "other dtype")
+    return f"shape {tuple(row[1 : 1 + row[0]])} {dtype}"
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.size = rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Each rank used every slice; the owner of a slice gets the sum of all ranks' gradients on it.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-gather: ``(B_local, ...)`` on each rank -> ``(W * B_local, ...)``, rank-major.
+
+    Backward sums the gradient over ranks and returns each rank its own slice. Identity in one process.
+    """
+    if not is_distributed():
+        return tensor
+    return _AllGather.apply(tensor)
+
+
+def _send_recv(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, to_rank: int, from_rank: int) -> torch.Tensor:
+        ctx.to_rank, ctx.from_rank = to_rank, from_rank
+        received = torch.empty_like(tensor)
+        _send_recv([(tensor, to_rank)], [(received, from_rank)])
+        return received
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # The gradient of what we received goes back to the rank it came from.
+        grad_back = torch.empty_like(grad)
+        _send_recv([(grad, ctx.from_rank)], [(grad_back, ctx.to_rank)])
+        return grad_back, None, None
+
+
+def neighbour_exchange(tensor: torch.Tensor, to_rank: int, from_rank: int) -> torch.Tensor:
+    """Differentiable send of ``tensor`` to ``to_rank`` while receiving one of the same shape from ``from_rank``.
+
+    Backward sends the incoming gradient back to ``from_rank`` and receives ours from ``to_rank``.
+    """
+    return _NeighbourExchange.apply(tensor, to_rank, from_rank)
+
+
+class _NeighbourExchangeBidir(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, to_left: torch.Tensor, to_right: torch.Tensor, left: int, right: int):
+        ctx.left, ctx.right = left, right
+        from_left, from_right = torch.empty_like(to_right), torch.empty_like(to_left)
+        _send_recv([(to_left, left), (to_right, right)], [(from_left, left), (from_right, right)])
+        return from_left, from_right
+
+    @staticmethod
+    def backward(ctx, grad_from_left: torch.Tensor, grad_from_right: torch.Tensor):
+        grad_to_left, grad_to_right = torch.empty_like(grad_from_right), torch.empty_like(grad_from_left)
+        _send_recv(
+            [(grad_from_left, ctx.left), (grad_from_right, ctx.right)],
+            [(grad_to_left, ctx.left), (grad_to_right, ctx.right)],
+        )
+        return grad_to_left, grad_to_right, None, None
+
+
+def neighbour_exchange_bidir(
+    to_left: torch.Tensor, to_right: torch.Tensor, left: int, right: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable two-way exchange: send ``to_left`` left and ``to_right`` right in one batch of P2P ops.
+
+    Returns ``(from_left, from_right)``: what the left neighbour sent right and what the right one sent left.
+    ``left`` and ``right`` must differ (world size >= 3).
+    """
+    if left == right:
+        raise ValueError("neighbour_exchange_bidir needs distinct left and right ranks (world size >= 3)")
+    return _NeighbourExchangeBidir.apply(to_left, to_right, left, right)
+
+
+def ring_blocks(tensor: torch.Tensor, bidirectional: bool = True):
+    """Yield every other rank's ``tensor`` once, passed around the ring (no all-gather).
+
+    Yields ``(source_rank, block)``. Bidirectional: blocks travel left and right at once, so the W - 1 other
+    blocks arrive in ceil((W - 1) / 2) rounds; one-directional ("shift"): W - 1 rounds. Each yielded block is
+    differentiable: its gradient returns to its owner through the ring in backward.
+    """
+    world, rank = get_world_size(), get_rank()
+    if world == 1:
+        return
+    left, right = (rank - 1) % world, (rank + 1) % world
+    rounds, remainder = divmod(world - 1, 2) if bidirectional else (0, world - 1)
+    to_right = to_left = tensor
+    for k in range(1, rounds + 1):
+        from_left, from_right = neighbour_exchange_bidir(to_left, to_right, left, right)
+        yield (rank - k) % world, from_left
+        yield (rank + k) % world, from_right
+        to_right, to_left = from_left, from_right
+    for k in range(rounds + 1, rounds + remainder + 1):
+        to_right = neighbour_exchange(to_right, right, left)
+        yield (rank - k) % world, to_right
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,144 @@
+"""The loss contract of DESIGN.md as a base class.
+
+A loss plugin subclasses :class:`ContrastiveLoss`, implements :meth:`compute_loss` and :meth:`compute_scores`,
+and registers itself with ``@probloss.register_loss("name")``. The base class checks shapes, gives clear
+errors, and provides :meth:`diagnostics` for logging.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from probloss import dist
+
+Tensor = torch.Tensor
+
+
+class ContrastiveLoss(nn.Module):
+    """Base class for image-text contrastive losses.
+
+    Call as ``loss(image_emb, text_emb, image_log_std=None, text_log_std=None) -> scalar``:
+
+    - ``image_emb``, ``text_emb``: ``(B, D)`` raw projections on this rank; row i of each is a positive pair.
+    - ``image_log_std``, ``text_log_std``: ``(B,)`` one log standard deviation per sample, or ``(B, D)``
+      (diagonal), for losses with ``needs_log_std``; ignored by the others.
+
+    Under torch.distributed each rank passes its contiguous slice of the global batch and the mean over ranks
+    of the returned values is the single-process loss on the whole batch (DESIGN.md, the distributed
+    invariant).
+    """
+
+    needs_log_std: bool = False
+    supports_diagonal_log_std: bool = False
+    registered_name: str | None = None
+
+    def forward(
+        self,
+        image_emb: Tensor,
+        text_emb: Tensor,
+        image_log_std: Tensor | None = None,
+        text_log_std: Tensor | None = None,
+    ) -> Tensor:
+        image_log_std, text_log_std = self.check_inputs(image_emb, text_emb, image_log_std, text_log_std, paired=True)
+        dist.check_same_shapes(
+            {"image_emb": image_emb, "text_emb": text_emb, "image_log_std": image_log_std, "text_log_std": text_log_std},
+            what=f"{self.registered_name or type(self).__name__} loss",
+        )
+        return self.compute_loss(image_emb, text_emb, image_log_std, text_log_std)
+
+    @torch.no_grad()
+    def score(
+        self,
+        image_emb: Tensor,
+        text_emb: Tensor,
+        image_log_std: Tensor | None = None,
+        text_log_std: Tensor | None = None,
+    ) -> Tensor:
+        """``(N_img, N_txt)`` match scores on this process's inputs, higher = better match (no communication)."""
+        image_log_std, text_log_std = self.check_inputs(image_emb, text_emb, image_log_std, text_log_std, paired=False)
+        return self.compute_scores(image_emb, text_emb, image_log_std, text_log_std)
+
+    # --- what a plugin implements -----------------------------------------------------------------------------
+
+    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std) -> Tensor:
+        raise NotImplementedError
+
+    def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std) -> Tensor:
+        raise NotImplementedError
+
+    # --- logging ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def diagnostics(
+        self,
+        image_emb: Tensor,
+        text_emb: Tensor,
+        image_log_std: Tensor | None = None,
+        text_log_std: Tensor | None = None,
+    ) -> dict[str, float]:
+        """Detached scalars for logging, computed on this rank's local batch.
+
+        Mean positive (diagonal) and negative (off-diagonal) score, the loss's temperature ``exp(logit_scale)``
+        and ``logit_bias`` where it has them, and for variance losses the mean and spread of log-std per modality.
+        """
+        scores = self.score(image_emb, text_emb, image_log_std, text_log_std).float()
+        n = scores.shape[0]
+        out = {"logit_pos_mean": scores.diagonal().mean().item()}
+        if n > 1:
+            off_diagonal = ~torch.eye(n, dtype=torch.bool, device=scores.device)
+            out["logit_neg_mean"] = scores[off_diagonal].mean().item()
+        if isinstance(getattr(self, "logit_scale", None), Tensor):
+            out["logit_scale"] = self.logit_scale.item()
+            out["temperature"] = self.logit_scale.exp().item()
+        if isinstance(getattr(self, "logit_bias", None), Tensor):
+            out["logit_bias"] = self.logit_bias.item()
+        for modality, log_std in (("image", image_log_std), ("text", text_log_std)):
+            if self.needs_log_std and log_std is not None:
+                out[f"{modality}_log_std_mean"] = log_std.float().mean().item()
+                out[f"{modality}_log_std_std"] = log_std.float().std().item() if log_std.numel() > 1 else 0.0
+        return out
+
+    # --- input checks -------------------------------------------------------------------------------------------
+
+    def check_inputs(self, image_emb, text_emb, image_log_std, text_log_std, paired: bool):
+        name = self.registered_name or type(self).__name__
+        for label, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+            if not isinstance(emb, Tensor) or emb.dim() != 2:
+                shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+                raise ValueError(f"{name}: {label} must be a (B, D) tensor, got {shape}")
+            if not emb.is_floating_point():
+                raise TypeError(f"{name}: {label} must be floating point, got {emb.dtype}")
+        if image_emb.shape[1] != text_emb.shape[1]:
+            raise ValueError(
+                f"{name}: image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} have different "
+                "embedding sizes D; both towers must project to the same joint dimension"
+            )
+        if paired and image_emb.shape[0] != text_emb.shape[0]:
+            raise ValueError(
+                f"{name}: image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} have different "
+                "batch sizes; row i of each must be a positive pair"
+            )
+        if not self.needs_log_std:
+            return None, None
+        checked = []
+        for label, log_std, emb in (("image_log_std", image_log_std, image_emb), ("text_log_std", text_log_std, text_emb)):
+            if log_std is None:
+                raise ValueError(
+                    f"{name} needs {label} (a (B,) log standard deviation per sample) but got None: build the "
+                    "dual encoder with log-std heads (it does so when loss.needs_log_std is True)"
+                )
+            n, d = emb.shape
+            allowed = [(n,), (n, d)] if self.supports_diagonal_log_std else [(n,)]
+            if tuple(log_std.shape) == (n, 1):
+                log_std = log_std.squeeze(1)
+            if tuple(log_std.shape) not in allowed:
+                shapes = " or ".join(str(s) for s in allowed)
+                raise ValueError(f"{name}: {label} must have shape {shapes} to match its embeddings, got {tuple(log_std.shape)}")
+            checked.append(log_std)
+        if checked[0].dim() != checked[1].dim():
+            raise ValueError(
+                f"{name}: image_log_std {tuple(checked[0].shape)} and text_log_std {tuple(checked[1].shape)} must both "
+                "be per-sample (B,) or both per-dimension (B, D)"
+            )
+        return checked[0], checked[1]

@@ -1,0 +1,189 @@
+"""Check a loss plugin against the distributed invariant of DESIGN.md with real processes.
+
+    import probloss.testing
+    probloss.testing.check_distributed("my_loss", world_sizes=(2, 3))
+
+For each world size W, W processes (gloo on CPU) each take a contiguous slice of a seeded float64 batch, call
+the loss and ``.backward()``; the results are compared with one process on the whole batch:
+
+(a) the mean over ranks of the returned values equals the single-process value;
+(b) the mean over ranks of each learnable loss parameter's gradient equals the single-process gradient;
+(c) each rank's gradient on its own embedding (and log-std) slice equals W times the single-process gradient.
+
+A loss class can list the keyword variants worth checking (distributed modes, implementations) in a class
+attribute ``distributed_variants``, a list of kwargs dicts; by default it is checked as built.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.multiprocessing as mp
+
+import probloss
+
+
+@dataclass
+class CaseResult:
+    """One (world size, variant, log-std shape) case; ``errors`` maps each checked quantity to its relative error."""
+
+    world_size: int
+    variant: dict
+    log_std: str | None
+    errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def worst(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+class DistributedCheckError(AssertionError):
+    pass
+
+
+def make_inputs(batch: int, dim: int, seed: int, log_std: str | None, dtype=torch.float64):
+    """Seeded inputs for the whole global batch: ``(x, y, image_log_std, text_log_std)``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen, dtype=dtype)
+    y = x + 0.5 * torch.randn(batch, dim, generator=gen, dtype=dtype)  # positives closer than negatives
+    if log_std is None:
+        return x, y, None, None
+    shape = (batch,) if log_std == "sample" else (batch, dim)
+    lx = 0.3 * torch.randn(*shape, generator=gen, dtype=dtype)
+    ly = 0.3 * torch.randn(*shape, generator=gen, dtype=dtype)
+    return x, y, lx, ly
+
+
+def loss_and_grads(loss_module, x, y, lx, ly):
+    """Value and gradients of one call: embeddings, log-stds and every learnable parameter of the loss."""
+    inputs = [t.clone().requires_grad_(True) if t is not None else None for t in (x, y, lx, ly)]
+    value = loss_module(*inputs)
+    value.backward()
+    grads = {name: t.grad.clone() for name, t in zip(("image_emb", "text_emb", "image_log_std", "text_log_std"), inputs)
+             if t is not None}
+    params = {name: p.grad.clone() for name, p in loss_module.named_parameters() if p.grad is not None}
+    loss_module.zero_grad(set_to_none=True)
+    return value.detach(), grads, params
+
+
+def _cases(name: str, variants: list[dict] | None):
+    cls = probloss.LOSSES.get(name)
+    variants = variants if variants is not None else getattr(cls, "distributed_variants", [{}])
+    shapes = [None]
+    if getattr(cls, "needs_log_std", False):
+        shapes = ["sample", "diagonal"] if getattr(cls, "supports_diagonal_log_std", False) else ["sample"]
+    return [(variant, shape) for variant in variants for shape in shapes]
+
+
+def _worker(rank, world, init_file, out_dir, name, cases, loss_kwargs, batch, dim, seed, modules):
+    import importlib
+
+    import torch.distributed as torch_dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    for module in modules:  # the plugin's own module, so a loss registered outside the package exists here too
+        importlib.import_module(module)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = []
+        local = batch // world
+        rows = slice(rank * local, (rank + 1) * local)
+        for variant, shape in cases:
+            torch.manual_seed(seed)
+            loss_module = probloss.build_loss(name, **{**loss_kwargs, **variant}).double()
+            x, y, lx, ly = make_inputs(batch, dim, seed, shape)
+            part = [t[rows] if t is not None else None for t in (x, y, lx, ly)]
+            results.append(loss_and_grads(loss_module, *part))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch_dist.barrier()
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = max(want.norm().item(), 1e-300)
+    return (got - want).norm().item() / scale if want.norm().item() > 0 else (got - want).norm().item()
+
+
+def check_distributed(
+    name: str,
+    world_sizes: tuple[int, ...] = (2, 3),
+    *,
+    variants: list[dict] | None = None,
+    loss_kwargs: dict | None = None,
+    batch_per_rank: int = 5,
+    dim: int = 7,
+    rtol: float = 1e-8,
+    seed: int = 0,
+    timeout: float = 180.0,
+) -> list[CaseResult]:
+    """Run the conformance check of DESIGN.md's distributed invariant for a registered loss.
+
+    Args:
+        name: registered loss name.
+        world_sizes: numbers of gloo processes to try (odd ones exercise a ring's remainder step).
+        variants: kwargs dicts to check; default: the loss class's ``distributed_variants``.
+        loss_kwargs: kwargs applied to every variant.
+        batch_per_rank, dim: sizes of each rank's float64 inputs.
+        rtol: largest relative error accepted for each value and gradient.
+        timeout: seconds before the processes are killed and the check fails (a hang is a failure).
+
+    Returns:
+        One :class:`CaseResult` per case. Raises :class:`DistributedCheckError` naming every failing case.
+    """
+    loss_kwargs = loss_kwargs or {}
+    cases = _cases(name, variants)
+    modules = [probloss.LOSSES.get(name).__module__]
+    modules = [m for m in modules if m != "__main__"]
+    results, failures = [], []
+    for world in world_sizes:
+        batch = batch_per_rank * world
+        with tempfile.TemporaryDirectory() as out_dir:
+            init_file = os.path.join(out_dir, "init")
+            _spawn(world, (world, init_file, out_dir, name, cases, loss_kwargs, batch, dim, seed, modules), timeout)
+            per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+        for k, (variant, shape) in enumerate(cases):
+            torch.manual_seed(seed)
+            reference = probloss.build_loss(name, **{**loss_kwargs, **variant}).double()
+            want_value, want_grads, want_params = loss_and_grads(reference, *make_inputs(batch, dim, seed, shape))
+            got = [per_rank[r][k] for r in range(world)]
+            case = CaseResult(world, variant, shape)
+            case.errors["(a) loss"] = _relative_error(torch.stack([g[0] for g in got]).mean(), want_value)
+            for param, want in want_params.items():
+                mean_grad = torch.stack([g[2].get(param, torch.zeros_like(want)) for g in got]).mean(0)
+                case.errors[f"(b) grad {param}"] = _relative_error(mean_grad, want)
+            for tensor, want in want_grads.items():
+                mine = torch.cat([g[1][tensor] for g in got])  # rank r's gradient on its own slice, rank-major
+                case.errors[f"(c) grad {tensor}"] = _relative_error(mine, world * want)
+            results.append(case)
+            if case.worst > rtol:
+                bad = {k: f"{v:.2e}" for k, v in case.errors.items() if v > rtol}
+                failures.append(f"W={world} variant={variant} log_std={shape}: {bad}")
+    if failures:
+        raise DistributedCheckError(
+            f"loss {name!r} breaks the distributed invariant (relative error > {rtol:g}):\n  " + "\n  ".join(failures)
+        )
+    return results
+
+
+def _spawn(world: int, args: tuple, timeout: float) -> None:
+    context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise DistributedCheckError(f"{world} ranks did not finish within {timeout:.0f} s (a hang?)")
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for tests that launch `fabric run` or torchrun."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
