@@ -21,11 +21,20 @@ negatives only; each rank divides by B_local so the mean over ranks is the globa
 
 In ``ring`` and ``shift`` no (B_local x B_global) matrix exists at any time. ``impl="tiled"`` also keeps no
 (B_local x B_local) block for backward (rows are recomputed), ``dense`` uses plain autograd per block.
+
+Negative masking (the paper's ablation, "should we prune negative pairs?"): ``neg_mask`` in {``random``,
+``hard`` (keep the highest-loss negatives), ``easy`` (keep the lowest-loss ones)} keeps
+k = round(neg_keep_ratio * (B_global - 1)) negatives in every image's row; masked pairs contribute nothing.
+The choice needs a row's negatives all at once, so masking scores each rank's rows against the gathered texts
+(dense, O(B_local x B_global)) whatever ``dist_impl`` says. The random mask is drawn for the whole global
+batch from ``mask_seed`` and a call counter kept in the state dict, so every rank and a resumed run draw the
+same masks. ("Hard with matched pairs" lengthens training by 1 / neg_keep_ratio: a trainer setting.)
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import probloss
@@ -34,6 +43,7 @@ from probloss.tiled import DEFAULT_BLOCK, softplus_pair_sum
 
 DIST_IMPLS = ("ring", "shift", "gather")
 IMPLS = ("dense", "tiled", "auto")
+NEG_MASKS = ("none", "random", "hard", "easy")
 
 
 @probloss.register_loss("sigmoid")
@@ -45,12 +55,15 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         dist_impl: "ring", "shift" or "gather" (see the module docstring).
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
         block_size: rows per block for the tiled kernel.
+        neg_mask: "none", "random", "hard" or "easy" negative masking (see the module docstring).
+        neg_keep_ratio: fraction of each row's negatives kept when masking.
+        mask_seed: seed of the random mask.
     """
 
     # What probloss.testing.check_distributed checks across real processes (block 2: several blocks per rank).
     distributed_variants = [
         {"dist_impl": dist_impl, "impl": impl, "block_size": 2} for dist_impl in DIST_IMPLS for impl in ("dense", "tiled")
-    ]
+    ] + [{"neg_mask": mask, "neg_keep_ratio": 0.5} for mask in ("random", "hard", "easy")]
 
     def __init__(
         self,
@@ -61,8 +74,15 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         dist_impl: str = "ring",
         impl: str = "auto",
         block_size: int = DEFAULT_BLOCK,
+        neg_mask: str = "none",
+        neg_keep_ratio: float = 1.0,
+        mask_seed: int = 0,
     ):
         super().__init__()
+        if neg_mask not in NEG_MASKS:
+            raise ValueError(f"sigmoid: unknown neg_mask {neg_mask!r}; choose one of {NEG_MASKS}")
+        if not 0.0 <= neg_keep_ratio <= 1.0:
+            raise ValueError(f"sigmoid: neg_keep_ratio must be in [0, 1], got {neg_keep_ratio}")
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"sigmoid: unknown dist_impl {dist_impl!r}; choose one of {DIST_IMPLS}")
         if impl not in IMPLS:
@@ -70,11 +90,15 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)), requires_grad=learn_logit_bias)
         self.dist_impl, self.impl, self.block_size = dist_impl, impl, block_size
+        self.neg_mask, self.neg_keep_ratio, self.mask_seed = neg_mask, neg_keep_ratio, mask_seed
+        self.register_buffer("mask_calls", torch.zeros((), dtype=torch.long))  # advances the random mask
 
     def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
         x = nn.functional.normalize(image_emb, dim=-1)
         y = nn.functional.normalize(text_emb, dim=-1)
         t, b = self.logit_scale.exp(), self.logit_bias
+        if self.neg_mask != "none":
+            return self.masked_loss(x, y, t, b)
         use_tiles = self.impl == "tiled" or (self.impl == "auto" and x.shape[0] > self.block_size)
         block = self.block_size if use_tiles else None
         # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii, so subtracting the diagonal logits from the
@@ -94,6 +118,29 @@ class SigmoidLoss(probloss.ContrastiveLoss):
             for _, y_block in dist.ring_blocks(y, bidirectional=dist_impl == "ring"):
                 total = total + softplus_pair_sum(x, y_block, t, b, block)
         return total / x.shape[0]
+
+    def masked_loss(self, x, y, t, b):
+        """Positives plus the kept negatives of each row, over the gathered texts: (B_local, B_global) logits."""
+        rank, n = dist.get_rank(), x.shape[0]
+        all_y = dist.all_gather_cat(y)
+        logits = t * x @ all_y.T + b  # (B_local, B_global), positives at column rank * n + i
+        columns = torch.arange(n, device=x.device) + rank * n
+        positive = torch.zeros_like(logits, dtype=torch.bool)
+        positive[torch.arange(n, device=x.device), columns] = True
+        keep = round(self.neg_keep_ratio * (logits.shape[1] - 1))
+        with torch.no_grad():
+            if self.neg_mask == "random":
+                generator = torch.Generator().manual_seed(self.mask_seed * 1_000_003 + int(self.mask_calls))
+                priority = torch.rand(logits.shape[1], logits.shape[1], generator=generator, dtype=torch.float64)
+                priority = priority[rank * n : (rank + 1) * n].to(logits.device)  # this rank's rows of the global draw
+            else:  # the pair loss softplus(l) grows with l: hard = highest logits, easy = lowest
+                priority = logits.detach().double() if self.neg_mask == "hard" else -logits.detach().double()
+            priority = priority.masked_fill(positive, -float("inf"))
+            kept = torch.zeros_like(positive)
+            kept.scatter_(1, priority.topk(keep, dim=1).indices, True)
+            self.mask_calls += 1
+        pair_loss = torch.where(positive, F.softplus(-logits), F.softplus(logits))
+        return pair_loss.masked_fill(~(kept | positive), 0.0).sum() / n
 
     def compute_scores(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
         x = nn.functional.normalize(image_emb, dim=-1)

@@ -1,0 +1,157 @@
+"""A variance-aware sigmoid loss: the proposal's distance and log-std inside SigLIP's pairwise sigmoid.
+
+Combines the Gaussian log-std loss (openai/CLIP issue "Just a loss function for discussion", 072jiajia 2022;
+losses/gaussian_var.py) with SigLIP (Zhai et al., ICCV 2023; losses/sigmoid.py). A pair is scored by the
+proposal's logit with the variance of the DIFFERENCE of the two Gaussians, v_ij = sigma_I,i^2 + sigma_T,j^2,
+so the score is symmetric in image and text, as a pairwise sigmoid needs::
+
+    d_ij = ||x_i - y_j||^2
+    logits_ij = t * ( -ln sqrt(v_ij) - d_ij / v_ij ) + b
+    loss = -sum_ij log_sigmoid(z_ij * logits_ij) / B          # z = +1 on the diagonal, -1 elsewhere
+
+With equal sigmas this is SigLIP on squared distances; a large v_ij flattens the pair's score towards
+t * (-ln sqrt(v)) + b, i.e. an uncertain sample is neither a confident match nor a confident non-match, and
+-ln sqrt(v) is the penalty that stops every sigma from growing.
+
+Shapes: embeddings (B_local, D), log-stds (B_local,). ``normalize=True`` (default) L2-normalises the embeddings
+first (d in [0, 4]). Distributed exactly like ``sigmoid``: positives and local negatives on each rank, the other
+ranks' texts and text log-stds arrive over the ring (``dist_impl`` "ring", "shift") or by all-gather
+("gather"). ``impl="tiled"`` computes the pair sums block by block and recomputes them in backward, so no
+(B x N) matrix is kept.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import probloss
+from probloss import dist
+from probloss.tiled import DEFAULT_BLOCK
+
+DIST_IMPLS = ("ring", "shift", "gather")
+IMPLS = ("dense", "tiled", "auto")
+
+
+def pair_logits(x, y, image_log_std, text_log_std, scale, bias):
+    """``(B, N)`` logits and the pieces backward needs: ``(logits, sq_dist, var, dist_positive)``."""
+    sq_dist_raw = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1) - 2 * x @ y.T
+    sq_dist = sq_dist_raw.clamp_min(0)  # cancellation can dip just below zero
+    var = torch.exp(2 * image_log_std)[:, None] + torch.exp(2 * text_log_std)[None, :]
+    logits = scale * (-0.5 * torch.log(var) - sq_dist / var) + bias
+    return logits, sq_dist, var, sq_dist_raw > 0
+
+
+class _VarSoftplusPairSum(torch.autograd.Function):
+    """sum_ij softplus(pair_logits_ij), row block by row block, recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, y, image_log_std, text_log_std, scale, bias, block):
+        total = x.new_zeros(())
+        for start in range(0, x.shape[0], block):
+            rows = slice(start, start + block)
+            logits, _, _, _ = pair_logits(x[rows], y, image_log_std[rows], text_log_std, scale, bias)
+            total += F.softplus(logits).sum()
+        ctx.save_for_backward(x, y, image_log_std, text_log_std, scale, bias)
+        ctx.block = block
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, image_log_std, text_log_std, scale, bias = ctx.saved_tensors
+        grad_x, grad_y = torch.zeros_like(x), torch.zeros_like(y)
+        grad_lx, grad_ly = torch.zeros_like(image_log_std), torch.zeros_like(text_log_std)
+        grad_scale, grad_bias = scale.new_zeros(()), bias.new_zeros(())
+        for start in range(0, x.shape[0], ctx.block):
+            rows = slice(start, start + ctx.block)
+            x_block = x[rows]
+            logits, sq_dist, var, unclamped = pair_logits(x_block, y, image_log_std[rows], text_log_std, scale, bias)
+            weight = torch.sigmoid(logits) * grad  # d softplus(l) / dl
+            grad_bias += weight.sum()
+            grad_scale += (weight * (-0.5 * torch.log(var) - sq_dist / var)).sum()
+            # through d: dl/dd = -t / v, and dd/dx_i = 2 (x_i - y_j) where d was not clamped
+            weight_dist = weight * (-scale / var) * unclamped
+            grad_x[rows] = 2 * (x_block * weight_dist.sum(1, keepdim=True) - weight_dist @ y)
+            grad_y += 2 * (y * weight_dist.sum(0)[:, None] - weight_dist.T @ x_block)
+            # through v: dl/dv = t (-1 / (2 v) + d / v^2), dv/d(ln sigma) = 2 sigma^2
+            weight_var = weight * scale * (-0.5 / var + sq_dist / var.pow(2))
+            grad_lx[rows] = (weight_var.sum(1)) * 2 * torch.exp(2 * image_log_std[rows])
+            grad_ly += (weight_var.sum(0)) * 2 * torch.exp(2 * text_log_std)
+        return grad_x, grad_y, grad_lx, grad_ly, grad_scale, grad_bias, None
+
+
+def var_softplus_pair_sum(x, y, image_log_std, text_log_std, scale, bias, block=None):
+    """``sum_ij softplus(pair_logits_ij)``: dense autograd (``block=None``) or tiled with recomputation."""
+    if block is None:
+        return F.softplus(pair_logits(x, y, image_log_std, text_log_std, scale, bias)[0]).sum()
+    return _VarSoftplusPairSum.apply(x, y, image_log_std, text_log_std, scale, bias, block)
+
+
+@probloss.register_loss("sigmoid_var")
+class SigmoidVarLoss(probloss.ContrastiveLoss):
+    """Args:
+        init_logit_scale: initial t' (t = exp(t')), SigLIP's log(10).
+        init_logit_bias: initial b, SigLIP's -10.
+        normalize: L2-normalise embeddings before the distances.
+        dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
+        impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
+        block_size: rows per block for the tiled kernel.
+    """
+
+    needs_log_std = True
+    distributed_variants = [
+        {"dist_impl": dist_impl, "impl": impl, "block_size": 2} for dist_impl in DIST_IMPLS for impl in ("dense", "tiled")
+    ]
+
+    def __init__(
+        self,
+        init_logit_scale: float = math.log(10),
+        init_logit_bias: float = -10.0,
+        normalize: bool = True,
+        dist_impl: str = "ring",
+        impl: str = "auto",
+        block_size: int = DEFAULT_BLOCK,
+    ):
+        super().__init__()
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"sigmoid_var: unknown dist_impl {dist_impl!r}; choose one of {DIST_IMPLS}")
+        if impl not in IMPLS:
+            raise ValueError(f"sigmoid_var: unknown impl {impl!r}; choose one of {IMPLS}")
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.normalize, self.dist_impl, self.impl, self.block_size = normalize, dist_impl, impl, block_size
+
+    def embed(self, emb):
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+        x, y = self.embed(image_emb), self.embed(text_emb)
+        t, b = self.logit_scale.exp(), self.logit_bias
+        use_tiles = self.impl == "tiled" or (self.impl == "auto" and x.shape[0] > self.block_size)
+        block = self.block_size if use_tiles else None
+        # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii (the diagonal of the all-pairs sum turned around).
+        diag_dist = (x - y).pow(2).sum(-1)
+        diag_var = torch.exp(2 * image_log_std) + torch.exp(2 * text_log_std)
+        diag_logits = t * (-0.5 * torch.log(diag_var) - diag_dist / diag_var) + b
+        total = var_softplus_pair_sum(x, y, image_log_std, text_log_std, t, b, block) - diag_logits.sum()
+        dist_impl = self.dist_impl
+        if dist_impl != "gather" and not dist.supports_p2p():
+            dist.warn_no_p2p_once(f"sigmoid_var loss dist_impl={dist_impl!r}")
+            dist_impl = "gather"
+        # Texts travel with their log-std as one (B, D + 1) block.
+        texts = torch.cat([y, text_log_std[:, None]], dim=1)
+        if dist_impl == "gather" and dist.is_distributed():
+            all_texts, rank, n = dist.all_gather_cat(texts), dist.get_rank(), y.shape[0]
+            blocks = [torch.cat([all_texts[: rank * n], all_texts[(rank + 1) * n :]])]
+        elif dist_impl != "gather":
+            blocks = (block for _, block in dist.ring_blocks(texts, bidirectional=dist_impl == "ring"))
+        else:
+            blocks = []
+        for other in blocks:
+            total = total + var_softplus_pair_sum(x, other[:, :-1], image_log_std, other[:, -1], t, b, block)
+        return total / x.shape[0]
+
+    def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std):
+        x, y = self.embed(image_emb), self.embed(text_emb)
+        return pair_logits(x, y, image_log_std, text_log_std, self.logit_scale.exp(), self.logit_bias)[0]
