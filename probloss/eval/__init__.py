@@ -1,0 +1,22 @@
+"""Evaluation: metrics on tensors, the stability tracker, and ``evaluate`` for a dual encoder.
+
+    from probloss.eval import evaluate, StabilityTracker
+    metrics = evaluate(model, loss, eval_set, tokenizer, classnames=class_names())   # {"val/i2t_r@1": ...}
+"""
+
+from probloss.eval.evaluate import (
+    encode_captions, encode_images, encode_texts, evaluate, fill_template, image_sigma_vs_noise, paired_scores,
+    score_matrix, sigma_of,
+)
+from probloss.eval.metrics import (
+    alignment, average_ranks, effective_rank, modality_gap, pair_probe_accuracy, participation_ratio,
+    positive_ranks, recall_by_sigma_decile, retrieval_recall, spearman, uniformity, zeroshot_accuracy,
+)
+from probloss.eval.stability import StabilityTracker, params_finite
+
+__all__ = [
+    "StabilityTracker", "alignment", "average_ranks", "effective_rank", "encode_captions", "encode_images",
+    "encode_texts", "evaluate", "fill_template", "image_sigma_vs_noise", "modality_gap", "pair_probe_accuracy",
+    "paired_scores", "params_finite", "participation_ratio", "positive_ranks", "recall_by_sigma_decile",
+    "retrieval_recall", "score_matrix", "sigma_of", "spearman", "uniformity", "zeroshot_accuracy",
+]

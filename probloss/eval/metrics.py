@@ -1,0 +1,263 @@
+"""Evaluation metrics as pure functions on tensors (no model, no loss, no I/O).
+
+Conventions shared by every function here:
+
+- Scores are "higher = better match" (what ``loss.score`` returns). NaN scores count as the worst score.
+- Ranking ties are broken **pessimistically**: the positive is ranked below every candidate with an equal score,
+  so a collapsed model that gives every candidate the same score gets R@1 = 1/N-ish -> 0, never 1.
+- Embedding-space metrics (:func:`uniformity`, :func:`alignment`, :func:`modality_gap`) L2-normalise their inputs
+  themselves, as in the papers; :func:`effective_rank` and :func:`participation_ratio` use the embeddings as
+  given (``probloss.eval.evaluate`` passes L2-normalised ones, so all ``embed/*`` keys live on the unit sphere).
+- Everything is computed in float64 on the input's device and returned as Python floats (or dicts of them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _as_float64(x: Tensor) -> Tensor:
+    return torch.as_tensor(x).detach().to(torch.float64)
+
+
+def positive_ranks(scores: Tensor, positives: Tensor) -> Tensor:
+    """1-based rank of each row's positive, ties pessimistic.
+
+    Args:
+        scores: ``(Q, C)`` higher = better; NaN counts as -inf.
+        positives: ``(Q,)`` long, the column of each row's positive.
+
+    Returns:
+        ``(Q,)`` long: ``#{c : s[q, c] >= s[q, pos_q]}`` (the positive counts itself, so the best rank is 1).
+    """
+    scores = _as_float64(scores).nan_to_num(nan=-math.inf)
+    pos = scores.gather(1, positives.view(-1, 1).to(scores.device))  # (Q, 1)
+    return (scores >= pos).sum(1)
+
+
+def retrieval_recall(scores: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image-to-text and text-to-image Recall@K with the positive of image i at text i.
+
+    ``i2t_r@K = mean_i [rank_i <= K]`` where ``rank_i = #{j : s_ij >= s_ii}`` over the texts (row i), and
+    ``t2i_r@K`` the same over the images (column j). One caption per image, as in the CLIP / ALIGN retrieval
+    tables (Radford et al. 2021). Ties are pessimistic (see the module docstring).
+
+    Args:
+        scores: ``(N, N)`` scores, row = image, column = text, positives on the diagonal.
+        ks: the K values.
+
+    Returns:
+        ``{"i2t_r@K": ..., "t2i_r@K": ...}`` for each K, in [0, 1].
+    """
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"retrieval_recall: scores must be square (N, N) with positives on the diagonal, "
+                         f"got {tuple(scores.shape)}")
+    n = scores.shape[0]
+    diag = torch.arange(n, device=scores.device)
+    ranks = {"i2t": positive_ranks(scores, diag), "t2i": positive_ranks(scores.T, diag)}
+    return {f"{d}_r@{k}": (r <= k).double().mean().item() for d, r in ranks.items() for k in ks}
+
+
+def zeroshot_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-K zero-shot classification accuracy (CLIP's protocol; Radford et al. 2021).
+
+    ``topK = mean_i [#{c : s_ic >= s_i,y_i} <= K]`` (ties pessimistic).
+
+    Args:
+        scores: ``(N, C)`` image-vs-class-prompt scores.
+        labels: ``(N,)`` class indices in [0, C).
+        ks: the K values.
+
+    Returns:
+        ``{"top1": ..., "top5": ...}`` in [0, 1].
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if scores.dim() != 2 or labels.shape != (scores.shape[0],):
+        raise ValueError(f"zeroshot_accuracy: need scores (N, C) and labels (N,), got {tuple(scores.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+        raise ValueError(f"zeroshot_accuracy: labels must lie in [0, {scores.shape[1]}), got "
+                         f"[{labels.min().item()}, {labels.max().item()}]")
+    ranks = positive_ranks(scores, labels)
+    return {f"top{k}": (ranks <= k).double().mean().item() for k in ks}
+
+
+def effective_rank(emb: Tensor, rtol: float | None = None) -> float:
+    """Effective rank of an embedding matrix (Roy & Vetterli 2007; RankMe, Garrido et al. 2023).
+
+    ``erank = exp(H(p))``, ``p_k = s_k / sum_k s_k`` over the singular values ``s_k`` of ``emb`` (N, D), with
+    ``H(p) = -sum_k p_k ln p_k`` (0 ln 0 = 0). Lies in [1, min(N, D)]; 1 for rank-1 embeddings.
+
+    Computed on the embeddings **as given, not mean-centred** (as RankMe does): centring would map a rank-1 set
+    of identical rows to zero and make the value undefined. An all-zero matrix gives 0.
+
+    Args:
+        emb: ``(N, D)`` embeddings.
+        rtol: singular values below ``rtol * max`` count as zero (rounding noise of the input's precision);
+            default ``max(N, D) * eps(dtype)``, the threshold of ``numpy.linalg.matrix_rank``.
+    """
+    emb = torch.as_tensor(emb)
+    if rtol is None:
+        dtype = emb.dtype if emb.is_floating_point() else torch.float64
+        rtol = max(emb.shape) * torch.finfo(dtype).eps
+    s = torch.linalg.svdvals(_as_float64(emb))
+    if s.numel() == 0 or s.max() <= 0:
+        return 0.0
+    s = s[s > rtol * s.max()]
+    p = s / s.sum()
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def uniformity(emb: Tensor, t: float = 2.0) -> float:
+    """Uniformity loss of Wang & Isola (2020) on L2-normalised embeddings (lower = more uniform).
+
+    ``U = log mean_{i<j} exp(-t ||x_i - x_j||^2)``, ``x = emb / ||emb||``. In [-4t, 0]: 0 when all points
+    coincide, -4t for an antipodal pair. Computed with a log-sum-exp over the N(N-1)/2 pairs.
+
+    Args:
+        emb: ``(N, D)`` embeddings, N >= 2.
+        t: the kernel's scale (the paper uses 2).
+    """
+    x = F.normalize(_as_float64(emb), dim=-1)
+    if x.shape[0] < 2:
+        raise ValueError("uniformity: needs at least two embeddings")
+    sq = torch.pdist(x).pow(2)  # (N (N-1) / 2,)
+    return (torch.logsumexp(-t * sq, 0) - math.log(sq.numel())).item()
+
+
+def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
+    """Alignment loss of Wang & Isola (2020) on L2-normalised positive pairs (lower = better aligned).
+
+    ``A = mean_i ||x_i - y_i||^alpha`` with ``x``, ``y`` L2-normalised; in [0, 2^alpha].
+
+    Args:
+        x, y: ``(N, D)`` embeddings, row i of each a positive pair (image i, caption i).
+        alpha: the exponent (the paper uses 2).
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"alignment: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
+    x, y = F.normalize(_as_float64(x), dim=-1), F.normalize(_as_float64(y), dim=-1)
+    return (x - y).norm(dim=-1).pow(alpha).mean().item()
+
+
+def modality_gap(x: Tensor, y: Tensor) -> float:
+    """Modality gap of Liang et al. (2022, "Mind the Gap"): distance between the modality centroids.
+
+    ``gap = || mean_i x_i / ||x_i|| - mean_j y_j / ||y_j|| ||_2``, in [0, 2]. x and y need not be paired.
+
+    Args:
+        x: ``(N, D)`` image embeddings.
+        y: ``(M, D)`` text embeddings.
+    """
+    cx = F.normalize(_as_float64(x), dim=-1).mean(0)
+    cy = F.normalize(_as_float64(y), dim=-1).mean(0)
+    return (cx - cy).norm().item()
+
+
+def participation_ratio(emb: Tensor, normalized: bool = False) -> float:
+    """Participation ratio of the per-dimension variances (how many embedding coordinates carry variance).
+
+    ``PR = (sum_d v_d)^2 / sum_d v_d^2`` with ``v_d`` the variance of coordinate d over the N samples; in
+    [1, D]: 1 when a single coordinate varies, D when all vary equally (Gao et al. 2017 use the same form on
+    covariance eigenvalues; this per-coordinate version measures use of the axes and is not rotation
+    invariant). ``normalized=True`` returns ``PR / D`` in [1/D, 1]. Constant embeddings give 0.
+
+    Args:
+        emb: ``(N, D)`` embeddings, N >= 2.
+        normalized: divide by D.
+    """
+    e = _as_float64(emb)
+    v = e.var(0, unbiased=False)  # (D,)
+    denom = v.pow(2).sum()
+    if denom <= 0:
+        return 0.0
+    pr = (v.sum().pow(2) / denom).item()
+    return pr / e.shape[1] if normalized else pr
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of a 1-D tensor with ties given their average rank (scipy.stats.rankdata "average")."""
+    x = _as_float64(x).flatten()
+    order = torch.argsort(x, stable=True)
+    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # last 1-based rank of each tie group
+    group_rank = ends - (counts.double() - 1) / 2  # mean of start..end
+    ranks = torch.empty_like(x)
+    ranks[order] = group_rank[inverse]
+    return ranks
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation with ties (the Pearson correlation of average ranks; Spearman 1904).
+
+    Matches ``scipy.stats.spearmanr(a, b).statistic``. NaN when either input is constant or has < 2 values.
+
+    Args:
+        a, b: 1-D tensors (or sequences) of the same length.
+    """
+    a, b = _as_float64(a).flatten(), _as_float64(b).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"spearman: a {tuple(a.shape)} and b {tuple(b.shape)} must have the same length")
+    if a.numel() < 2:
+        return float("nan")
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
+    if denom <= 0:
+        return float("nan")
+    return ((ra * rb).sum() / denom).clamp(-1, 1).item()
+
+
+def recall_by_sigma_decile(scores: Tensor, sigma: Tensor, n_bins: int = 10, k: int = 1) -> list[float]:
+    """R@K of the queries binned by their predicted sigma, lowest sigma first (PCME++, Chun 2024, Fig. 3).
+
+    Queries are the rows of ``scores`` (pass ``scores.T`` and text sigma for text-to-image). They are sorted by
+    sigma (stable, so ties keep index order) and split into ``n_bins`` near-equal bins (``torch.tensor_split``);
+    bin b holds the b-th tenth. A calibrated uncertainty gives a recall that falls from the first to the last
+    bin. Empty bins (fewer queries than bins) give NaN.
+
+    Args:
+        scores: ``(N, N)`` scores, positives on the diagonal, rows = queries.
+        sigma: ``(N,)`` predicted sigma (or log sigma: only the order matters) of each query.
+        n_bins: number of quantile bins (10 = deciles).
+        k: the K of Recall@K.
+
+    Returns:
+        ``n_bins`` recalls in [0, 1] (or NaN).
+    """
+    n = scores.shape[0]
+    sigma = _as_float64(sigma).flatten()
+    if scores.dim() != 2 or scores.shape[1] != n or sigma.shape != (n,):
+        raise ValueError(f"recall_by_sigma_decile: need square scores (N, N) and sigma (N,), got "
+                         f"{tuple(scores.shape)} and {tuple(sigma.shape)}")
+    hits = (positive_ranks(scores, torch.arange(n, device=scores.device)) <= k).double().cpu()
+    order = torch.argsort(sigma.cpu(), stable=True)
+    return [hits[b].mean().item() if b.numel() else float("nan") for b in torch.tensor_split(order, n_bins)]
+
+
+def pair_probe_accuracy(score_true: Tensor, score_false: Tensor) -> float:
+    """Two-alternative probe accuracy: how often the true caption outscores its hard negative.
+
+    ``acc = mean_i ( [s_true_i > s_false_i] + 0.5 [s_true_i == s_false_i] )``: an exact tie counts half, so a
+    model that cannot tell the captions apart (e.g. a bag-of-words text tower on a relation-reversed caption)
+    scores chance, 0.5, as in ARO's relation and attribution tests (Yuksekgonul et al. 2023). NaN scores lose.
+
+    Args:
+        score_true, score_false: ``(N,)`` score of image i with its true caption and with its negative.
+
+    Returns:
+        accuracy in [0, 1]; NaN for N = 0.
+    """
+    t, f = _as_float64(score_true).flatten(), _as_float64(score_false).flatten()
+    if t.shape != f.shape:
+        raise ValueError(f"pair_probe_accuracy: {tuple(t.shape)} vs {tuple(f.shape)} scores")
+    if t.numel() == 0:
+        return float("nan")
+    t, f = t.nan_to_num(nan=-math.inf), f.nan_to_num(nan=math.inf)
+    return ((t > f).double() + 0.5 * (t == f).double()).mean().item()
