@@ -1,0 +1,343 @@
+"""Read image-caption webdataset shards (img2dataset layout) into training batches and in-memory eval sets.
+
+Any shards with ``{key}.jpg|jpeg|png|webp``, ``{key}.txt`` and optionally ``{key}.json`` work, not only the
+shapes data. Training batches (:func:`make_train_loader`) are dicts::
+
+    image    float (B, 3, H, W), normalised to [-1, 1] ((x - 0.5) / 0.5)
+    tokens   long (B, L), pad 0
+    caption  list[str]   the caption actually trained on (after caption noise)
+    json     list[dict]  the sample metadata ({} when the shard has none)
+    noisy    bool (B,)   True where caption noise replaced the caption
+    skipped  int         corrupt samples skipped by the producing worker since its previous batch;
+                         sum it over batches (and ranks) for the total
+
+Splitting and equal batch counts. Shards are split between ranks and then DataLoader workers (the
+``split_by_node`` / ``split_by_worker`` order of webdataset, but with explicit rank and world size so tests and
+launchers need no process group). If there are fewer shards than ranks x workers, every reader walks all shards
+and keeps every n-th sample instead. Each reader cycles through its part for as long as needed and stops after
+exactly its share of ``batches_per_epoch``, so every rank yields the same number of batches (uneven shards would
+otherwise hang DDP; DESIGN.md pitfalls). Everything random is seeded from (seed, epoch, rank, world_size, worker).
+
+Bad input. A truncated or corrupt tar, a sample without an image or caption, an undecodable image, an empty
+caption or unparsable json is skipped through webdataset's ``handler`` mechanism: logged (first few per
+worker) and counted, never raised mid-epoch. A pattern that matches no file raises FileNotFoundError before any
+reading starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageFilter, ImageOps
+
+log = logging.getLogger("probloss.data")
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MEAN, STD = 0.5, 0.5  # images are normalised to [-1, 1]; x_pixel = x * STD + MEAN
+
+
+# --- shard lists ----------------------------------------------------------------------------------------------
+
+
+def expand_shards(pattern: str | Sequence[str]) -> list[str]:
+    """Brace (``{00000..00099}``), glob (``*``) or ``::``-joined patterns, or a list of paths -> shard paths.
+
+    Raises:
+        FileNotFoundError: naming the pattern, when it matches nothing or some listed shard is missing.
+    """
+    parts = [pattern] if isinstance(pattern, (str, os.PathLike)) else list(pattern)
+    urls: list[str] = []
+    for part in parts:
+        for p in str(part).split("::"):
+            for u in braceexpand.braceexpand(p):
+                urls.extend(sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u])
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if not urls or missing:
+        what = "matches no file" if not urls or len(missing) == len(urls) else f"misses {len(missing)} of {len(urls)} shards"
+        example = f" (e.g. {missing[0]!r})" if missing else ""
+        raise FileNotFoundError(f"shard pattern {str(pattern)!r} {what}{example}")
+    return urls
+
+
+def count_samples(shards: Sequence[str]) -> int:
+    """Samples in the shards: from ``sizes.json`` beside them where it lists them, else by reading tar headers."""
+    total, sizes_cache = 0, {}
+    for url in shards:
+        folder, name = os.path.split(url)
+        if folder not in sizes_cache:
+            path = os.path.join(folder, "sizes.json")
+            try:
+                sizes_cache[folder] = json.loads(Path(path).read_text()) if os.path.isfile(path) else {}
+            except (OSError, ValueError):
+                sizes_cache[folder] = {}
+        if name in sizes_cache[folder]:
+            total += int(sizes_cache[folder][name])
+            continue
+        keys = set()
+        try:
+            with tarfile.open(url, "r|*") as tar:
+                for info in tar:
+                    if info.isreg() and "." in os.path.basename(info.name):
+                        keys.add(info.name.split(".", 1)[0])
+        except (OSError, tarfile.TarError):
+            pass  # a corrupt shard counts what could be read; the reader skips the rest
+        total += len(keys)
+    return total
+
+
+# --- samples --------------------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """A webdataset handler: log the exception (the first ``max_logs``), count it, and continue."""
+
+    def __init__(self, max_logs: int = 10):
+        self.count, self.max_logs = 0, max_logs
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        if self.count <= self.max_logs:
+            log.warning("skipping corrupt data (%d so far in this reader): %s: %s", self.count, type(exn).__name__,
+                        str(exn)[:300])
+        return True  # continue with the next sample / shard
+
+
+def decode_sample(sample: dict[str, Any], image_size: int, *, image_noise: float = 0.0, image_blur: float = 0.0,
+                  noise_seed: int = 0) -> dict[str, Any]:
+    """Raw webdataset sample (bytes per extension) -> {"image": uint8 (H, W, 3), "caption", "json", "key"}.
+    Raises ValueError on a missing image or caption or an empty caption (the handler skips it).
+
+    Images are converted to RGB and centre-cropped/resized to ``image_size``. ``image_blur`` is a Gaussian blur
+    radius in pixels and ``image_noise`` the std of additive Gaussian noise in [0, 1] pixel units (the noisy
+    image is quantised to 8 bits again, as if saved); the noise is seeded by (noise_seed, key), so an eval set
+    is corrupted the same way every time.
+    """
+    key = sample.get("__key__", "?")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"sample {key!r} has no image ({'/'.join(IMAGE_EXTS)}); it has {sorted(sample)}")
+    if "txt" not in sample:
+        raise ValueError(f"sample {key!r} has no caption (.txt)")
+    caption = sample["txt"].decode("utf-8").strip()
+    if not caption:
+        raise ValueError(f"sample {key!r} has an empty caption")
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    with Image.open(io.BytesIO(sample[ext])) as img:
+        img = img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
+    if image_blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(image_blur))
+    pixels = np.asarray(img)  # (H, W, 3) uint8
+    if image_noise > 0:
+        rng = np.random.default_rng([noise_seed, zlib.crc32(key.encode())])
+        noisy = pixels / 255.0 + rng.normal(0.0, image_noise, pixels.shape)
+        pixels = np.round(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8)
+    return {"image": pixels, "caption": caption, "json": meta, "key": key}
+
+
+def _to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
+    """list of uint8 (H, W, 3) -> normalised float (B, 3, H, W)."""
+    chw = np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2))  # permute while still uint8: 4x less memory
+    return torch.from_numpy(chw).float().div_(255.0 * STD).sub_(MEAN / STD)
+
+
+def _noisy_captions(captions: list[str], fraction: float, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+    """Give a ``fraction`` of the rows (Bernoulli per row) the caption of another random row."""
+    n = len(captions)
+    noisy = (rng.random(n) < fraction) if (fraction > 0 and n > 1) else np.zeros(n, dtype=bool)
+    out = list(captions)
+    for i in np.flatnonzero(noisy):
+        out[i] = captions[(i + rng.integers(1, n)) % n]  # any other row
+    return out, noisy
+
+
+# --- training stream ------------------------------------------------------------------------------------------
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One epoch of batches for one rank (see the module docstring); iterate it directly or through a
+    DataLoader with ``batch_size=None``. Built by :func:`make_train_loader`."""
+
+    def __init__(self, shards: list[str], tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int, *,
+                 image_size: int, rank: int, world_size: int, seed: int, epoch: int, num_workers: int,
+                 batches_per_epoch: int, shuffle_buffer: int, image_noise: float, image_blur: float,
+                 caption_noise: float):
+        super().__init__()
+        self.shards, self.tokenizer, self.batch_size = shards, tokenizer, batch_size
+        self.image_size, self.rank, self.world_size, self.seed, self.epoch = image_size, rank, world_size, seed, epoch
+        self.num_workers, self.batches_per_epoch, self.shuffle_buffer = max(1, num_workers), batches_per_epoch, shuffle_buffer
+        self.image_noise, self.image_blur, self.caption_noise = image_noise, image_blur, caption_noise
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _raw_samples(self, slot: int, n_slots: int, handler: SkipCounter, rng: random.Random) -> Iterator[dict]:
+        """This reader's raw samples, shuffled, pass after pass over its part of the shards (endless). The
+        shuffle buffer is flushed at the end of each pass so a sample comes back only in the next pass."""
+        by_shard = len(self.shards) >= n_slots
+        for p in itertools.count():
+            order = list(self.shards)
+            random.Random(f"shards-{self.seed}-{self.epoch}-{p}").shuffle(order)  # the same order on every rank
+            mine = order[slot::n_slots] if by_shard else order
+            samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": u} for u in mine]))
+            if not by_shard:
+                samples = (s for i, s in enumerate(samples) if i % n_slots == slot)
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+            n = 0
+            for n, sample in enumerate(samples, 1):
+                yield sample
+            if n == 0:
+                raise RuntimeError(f"no readable sample in shards {mine[:3]}... for rank {self.rank} "
+                                   f"(reader {slot} of {n_slots}); {handler.count} errors were skipped")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        workers = info.num_workers if info is not None else 1
+        # Rank-major like split_by_node then split_by_worker: rank r, worker w reads part r + W * w.
+        slot, n_slots = self.rank + self.world_size * worker, self.world_size * workers
+        n_batches = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        tag = f"{self.seed}-{self.epoch}-{self.rank}-{self.world_size}-{worker}"
+        handler = SkipCounter()
+        noise_seed = zlib.crc32(f"image-noise-{self.seed}-{self.epoch}".encode())
+        decode = lambda s: decode_sample(s, self.image_size, image_noise=self.image_noise,  # noqa: E731
+                                         image_blur=self.image_blur, noise_seed=noise_seed)
+        stream = self._raw_samples(slot, n_slots, handler, random.Random(f"shuffle-{tag}"))
+        stream = wds.map(decode, handler=handler)(stream)
+        caption_rng = np.random.default_rng(zlib.crc32(f"captions-{tag}".encode()))
+        reported = 0
+        for _ in range(n_batches):
+            samples = list(itertools.islice(stream, self.batch_size))
+            captions, noisy = _noisy_captions([s["caption"] for s in samples], self.caption_noise, caption_rng)
+            yield {
+                "image": _to_tensor([s["image"] for s in samples]),
+                "tokens": self.tokenizer(captions),
+                "caption": captions,
+                "json": [s["json"] for s in samples],
+                "noisy": torch.from_numpy(noisy),
+                "skipped": handler.count - reported,
+            }
+            reported = handler.count
+
+
+class TrainLoader:
+    """An iterable of exactly ``len(self)`` batches per pass. Each new pass is the next epoch (epoch, epoch + 1,
+    ...) unless :meth:`set_epoch` says otherwise, so ``for batch in loader`` in an outer loop reshuffles."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int):
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.num_workers == 0:
+            yield from self.dataset
+        else:
+            yield from torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                                   prefetch_factor=4)
+        self.dataset.epoch += 1
+
+
+def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int,
+                      *, image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
+                      num_workers: int = 0, batches_per_epoch: int | None = None, shuffle_buffer: int = 2000,
+                      image_noise: float = 0.0, image_blur: float = 0.0, caption_noise: float = 0.0) -> TrainLoader:
+    """Training batches for one rank (see the module docstring for the batch dict).
+
+    Args:
+        pattern: shard brace/glob pattern or list of paths.
+        tokenizer: ``list[str] -> (B, L)`` long, e.g. ``probloss.models.build_tokenizer("word")``.
+        batch_size: per-rank batch size (the global batch is world_size x batch_size).
+        image_size: images are centre-cropped/resized to this side.
+        rank, world_size: this process's place among the data-parallel ranks.
+        seed, epoch: randomness; the same (seed, epoch, rank, world_size, num_workers) gives the same batches.
+        num_workers: DataLoader worker processes (0: read in this process).
+        batches_per_epoch: batches per rank per pass; default all samples once over the global batch,
+            floor(N / (world_size * batch_size)) (at least 1).
+        shuffle_buffer: samples in the shuffle buffer of each reader.
+        image_noise, image_blur: Gaussian noise std (pixel units in [0, 1]) and blur radius (px).
+        caption_noise: fraction of pairs whose caption is replaced by another sample's in the batch.
+
+    Raises:
+        FileNotFoundError: the pattern matches no shard (before any reading).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if not 0.0 <= caption_noise <= 1.0:
+        raise ValueError(f"caption_noise must be a fraction in [0, 1], got {caption_noise}")
+    shards = expand_shards(pattern)
+    if batches_per_epoch is None:
+        batches_per_epoch = max(1, count_samples(shards) // (world_size * batch_size))
+    dataset = ShardStream(shards, tokenizer, batch_size, image_size=image_size, rank=rank, world_size=world_size,
+                          seed=seed, epoch=epoch, num_workers=num_workers, batches_per_epoch=int(batches_per_epoch),
+                          shuffle_buffer=shuffle_buffer, image_noise=image_noise, image_blur=image_blur,
+                          caption_noise=caption_noise)
+    return TrainLoader(dataset, num_workers)
+
+
+# --- evaluation set -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSet:
+    """A whole split in memory. images float (N, 3, H, W) normalised; tokens long (N, L); captions (training
+    captions, after caption noise); json (metadata dicts); skipped (corrupt samples skipped); keys."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    captions: list[str]
+    json: list[dict]
+    skipped: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_eval_set(pattern: str | Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor], *, image_size: int,
+                  max_samples: int | None = None, image_noise: float = 0.0, image_blur: float = 0.0,
+                  caption_noise: float = 0.0, seed: int = 0) -> EvalSet:
+    """Read shards in order (no shuffling, no splitting) into an :class:`EvalSet`; corrupt samples are skipped
+    and counted. ``image_noise``, ``image_blur``, ``caption_noise`` corrupt the set for robustness studies,
+    deterministically given ``seed``.
+
+    Raises:
+        FileNotFoundError: the pattern matches no shard.
+        RuntimeError: no readable sample.
+    """
+    shards = expand_shards(pattern)
+    handler = SkipCounter()
+    stream = wds.tarfile_to_samples(handler=handler)(iter([{"url": u} for u in shards]))
+    stream = wds.map(lambda s: decode_sample(s, image_size, image_noise=image_noise, image_blur=image_blur,
+                                             noise_seed=seed), handler=handler)(stream)
+    samples = list(itertools.islice(stream, max_samples))
+    if not samples:
+        raise RuntimeError(f"no readable sample in {pattern!r} ({handler.count} corrupt ones skipped)")
+    captions, _ = _noisy_captions([s["caption"] for s in samples], caption_noise, np.random.default_rng(seed))
+    return EvalSet(images=_to_tensor([s["image"] for s in samples]), tokens=tokenizer(captions), captions=captions,
+                   json=[s["json"] for s in samples], skipped=handler.count, keys=[s["key"] for s in samples])

@@ -1,0 +1,145 @@
+"""Write the shapes data as webdataset shards in the img2dataset layout.
+
+    out_dir/
+      classes.json              ["red circle", "red square", ...]  (label -> name)
+      meta.json                 the generation parameters; a finished dataset is reused, not regenerated
+      train/00000.tar ...       {key}.png, {key}.txt (training caption), {key}.json (metadata, see shapes.py)
+      train/sizes.json          {"00000.tar": 1000, ...}  (samples per shard, as open_clip reads it)
+      val/00000.tar ...
+
+``python scripts/make_data.py out=data/shapes train_size=50000 val_size=2000`` calls :func:`main`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import webdataset as wds
+from tqdm import tqdm
+
+from probloss.data.shapes import DEFAULT_LEVEL_PROBS, VAL_INDEX_OFFSET, class_names, generate_sample
+
+
+def _write_shard(job: tuple) -> int:
+    """Write one shard; a pool task. job = (path, first index, count, seed, image_size, level_probs)."""
+    path, start, count, seed, image_size, level_probs = job
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # mtime=0: byte-identical reruns
+        for index in range(start, start + count):
+            image, caption, meta = generate_sample(seed, index, image_size, level_probs)
+            png = io.BytesIO()
+            image.save(png, format="PNG", compress_level=1)
+            sink.write({"__key__": f"{index:010d}", "png": png.getvalue(), "txt": caption,
+                        "json": json.dumps(meta).encode()})
+    os.replace(tmp, path)  # a crashed run never leaves a complete-looking shard behind
+    return count
+
+
+def _pattern(folder: Path, n_shards: int) -> str:
+    return str(folder / ("00000.tar" if n_shards == 1 else f"{{00000..{n_shards - 1:05d}}}.tar"))
+
+
+def write_shapes_shards(
+    out_dir: str | os.PathLike,
+    train_size: int,
+    val_size: int,
+    seed: int = 0,
+    image_size: int = 32,
+    *,
+    shard_size: int = 1000,
+    level_probs: Sequence[float] = DEFAULT_LEVEL_PROBS,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Generate the shapes dataset into ``out_dir`` and return the shard brace patterns.
+
+    Sample i of train is ``generate_sample(seed, i)``; sample i of val is ``generate_sample(seed,
+    VAL_INDEX_OFFSET + i)``, so the val set does not depend on ``train_size``. If ``out_dir/meta.json`` records
+    the same parameters, the existing shards are reused (delete the folder or pass ``overwrite=True`` to redo).
+
+    Args:
+        out_dir: output folder.
+        train_size, val_size: number of samples per split.
+        seed: dataset seed.
+        image_size: image side in pixels.
+        shard_size: samples per shard (more shards than ranks x loader workers keeps splitting by shard).
+        level_probs: probabilities of the training caption's level L0..L3.
+        num_workers: processes (default: all CPU cores, at most one per shard).
+        overwrite: regenerate even if a matching dataset exists.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{"train": "<out_dir>/train/{00000..000NN}.tar", "val": ...}``.
+    """
+    out = Path(out_dir)
+    params = dict(train_size=int(train_size), val_size=int(val_size), seed=int(seed), image_size=int(image_size),
+                  shard_size=int(shard_size), level_probs=[float(p) for p in level_probs], format=1)
+    splits = {"train": (0, int(train_size)), "val": (VAL_INDEX_OFFSET, int(val_size))}
+    n_shards = {s: max(1, -(-n // shard_size)) for s, (_, n) in splits.items()}
+    patterns = {s: _pattern(out / s, n_shards[s]) for s in splits}
+    meta_path = out / "meta.json"
+    if not overwrite and meta_path.exists() and json.loads(meta_path.read_text()) == params:
+        return patterns
+
+    if meta_path.exists():
+        meta_path.unlink()  # written last: its presence marks a complete dataset
+    jobs, sizes = [], {}
+    for split, (offset, n) in splits.items():
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.tar"):
+            old.unlink()
+        sizes[split] = {}
+        for k in range(n_shards[split]):
+            count = min(shard_size, n - k * shard_size)
+            sizes[split][f"{k:05d}.tar"] = count
+            jobs.append((str(folder / f"{k:05d}.tar"), offset + k * shard_size, count, int(seed), int(image_size),
+                         tuple(level_probs)))
+    num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs)))
+    start = time.perf_counter()
+    with tqdm(total=train_size + val_size, unit="sample", desc=f"shapes -> {out}", disable=not progress) as bar:
+        if num_workers == 1:
+            for job in jobs:
+                bar.update(_write_shard(job))
+        else:
+            with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(num_workers) as pool:
+                for count in pool.imap_unordered(_write_shard, jobs):
+                    bar.update(count)
+    elapsed = time.perf_counter() - start
+    for split in splits:
+        (out / split / "sizes.json").write_text(json.dumps(sizes[split], indent=0))
+    (out / "classes.json").write_text(json.dumps(class_names(), indent=0))
+    meta_path.write_text(json.dumps(params))
+    if progress:
+        print(f"wrote {train_size + val_size} samples in {elapsed:.1f} s "
+              f"({(train_size + val_size) / max(elapsed, 1e-9):.0f} samples/s, {num_workers} processes)")
+    return patterns
+
+
+_CLI_TYPES = {"out": str, "train_size": int, "val_size": int, "seed": int, "image_size": int, "shard_size": int,
+              "num_workers": int, "overwrite": lambda v: v.lower() in ("1", "true", "yes")}
+
+
+def main(argv: Sequence[str]) -> dict[str, str]:
+    """``make_data.py out=<dir> train_size=<n> val_size=<m> [seed= image_size= shard_size= num_workers=
+    overwrite=]``; prints the shard patterns as JSON."""
+    kwargs: dict = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in _CLI_TYPES:
+            raise SystemExit(f"bad argument {arg!r}: expected key=value with key in {sorted(_CLI_TYPES)}")
+        kwargs[key] = _CLI_TYPES[key](value)
+    missing = {"out", "train_size", "val_size"} - set(kwargs)
+    if missing:
+        raise SystemExit(f"missing required arguments: {sorted(missing)} (e.g. out=data/shapes train_size=50000 "
+                         f"val_size=2000)")
+    patterns = write_shapes_shards(kwargs.pop("out"), **kwargs)
+    print(json.dumps(patterns))
+    return patterns

@@ -1,0 +1,17 @@
+"""Encoders: image towers ("vit", "resnet") and text towers ("transformer", "cbow") registered in
+``probloss.ENCODERS``, the tokenizers, and the dual encoder with optional log-std heads.
+
+    from probloss.models import build_tokenizer, build_dual_encoder
+    tok = build_tokenizer("word", max_len=16)
+    model = build_dual_encoder(cfg, vocab_size=tok.vocab_size, max_len=tok.max_len, image_size=32, log_std=True)
+    emb = model(images, tok(captions))          # Embeddings
+    value = loss(*emb.loss_args())
+"""
+
+from probloss.models.dual import DualEncoder, Embeddings, LogStdHead, build_dual_encoder
+from probloss.models.tokenizer import ByteTokenizer, Tokenizer, WordTokenizer, build_tokenizer, shapes_vocab
+
+__all__ = [
+    "ByteTokenizer", "DualEncoder", "Embeddings", "LogStdHead", "Tokenizer", "WordTokenizer",
+    "build_dual_encoder", "build_tokenizer", "shapes_vocab",
+]

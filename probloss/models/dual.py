@@ -1,0 +1,143 @@
+"""The dual encoder: an image tower and a text tower, a linear projection of each to the joint space, and
+optional log-std heads (one log standard deviation per sample, or per dimension) for variance-aware losses."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from probloss.registry import ENCODERS
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Embeddings:
+    """What the dual encoder hands the loss: raw projections (B, D) and log-stds (B,) or (B, D) or None."""
+
+    image_emb: Tensor
+    text_emb: Tensor
+    image_log_std: Tensor | None = None
+    text_log_std: Tensor | None = None
+
+    def loss_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``loss(*emb.loss_args())``: (image_emb, text_emb, image_log_std, text_log_std)."""
+        return self.image_emb, self.text_emb, self.image_log_std, self.text_log_std
+
+
+class LogStdHead(nn.Module):
+    """pooled (B, W) -> log-std (B,) or (B, D). Linear, or a one-hidden-layer MLP when ``hidden > 0``.
+
+    The last layer's weights start small and its bias at ``init_log_std``, so every sample starts with
+    log-std ~ init_log_std and the loss, not the initialisation, decides which samples are uncertain.
+    """
+
+    def __init__(self, width: int, out_dim: int | None, init_log_std: float = 0.0, hidden: int = 0):
+        super().__init__()
+        self.per_dim = out_dim is not None
+        layers: list[nn.Module] = []
+        if hidden > 0:
+            layers += [nn.Linear(width, hidden), nn.GELU()]
+        last = nn.Linear(hidden if hidden > 0 else width, out_dim or 1)
+        nn.init.normal_(last.weight, std=1e-3)
+        nn.init.constant_(last.bias, float(init_log_std))
+        self.net = nn.Sequential(*layers, last)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        out = self.net(pooled)
+        return out if self.per_dim else out.squeeze(-1)
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers with projections to ``embed_dim`` and optional log-std heads.
+
+    Args:
+        image_tower, text_tower: modules with attribute ``width`` returning pooled features (B, width).
+        embed_dim: joint embedding size D.
+        log_std: grow log-std heads (set it from ``loss.needs_log_std``).
+        log_std_per_dim: heads give (B, D) instead of (B,).
+        init_log_std: initial log-std of every sample.
+        log_std_hidden: hidden width of the heads' MLP (0: a linear head).
+    """
+
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int = 64, *, log_std: bool = False,
+                 log_std_per_dim: bool = False, init_log_std: float = 0.0, log_std_hidden: int = 0):
+        super().__init__()
+        self.image_tower, self.text_tower = image_tower, text_tower
+        self.embed_dim = embed_dim
+        self.image_proj = nn.Linear(image_tower.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_tower.width, embed_dim, bias=False)
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+        self.image_log_std = self.text_log_std = None
+        if log_std:
+            out = embed_dim if log_std_per_dim else None
+            self.image_log_std = LogStdHead(image_tower.width, out, init_log_std, log_std_hidden)
+            self.text_log_std = LogStdHead(text_tower.width, out, init_log_std, log_std_hidden)
+
+    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """images (B, 3, H, W) -> (embedding (B, D), log-std (B,) / (B, D) / None)."""
+        pooled = self.image_tower(images)
+        return self.image_proj(pooled), None if self.image_log_std is None else self.image_log_std(pooled)
+
+    def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """tokens (B, L) long, pad 0 -> (embedding (B, D), log-std (B,) / (B, D) / None)."""
+        pooled = self.text_tower(tokens)
+        return self.text_proj(pooled), None if self.text_log_std is None else self.text_log_std(pooled)
+
+    def forward(self, images: Tensor, tokens: Tensor) -> Embeddings:
+        image_emb, image_log_std = self.encode_image(images)
+        text_emb, text_log_std = self.encode_text(tokens)
+        return Embeddings(image_emb, text_emb, image_log_std, text_log_std)
+
+
+# Flat model-config keys that are not tower arguments; tower arguments are spelled image_<arg> / text_<arg>.
+_GLOBAL_KEYS = {"name", "image_tower", "text_tower", "embed_dim", "log_std_per_dim", "init_log_std", "log_std_hidden"}
+
+
+def _tower_kwargs(cls: Any, prefix: str, cfg: Mapping[str, Any], auto: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in auto.items() if k in params}
+    for key, value in cfg.items():
+        if key.startswith(prefix) and key not in _GLOBAL_KEYS:
+            arg = key[len(prefix):]
+            if arg not in params or arg in auto:
+                accepted = sorted(prefix + p for p in params if p not in auto)
+                raise ValueError(f"unknown model key {key!r} for {prefix[:-1]} tower {cls.__name__}; "
+                                 f"it accepts {accepted}")
+            # Hydra hands lists over as ListConfig; towers get plain tuples.
+            kwargs[arg] = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+    return kwargs
+
+
+def build_dual_encoder(model_cfg: Mapping[str, Any], *, vocab_size: int, max_len: int, image_size: int,
+                       log_std: bool) -> DualEncoder:
+    """Build the dual encoder of a flat model config (configs/model/<name>.yaml).
+
+    Keys: ``image_tower``, ``text_tower`` (registered encoder names), ``embed_dim``, ``log_std_per_dim``,
+    ``init_log_std``, ``log_std_hidden``, ``name`` (ignored), and tower arguments ``image_<arg>`` /
+    ``text_<arg>`` (e.g. ``image_patch_size``, ``text_depth``). ``image_size``, ``vocab_size`` and ``max_len``
+    come from the data and tokenizer. An unknown key is an error naming what is accepted.
+
+    Args:
+        log_std: grow log-std heads (``loss.needs_log_std``).
+    """
+    cfg = dict(model_cfg)
+    unknown = [k for k in cfg if k not in _GLOBAL_KEYS and not k.startswith(("image_", "text_"))]
+    if unknown:
+        raise ValueError(f"unknown model keys {unknown}; accepted: {sorted(_GLOBAL_KEYS)} and image_<arg>/text_<arg>")
+    image_cls, text_cls = ENCODERS.get(cfg.get("image_tower", "vit")), ENCODERS.get(cfg.get("text_tower", "transformer"))
+    for cls, want in ((image_cls, "image"), (text_cls, "text")):
+        if getattr(cls, "modality", want) != want:
+            raise ValueError(f"{cls.__name__} is a {cls.modality} tower and cannot be the {want} tower")
+    image_tower = image_cls(**_tower_kwargs(image_cls, "image_", cfg, {"image_size": image_size}))
+    text_tower = text_cls(**_tower_kwargs(text_cls, "text_", cfg, {"vocab_size": vocab_size, "max_len": max_len}))
+    return DualEncoder(image_tower, text_tower, int(cfg.get("embed_dim", 64)), log_std=log_std,
+                       log_std_per_dim=bool(cfg.get("log_std_per_dim", False)),
+                       init_log_std=float(cfg.get("init_log_std", 0.0)),
+                       log_std_hidden=int(cfg.get("log_std_hidden", 0)))

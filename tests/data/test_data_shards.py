@@ -1,0 +1,81 @@
+"""Shard writing: layout, round trip through the reader, reuse, the make_data CLI, missing shards."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from probloss.data import expand_shards, generate_sample, load_eval_set, make_train_loader, write_shapes_shards
+from probloss.data.shapes import VAL_INDEX_OFFSET, class_names
+from probloss.data.shards import main
+from probloss.models import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    return out, write_shapes_shards(out, train_size=50, val_size=12, seed=5, shard_size=16, progress=False)
+
+
+def test_layout(shards):
+    out, patterns = shards
+    assert patterns == {"train": f"{out}/train/{{00000..00003}}.tar", "val": f"{out}/val/00000.tar"}
+    assert len(expand_shards(patterns["train"])) == 4
+    assert json.loads((out / "classes.json").read_text()) == class_names()
+    assert json.loads((out / "train" / "sizes.json").read_text()) == {
+        "00000.tar": 16, "00001.tar": 16, "00002.tar": 16, "00003.tar": 2}
+    with tarfile.open(out / "train" / "00000.tar") as tar:
+        names = tar.getnames()
+        assert sorted(names[:3]) == ["0000000000.json", "0000000000.png", "0000000000.txt"]
+        meta = json.loads(tar.extractfile("0000000000.json").read())
+    for key in ("captions", "level", "objects", "relation", "negatives", "label"):
+        assert key in meta
+    assert len(meta["captions"]) == 4
+
+
+@pytest.mark.parametrize("split,offset,n", [("train", 0, 50), ("val", VAL_INDEX_OFFSET, 12)])
+def test_round_trip(shards, split, offset, n):
+    _, patterns = shards
+    tok = build_tokenizer("word", max_len=16)
+    ev = load_eval_set(patterns[split], tok, image_size=32)
+    assert len(ev) == n and ev.skipped == 0 and ev.images.shape == (n, 3, 32, 32)
+    for i in range(n):
+        image, caption, meta = generate_sample(5, offset + i)
+        pixels = np.round((ev.images[i].permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255)
+        assert np.array_equal(pixels, np.asarray(image)), i  # PNG is lossless
+        assert ev.captions[i] == caption and ev.json[i] == meta and ev.keys[i] == f"{offset + i:010d}"
+    assert ev.tokens.equal(tok(ev.captions))
+    assert len(load_eval_set(patterns[split], tok, image_size=32, max_samples=5)) == 5
+
+
+def test_existing_dataset_is_reused(shards):
+    out, patterns = shards
+    mtime = (out / "train" / "00000.tar").stat().st_mtime_ns
+    assert write_shapes_shards(out, 50, 12, seed=5, shard_size=16, progress=False) == patterns
+    assert (out / "train" / "00000.tar").stat().st_mtime_ns == mtime
+
+
+def test_cli(tmp_path, capsys):
+    patterns = main([f"out={tmp_path}", "train_size=20", "val_size=4", "seed=1", "image_size=48", "shard_size=10"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == patterns
+    with tarfile.open(tmp_path / "val" / "00000.tar") as tar:
+        from PIL import Image
+        assert Image.open(io.BytesIO(tar.extractfile("1000000000.png").read())).size == (48, 48)
+    with pytest.raises(SystemExit, match="train_size"):
+        main([f"out={tmp_path}", "val_size=4"])
+    with pytest.raises(SystemExit, match="trainsize"):
+        main([f"out={tmp_path}", "trainsize=4", "val_size=4"])
+
+
+def test_missing_shards_fail_before_reading(tmp_path, shards):
+    tok = build_tokenizer("byte")
+    for pattern in (str(tmp_path / "nothing" / "{00000..00003}.tar"), str(tmp_path / "*.tar")):
+        with pytest.raises(FileNotFoundError, match="nothing|\\*"):
+            make_train_loader(pattern, tok, 4, image_size=32)
+        with pytest.raises(FileNotFoundError, match="shard pattern"):
+            load_eval_set(pattern, tok, image_size=32)
+    out, _ = shards
+    with pytest.raises(FileNotFoundError, match="misses 1 of 5"):  # one shard too many in the range
+        make_train_loader(f"{out}/train/{{00000..00004}}.tar", tok, 4, image_size=32)
