@@ -106,6 +106,8 @@ def effective_rank(emb: Tensor, rtol: float | None = None) -> float:
     if rtol is None:
         dtype = emb.dtype if emb.is_floating_point() else torch.float64
         rtol = max(emb.shape) * torch.finfo(dtype).eps
+    if not torch.isfinite(emb).all():  # a diverged model: no spectrum to speak of
+        return float("nan")
     s = torch.linalg.svdvals(_as_float64(emb))
     if s.numel() == 0 or s.max() <= 0:
         return 0.0

@@ -133,3 +133,9 @@ def test_pair_probe_accuracy():
     t = torch.tensor([1.0, 2.0, 3.0, 0.0])
     f = torch.tensor([0.0, 3.0, 3.0, float("nan")])
     assert M.pair_probe_accuracy(t, f) == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+
+
+def test_effective_rank_of_non_finite_embeddings_is_nan():
+    emb = torch.randn(8, 4)
+    emb[2, 1] = float("nan")
+    assert math.isnan(M.effective_rank(emb))

@@ -1,0 +1,291 @@
+"""Build the run configuration with Hydra's compose API and check it before any work.
+
+Why the compose API and not ``@hydra.main``: under ``fabric run``/torchrun every rank would run Hydra and pick
+its own output folder. Here every rank composes the same config from ``configs/`` (no Hydra run folder, no
+chdir, no logging setup) and rank 0 makes the run folder (probloss.train).
+
+::
+
+    cfg = compose_config(["loss=sigmoid", "trainer.max_steps=100"])
+    cfg.loss.name, loss_kwargs(cfg)        # "sigmoid", {"init_logit_scale": ..., ...}
+
+Errors (all :class:`ConfigError`, raised before anything is built or written):
+
+- an unknown key (``trainer.max_step=5``) names the key and lists the keys that exist at that level;
+- an unknown choice (``loss=foo``) names it and lists the choices of the group;
+- a loss keyword the loss's constructor does not take lists the keywords it accepts.
+
+Any registered loss is a valid ``loss=<name>`` choice even without ``configs/loss/<name>.yaml``: its
+constructor's defaults become its config (so a plugin needs no config file).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+import probloss
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("loss", "model", "data")  # config groups selected by name: loss=<name>, model=<name>, data=<name>
+# Sections whose keys are checked by the code that consumes them rather than against the defaults: a loss's
+# keywords against its constructor (check_loss_kwargs), a model's against build_dual_encoder.
+FREE_SECTIONS = ("loss", "model")
+
+
+class ConfigError(ValueError):
+    """A bad key, choice or value in the run configuration."""
+
+
+def config_dir() -> Path:
+    """The folder of train.yaml and the config groups (``PROBLOSS_CONFIG_DIR`` overrides it)."""
+    return Path(os.environ.get("PROBLOSS_CONFIG_DIR", CONFIG_DIR)).resolve()
+
+
+def group_options(group: str, directory: Path | None = None) -> list[str]:
+    """Sorted choices of a config group: its yaml files, plus every registered loss for ``loss``."""
+    directory = directory or config_dir()
+    names = {p.stem for p in (directory / group).glob("*.yaml")}
+    if group == "loss":
+        names |= set(probloss.list_losses())
+    return sorted(names)
+
+
+def compose_config(
+    overrides: Sequence[str] = (), config_name: str = "train", directory: str | Path | None = None
+) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``key=value`` overrides, checked; see the module docstring.
+
+    Args:
+        overrides: Hydra overrides, e.g. ``["loss=sigmoid", "trainer.lr=1e-3", "loss.init_logit_bias=-5"]``.
+        config_name: the primary config file (without .yaml).
+        directory: the config folder (default: :func:`config_dir`).
+
+    Returns:
+        The resolved config (a read-only, struct-mode DictConfig).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    directory = Path(directory).resolve() if directory else config_dir()
+    if not (directory / f"{config_name}.yaml").is_file():
+        raise ConfigError(f"no config {config_name!r}: {directory / (config_name + '.yaml')} does not exist")
+    overrides = list(overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+
+    _register_plugin_losses(directory)
+    choices = [o for o in parsed if o.key_or_group in GROUPS and not o.is_delete()]
+    for o in choices:
+        value = o.value()
+        options = group_options(o.key_or_group, directory)
+        if not isinstance(value, str) or value not in options:
+            raise ConfigError(_unknown(f"{o.key_or_group} choice", str(value), options, o.key_or_group))
+
+    with initialize_config_dir(config_dir=str(directory), version_base=None):
+        # The defaults with the chosen groups only: the schema the other overrides are checked against.
+        choice_strings = [o.input_line for o in choices]
+        schema = compose(config_name=config_name, overrides=choice_strings)
+        for i, o in enumerate(parsed):
+            if o in choices or o.is_add() or o.is_force_add() or o.is_delete():
+                continue
+            if _is_new_loss_kwarg(schema, o.key_or_group):
+                overrides[i] = "+" + overrides[i].lstrip("~")  # a constructor keyword the loss's yaml leaves out
+                continue
+            _check_key(schema, o.key_or_group)
+        try:
+            cfg = compose(config_name=config_name, overrides=overrides)
+        except HydraException as err:
+            raise ConfigError(f"bad override: {err}") from None
+
+    # `+key=value` adds keys Hydra does not know: allowed only where the consumer checks them (loss, model).
+    _check_no_new_keys(schema, cfg, prefix="")
+    _check_types(schema, cfg, prefix="")
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"required config values are missing (???): {', '.join(sorted(missing))}; set them as key=value")
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as err:  # an interpolation error names its key
+        raise ConfigError(f"cannot resolve the config: {err}") from None
+    check_loss_kwargs(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _is_new_loss_kwarg(schema: DictConfig, key: str) -> bool:
+    """Whether ``loss.<kwarg>`` is absent from the loss's yaml; raise unless the loss's constructor takes it."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] != "loss" or parts[1] in schema.loss.keys():
+        return False
+    name = schema.loss.name
+    accepted, var_kw = loss_signature(name)
+    if parts[1] in accepted or var_kw:
+        return True
+    raise ConfigError(
+        _unknown(f"keyword for loss {name!r}:", parts[1], list(accepted), f"{name}.__init__")
+        + " (set them as loss.<keyword>=value)"
+    )
+
+
+def _check_key(schema: DictConfig, key: str) -> None:
+    """Raise if a dotted ``key`` is not in ``schema``."""
+    parts = key.split(".")
+    node: Any = schema
+    for depth, part in enumerate(parts):
+        if isinstance(node, DictConfig) and part in node.keys():
+            node = node._get_node(part)
+            continue
+        if isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+            continue
+        where = ".".join(parts[:depth]) or "the top level"
+        existing = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+        hint = "" if existing else f" ({where} is a value, not a section)"
+        raise ConfigError(_unknown("config key", key, existing, where, candidate=part) + hint)
+
+
+def _check_no_new_keys(schema: DictConfig, cfg: DictConfig, prefix: str) -> None:
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if prefix == "" and key in FREE_SECTIONS:
+            continue
+        if key not in schema.keys():  # (`in schema` is False for ??? values)
+            raise ConfigError(_unknown("config key", full, sorted(map(str, schema.keys())), prefix.rstrip(".") or "the top level", candidate=str(key)))
+        if isinstance(cfg._get_node(key), DictConfig) and isinstance(schema._get_node(key), DictConfig):
+            _check_no_new_keys(schema[key], cfg[key], f"{full}.")
+
+
+def _check_types(schema: DictConfig, cfg: DictConfig, prefix: str) -> None:
+    """A value whose default is a bool/int/float/str must keep that type (int for float is fine)."""
+    for key in schema.keys():
+        full = f"{prefix}{key}"
+        if prefix == "" and key in FREE_SECTIONS or OmegaConf.is_missing(schema, key) or OmegaConf.is_missing(cfg, key):
+            continue
+        default, value = schema._get_node(key), cfg._get_node(key)
+        if isinstance(default, DictConfig):
+            if isinstance(value, DictConfig):
+                _check_types(default, value, f"{full}.")
+            continue
+        default, value = schema[key], cfg[key]
+        if default is None or value is None or isinstance(default, (ListConfig, list)):
+            continue
+        expected = type(default)
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"config key {full!r} must be {expected.__name__} (default {default!r}), got {value!r}")
+
+
+def _unknown(what: str, name: str, existing: Sequence[str], where: str, candidate: str | None = None) -> str:
+    close = difflib.get_close_matches(candidate or name, list(existing), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    listing = ", ".join(existing) if existing else "(none)"
+    return f"unknown {what} {name!r}.{hint} Available in {where}: {listing}"
+
+
+# --- losses ---------------------------------------------------------------------------------------------------
+
+
+def loss_signature(name: str) -> tuple[dict[str, Any], bool]:
+    """``({keyword: default or inspect.Parameter.empty}, accepts **kwargs)`` of a registered loss's constructor."""
+    cls = probloss.LOSSES.get(name)
+    init = cls.__init__ if isinstance(cls, type) else cls
+    params = list(inspect.signature(init).parameters.values())
+    if isinstance(cls, type):
+        params = params[1:]  # self
+    kwargs = {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return kwargs, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def loss_kwargs(cfg: Mapping) -> dict[str, Any]:
+    """The keyword arguments of ``probloss.build_loss(cfg.loss.name, **kwargs)``: the loss section minus name."""
+    section = cfg["loss"]
+    section = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+def check_loss_kwargs(cfg: Mapping) -> None:
+    """Raise ConfigError unless the loss is registered and takes every keyword its config section gives."""
+    if "name" not in cfg["loss"]:
+        raise ConfigError("the loss config section has no `name` (the registered loss to build)")
+    name = cfg["loss"]["name"]
+    try:
+        accepted, var_kw = loss_signature(name)
+    except KeyError as err:
+        raise ConfigError(str(err)) from None
+    given = loss_kwargs(cfg)
+    unknown = sorted(set(given) - set(accepted))
+    if unknown and not var_kw:
+        raise ConfigError(
+            f"loss {name!r} does not accept {', '.join(f'loss.{k}' for k in unknown)}. "
+            f"Accepted keywords of {name!r}: {', '.join(accepted) or '(none)'}"
+        )
+    required = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in given]
+    if required:
+        raise ConfigError(f"loss {name!r} needs {', '.join(f'loss.{k}=...' for k in required)}")
+
+
+def _register_plugin_losses(directory: Path) -> None:
+    """Make every registered loss without a yaml file a choice of the ``loss`` group (its defaults as config)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name in probloss.list_losses():
+        if (directory / "loss" / f"{name}.yaml").is_file():
+            continue
+        try:
+            accepted, _ = loss_signature(name)
+        except Exception:  # a broken plugin fails later, with its own error, if it is chosen
+            continue
+        node: dict[str, Any] = {"name": name}
+        for key, default in accepted.items():
+            if default is inspect.Parameter.empty:
+                node[key] = "???"
+            elif default is None or isinstance(default, (bool, int, float, str)):
+                node[key] = default
+        store.store(group="loss", name=name, node=node)
+
+
+# --- saving and reading back ------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Mapping) -> dict[str, Any]:
+    """A plain, resolved dict (for checkpoints, hparams, json)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def save_config(cfg: Mapping, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``<run_dir>/config.yaml`` (atomically) and return the path."""
+    path = Path(run_dir) / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)), resolve=True))
+    os.replace(tmp, path)
+    return path
+
+
+def from_dict(data: Mapping) -> DictConfig:
+    """A read-only config from a saved dict (a checkpoint's ``config``)."""
+    cfg = OmegaConf.create(dict(data))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def describe(directory: Path | None = None) -> str:
+    """The ``--help`` text: the default config and the choices of each group."""
+    directory = directory or config_dir()
+    lines = ["usage: [fabric run [--devices=N]] scripts/train.py [key=value ...]", "", "groups:"]
+    for group in GROUPS:
+        lines.append(f"  {group}={{{','.join(group_options(group, directory))}}}")
+    lines += ["", f"defaults ({directory / 'train.yaml'}):", "", (directory / "train.yaml").read_text()]
+    return "\n".join(lines)

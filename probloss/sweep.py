@@ -1,0 +1,384 @@
+"""Optuna studies over training runs: search spaces from configs/sweep/*.yaml, one study per loss.
+
+    python scripts/sweep.py sweep=lr loss=sigmoid                      # one worker, journal storage
+    python scripts/sweep.py sweep=compare_losses                       # every loss, then best x 3 seeds
+    OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce
+
+Every trial is a normal training run (its own run folder, TensorBoard events with hparams, summary.json)
+under ``<out_dir>/<experiment>/<loss>/<study>-trial<N>``. Storage: a journal file
+``<out_dir>/sweeps/<experiment>.journal`` by default (safe for several worker processes on one machine), or
+any Optuna RDB URL (``sweep.storage=postgresql://...``) for workers on many machines. The study is created
+once and workers load it; a worker stops asking for trials when the study has ``sweep.n_trials`` finished or
+running trials, so re-running the same command continues a study, and several workers share one.
+
+A killed worker loses only its running trial: every trial records its host and process id, and a worker
+starting on the same host marks trials of dead processes failed (RDB storages also use Optuna's heartbeat,
+which covers other hosts). A diverging trial is recorded with its stability metrics (objective: the worst
+value), never a crash of the study.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from probloss.config import ConfigError, compose_config, config_dir
+
+SWEEP_KEYS = {
+    "n_trials", "study_name", "storage", "sampler", "seed", "objectives", "pruner", "pruner_warmup_evals",
+    "losses", "rerun_seeds", "space", "overrides",
+}
+PARAM_TYPES = ("float", "int", "categorical")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+def split_args(argv: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    """``sweep=<name>``, ``sweep.<key>=...`` overrides, and everything else (training overrides)."""
+    name, sweep_overrides, train_overrides = None, [], []
+    for arg in argv:
+        if arg.startswith("sweep="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("sweep."):
+            sweep_overrides.append(arg[len("sweep."):])
+        else:
+            train_overrides.append(arg)
+    if name is None:
+        raise ConfigError(f"say which search space to use: sweep=<name>, one of {sweep_names()}")
+    return name, sweep_overrides, train_overrides
+
+
+def sweep_names() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "sweep").glob("*.yaml"))
+
+
+def load_sweep_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``configs/sweep/<name>.yaml`` with ``key=value`` overrides; unknown names and keys are errors."""
+    path = config_dir() / "sweep" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown sweep {name!r}; choose one of {sweep_names()} (configs/sweep/*.yaml)")
+    cfg = OmegaConf.load(path)  # YAML through OmegaConf's safe loader
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.split(".")[0] not in SWEEP_KEYS:
+            raise ConfigError(f"unknown sweep key sweep.{key}; sweep keys: {', '.join(sorted(SWEEP_KEYS))}")
+        OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}")["v"] if value else None, merge=False, force_add=True)
+    unknown = set(cfg) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; sweep keys: {', '.join(sorted(SWEEP_KEYS))}")
+    for key, spec in (cfg.get("space") or {}).items():
+        if spec.get("type") not in PARAM_TYPES:
+            raise ConfigError(f"sweep space {key}: type must be one of {PARAM_TYPES}, got {spec.get('type')!r}")
+    objectives = list(cfg.get("objectives") or [])
+    if not objectives:
+        raise ConfigError(f"{path}: give at least one objective ({{metric: ..., direction: maximize|minimize}})")
+    if len(objectives) > 1 and cfg.get("pruner", "none") != "none":
+        raise ConfigError("multi-objective studies cannot prune (Optuna); set sweep.pruner=none")
+    return cfg
+
+
+def storage_for(spec: str | None, out_dir: str | Path, experiment: str):
+    """The Optuna storage: a journal file by default, an RDB URL (with heartbeats), or a journal path."""
+    if spec and "://" in spec:
+        return optuna.storages.RDBStorage(spec, heartbeat_interval=30, grace_period=120)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(spec) if spec else Path(out_dir) / "sweeps" / f"{experiment}.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(cfg: Mapping, multi_objective: bool):
+    seed = cfg.get("seed", 0)
+    kind = cfg.get("sampler", "tpe")
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.NSGAIISampler(seed=seed) if multi_objective else optuna.samplers.TPESampler(seed=seed)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    raise ConfigError(f"unknown sweep.sampler {kind!r}; choose tpe, random or nsga2")
+
+
+def make_pruner(cfg: Mapping):
+    kind = cfg.get("pruner", "none")
+    warmup = int(cfg.get("pruner_warmup_evals", 1))
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"unknown sweep.pruner {kind!r}; choose median, hyperband or none")
+
+
+def open_study(cfg: Mapping, storage, study_name: str) -> optuna.Study:
+    """Create the study once (or load it: another worker may have created it a moment ago)."""
+    directions = [o["direction"] for o in cfg["objectives"]]
+    return optuna.create_study(
+        study_name=study_name, storage=storage, directions=directions, load_if_exists=True,
+        sampler=make_sampler(cfg, len(directions) > 1), pruner=make_pruner(cfg),
+    )
+
+
+def suggest_overrides(trial, space: Mapping, loss_name: str) -> list[str]:
+    """Training overrides for one trial. A parameter with ``losses: [...]`` is searched only for those losses."""
+    overrides = []
+    for key, spec in space.items():
+        if spec.get("losses") and loss_name not in spec["losses"]:
+            continue
+        if spec["type"] == "float":
+            value = trial.suggest_float(key, spec["low"], spec["high"], log=bool(spec.get("log", False)))
+        elif spec["type"] == "int":
+            value = trial.suggest_int(key, spec["low"], spec["high"], log=bool(spec.get("log", False)))
+        else:
+            value = trial.suggest_categorical(key, list(spec["choices"]))
+        overrides.append(f"{key}={value}")
+    return overrides
+
+
+def objective_values(summary: Mapping[str, Any], objectives: Sequence[Mapping]) -> list[float]:
+    """The objectives from a run summary; a missing or non-finite value (a diverged run) is the worst value."""
+    values = []
+    for objective in objectives:
+        value = summary.get(objective["metric"])
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            value = -math.inf if objective["direction"] == "maximize" else math.inf
+        values.append(float(value))
+    return values
+
+
+# --- killed workers -------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials whose worker process (on this host) no longer exists as FAIL."""
+    failed = []
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("host") == host and "pid" in attrs and not _alive(int(attrs["pid"])):
+            # No public API fails another process's trial; this is what Optuna's own heartbeat does.
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker process died")
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            failed.append(trial.number)
+    if isinstance(study._storage, optuna.storages.RDBStorage):
+        failed += optuna.storages.fail_stale_trials(study) or []
+    return failed
+
+
+def count_taken(study: optuna.Study) -> int:
+    """Trials that count towards n_trials: finished ones and those running now."""
+    states = (*FINISHED, optuna.trial.TrialState.RUNNING)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+# --- running trials ---------------------------------------------------------------------------------------------
+
+
+def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss_name: str, study_name: str,
+              seed: int | None = None, fixed_params: Mapping | None = None) -> tuple[list[float], dict]:
+    """Train one configuration; report the first objective at every evaluation (for pruning)."""
+    from probloss.train import NonFiniteLossError, train
+
+    if fixed_params is not None:
+        params = [f"{key}={value}" for key, value in fixed_params.items()]
+    else:
+        params = suggest_overrides(trial, sweep_cfg.get("space") or {}, loss_name)
+    run_name = f"{study_name}-trial{trial.number:04d}" if seed is None else f"{study_name}-seed{seed}"
+    overrides = [*base_overrides, *params, f"run_name={run_name}", "resume=null"]
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    cfg = compose_config(overrides)
+    objectives = list(sweep_cfg["objectives"])
+    single = len(objectives) == 1
+
+    def on_eval(step: int, metrics: Mapping[str, Any]) -> None:
+        if single and fixed_params is None:  # every rank takes part (TorchDistributedTrial broadcasts)
+            value = _broadcast(fabric, objective_values(metrics, objectives)[0] if fabric.is_global_zero else None)
+            if math.isfinite(value):
+                trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+    try:
+        summary = train(fabric, cfg, on_eval=on_eval)
+    except NonFiniteLossError as err:  # diverged: a result, not a crash of the study
+        summary = {"stability/diverged": 1.0, "error": str(err)}
+    return objective_values(summary, objectives), summary
+
+
+def _record(trial, summary: Mapping[str, Any]) -> None:
+    """Keep the run's metrics with the trial (report.py and optuna-dashboard show them)."""
+    for key, value in summary.items():
+        if key.startswith(("val/", "embed/", "unc/", "stability/")) or key in ("run_dir", "train/loss", "steps", "error"):
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)  # JSON storages cannot hold nan/inf
+            if isinstance(value, (bool, int, float, str)):
+                trial.set_user_attr(key, value)
+
+
+def worker(fabric, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list[str], loss_name: str,
+           n_trials: int, log=print) -> int:
+    """Ask, train and tell until the study has ``n_trials`` taken; rank 0 talks to Optuna, other ranks follow.
+
+    Returns the number of trials this worker ran.
+    """
+    from optuna_integration import TorchDistributedTrial
+
+    ran = 0
+    while True:
+        keep_going = _broadcast(fabric, count_taken(study) < n_trials if fabric.is_global_zero else None)
+        if not keep_going:
+            return ran
+        trial = study.ask() if fabric.is_global_zero else None
+        if fabric.is_global_zero:
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+        dist_trial = TorchDistributedTrial(trial) if fabric.world_size > 1 else trial
+        start = time.time()
+        state, values, summary = optuna.trial.TrialState.COMPLETE, None, {}
+        try:
+            values, summary = run_trial(fabric, dist_trial, base_overrides, sweep_cfg, loss_name, study.study_name)
+        except optuna.TrialPruned:
+            state = optuna.trial.TrialState.PRUNED
+        ran += 1
+        if fabric.is_global_zero:
+            _record(trial, summary)
+            study.tell(trial, values if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+            shown = "pruned" if values is None else ", ".join(f"{v:.4g}" for v in values)
+            diverged = " DIVERGED" if summary.get("stability/diverged") else ""
+            log(f"[{study.study_name}] trial {trial.number:3d} {state.name:8s} objective {shown}{diverged} "
+                f"params {trial.params} ({time.time() - start:.0f} s)", flush=True)
+
+
+def _broadcast(fabric, obj):
+    return fabric.broadcast(obj, src=0) if fabric.world_size > 1 else obj
+
+
+def best_params(study: optuna.Study) -> dict[str, Any]:
+    """The best trial's parameters; for several objectives, the Pareto trial best on the first objective."""
+    if len(study.directions) == 1:
+        return dict(study.best_trial.params)
+    first = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    trials = sorted(study.best_trials, key=lambda t: t.values[0], reverse=first)
+    return dict(trials[0].params)
+
+
+def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list[str],
+               loss_name: str, seeds: Sequence[int], log=print) -> None:
+    """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable)."""
+    params = _broadcast(fabric, best_params(study) if fabric.is_global_zero else None)
+    rerun = open_study({**sweep_cfg, "pruner": "none"}, storage, f"{study.study_name}-best")
+    for seed in seeds:
+        done = _broadcast(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=FINISHED))
+                          if fabric.is_global_zero else None)
+        if done:
+            continue
+        trial = rerun.ask() if fabric.is_global_zero else None
+        if fabric.is_global_zero:
+            for key, value in {"seed": seed, "host": socket.gethostname(), "pid": os.getpid(), **params}.items():
+                trial.set_user_attr(key, value)
+        values, summary = run_trial(fabric, trial, base_overrides, sweep_cfg, loss_name, study.study_name,
+                                    seed=seed, fixed_params=params)
+        if fabric.is_global_zero:
+            _record(trial, summary)
+            rerun.tell(trial, values)
+            log(f"[{rerun.study_name}] seed {seed}: objective {', '.join(f'{v:.4g}' for v in values)}", flush=True)
+
+
+def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]:
+    """The whole sweep for ``argv`` (``sweep=<name> [loss=<name>] [sweep.key=..] [training overrides]``)."""
+    name, sweep_overrides, train_overrides = split_args(argv)
+    sweep_cfg = OmegaConf.to_container(load_sweep_config(name, sweep_overrides), resolve=True)
+    base = compose_config([*sweep_cfg.get("overrides", []), *train_overrides])  # checks every key up front
+    if not any(o.startswith("experiment=") for o in train_overrides):
+        train_overrides = [*train_overrides, f"experiment={name}"]
+    experiment = next(o.split("=", 1)[1] for o in train_overrides if o.startswith("experiment="))
+    chosen_loss = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
+    losses = [chosen_loss] if chosen_loss else list(sweep_cfg.get("losses") or [base["loss"]["name"]])
+    storage = storage_for(sweep_cfg.get("storage"), base["out_dir"], experiment)
+    studies = {}
+    for loss_name in losses:
+        overrides = [*sweep_cfg.get("overrides", []), *[o for o in train_overrides if not o.startswith("loss=")],
+                     f"loss={loss_name}"]
+        study_name = sweep_cfg.get("study_name") or f"{experiment}-{loss_name}"
+        if len(losses) > 1 and sweep_cfg.get("study_name"):
+            study_name = f"{sweep_cfg['study_name']}-{loss_name}"
+        study = open_study(sweep_cfg, storage, study_name)
+        if fabric.is_global_zero:
+            failed = fail_dead_trials(study)
+            if failed:
+                log(f"[{study_name}] marked trials {failed} failed: their worker process died", flush=True)
+        worker(fabric, study, sweep_cfg, overrides, loss_name, int(sweep_cfg["n_trials"]), log=log)
+        if sweep_cfg.get("rerun_seeds"):
+            _wait_for_others(study, int(sweep_cfg["n_trials"]))
+            rerun_best(fabric, storage, study, sweep_cfg, overrides, loss_name, list(sweep_cfg["rerun_seeds"]), log)
+        studies[loss_name] = study
+    if fabric.is_global_zero:
+        log(summary_table(studies), flush=True)
+    return studies
+
+
+def _wait_for_others(study: optuna.Study, n_trials: int, poll_s: float = 5.0) -> None:
+    """Before re-running the best configuration, let other workers' running trials finish."""
+    while len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
+        fail_dead_trials(study)
+        time.sleep(poll_s)
+
+
+def summary_table(studies: Mapping[str, optuna.Study]) -> str:
+    lines = ["", "| loss | study | complete | pruned | failed | diverged | best objective | best params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for loss_name, study in studies.items():
+        trials = study.get_trials(deepcopy=False)
+        count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
+        diverged = sum(bool(t.user_attrs.get("stability/diverged")) for t in trials)
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        best = ", ".join(f"{v:.4g}" for v in study.best_trials[0].values) if complete else "-"
+        params = best_params(study) if complete else {}
+        lines.append(f"| {loss_name} | {study.study_name} | {count(optuna.trial.TrialState.COMPLETE)} | "
+                     f"{count(optuna.trial.TrialState.PRUNED)} | {count(optuna.trial.TrialState.FAIL)} | {diverged} | "
+                     f"{best} | {params} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of scripts/sweep.py: one Fabric for all trials (``fabric run`` sets devices)."""
+    from probloss.train import _finish_distributed, _under_fabric_cli, make_fabric
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _, _, train_overrides = split_args(argv)
+    fabric = make_fabric(compose_config(train_overrides))
+    try:
+        if _under_fabric_cli():
+            run_sweep(fabric, argv)
+        else:
+            fabric.launch(run_sweep, argv)
+        _finish_distributed(ok=True)
+    except BaseException:
+        _finish_distributed(ok=False)
+        raise

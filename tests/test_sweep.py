@@ -1,0 +1,132 @@
+"""Optuna sweeps end to end: tiny studies, a killed worker, parallel workers, divergence, and the report."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from probloss.report import write_report
+from probloss.sweep import run_sweep, storage_for
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.train_size=256", "data.val_size=64", "trainer.batch_size=32", "trainer.warmup_steps=1",
+        "trainer.log_every=1", "fabric.accelerator=cpu", "fabric.devices=1", "eval.projector_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes_cache")
+
+
+def sweep_args(out_dir, cache_dir, *extra, steps=4):
+    return ["sweep=lr", f"out_dir={out_dir}", f"data.cache_dir={cache_dir}", *TINY, f"trainer.max_steps={steps}",
+            "trainer.eval_every=2", *extra]
+
+
+def load(out_dir, name="lr-infonce", experiment="lr"):
+    storage = storage_for(None, out_dir, experiment)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def fabric_cpu():
+    from lightning_fabric import Fabric
+
+    return Fabric(accelerator="cpu", devices=1)
+
+
+def test_tiny_sweep_then_report(tmp_path, cache_dir):
+    lines = []
+    log = lambda *a, **k: lines.append(" ".join(map(str, a)))  # noqa: E731
+    run_sweep(fabric_cpu(), sweep_args(tmp_path, cache_dir, "loss=infonce", "sweep.n_trials=3"), log=log)
+    study = load(tmp_path)
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 3
+    assert sum("trial" in line and "objective" in line for line in lines) == 3  # a live line per trial
+    assert "| infonce |" in lines[-1]  # the summary table
+    for trial in finished:
+        run_dir = Path(trial.user_attrs["run_dir"])
+        assert (run_dir / "summary.json").is_file() and list(run_dir.glob("events.out.tfevents.*"))
+        assert 1e-4 <= trial.params["trainer.lr"] <= 3e-2
+
+    # Re-running the same command continues the study: nothing left to do.
+    run_sweep(fabric_cpu(), sweep_args(tmp_path, cache_dir, "loss=infonce", "sweep.n_trials=3"), log=log)
+    assert len(load(tmp_path).trials) == 3
+
+    report = write_report(tmp_path / "lr")
+    text = report.read_text()
+    complete, pruned, failed = map(int, re.search(r"\| infonce \| (\d+)/(\d+)/(\d+) \|", text).groups())
+    assert complete + pruned == 3 and failed == 0
+    assert "LR-robust width" in text and "![accuracy_vs_lr](accuracy_vs_lr.png)" in text
+    for png in ("accuracy_vs_lr.png", "loss_curves.png", "effective_rank.png", "sigma_vs_specificity.png"):
+        assert (tmp_path / "lr" / png).stat().st_size > 1000
+
+
+def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, cache_dir):
+    space = "sweep.space={trainer.lr: {type: categorical, choices: [1.0e30]}}"
+    run_sweep(fabric_cpu(), sweep_args(tmp_path, cache_dir, "loss=gaussian_var", "sweep.n_trials=1", space,
+                                       "trainer.grad_clip=null", "trainer.warmup_steps=0"), log=lambda *a, **k: None)
+    (trial,) = load(tmp_path, "lr-gaussian_var").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.user_attrs["stability/diverged"] is True or trial.user_attrs["stability/diverged"] == 1.0
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _worker(out_dir, cache_dir, n_trials, steps):
+    args = sweep_args(out_dir, cache_dir, "loss=infonce", f"sweep.n_trials={n_trials}", "trainer.eval_every=0",
+                      steps=steps)
+    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_running_trial(out_dir, process, timeout=120):
+    journal = Path(out_dir) / "sweeps" / "lr.journal"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        if journal.is_file():
+            try:
+                study = load(out_dir)
+            except KeyError:
+                study = None
+            if study and any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+                return
+        time.sleep(0.2)
+    raise AssertionError("no trial started")
+
+
+def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir):
+    process = _worker(tmp_path, cache_dir, n_trials=2, steps=400)
+    _wait_for_running_trial(tmp_path, process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rerun = _worker(tmp_path, cache_dir, n_trials=2, steps=400)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "marked trials [0] failed" in output
+    states = [t.state for t in load(tmp_path).trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+
+
+def test_two_parallel_workers_share_one_journal(tmp_path, cache_dir):
+    # The data is generated once first, so both workers start training at about the same time.
+    warm = _worker(tmp_path / "warm", cache_dir, n_trials=1, steps=1)
+    assert warm.wait(timeout=300) == 0
+    workers = [_worker(tmp_path, cache_dir, n_trials=4, steps=150) for _ in range(2)]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output[-3000:]
+    complete = [t for t in load(tmp_path).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5  # two workers may both start the last trial at the same moment
+    assert len({t.user_attrs["pid"] for t in complete}) == 2  # both did some of the work

@@ -1,0 +1,303 @@
+"""The training loop end to end on tiny CPU runs: outputs, resume after SIGKILL, 2 ranks, NaN handling, GradCache.
+
+Every run here is a few steps of the tiny model on a few hundred generated shapes samples (cached once per
+session), so the whole file takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import probloss
+from probloss import checkpoint as ckpt
+from probloss.config import ConfigError, compose_config
+from probloss.train import NonFiniteLossError, Trainee, check_batch_sizes, main, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {  # DESIGN.md keys that apply to every loss
+    "train/loss", "val/loss", "val/i2t_r@1", "val/t2i_r@1", "embed/effective_rank", "embed/uniformity",
+    "embed/alignment", "embed/modality_gap", "stability/loss_spikes", "stability/grad_norm_ratio",
+    "stability/nonfinite_steps", "stability/diverged", "steps", "samples_per_s", "data/skipped",
+}
+TB_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/logit_pos_mean", "val/loss",
+           "val/i2t_r@1"}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes_cache")
+
+
+def small(out_dir, cache_dir, *extra):
+    """Overrides for a seconds-long run: 6 steps of batch 32, eval and checkpoints every 3 steps."""
+    return [
+        f"out_dir={out_dir}", f"data.cache_dir={cache_dir}", "data.train_size=512", "data.val_size=64",
+        "trainer.batch_size=32", "trainer.max_steps=6", "trainer.warmup_steps=2", "trainer.eval_every=3",
+        "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.progress=false", "fabric.accelerator=cpu",
+        "fabric.devices=1", "eval.projector_samples=16", *extra,
+    ]
+
+
+def read_scalars(run_dir, tag="train/loss") -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def only_run(out_dir, loss) -> Path:
+    runs = list((Path(out_dir) / "default" / loss).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+# --- a few steps of every registered loss -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", probloss.list_losses())
+def test_run_writes_tensorboard_summary_checkpoints(loss, tmp_path, cache_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = main(small(tmp_path, cache_dir, f"loss={loss}"))
+    run_dir = only_run(tmp_path, loss)
+    assert Path(summary["run_dir"]) == run_dir
+
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(saved), SUMMARY_KEYS - set(saved)
+    assert saved["steps"] == 6 and saved["stability/nonfinite_steps"] == 0 and saved["data/skipped"] == 0
+    assert math.isfinite(saved["train/loss"]) and math.isfinite(saved["val/loss"])
+    if probloss.build_loss(loss).needs_log_std:
+        assert "unc/specificity_spearman" in saved
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert TB_TAGS <= tags, TB_TAGS - tags
+    assert sorted(e.step for e in acc.Scalars("train/loss")) == list(range(1, 7))
+    assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
+    assert acc.PluginTagToContent("hparams"), "no hparams summary (HParams tab)"
+    assert (run_dir / "projector_config.pbtxt").is_file()
+    header = next(run_dir.glob("*/val_text/metadata.tsv")).read_text().splitlines()[0]
+    assert header.split("\t") == ["caption", "level", "n_objects", "sigma"]
+
+    assert (run_dir / "config.yaml").is_file()
+    saved_ckpts = ckpt.list_checkpoints(run_dir)
+    assert [p.name for p in saved_ckpts] == ["step-00000003.ckpt", "step-00000006.ckpt"]
+    raw = torch.load(saved_ckpts[-1], map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "position", "rng", "stability", "config"} <= set(raw)
+    assert raw["position"]["step"] == 6 and raw["config"]["loss"]["name"] == loss
+    loss_params = {f"loss.{n}" for n, _ in probloss.build_loss(loss).named_parameters()}
+    assert loss_params <= set(raw["model"])  # the loss's own parameters are checkpointed with the model
+
+
+def test_evaluate_checkpoint(tmp_path, cache_dir):
+    from probloss.train import evaluate_checkpoint
+
+    main(small(tmp_path, cache_dir, "loss=infonce", "trainer.max_steps=3", "trainer.eval_every=0"))
+    path = ckpt.newest_checkpoint(only_run(tmp_path, "infonce"))
+    metrics = evaluate_checkpoint(path)
+    assert "val/i2t_r@1" in metrics and metrics["steps"] == 3
+    assert (path.parent.parent / "eval-step-00000003.json").is_file()
+    # and the script, as a user runs it
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), str(path)], capture_output=True,
+                         text=True, timeout=300, env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "val/i2t_r@1" in out.stdout
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+
+KILLER = """
+import os, signal, sys
+import probloss.train as T
+kill_at, original, done = int(os.environ.get("KILL_AT_STEP", 0)), T.train_step, [0]
+def train_step(*args, **kwargs):  # SIGKILL ourselves right after the optimizer step `kill_at`
+    out = original(*args, **kwargs)
+    done[0] += 1
+    if done[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+T.train_step = train_step
+T.main(sys.argv[1:])
+"""
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env.pop("LT_CLI_USED", None)
+    return env
+
+
+def test_resume_after_sigkill_gives_the_same_curve(tmp_path, cache_dir):
+    """Kill -9 after step 7 (last checkpoint: step 4), resume=auto: steps 5..10 repeat the straight run exactly.
+
+    All three runs are subprocesses with the same thread count (reduction order decides the last bits).
+    """
+    args = small(tmp_path, cache_dir, "loss=sigmoid", "trainer.max_steps=10", "trainer.ckpt_every=4",
+                 "trainer.eval_every=0", "eval.projector_samples=0", "data.batches_per_epoch=3")  # epochs roll over
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+
+    def run(*extra, kill_at=0):
+        return subprocess.run([sys.executable, str(script), *args, *extra], env=_env(KILL_AT_STEP=str(kill_at)),
+                              capture_output=True, text=True, timeout=300)
+
+    straight = run("run_name=straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run("run_name=killed", kill_at=7)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_dir = tmp_path / "default" / "sigmoid" / "killed"
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-00000004.ckpt"]
+    assert not (run_dir / "summary.json").exists()
+    resumed = run("run_name=killed", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    curve_straight, curve_resumed = read_scalars(tmp_path / "default" / "sigmoid" / "straight"), read_scalars(run_dir)
+    assert sorted(curve_resumed) == list(range(1, 11))
+    assert curve_resumed == curve_straight  # bit-identical on CPU
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (run_dir, run_dir.parent / "straight")]
+    assert summaries[0]["val/loss"] == summaries[1]["val/loss"] and summaries[0]["steps"] == 10
+
+
+def test_resume_refuses_a_different_model_shape(tmp_path, cache_dir):
+    args = small(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.eval_every=0", "run_name=r")
+    main(args)
+    with pytest.raises(ConfigError, match="model.embed_dim: 64 -> 32"):
+        main([*args, "resume=auto", "model.embed_dim=32", "trainer.max_steps=4"])
+    with pytest.raises(ConfigError, match="resume=auto"):  # same run_name without resume: no silent overwrite
+        main(args)
+
+
+# --- two ranks ----------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_rank_fabric_run(tmp_path, cache_dir):
+    fabric = Path(sys.executable).parent / "fabric"
+    # accum_steps=2: GradCache under DDP (gradient sync only on the last micro-batch).
+    args = [a for a in small(tmp_path, cache_dir, "loss=sigmoid", "trainer.accum_steps=2") if not a.startswith("fabric.")]
+    out = subprocess.run(
+        [str(fabric), "run", "--accelerator=cpu", "--devices=2", f"--main-port={_free_port()}",
+         str(REPO / "scripts" / "train.py"), *args],
+        env=_env(), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((only_run(tmp_path, "sigmoid") / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6 and math.isfinite(summary["val/loss"])
+    assert "train/loss" in out.stdout  # the end-of-run table
+
+
+def test_batch_must_split_over_ranks():
+    assert check_batch_sizes(128, 2, 4) == 32
+    with pytest.raises(ConfigError, match="divisible by the world size 3"):
+        check_batch_sizes(128, 1, 3)
+    with pytest.raises(ConfigError, match="accum_steps=3"):
+        check_batch_sizes(128, 3, 2)
+
+
+# --- non-finite losses --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nan_loss():
+    """A test-only loss: InfoNCE that returns NaN on its 5th call (= training step 5, no eval in between)."""
+    from probloss.losses.infonce import InfoNCE
+
+    class NanAtStep5(InfoNCE):
+        calls = 0
+
+        def compute_loss(self, *args):
+            type(self).calls += 1
+            value = super().compute_loss(*args)
+            return value * float("nan") if type(self).calls == 5 else value
+
+    probloss.register_loss("_nan_at_step5")(NanAtStep5)
+    yield "_nan_at_step5"
+    probloss.LOSSES.remove("_nan_at_step5")
+
+
+def test_nonfinite_skip_counts_and_continues(nan_loss, tmp_path, cache_dir):
+    summary = main(small(tmp_path, cache_dir, f"loss={nan_loss}", "trainer.on_nonfinite=skip",
+                         "trainer.eval_every=0", "trainer.ckpt_every=2"))
+    assert summary["stability/nonfinite_steps"] == 1 and summary["steps"] == 6
+    assert math.isfinite(summary["train/loss"]) and math.isfinite(summary["val/loss"])
+    raw = torch.load(ckpt.newest_checkpoint(summary["run_dir"]), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in raw["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_stop_exits_with_a_message_and_keeps_the_last_good_checkpoint(nan_loss, tmp_path, cache_dir):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5.*step-00000004.ckpt"):
+        main(small(tmp_path, cache_dir, f"loss={nan_loss}", "trainer.on_nonfinite=stop", "trainer.eval_every=0",
+                   "trainer.ckpt_every=2"))
+    run_dir = only_run(tmp_path, nan_loss)
+    partial = json.loads((run_dir / "summary.json").read_text())
+    assert partial["status"] == "stopped" and partial["stability/nonfinite_steps"] == 1
+    last = ckpt.newest_checkpoint(run_dir)
+    assert last.name == "step-00000004.ckpt"
+    raw = torch.load(last, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in raw["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_stop_exit_status_from_the_script(tmp_path, cache_dir):
+    """scripts/train.py: a clear message and exit status 1 (an lr of 1e30 makes the loss NaN at once)."""
+    args = small(tmp_path, cache_dir, "trainer.on_nonfinite=stop", "trainer.lr=1e30", "trainer.warmup_steps=0",
+                 "trainer.grad_clip=null", "trainer.eval_every=0")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "training stopped: non-finite" in out.stderr
+
+
+def test_unknown_key_fails_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), f"out_dir={tmp_path}",
+                          "trainer.max_step=3"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "trainer.max_step" in out.stderr and "max_steps" in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# --- GradCache ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_name", probloss.list_losses())
+def test_grad_cache_equals_one_big_batch(loss_name):
+    """k accumulated micro-batches (GradCache) give the same update as one k-times larger batch (float64)."""
+    from lightning_fabric import Fabric
+
+    from probloss.models import build_dual_encoder
+
+    torch.manual_seed(0)
+    cfg = dict(compose_config([])["model"])
+    loss = probloss.build_loss(loss_name)
+    model = build_dual_encoder(cfg, vocab_size=40, max_len=8, image_size=32, log_std=loss.needs_log_std)
+    batch = {"image": torch.randn(16, 3, 32, 32), "tokens": torch.randint(1, 40, (16, 8))}
+    train_cfg = {"trainer": {"grad_clip": None}}
+    results = []
+    for k in (1, 4):
+        fabric = Fabric(accelerator="cpu", devices=1, precision="64-true")
+        trainee = Trainee(copy.deepcopy(model), copy.deepcopy(loss))
+        optimizer = torch.optim.SGD(trainee.parameters(), lr=0.5)
+        trainee, optimizer = fabric.setup(trainee, optimizer)
+        out = train_step(fabric, trainee, optimizer, batch, train_cfg, accum_steps=k)
+        assert out.finite
+        results.append((out, {n: p.detach().clone() for n, p in trainee.named_parameters()}))
+    (one, big), (acc, small_) = results
+    assert acc.loss == pytest.approx(one.loss, rel=1e-12)
+    assert acc.grad_norm == pytest.approx(one.grad_norm, rel=1e-9)
+    for name in big:
+        torch.testing.assert_close(small_[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
