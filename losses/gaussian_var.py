@@ -17,6 +17,9 @@ Options beyond the proposal (defaults reproduce it exactly):
 
 - ``variant="likelihood"``: the isotropic Gaussian log-density, -D ln(sigma_j) - d_ij / (2 sigma_j^2).
 - ``normalize=True``: L2-normalise the embeddings first (d_ij in [0, 4]).
+- ``kl_weight > 0``: adds ``kl_weight`` times the mean KL divergence of each sample's Gaussian N(x, sigma^2 I)
+  from the unit Gaussian N(0, I), 0.5 sum_k (sigma_k^2 + x_k^2 - 1 - 2 ln sigma_k), over both modalities: the
+  regulariser PCME++ (Chun 2024) and ProLIP use against variance collapse.
 - per-dimension log-std ``(B, D)`` (a diagonal Gaussian): d_ij = sum_k (x_ik - y_jk)^2 / sigma_jk^2 and the
   penalty is mean_k ln(sigma_jk) (proposal; equal to ln(sigma) when all dimensions agree) or
   sum_k ln(sigma_jk) (likelihood).
@@ -24,6 +27,13 @@ Options beyond the proposal (defaults reproduce it exactly):
 Distances are computed as ||x||^2 + ||y||^2 - 2 x.y (never a (B, B, D) tensor) and the cross-entropies with a
 stable log-sum-exp. Distributed: embeddings and log-stds are all-gathered with autograd (a softmax needs every
 candidate); each rank scores its own rows. Shapes: embeddings (B, D), log-stds (B,) or (B, D).
+
+``impl``: ``dense`` materialises the logits; ``tiled`` computes the log-sum-exps block by block
+(:func:`probloss.tiled.dist_pair_lse`, O(B x D) memory, tiles recomputed in backward) over the gathered
+candidates, with the positive logit added by plain autograd; ``auto`` (default) is tiled when the number of
+gathered candidates exceeds ``block_size``. Per-sample log-std in one process computes both directions from
+one pass over ``||x_i - y_j||^2``; the diagonal (B, D) case uses ``2D + 1`` augmented features per direction
+(about twice the matrix-product cost). Both impls apply the same ``clamp_min(0)`` to squared distances.
 """
 
 import torch
@@ -31,6 +41,7 @@ import torch.nn.functional as F
 
 import probloss
 from probloss import dist
+from probloss.tiled import DEFAULT_BLOCK, IMPLS, dist_pair_lse, sq_dist_features, use_tiled
 
 VARIANTS = ("proposal", "likelihood")
 
@@ -40,51 +51,131 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
     """Args:
         variant: "proposal" (the issue's logits) or "likelihood" (the Gaussian log-density).
         normalize: L2-normalise embeddings before the distances (the proposal does not).
+        kl_weight: weight of the KL regulariser toward N(0, I) (0: off, the proposal).
+        impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered candidates).
+        block_size: tile side for the tiled kernel.
     """
 
     needs_log_std = True
     supports_diagonal_log_std = True
     # What probloss.testing.check_distributed checks across real processes.
-    distributed_variants = [{"variant": "proposal"}, {"variant": "likelihood", "normalize": True}]
+    distributed_variants = [
+        {"variant": "proposal"},
+        {"variant": "likelihood", "normalize": True},
+        {"variant": "proposal", "impl": "tiled", "block_size": 2},
+        {"variant": "likelihood", "normalize": True, "impl": "tiled", "block_size": 2},
+        {"variant": "proposal", "kl_weight": 0.1},
+    ]
 
-    def __init__(self, variant: str = "proposal", normalize: bool = False):
+    def __init__(
+        self, variant: str = "proposal", normalize: bool = False, kl_weight: float = 0.0, impl: str = "auto",
+        block_size: int = DEFAULT_BLOCK,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"gaussian_var: unknown variant {variant!r}; choose one of {VARIANTS}")
-        self.variant, self.normalize = variant, normalize
+        if impl not in IMPLS:
+            raise ValueError(f"gaussian_var: unknown impl {impl!r}; choose one of {IMPLS}")
+        self.variant, self.normalize, self.kl_weight = variant, normalize, kl_weight
+        self.impl, self.block_size = impl, block_size
 
     def candidate_logits(self, queries, candidates, candidate_log_std):
         """``(N_query, N_cand)`` logits ``-c(ln sigma_j) - d(q_i, y_j) w_j`` with the candidates' variance.
 
         Returns ``(logits, distance_term, log_std_term)``, the last two for diagnostics.
         """
-        half = 0.5 if self.variant == "likelihood" else 1.0
-        inv_var = torch.exp(-2 * candidate_log_std) * half  # (N,) or (N, D)
+        log_std_term, inv_var = self._penalty_and_weight(candidate_log_std, queries.shape[1])
         if candidate_log_std.dim() == 1:
             sq_dist = (queries.pow(2).sum(-1, keepdim=True) + candidates.pow(2).sum(-1) - 2 * queries @ candidates.T)
             distance_term = sq_dist.clamp_min(0) * inv_var  # clamp: cancellation can dip just below zero
-            dims = queries.shape[1] if self.variant == "likelihood" else 1
-            log_std_term = dims * candidate_log_std
         else:
             # sum_k (q_ik - y_jk)^2 w_jk = q^2 @ w^T - 2 q @ (y w)^T + sum_k y_jk^2 w_jk, all matrix products
             distance_term = (
                 queries.pow(2) @ inv_var.T - 2 * queries @ (candidates * inv_var).T + (candidates.pow(2) * inv_var).sum(-1)
             ).clamp_min(0)
-            log_std_term = candidate_log_std.sum(-1) if self.variant == "likelihood" else candidate_log_std.mean(-1)
         return -log_std_term - distance_term, distance_term, log_std_term
 
     def embed(self, emb):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+        contrastive = self.contrastive_loss(image_emb, text_emb, image_log_std, text_log_std)
+        if not self.kl_weight:
+            return contrastive
+        return contrastive + self.kl_weight * self.kl_to_unit_gaussian(image_emb, text_emb, image_log_std, text_log_std)
+
+    def kl_to_unit_gaussian(self, image_emb, text_emb, image_log_std, text_log_std):
+        """Mean over this rank's samples and both modalities of KL(N(x, sigma^2 I) || N(0, I))."""
+        total = 0.0
+        for emb, log_std in ((self.embed(image_emb), image_log_std), (self.embed(text_emb), text_log_std)):
+            log_std = log_std if log_std.dim() == 2 else log_std[:, None].expand_as(emb)
+            total = total + 0.5 * (torch.exp(2 * log_std) + emb.pow(2) - 1 - 2 * log_std).sum(-1).mean()
+        return total / 2
+
+    def contrastive_loss(self, image_emb, text_emb, image_log_std, text_log_std):
         x, y = self.embed(image_emb), self.embed(text_emb)
         # Every candidate of the softmax: (B_global, D) and (B_global,) or (B_global, D); identity in one process.
         all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)
         all_image_log_std, all_text_log_std = dist.all_gather_cat(image_log_std), dist.all_gather_cat(text_log_std)
+        if use_tiled(self.impl, all_y.shape[0], self.block_size):
+            return self._tiled_loss(x, y, all_x, all_y, all_image_log_std, all_text_log_std)
         labels = torch.arange(x.shape[0], device=x.device) + dist.get_rank() * x.shape[0]
         logits_i2t, _, _ = self.candidate_logits(x, all_y, all_text_log_std)  # (B_local, B_global)
         logits_t2i, _, _ = self.candidate_logits(y, all_x, all_image_log_std)  # (B_local, B_global)
         return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+    def _penalty_and_weight(self, log_std, dims):
+        """Per-candidate ``(log_std_term, inv_var)`` exactly as :meth:`candidate_logits` forms them: ``(N,)`` and
+        ``(N,)``, or ``(N,)`` and ``(N, D)`` for diagonal log-stds."""
+        half = 0.5 if self.variant == "likelihood" else 1.0
+        inv_var = torch.exp(-2 * log_std) * half
+        if log_std.dim() == 1:
+            return (dims if self.variant == "likelihood" else 1) * log_std, inv_var
+        return (log_std.sum(-1) if self.variant == "likelihood" else log_std.mean(-1)), inv_var
+
+    def _positive_logits(self, queries, candidates, penalty, inv_var):
+        """Target logits ``-c_i - clamp0(d(q_i, y_i)) w_i`` of matching rows, ``(B,)``, as the dense code forms them."""
+        if inv_var.dim() == 1:
+            sq_dist = queries.pow(2).sum(-1) + candidates.pow(2).sum(-1) - 2 * (queries * candidates).sum(-1)
+            distance_term = sq_dist.clamp_min(0) * inv_var
+        else:
+            distance_term = (
+                (queries.pow(2) * inv_var).sum(-1) - 2 * (queries * candidates * inv_var).sum(-1)
+                + (candidates.pow(2) * inv_var).sum(-1)
+            ).clamp_min(0)
+        return -penalty - distance_term
+
+    def _tiled_loss(self, x, y, all_x, all_y, all_image_log_std, all_text_log_std):
+        """The same loss from tiled log-sum-exps: CE_i = lse_i - positive_i, no (B, B) matrix kept."""
+        block = self.block_size
+        pen_img, w_img = self._penalty_and_weight(all_image_log_std, x.shape[1])  # candidates of text->image
+        pen_txt, w_txt = self._penalty_and_weight(all_text_log_std, x.shape[1])  # candidates of image->text
+        rank, n = dist.get_rank(), x.shape[0]
+        local = slice(rank * n, (rank + 1) * n)  # this rank's own candidates (its positives)
+        if all_text_log_std.dim() == 1:
+            # ||x_i - y_j||^2 = -2 x_i.y_j + |x_i|^2 + |y_j|^2, formed tile by tile from the raw embeddings.
+            sq_x, sq_y, sq_all_x, sq_all_y = (t.pow(2).sum(-1) for t in (x, y, all_x, all_y))
+            if not dist.is_distributed():
+                # One (B, B) matrix: i2t is its row LSE (text candidates), t2i its column LSE (image candidates).
+                lse_i2t, lse_t2i = dist_pair_lse(
+                    x, y, pen_txt, w_txt, pen_img, w_img, rows=True, cols=True, block=block,
+                    scale=-2.0, row_add=sq_x, col_add=sq_y,
+                )
+            else:
+                # (B_local, B_global) per direction; rows are this rank's queries.
+                lse_i2t, _ = dist_pair_lse(
+                    x, all_y, pen_txt, w_txt, block=block, scale=-2.0, row_add=sq_x, col_add=sq_all_y
+                )
+                lse_t2i, _ = dist_pair_lse(
+                    y, all_x, pen_img, w_img, block=block, scale=-2.0, row_add=sq_y, col_add=sq_all_x
+                )
+        else:
+            # Diagonal: the weights sit inside the distance, so each direction has its own features (w folded in).
+            lse_i2t, _ = dist_pair_lse(*sq_dist_features(x, all_y, w_txt), pen_txt, None, block=block)
+            lse_t2i, _ = dist_pair_lse(*sq_dist_features(y, all_x, w_img), pen_img, None, block=block)
+        pos_i2t = self._positive_logits(x, y, pen_txt[local], w_txt[local])
+        pos_t2i = self._positive_logits(y, x, pen_img[local], w_img[local])
+        return ((lse_i2t - pos_i2t).mean() + (lse_t2i - pos_t2i).mean()) / 2
 
     def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std):
         """The mean of the two directions' logits, ``(N_img, N_txt)``: each direction's own ranking plus the other's."""

@@ -13,6 +13,11 @@ every optimiser step.
 Shapes: ``image_emb``, ``text_emb`` (B, D) on each rank. Distributed: embeddings are all-gathered with
 autograd. ``local_loss=True`` scores this rank's rows against every column in both directions,
 O(B_local x B_global) memory; ``local_loss=False`` computes the whole (B_global, B_global) matrix on every rank.
+
+``impl``: ``dense`` materialises the logits; ``tiled`` computes the log-sum-exps block by block
+(:func:`probloss.tiled.pair_lse`, O(B x D) memory, tiles recomputed in backward) over the gathered columns,
+with the positive logit added by plain autograd; ``auto`` (default) is tiled when the number of gathered
+columns exceeds ``block_size``. Both give the same values and gradients.
 """
 
 import math
@@ -23,6 +28,7 @@ from torch import nn
 
 import probloss
 from probloss import dist
+from probloss.tiled import DEFAULT_BLOCK, IMPLS, pair_lse, use_tiled
 
 
 @probloss.register_loss("infonce")
@@ -32,10 +38,16 @@ class InfoNCE(probloss.ContrastiveLoss):
         max_logit_scale: clamp for logit_scale (CLIP: log(100)); None disables it.
         learn_logit_scale: whether t is a learnable parameter.
         local_loss: distributed mode, see the module docstring.
+        impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered columns).
+        block_size: tile side for the tiled kernel.
     """
 
     # What probloss.testing.check_distributed checks across real processes.
-    distributed_variants = [{"local_loss": True}, {"local_loss": False}]
+    distributed_variants = [
+        {"local_loss": local_loss, "impl": impl, "block_size": 2}
+        for local_loss in (True, False)
+        for impl in ("dense", "tiled")
+    ]
 
     def __init__(
         self,
@@ -43,8 +55,13 @@ class InfoNCE(probloss.ContrastiveLoss):
         max_logit_scale: float | None = math.log(100),
         learn_logit_scale: bool = True,
         local_loss: bool = True,
+        impl: str = "auto",
+        block_size: int = DEFAULT_BLOCK,
     ):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"infonce: unknown impl {impl!r}; choose one of {IMPLS}")
+        self.impl, self.block_size = impl, block_size
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
         self.max_logit_scale = max_logit_scale
         self.local_loss = local_loss
@@ -59,6 +76,8 @@ class InfoNCE(probloss.ContrastiveLoss):
         x, y = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
         t = self.scale()
         all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)  # (B_global, D); identity in one process
+        if use_tiled(self.impl, all_y.shape[0], self.block_size):
+            return self._tiled_loss(x, y, all_x, all_y, t)
         if self.local_loss:
             # This rank's rows against every column, in both directions; positives at this rank's offset.
             labels = torch.arange(x.shape[0], device=x.device) + dist.get_rank() * x.shape[0]
@@ -70,6 +89,20 @@ class InfoNCE(probloss.ContrastiveLoss):
             loss_i2t = F.cross_entropy(logits, labels)
             loss_t2i = F.cross_entropy(logits.T, labels)
         return (loss_i2t + loss_t2i) / 2
+
+    def _tiled_loss(self, x, y, all_x, all_y, t):
+        """The same loss from tiled log-sum-exps: CE_i = lse_i - positive_i, no (B, B) matrix kept."""
+        if self.local_loss and dist.is_distributed():
+            # (B_local, B_global) in each direction: rows only. Positive of local row i is column
+            # rank * B_local + i, i.e. this rank's own pair (x_i, y_i).
+            lse_i2t, _ = pair_lse(x, all_y, t, rows=True, cols=False, block=self.block_size)
+            lse_t2i, _ = pair_lse(y, all_x, t, rows=True, cols=False, block=self.block_size)
+            positive = t * (x * y).sum(-1)  # (B_local,)
+        else:
+            # One (B_global, B_global) matrix: image->text is its row LSE, text->image its column LSE.
+            lse_i2t, lse_t2i = pair_lse(all_x, all_y, t, rows=True, cols=True, block=self.block_size)
+            positive = t * (all_x * all_y).sum(-1)  # (B_global,)
+        return ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
 
     def compute_scores(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
         return self.scale() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T

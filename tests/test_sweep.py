@@ -68,6 +68,23 @@ def test_tiny_sweep_then_report(tmp_path, cache_dir):
         assert (tmp_path / "lr" / png).stat().st_size > 1000
 
 
+def test_compare_losses_runs_each_loss_then_reruns_the_best_over_seeds(tmp_path, cache_dir):
+    args = ["sweep=compare_losses", f"out_dir={tmp_path}", f"data.cache_dir={cache_dir}", *TINY,
+            "trainer.max_steps=3", "trainer.eval_every=0", "sweep.losses=[infonce,sigmoid]", "sweep.n_trials=2",
+            "sweep.rerun_seeds=[1,2]"]
+    run_sweep(fabric_cpu(), args, log=lambda *a, **k: None)
+    for loss in ("infonce", "sigmoid"):
+        search = load(tmp_path, f"compare_losses-{loss}", experiment="compare_losses")
+        assert len([t for t in search.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+        best = load(tmp_path, f"compare_losses-{loss}-best", experiment="compare_losses")
+        assert sorted(t.user_attrs["seed"] for t in best.trials) == [1, 2]
+        assert all(t.user_attrs["trainer.lr"] == search.best_trial.params["trainer.lr"] for t in best.trials)
+        # a parameter limited to some losses is searched only for them
+        assert ("loss.init_logit_bias" in search.best_trial.params) == (loss == "sigmoid")
+    text = write_report(tmp_path / "compare_losses").read_text()
+    assert "| infonce |" in text and "| sigmoid |" in text
+
+
 def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, cache_dir):
     space = "sweep.space={trainer.lr: {type: categorical, choices: [1.0e30]}}"
     run_sweep(fabric_cpu(), sweep_args(tmp_path, cache_dir, "loss=gaussian_var", "sweep.n_trials=1", space,

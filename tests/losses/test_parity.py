@@ -139,3 +139,18 @@ def test_infonce_value_at_init_on_random_pairs_is_near_log_batch():
     x, y, _, _ = inputs(n=64, d=256)
     value = probloss.build_loss("infonce", init_logit_scale=0.0).double()(x, y)
     assert abs(value.item() - math.log(64)) < 0.1
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_gaussian_var_kl_regulariser_matches_the_closed_form(diagonal):
+    x, y, lx, ly = inputs(diagonal=diagonal)
+    plain = probloss.build_loss("gaussian_var").double()
+    regularised = probloss.build_loss("gaussian_var", kl_weight=0.3).double()
+
+    def kl(mu, log_std):  # KL(N(mu, diag sigma^2) || N(0, I)) from torch.distributions, per sample
+        sigma = log_std.exp() if log_std.dim() == 2 else log_std.exp()[:, None].expand_as(mu)
+        p = torch.distributions.Normal(mu, sigma)
+        return torch.distributions.kl_divergence(p, torch.distributions.Normal(0.0, 1.0)).sum(-1)
+
+    expected = plain(x, y, lx, ly) + 0.3 * (kl(x, lx).mean() + kl(y, ly).mean()) / 2
+    assert_same(regularised(x, y, lx, ly), expected, [x, y, lx, ly])
