@@ -14,7 +14,8 @@ def test_builtin_losses_are_listed_sorted():
     names = probloss.list_losses()
     assert {"infonce", "sigmoid", "gaussian_var"} <= set(names)
     assert names == sorted(names)
-    assert probloss.list_losses("sig*") == ["sigmoid"]
+    assert probloss.list_losses("sig*") == ["sigmoid", "sigmoid_var"]
+    assert probloss.list_losses("*_var") == ["gaussian_var", "sigmoid_var"]
     assert probloss.list_losses("nothing*") == []
 
 
