@@ -56,6 +56,31 @@ def group_options(group: str, directory: Path | None = None) -> list[str]:
     return sorted(names)
 
 
+_VIEWS: dict[tuple[Path, str], Path] = {}
+
+
+def _training_view(directory: Path, config_name: str) -> Path:
+    """A folder of links to the primary config and the training groups only.
+
+    Hydra treats every sub-folder of its config dir as a config group, so ``configs/experiment/`` would turn the
+    ``experiment=<name>`` key into a group choice; Hydra composes from this view instead.
+    """
+    key = (directory, config_name)
+    if key not in _VIEWS or not _VIEWS[key].is_dir():
+        import atexit
+        import shutil
+        import tempfile
+
+        view = Path(tempfile.mkdtemp(prefix="probloss-configs-"))
+        atexit.register(shutil.rmtree, view, True)
+        (view / f"{config_name}.yaml").symlink_to(directory / f"{config_name}.yaml")
+        for group in GROUPS:
+            if (directory / group).is_dir():
+                (view / group).symlink_to(directory / group)
+        _VIEWS[key] = view
+    return _VIEWS[key]
+
+
 def compose_config(
     overrides: Sequence[str] = (), config_name: str = "train", directory: str | Path | None = None
 ) -> DictConfig:
@@ -90,7 +115,7 @@ def compose_config(
         if not isinstance(value, str) or value not in options:
             raise ConfigError(_unknown(f"{o.key_or_group} choice", str(value), options, o.key_or_group))
 
-    with initialize_config_dir(config_dir=str(directory), version_base=None):
+    with initialize_config_dir(config_dir=str(_training_view(directory, config_name)), version_base=None):
         # The defaults with the chosen groups only: the schema the other overrides are checked against.
         choice_strings = [o.input_line for o in choices]
         schema = compose(config_name=config_name, overrides=choice_strings)

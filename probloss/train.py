@@ -786,10 +786,13 @@ def train_batches(cfg: Mapping, data: DataSpec, tokenizer, fabric, per_rank: int
         pos.epoch, pos.batch = pos.epoch + 1, 0
 
 
-def load_eval(cfg: Mapping, data: DataSpec, tokenizer, image_noise: float = 0.0):
+def load_eval(cfg: Mapping, data: DataSpec, tokenizer, image_noise: float | None = None):
+    """The val set; ``image_noise`` (default ``eval.image_noise``) adds Gaussian noise for robustness studies."""
     from probloss.data import load_eval_set
 
     d = cfg["data"]
+    if image_noise is None:
+        image_noise = float(cfg["eval"].get("image_noise") or 0.0)
     return load_eval_set(data.val, tokenizer, image_size=int(d["image_size"]), max_samples=cfg["eval"]["max_samples"],
                          image_noise=image_noise, seed=int(cfg["seed"]))
 

@@ -1,0 +1,42 @@
+"""Experiments: arms x seeds of training runs, extra evaluations, resumption, and the report."""
+
+import json
+
+import pytest
+
+from probloss.config import ConfigError
+from probloss.experiment import load_experiment, run_experiment
+
+pytestmark = pytest.mark.slow
+TINY = ["data.train_size=256", "data.val_size=64", "trainer.batch_size=32", "trainer.warmup_steps=1",
+        "trainer.max_steps=3", "fabric.accelerator=cpu", "fabric.devices=1"]
+
+
+def test_every_experiment_file_loads():
+    for name in ("batch_size", "bias_init", "neg_masking", "robustness", "proposal", "relations"):
+        assert load_experiment(name)["arms"]
+
+
+def test_experiment_runs_arms_and_seeds_then_resumes(tmp_path):
+    args = ["experiment=robustness", "seeds=[0,1]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY, "arms={infonce: [loss=infonce], sigmoid 30%: [loss=sigmoid, data.caption_noise=0.3]}"]
+    lines = []
+    report = run_experiment(args, log=lambda *a, **k: lines.append(a[0]))
+    assert sum("training" in line for line in lines) == 4
+    results = json.loads((tmp_path / "robustness" / "results.json").read_text())
+    assert {(r["arm"], r["seed"]) for r in results} == {(a, s) for a in ("infonce", "sigmoid 30%") for s in (0, 1)}
+    assert all("image_noise_0.3/val/i2t_r@1" in r for r in results)  # the extra noisy evaluation
+    text = report.read_text()
+    assert "| infonce | " in text and "| sigmoid 30% | " in text and "±" in text
+    assert (tmp_path / "robustness" / "val_zeroshot_top1.png").stat().st_size > 1000
+
+    lines.clear()
+    run_experiment(args, log=lambda *a, **k: lines.append(a[0]))
+    assert not any("training" in line for line in lines)  # finished runs are not trained again
+
+
+def test_unknown_experiment_and_keys_are_errors():
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
+        load_experiment("nope")
+    with pytest.raises(ConfigError, match="unknown experiment key 'seed_list'"):
+        load_experiment("bias_init", ["seed_list=[1]"])
