@@ -101,7 +101,7 @@ def run_experiment(argv: Sequence[str], log=print) -> Path:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in str(text))
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))  # also safe in Hydra overrides
 
 
 def _is_number(value: Any) -> bool:

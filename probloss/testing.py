@@ -107,8 +107,9 @@ def _worker(rank, world, init_file, out_dir, name, cases, loss_kwargs, batch, di
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = max(want.norm().item(), 1e-300)
-    return (got - want).norm().item() / scale if want.norm().item() > 0 else (got - want).norm().item()
+    """||got - want|| / ||want||, or the absolute error where ``want`` is zero."""
+    error, scale = (got - want).norm().item(), want.norm().item()
+    return error / scale if scale > 0 else error
 
 
 def check_distributed(
