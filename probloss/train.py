@@ -227,7 +227,7 @@ def _train(fabric, cfg: Mapping, per_rank: int, t_start: float, on_eval=None) ->
     pos = Position()
     state = {
         "model": trainee, "optimizer": optimizer, "scheduler": scheduler, "position": pos,
-        "stability": _Stateful(tracker), "rng": ckpt.rng_state(), "config": to_dict(cfg),
+        "stability": tracker, "rng": ckpt.rng_state(), "config": to_dict(cfg),
         "train_losses": [],
     }
     if resume_from is not None:
@@ -320,7 +320,7 @@ def fit(fabric, cfg, trainee, optimizer, scheduler, tracker, pos, state, data, t
     if logger is not None and cfg["eval"]["projector_samples"]:
         log_projector(trainee.module.model, eval_set, logger, pos.step, int(cfg["eval"]["projector_samples"]))
 
-    eval_skipped = int(getattr(eval_set, "skipped", 0)) if rank == 0 else 0
+    eval_skipped = int(eval_set.skipped) if rank == 0 else 0
     skipped = _sum_over_ranks(fabric, pos.skipped + eval_skipped) + pos.skipped_before
     summary: dict[str, Any] = {"train/loss": sum(losses[-20:]) / len(losses[-20:]) if losses else float("nan")}
     summary.update(val_metrics)
@@ -582,24 +582,6 @@ def make_stability_tracker(tcfg: Mapping):
     return StabilityTracker(warmup_steps=int(tcfg["warmup_steps"]))
 
 
-class _Stateful:
-    """Checkpoint adapter for the stability tracker (its state_dict if it has one, else its plain attributes)."""
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def state_dict(self) -> dict[str, Any]:
-        if hasattr(self.obj, "state_dict"):
-            return self.obj.state_dict()
-        return {k: v for k, v in vars(self.obj).items()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if hasattr(self.obj, "load_state_dict"):
-            self.obj.load_state_dict(state)
-        else:
-            vars(self.obj).update(state)
-
-
 def make_logger(run_dir: Path, purge_step: int | None = None):
     """Fabric's TensorBoardLogger writing straight into the run folder (so `tensorboard --logdir runs` shows
     every run as <experiment>/<loss>/<run_name>); on resume, events after the checkpoint's step are purged."""
@@ -734,7 +716,7 @@ def shapes_cache_folder(d: Mapping) -> Path:
     from probloss.data import shapes
 
     params = {"train_size": int(d["train_size"]), "val_size": int(d["val_size"]), "seed": int(d["gen_seed"]),
-              "image_size": int(d["image_size"]), "version": getattr(shapes, "VERSION", 0)}
+              "image_size": int(d["image_size"]), "version": shapes.VERSION}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     return Path(os.path.expanduser(str(d["cache_dir"]))) / f"shapes-{key}"
 
@@ -860,15 +842,9 @@ def evaluate_model(model, loss, eval_set, tokenizer, data: DataSpec, device=None
     was_training = model.training
     model.eval()
     try:
-        kwargs: dict[str, Any] = {}
-        if data.classnames:
-            kwargs["classnames"] = data.classnames
-        if data.templates:
-            kwargs["templates"] = data.templates
-        if device is not None:
-            kwargs["device"] = device
         # val/loss is computed by val_loss() over global batches on every rank (world-size invariant).
-        metrics = dict(_call_flexibly(evaluate_fn, model, loss, eval_set, tokenizer, compute_loss=False, **kwargs))
+        metrics = dict(evaluate_fn(model, loss, eval_set, tokenizer, device=device, compute_loss=False,
+                                   classnames=data.classnames or None, templates=data.templates or None))
         if noisy_eval_set is not None and getattr(loss, "needs_log_std", False):
             from probloss.eval import image_sigma_vs_noise
 
@@ -876,16 +852,6 @@ def evaluate_model(model, loss, eval_set, tokenizer, data: DataSpec, device=None
         return metrics
     finally:
         model.train(was_training)
-
-
-def _call_flexibly(fn, *args, **kwargs):
-    """Call ``fn`` with only the keyword arguments it accepts (the evaluator's options grow independently)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -909,7 +875,7 @@ def log_projector(model, eval_set, logger, step: int, max_samples: int) -> None:
     image_emb, image_log_std = model.encode_image(images.to(device))
     text_emb, text_log_std = model.encode_text(tokens.to(device))
     model.train(was_training)
-    metas = eval_set.json[:n] if getattr(eval_set, "json", None) is not None else [{}] * n
+    metas = eval_set.json[:n]
 
     def sigma(log_std, i):
         if log_std is None:

@@ -43,6 +43,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {  # well separated in RGB so the pix
     "white": (245, 245, 245),
     "orange": (250, 140, 10),
 }
+VERSION = 0  # part of the shapes cache key: bump it whenever generated samples change
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.22, "large": 0.40}  # object extent as a fraction of the image side
 ROWS = ("top", "middle", "bottom")
