@@ -39,10 +39,8 @@ from torch import nn
 
 import probloss
 from probloss import dist
-from probloss.tiled import DEFAULT_BLOCK, softplus_pair_sum
-
-DIST_IMPLS = ("ring", "shift", "gather")
-IMPLS = ("dense", "tiled", "auto")
+from probloss.dist import DIST_IMPLS
+from probloss.tiled import DEFAULT_BLOCK, IMPLS, softplus_pair_sum, use_tiled
 NEG_MASKS = ("none", "random", "hard", "easy")
 
 
@@ -99,24 +97,12 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         t, b = self.logit_scale.exp(), self.logit_bias
         if self.neg_mask != "none":
             return self.masked_loss(x, y, t, b)
-        use_tiles = self.impl == "tiled" or (self.impl == "auto" and x.shape[0] > self.block_size)
-        block = self.block_size if use_tiles else None
+        block = self.block_size if use_tiled(self.impl, x.shape[0], self.block_size) else None
         # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii, so subtracting the diagonal logits from the
         # all-pairs softplus sum turns the diagonal into positives.
         total = softplus_pair_sum(x, y, t, b, block) - (t * (x * y).sum(-1) + b).sum()
-        dist_impl = self.dist_impl
-        if dist_impl != "gather" and not dist.supports_p2p():
-            dist.warn_no_p2p_once(f"sigmoid loss dist_impl={dist_impl!r}")
-            dist_impl = "gather"
-        if dist_impl == "gather" and dist.is_distributed():
-            # Every other rank's texts at once: (B_global - B_local) columns of negatives.
-            all_y = dist.all_gather_cat(y)
-            rank, n = dist.get_rank(), y.shape[0]
-            others = torch.cat([all_y[: rank * n], all_y[(rank + 1) * n :]])
-            total = total + softplus_pair_sum(x, others, t, b, block)
-        elif dist_impl != "gather":
-            for _, y_block in dist.ring_blocks(y, bidirectional=dist_impl == "ring"):
-                total = total + softplus_pair_sum(x, y_block, t, b, block)
+        for y_block in dist.other_rank_blocks(y, self.dist_impl, what="sigmoid loss"):  # negatives only
+            total = total + softplus_pair_sum(x, y_block, t, b, block)
         return total / x.shape[0]
 
     def masked_loss(self, x, y, t, b):

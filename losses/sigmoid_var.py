@@ -28,10 +28,8 @@ from torch import nn
 
 import probloss
 from probloss import dist
-from probloss.tiled import DEFAULT_BLOCK
-
-DIST_IMPLS = ("ring", "shift", "gather")
-IMPLS = ("dense", "tiled", "auto")
+from probloss.dist import DIST_IMPLS
+from probloss.tiled import DEFAULT_BLOCK, IMPLS, use_tiled
 
 
 def pair_logits(x, y, image_log_std, text_log_std, scale, bias):
@@ -128,27 +126,15 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
     def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
         x, y = self.embed(image_emb), self.embed(text_emb)
         t, b = self.logit_scale.exp(), self.logit_bias
-        use_tiles = self.impl == "tiled" or (self.impl == "auto" and x.shape[0] > self.block_size)
-        block = self.block_size if use_tiles else None
+        block = self.block_size if use_tiled(self.impl, x.shape[0], self.block_size) else None
         # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii (the diagonal of the all-pairs sum turned around).
         diag_dist = (x - y).pow(2).sum(-1)
         diag_var = torch.exp(2 * image_log_std) + torch.exp(2 * text_log_std)
         diag_logits = t * (-0.5 * torch.log(diag_var) - diag_dist / diag_var) + b
         total = var_softplus_pair_sum(x, y, image_log_std, text_log_std, t, b, block) - diag_logits.sum()
-        dist_impl = self.dist_impl
-        if dist_impl != "gather" and not dist.supports_p2p():
-            dist.warn_no_p2p_once(f"sigmoid_var loss dist_impl={dist_impl!r}")
-            dist_impl = "gather"
         # Texts travel with their log-std as one (B, D + 1) block.
         texts = torch.cat([y, text_log_std[:, None]], dim=1)
-        if dist_impl == "gather" and dist.is_distributed():
-            all_texts, rank, n = dist.all_gather_cat(texts), dist.get_rank(), y.shape[0]
-            blocks = [torch.cat([all_texts[: rank * n], all_texts[(rank + 1) * n :]])]
-        elif dist_impl != "gather":
-            blocks = (block for _, block in dist.ring_blocks(texts, bidirectional=dist_impl == "ring"))
-        else:
-            blocks = []
-        for other in blocks:
+        for other in dist.other_rank_blocks(texts, self.dist_impl, what="sigmoid_var loss"):  # negatives only
             total = total + var_softplus_pair_sum(x, other[:, :-1], image_log_std, other[:, -1], t, b, block)
         return total / x.shape[0]
 

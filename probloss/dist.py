@@ -213,6 +213,29 @@ def ring_blocks(tensor: torch.Tensor, bidirectional: bool = True):
         yield (rank - k) % world, to_right
 
 
+DIST_IMPLS = ("ring", "shift", "gather")
+
+
+def other_rank_blocks(tensor: torch.Tensor, dist_impl: str = "ring", what: str = "loss"):
+    """Yield the other ranks' ``tensor`` (differentiable), for losses whose cross-rank terms are negatives only.
+
+    ``ring``/``shift``: one block per other rank, passed around the ring (:func:`ring_blocks`), so only
+    O(B_local x D) arrives at a time; ``gather``: all of them at once as one ``(B_global - B_local, ...)`` block.
+    A backend without point-to-point falls back to ``gather`` with a one-time warning. Nothing in one process.
+    """
+    if not is_distributed():
+        return
+    if dist_impl != "gather" and not supports_p2p():
+        warn_no_p2p_once(f"{what} dist_impl={dist_impl!r}")
+        dist_impl = "gather"
+    if dist_impl == "gather":
+        everyone, rank, n = all_gather_cat(tensor), get_rank(), tensor.shape[0]
+        yield torch.cat([everyone[: rank * n], everyone[(rank + 1) * n :]])
+        return
+    for _, block in ring_blocks(tensor, bidirectional=dist_impl == "ring"):
+        yield block
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
