@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from probloss.config import ConfigError, config_dir
-from probloss.report import mean_ci
+from probloss.report import mean_ci, save_figure
 
 EXPERIMENT_KEYS = {"description", "seeds", "overrides", "arms", "evaluations", "metrics", "x_label", "x"}
 
@@ -162,11 +162,7 @@ def write_experiment_report(exp: Mapping[str, Any], name: str, results: Sequence
             ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
         ax.set_ylabel(m)
         ax.set_title(f"{name}: {m}")
-        fig.tight_layout()
-        path = exp_dir / f"{_slug(m).replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        plots.append(path)
+        plots.append(save_figure(fig, exp_dir / f"{_slug(m).replace('/', '_')}.png"))
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     report = exp_dir / "experiment.md"
     report.write_text("\n".join(lines) + "\n")

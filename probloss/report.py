@@ -157,7 +157,7 @@ def plot(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set(xlabel="learning rate", ylabel="objective (val)", title="Accuracy vs learning rate (x: diverged)")
     ax.legend()
-    paths.append(_save(fig, out_dir / "accuracy_vs_lr.png"))
+    paths.append(save_figure(fig, out_dir / "accuracy_vs_lr.png"))
 
     for tag, name, title in (("train/loss", "loss_curves.png", "Training loss of the best trial"),
                              ("embed/effective_rank", "effective_rank.png", "Effective rank over training")):
@@ -170,7 +170,7 @@ def plot(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Path]:
         ax.set(xlabel="step", ylabel=tag, title=title)
         if ax.lines:
             ax.legend()
-        paths.append(_save(fig, out_dir / name))
+        paths.append(save_figure(fig, out_dir / name))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for loss, row in rows.items():
@@ -183,11 +183,12 @@ def plot(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Path]:
            title="Predicted sigma vs caption specificity")
     if ax.lines:
         ax.legend()
-    paths.append(_save(fig, out_dir / "sigma_vs_specificity.png"))
+    paths.append(save_figure(fig, out_dir / "sigma_vs_specificity.png"))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and free it."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
