@@ -94,10 +94,23 @@ def run_experiment(argv: Sequence[str], log=print) -> Path:
                 summary.update({f"{evaluation}/{k}": v for k, v in json.loads(cached.read_text()).items()})
             results.append({"arm": arm, "seed": seed, "run_dir": str(run_dir), **summary})
     exp_dir = out_dir / name
+    (exp_dir / "experiment.json").write_text(json.dumps(exp, indent=1))  # the resolved file, for re-rendering
     (exp_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = write_experiment_report(exp, name, results, exp_dir)
     log(f"[{name}] wrote {report}", flush=True)
     return report
+
+
+def render_experiment(exp_dir: str | Path) -> Path:
+    """Write ``experiment.md`` and its PNGs again from a finished experiment folder (no training)."""
+    exp_dir = Path(exp_dir)
+    results_path, exp_path = exp_dir / "results.json", exp_dir / "experiment.json"
+    if not results_path.is_file():
+        raise FileNotFoundError(f"{results_path} does not exist: run python scripts/run_experiment.py "
+                                f"experiment={exp_dir.name} first")
+    # experiment.json holds the file as it was run (with overrides); older folders fall back to the config file
+    exp = json.loads(exp_path.read_text()) if exp_path.is_file() else load_experiment(exp_dir.name)
+    return write_experiment_report(exp, exp_dir.name, json.loads(results_path.read_text()), exp_dir)
 
 
 def _slug(text: str) -> str:

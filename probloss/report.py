@@ -39,24 +39,34 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 
 def lr_robust_width(lrs: Sequence[float], scores: Sequence[float], fraction: float = 0.9) -> float:
-    """Width in decades of the widest contiguous learning-rate range whose trials all reach ``fraction`` x best.
+    """Width in decades of the widest contiguous learning-rate range whose scores all reach ``fraction`` x best.
 
-    Trials are sorted by learning rate; a run of consecutive good trials spans log10(lr_last / lr_first). One
-    good trial alone has width 0. A diverged trial (score -inf) breaks a run.
+    Trials at the same learning rate (seeds of a grid) are averaged first; a diverged trial (score -inf or nan)
+    makes its learning rate fail. A run of consecutive good learning rates spans log10(lr_last / lr_first), so
+    one good learning rate alone has width 0.
     """
-    pairs = sorted((lr, s) for lr, s in zip(lrs, scores) if lr and lr > 0)
-    finite = [s for _, s in pairs if math.isfinite(s)]
+    by_lr = per_lr_mean(lrs, scores)
+    finite = [s for s in by_lr.values() if math.isfinite(s)]
     if not finite:
         return 0.0
     threshold = fraction * max(finite)
     best, start = 0.0, None
-    for i, (lr, score) in enumerate(pairs):
+    for lr, score in by_lr.items():
         if math.isfinite(score) and score >= threshold:
-            start = i if start is None else start
-            best = max(best, math.log10(lr / pairs[start][0]))
+            start = lr if start is None else start
+            best = max(best, math.log10(lr / start))
         else:
             start = None
     return best
+
+
+def per_lr_mean(lrs: Sequence[float], scores: Sequence[float]) -> dict[float, float]:
+    """{learning rate: mean score} in increasing learning rate; any non-finite score makes the mean -inf."""
+    grouped: dict[float, list[float]] = {}
+    for lr, score in zip(lrs, scores):
+        if lr and lr > 0:
+            grouped.setdefault(lr, []).append(score if math.isfinite(score) else -math.inf)
+    return {lr: statistics.fmean(grouped[lr]) for lr in sorted(grouped)}
 
 
 def _studies(storage, experiment: str) -> dict[str, tuple[optuna.Study, optuna.Study | None]]:
@@ -126,6 +136,20 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
     return rows
 
 
+def lr_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Mean objective per learning rate and loss, for studies that repeat learning rates (a grid over seeds)."""
+    means = {loss: per_lr_mean(*zip(*[(lr, s) for lr, s, _ in row["trials"]])) if row["trials"] else {}
+             for loss, row in rows.items()}
+    if not any(len(m) < len(rows[loss]["trials"]) for loss, m in means.items()):
+        return []
+    lrs = sorted({lr for m in means.values() for lr in m})
+    lines = ["", "Mean objective per learning rate (over seeds; - : diverged or not run):", "",
+             "| learning rate | " + " | ".join(means) + " |", "|---|" + "---|" * len(means)]
+    for lr in lrs:
+        lines.append(f"| {lr:g} | " + " | ".join(_fmt(m.get(lr, math.nan)) for m in means.values()) + " |")
+    return lines
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, tuple):
         mean, half = value
@@ -146,12 +170,13 @@ def plot(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for loss, row in rows.items():
+    for k, (loss, row) in enumerate(rows.items()):
         points = [(lr, s) for lr, s, _ in row["trials"] if lr and math.isfinite(s)]
         bad = [lr for lr, s, d in row["trials"] if lr and (d or not math.isfinite(s))]
-        if points:
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, "o-", label=loss, alpha=0.8)
+        if points:  # every trial as a dot, the mean per learning rate (over seeds) as the line
+            ax.plot(*zip(*points), "o", color=f"C{k}", alpha=0.35, markersize=4)
+            means = per_lr_mean(*zip(*points))
+            ax.plot(list(means), list(means.values()), "-", color=f"C{k}", label=loss)
         if bad:
             ax.plot(bad, [0.0] * len(bad), "x", color="red")
     ax.set_xscale("log")
@@ -233,6 +258,7 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
     lines += ["", "| loss | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for loss, row in rows.items():
         lines.append(f"| {loss} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")
+    lines += lr_table(rows)
     lines += ["", "Best configurations:", ""]
     lines += [f"- {loss}: `{row['best_params']}`" for loss, row in rows.items()]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]

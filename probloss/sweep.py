@@ -99,16 +99,39 @@ def storage_for(spec: str | None, out_dir: str | Path, experiment: str):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def make_sampler(cfg: Mapping, multi_objective: bool):
+def grid_space(space: Mapping, loss_name: str) -> dict[str, list]:
+    """The grid of ``sampler: grid``: every parameter of ``loss_name`` must be categorical."""
+    grid = {}
+    for key, spec in space.items():
+        if spec.get("losses") and loss_name not in spec["losses"]:
+            continue
+        if spec["type"] != "categorical":
+            raise ConfigError(f"sweep.sampler=grid needs categorical parameters; sweep space {key} is "
+                              f"{spec['type']!r}: list its values as {{type: categorical, choices: [...]}}")
+        grid[key] = list(spec["choices"])
+    return grid
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus its ``study.stop()`` after the last point: that call only works inside
+    ``study.optimize``, and our workers ask and tell (they stop when the study has ``n_trials`` taken)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = ""):
     seed = cfg.get("seed", 0)
     kind = cfg.get("sampler", "tpe")
+    if kind == "grid":  # every combination once, in a seeded order (parallel workers share the grid)
+        return AskTellGridSampler(grid_space(cfg.get("space") or {}, loss_name), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
         return optuna.samplers.NSGAIISampler(seed=seed) if multi_objective else optuna.samplers.TPESampler(seed=seed)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    raise ConfigError(f"unknown sweep.sampler {kind!r}; choose tpe, random or nsga2")
+    raise ConfigError(f"unknown sweep.sampler {kind!r}; choose tpe, random, nsga2 or grid")
 
 
 def make_pruner(cfg: Mapping):
@@ -123,13 +146,22 @@ def make_pruner(cfg: Mapping):
     raise ConfigError(f"unknown sweep.pruner {kind!r}; choose median, hyperband or none")
 
 
-def open_study(cfg: Mapping, storage, study_name: str) -> optuna.Study:
+def open_study(cfg: Mapping, storage, study_name: str, loss_name: str = "") -> optuna.Study:
     """Create the study once (or load it: another worker may have created it a moment ago)."""
     directions = [o["direction"] for o in cfg["objectives"]]
     return optuna.create_study(
         study_name=study_name, storage=storage, directions=directions, load_if_exists=True,
-        sampler=make_sampler(cfg, len(directions) > 1), pruner=make_pruner(cfg),
+        sampler=make_sampler(cfg, len(directions) > 1, loss_name), pruner=make_pruner(cfg),
     )
+
+
+def trial_budget(cfg: Mapping, loss_name: str) -> int:
+    """``n_trials``; for a grid without one, the size of the grid."""
+    if cfg.get("n_trials") is not None:
+        return int(cfg["n_trials"])
+    if cfg.get("sampler") != "grid":
+        raise ConfigError("sweep.n_trials is null; give a number of trials (only sampler=grid can leave it null)")
+    return math.prod(len(choices) for choices in grid_space(cfg.get("space") or {}, loss_name).values())
 
 
 def suggest_overrides(trial, space: Mapping, loss_name: str) -> list[str]:
@@ -328,14 +360,19 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
         study_name = sweep_cfg.get("study_name") or f"{experiment}-{loss_name}"
         if len(losses) > 1 and sweep_cfg.get("study_name"):
             study_name = f"{sweep_cfg['study_name']}-{loss_name}"
-        study = open_study(sweep_cfg, storage, study_name)
+        study = open_study(sweep_cfg, storage, study_name, loss_name)
+        n_trials = trial_budget(sweep_cfg, loss_name)
         if fabric.is_global_zero:
             failed = fail_dead_trials(study)
             if failed:
                 log(f"[{study_name}] marked trials {failed} failed: their worker process died", flush=True)
-        worker(fabric, study, sweep_cfg, overrides, loss_name, int(sweep_cfg["n_trials"]), log=log)
+            if failed and sweep_cfg.get("sampler") == "grid":  # the grid counts them as visited: queue them again
+                for trial in study.get_trials(deepcopy=False):
+                    if trial.number in failed:
+                        study.enqueue_trial(trial.params, skip_if_exists=False)
+        worker(fabric, study, sweep_cfg, overrides, loss_name, n_trials, log=log)
         if sweep_cfg.get("rerun_seeds"):
-            _wait_for_others(study, int(sweep_cfg["n_trials"]))
+            _wait_for_others(study, n_trials)
             rerun_best(fabric, storage, study, sweep_cfg, overrides, loss_name, list(sweep_cfg["rerun_seeds"]), log)
         studies[loss_name] = study
     if fabric.is_global_zero:

@@ -12,6 +12,6 @@ from probloss.experiment import run_experiment
 if __name__ == "__main__":
     try:
         run_experiment(sys.argv[1:])
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -12,6 +12,6 @@ from probloss.sweep import main
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,7 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         main(sys.argv[1:])
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as err:

@@ -1,6 +1,9 @@
 """Experiments: arms x seeds of training runs, extra evaluations, resumption, and the report."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +11,7 @@ from probloss.config import ConfigError
 from probloss.experiment import load_experiment, run_experiment
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_size=256", "data.val_size=64", "trainer.batch_size=32", "trainer.warmup_steps=1",
         "trainer.max_steps=3", "fabric.accelerator=cpu", "fabric.devices=1"]
 
@@ -33,6 +37,13 @@ def test_experiment_runs_arms_and_seeds_then_resumes(tmp_path):
     lines.clear()
     run_experiment(args, log=lambda *a, **k: lines.append(a[0]))
     assert not any("training" in line for line in lines)  # finished runs are not trained again
+
+    # scripts/report.py renders the same page again from the folder alone (with the overridden arms)
+    report.unlink()
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(tmp_path / "robustness")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert report.read_text() == text
 
 
 def test_unknown_experiment_and_keys_are_errors():

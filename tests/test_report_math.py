@@ -21,3 +21,11 @@ def test_lr_robust_width_is_the_widest_contiguous_good_range():
     assert lr_robust_width(lrs, [0.95, 0.1, 1.0, 0.1, 0.95]) == 0.0  # good trials, never two in a row
     assert lr_robust_width(lrs, [1.0, -math.inf, 1.0, 1.0, 1.0]) == pytest.approx(2.0)  # a diverged trial breaks it
     assert lr_robust_width([1e-3], [0.5]) == 0.0
+
+
+def test_lr_robust_width_averages_seeds_at_one_learning_rate():
+    lrs = [1e-3, 1e-3, 1e-2, 1e-2, 1e-1, 1e-1]
+    # 1e-2's mean (0.95) is good, 1e-1's mean (0.5) is not: 1e-3 .. 1e-2 is one decade
+    assert lr_robust_width(lrs, [1.0, 0.9, 0.9, 1.0, 0.9, 0.1]) == pytest.approx(1.0)
+    # one diverged seed fails its learning rate
+    assert lr_robust_width(lrs, [1.0, 0.9, 1.0, -math.inf, 1.0, 1.0]) == 0.0

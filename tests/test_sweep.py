@@ -85,6 +85,36 @@ def test_compare_losses_runs_each_loss_then_reruns_the_best_over_seeds(tmp_path,
     assert "| infonce |" in text and "| sigmoid |" in text
 
 
+GRID = "sweep.space={trainer.lr: {type: categorical, choices: [1.0e-3, 2.0e-3]}, seed: {type: categorical, choices: [0, 1]}}"
+
+
+def test_grid_sweep_runs_every_point_once_and_reports_the_mean_per_learning_rate(tmp_path, cache_dir):
+    args = ["sweep=lr_grid", f"out_dir={tmp_path}", f"data.cache_dir={cache_dir}", *TINY, "trainer.max_steps=2",
+            "trainer.eval_every=0", "sweep.losses=[infonce]", GRID]
+    run_sweep(fabric_cpu(), args, log=lambda *a, **k: None)
+    run_sweep(fabric_cpu(), args, log=lambda *a, **k: None)  # the grid is done: nothing more to run
+    study = load(tmp_path, "lr_grid-infonce", experiment="lr_grid")
+    assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert sorted((t.params["trainer.lr"], t.params["seed"]) for t in study.trials) == [
+        (1e-3, 0), (1e-3, 1), (2e-3, 0), (2e-3, 1)]
+    text = write_report(tmp_path / "lr_grid").read_text()
+    assert "Mean objective per learning rate" in text
+    assert re.search(r"\| 0\.001 \| \d\.\d{3} \|", text) and re.search(r"\| 0\.002 \| \d\.\d{3} \|", text)
+
+
+def test_grid_sampler_needs_categorical_parameters():
+    from probloss.config import ConfigError
+    from probloss.sweep import load_sweep_config, trial_budget
+
+    grid = load_sweep_config("lr_grid")
+    assert trial_budget(grid, "infonce") == 7 * 2
+    with pytest.raises(ConfigError, match="categorical"):
+        trial_budget(load_sweep_config("lr_grid", ["sampler=grid", "n_trials=null", "space={trainer.lr: "
+                                                   "{type: float, low: 1.0e-4, high: 1.0e-2}}"]), "infonce")
+    with pytest.raises(ConfigError, match="n_trials is null"):
+        trial_budget(load_sweep_config("lr", ["n_trials=null"]), "infonce")
+
+
 def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, cache_dir):
     space = "sweep.space={trainer.lr: {type: categorical, choices: [1.0e30]}}"
     run_sweep(fabric_cpu(), sweep_args(tmp_path, cache_dir, "loss=gaussian_var", "sweep.n_trials=1", space,
@@ -98,9 +128,9 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _worker(out_dir, cache_dir, n_trials, steps):
+def _worker(out_dir, cache_dir, n_trials, steps, *extra):
     args = sweep_args(out_dir, cache_dir, "loss=infonce", f"sweep.n_trials={n_trials}", "trainer.eval_every=0",
-                      steps=steps)
+                      *extra, steps=steps)
     return subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), *args], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -121,19 +151,25 @@ def _wait_for_running_trial(out_dir, process, timeout=120):
     raise AssertionError("no trial started")
 
 
-def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir):
-    process = _worker(tmp_path, cache_dir, n_trials=2, steps=400)
+@pytest.mark.parametrize("sampler", ["tpe", "grid"])
+def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir, sampler):
+    grid = ["sweep.sampler=grid", "sweep.space={trainer.lr: {type: categorical, choices: [1.0e-3, 2.0e-3]}}"]
+    extra = grid if sampler == "grid" else []
+    process = _worker(tmp_path, cache_dir, 2, 400, *extra)
     _wait_for_running_trial(tmp_path, process)
     time.sleep(1.0)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    rerun = _worker(tmp_path, cache_dir, n_trials=2, steps=400)
+    rerun = _worker(tmp_path, cache_dir, 2, 400, *extra)
     output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, output[-3000:]
     assert "marked trials [0] failed" in output
-    states = [t.state for t in load(tmp_path).trials]
-    assert states[0] == optuna.trial.TrialState.FAIL
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    trials = load(tmp_path).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    if sampler == "grid":  # the killed grid point is run again, not skipped
+        assert sorted(t.params["trainer.lr"] for t in complete) == [1e-3, 2e-3]
 
 
 def test_two_parallel_workers_share_one_journal(tmp_path, cache_dir):
