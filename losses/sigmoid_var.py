@@ -13,6 +13,12 @@ With equal sigmas this is SigLIP on squared distances; a large v_ij flattens the
 t * (-ln sqrt(v)) + b, i.e. an uncertain sample is neither a confident match nor a confident non-match, and
 -ln sqrt(v) is the penalty that stops every sigma from growing.
 
+Initialisation: t = 10 as SigLIP, and b chosen so the first logits equal SigLIP's t * cos - 10. For unit
+vectors d_ij = 2 - 2 cos_ij, so with sigma = 1 (v = 2, the towers' default ``init_log_std=0``)
+logits_ij = t * cos_ij - t * (1 + ln(2) / 2) + b, hence b = -10 + 10 * (1 + ln(2) / 2) = 3.47. SigLIP's own
+b = -10 here starts every logit near -24 and trains poorly (configs/experiment/sigmoid_var_init.yaml:
+zero-shot 0.16 vs 0.26, effective rank 3.4 vs 9.8 at 600 steps).
+
 Shapes: embeddings (B_local, D), log-stds (B_local,). ``normalize=True`` (default) L2-normalises the embeddings
 first (d in [0, 4]). Distributed exactly like ``sigmoid``: positives and local negatives on each rank, the other
 ranks' texts and text log-stds arrive over the ring (``dist_impl`` "ring", "shift") or by all-gather
@@ -30,6 +36,9 @@ import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, use_tiled
+
+# SigLIP's starting logits t * cos - 10 at t = 10 and sigma = 1 (see the module docstring).
+SIGLIP_MATCHED_BIAS = -10.0 + 10.0 * (1.0 + 0.5 * math.log(2.0))
 
 
 def pair_logits(x, y, image_log_std, text_log_std, scale, bias):
@@ -105,7 +114,7 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
     def __init__(
         self,
         init_logit_scale: float = math.log(10),
-        init_logit_bias: float = -10.0,
+        init_logit_bias: float = SIGLIP_MATCHED_BIAS,
         normalize: bool = True,
         dist_impl: str = "ring",
         impl: str = "auto",

@@ -17,8 +17,14 @@ TINY = ["data.train_size=256", "data.val_size=64", "trainer.batch_size=32", "tra
 
 
 def test_every_experiment_file_loads():
-    for name in ("batch_size", "bias_init", "neg_masking", "robustness", "proposal", "relations"):
-        assert load_experiment(name)["arms"]
+    from probloss.config import compose_config
+    from probloss.experiment import experiment_names
+
+    assert {"batch_size", "bias_init", "neg_masking", "robustness", "proposal", "relations"} <= set(experiment_names())
+    for name in experiment_names():
+        exp = load_experiment(name)
+        for arm_overrides in exp["arms"].values():  # every arm composes: no typo in a key waits for its turn
+            compose_config([*exp.get("overrides", []), *arm_overrides])
 
 
 def test_experiment_runs_arms_and_seeds_then_resumes(tmp_path):

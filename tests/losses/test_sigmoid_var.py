@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import probloss
-from probloss.losses.sigmoid_var import var_softplus_pair_sum
+from probloss.losses.sigmoid_var import pair_logits, var_softplus_pair_sum
 
 
 def reference(x, y, lx, ly, t, b, normalize=True):
@@ -52,3 +52,14 @@ def test_larger_sigma_flattens_the_pair_score():
     sharp = loss.score(x, y, torch.full_like(lx, -1.0), torch.full_like(ly, -1.0))
     flat = loss.score(x, y, torch.full_like(lx, 1.0), torch.full_like(ly, 1.0))
     assert flat.std() < sharp.std()
+
+
+def test_default_bias_starts_at_siglips_logits_for_unit_sigma():
+    """With sigma = 1 and t = 10, the default b makes every first logit SigLIP's 10 * cos - 10."""
+    loss = probloss.build_loss("sigmoid_var").double()
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(7, 8, generator=gen, dtype=torch.float64), dim=-1)
+    logits = pair_logits(x, y, torch.zeros(5, dtype=torch.float64), torch.zeros(7, dtype=torch.float64),
+                         loss.logit_scale.exp(), loss.logit_bias)[0]
+    torch.testing.assert_close(logits, 10.0 * x @ y.T - 10.0, rtol=0, atol=1e-6)  # bias stored in float32
