@@ -127,6 +127,10 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
                        for t in trials if t.state == optuna.trial.TrialState.COMPLETE],
         }
         seeds = [t for t in (rerun.get_trials(deepcopy=False) if rerun else []) if t.state == optuna.trial.TrialState.COMPLETE]
+        by_lr = per_lr_mean(lrs, scores) if any(lrs) else {}
+        if not seeds and finite and len(by_lr) < len(complete):  # a grid over seeds: the best learning rate's seeds
+            best_lr = max(by_lr, key=by_lr.get)
+            seeds = [t for t in complete if t.params.get(LR_KEY) == best_lr]
         row["seeds"] = len(seeds)
         row["seed_run_dirs"] = [t.user_attrs.get("run_dir") for t in seeds]
         source = seeds or ([max(complete, key=_first_value)] if finite else [])
@@ -245,9 +249,10 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
 
     lines = [f"# {experiment}: loss comparison", "",
              "Search: best and median of the first objective over complete trials, the fraction of trials that "
-             "diverged, and the LR-robust width (decades of the widest learning-rate range whose trials all reach "
-             ">= 90% of the best). Seeds: the best configuration re-run per seed, mean ± 95% interval "
-             "(Student t); without re-runs, the best trial alone.", "",
+             "diverged, and the LR-robust width (decades of the widest learning-rate range whose trials, averaged "
+             "over seeds at one learning rate, all reach >= 90% of the best such mean). Seeds: the best "
+             "configuration re-run per seed, or for a grid over seeds the seeds of the learning rate with the best "
+             "mean; mean ± 95% interval (Student t); without either, the best trial alone.", "",
              "| loss | trials (complete/pruned/failed) | best | median | diverged | LR-robust width (decades) | seeds |",
              "|---|---|---|---|---|---|---|"]
     for loss, row in rows.items():

@@ -107,7 +107,7 @@ def test_grid_sampler_needs_categorical_parameters():
     from probloss.sweep import load_sweep_config, trial_budget
 
     grid = load_sweep_config("lr_grid")
-    assert trial_budget(grid, "infonce") == 7 * 2
+    assert trial_budget(grid, "infonce") == 7 * 3
     with pytest.raises(ConfigError, match="categorical"):
         trial_budget(load_sweep_config("lr_grid", ["sampler=grid", "n_trials=null", "space={trainer.lr: "
                                                    "{type: float, low: 1.0e-4, high: 1.0e-2}}"]), "infonce")
@@ -151,6 +151,23 @@ def _wait_for_running_trial(out_dir, process, timeout=120):
     raise AssertionError("no trial started")
 
 
+def _assert_no_process_left(out_dir, timeout=15.0):
+    """No process whose command line names ``out_dir`` (Linux /proc) is still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(out_dir).encode() in cmdline.read_bytes() and b"State:\tZ" not in (cmdline.parent / "status").read_bytes():
+                    left.append(cmdline.parent.name)
+            except OSError:  # exited while we looked
+                pass
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"processes {left} outlived the killed worker"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "grid"])
 def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir, sampler):
     grid = ["sweep.sampler=grid", "sweep.space={trainer.lr: {type: categorical, choices: [1.0e-3, 2.0e-3]}}"]
@@ -160,6 +177,7 @@ def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir, sampler
     time.sleep(1.0)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    _assert_no_process_left(tmp_path)  # its DataLoader worker dies with it (no orphan holding memory)
     rerun = _worker(tmp_path, cache_dir, 2, 400, *extra)
     output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, output[-3000:]

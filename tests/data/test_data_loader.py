@@ -1,7 +1,10 @@
 """The shard reader: equal and disjoint batches per rank, determinism, corrupt input, noise, real (JPEG) data."""
 
+import ctypes
 import io
 import random
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +160,25 @@ def test_jpeg_shards_from_arbitrary_images_train_one_step(tmp_path):
     opt.step()
     assert torch.isfinite(value)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _PdeathsigProbe(torch.utils.data.IterableDataset):
+    """Yields the DataLoader worker's parent-death signal (Linux prctl PR_GET_PDEATHSIG)."""
+    epoch = 0
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        sig = ctypes.c_int(0)
+        ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(sig))  # 2 = PR_GET_PDEATHSIG
+        yield torch.tensor(sig.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
+def test_loader_workers_die_with_the_training_process():
+    # A SIGKILLed training run must not leave its DataLoader workers hanging on a full pipe.
+    from probloss.data.loader import TrainLoader
+
+    (value,) = list(TrainLoader(_PdeathsigProbe(), num_workers=1))
+    assert int(value) == signal.SIGKILL
