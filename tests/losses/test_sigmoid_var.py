@@ -61,5 +61,5 @@ def test_default_bias_starts_at_siglips_logits_for_unit_sigma():
     x = F.normalize(torch.randn(5, 8, generator=gen, dtype=torch.float64), dim=-1)
     y = F.normalize(torch.randn(7, 8, generator=gen, dtype=torch.float64), dim=-1)
     logits = pair_logits(x, y, torch.zeros(5, dtype=torch.float64), torch.zeros(7, dtype=torch.float64),
-                         loss.logit_scale.exp(), loss.logit_bias)[0]
+                         loss.logit_scale.exp(), loss.logit_bias)
     torch.testing.assert_close(logits, 10.0 * x @ y.T - 10.0, rtol=0, atol=1e-6)  # bias stored in float32
