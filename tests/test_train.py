@@ -301,3 +301,12 @@ def test_grad_cache_equals_one_big_batch(loss_name):
     assert acc.grad_norm == pytest.approx(one.grad_norm, rel=1e-9)
     for name in big:
         torch.testing.assert_close(small_[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_missing_shards_are_a_one_line_error_with_exit_status_2(tmp_path):
+    pattern = str(tmp_path / "nowhere-{000..003}.tar")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "data=webdataset",
+                          f"data.train_shards='{pattern}'", f"data.val_shards='{pattern}'", f"out_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "nowhere-{000..003}.tar" in out.stderr and "Traceback" not in out.stderr
