@@ -128,7 +128,7 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
                        for t in trials if t.state == optuna.trial.TrialState.COMPLETE],
         }
         seeds = [t for t in (rerun.get_trials(deepcopy=False) if rerun else []) if t.state == optuna.trial.TrialState.COMPLETE]
-        by_lr = per_lr_mean(lrs, scores) if any(lrs) else {}
+        by_lr = row["per_lr_mean"] = per_lr_mean(lrs, scores)
         if not seeds and finite and len(by_lr) < len(complete):  # a grid over seeds: the best learning rate's seeds
             best_lr = max(by_lr, key=by_lr.get)
             seeds = [t for t in complete if t.params.get(LR_KEY) == best_lr]
@@ -143,8 +143,7 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
 
 def lr_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Mean objective per learning rate and loss, for studies that repeat learning rates (a grid over seeds)."""
-    means = {loss: per_lr_mean(*zip(*[(lr, s) for lr, s, _ in row["trials"]])) if row["trials"] else {}
-             for loss, row in rows.items()}
+    means = {loss: row["per_lr_mean"] for loss, row in rows.items()}
     if not any(len(m) < len(rows[loss]["trials"]) for loss, m in means.items()):
         return []
     lrs = sorted({lr for m in means.values() for lr in m})
