@@ -1,5 +1,5 @@
 """The Gaussian log-std contrastive loss proposed in openai/CLIP issue "Just a loss function for discussion"
-(072jiajia, 2022; ../shared/seeds/003_8e0b96a9b72a12c3.txt).
+(072jiajia, 2022; see docs/design.md, Sources).
 
 Each tower also predicts a log standard deviation ln(sigma) per sample. With d_ij = ||x_i - y_j||^2 on the
 raw (unnormalised) embeddings::
@@ -72,10 +72,8 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         block_size: int = DEFAULT_BLOCK,
     ):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"gaussian_var: unknown variant {variant!r}; choose one of {VARIANTS}")
-        if impl not in IMPLS:
-            raise ValueError(f"gaussian_var: unknown impl {impl!r}; choose one of {IMPLS}")
+        self.check_choice("variant", variant, VARIANTS)
+        self.check_choice("impl", impl, IMPLS)
         self.variant, self.normalize, self.kl_weight = variant, normalize, kl_weight
         self.impl, self.block_size = impl, block_size
 

@@ -7,8 +7,14 @@ With x_i, y_j the L2-normalised image and text embeddings and t = exp(logit_scal
     logits_ij = t * x_i . y_j                                   # (B, B), positives on the diagonal
     loss = ( CE_rows(logits, i) + CE_cols(logits, i) ) / 2      # image->text and text->image
 
-``logit_scale`` starts at log(1/0.07) and is clamped at log(100) before each use, as CLIP clamps it after
-every optimiser step.
+``logit_scale`` starts at log(1/0.07) and the logits use ``min(logit_scale, log(100))``, CLIP's cap. The cap
+is functional, never an in-place clamp of the parameter, so ``score()`` and the forward have no side effects.
+CLIP (and open_clip) instead clamp the parameter in place after every optimiser step; the two agree until the
+parameter first passes the cap. Past it, this loss passes no gradient to ``logit_scale`` (the derivative of
+``min`` is zero there), so the scale stays at exactly 100, whereas CLIP's clamped parameter still gets the
+gradient at the cap and can come back down. We keep the true derivative rather than a surrogate gradient that
+imitates CLIP's projected step: with it the distributed invariant holds exactly (a surrogate that depends on
+the sign of each rank's gradient would not average over ranks to the single-process one) and gradcheck passes.
 
 Shapes: ``image_emb``, ``text_emb`` (B, D) on each rank. Distributed: embeddings are all-gathered with
 autograd. ``local_loss=True`` scores this rank's rows against every column in both directions,
@@ -35,7 +41,7 @@ from probloss.tiled import DEFAULT_BLOCK, IMPLS, pair_lse, use_tiled
 class InfoNCE(probloss.ContrastiveLoss):
     """Args:
         init_logit_scale: initial log of the multiplicative scale t (CLIP: log(1/0.07)).
-        max_logit_scale: clamp for logit_scale (CLIP: log(100)); None disables it.
+        max_logit_scale: cap of logit_scale in the logits (CLIP: log(100)); None disables it.
         learn_logit_scale: whether t is a learnable parameter.
         local_loss: distributed mode, see the module docstring.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered columns).
@@ -59,22 +65,21 @@ class InfoNCE(probloss.ContrastiveLoss):
         block_size: int = DEFAULT_BLOCK,
     ):
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"infonce: unknown impl {impl!r}; choose one of {IMPLS}")
+        self.check_choice("impl", impl, IMPLS)
         self.impl, self.block_size = impl, block_size
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
         self.max_logit_scale = max_logit_scale
         self.local_loss = local_loss
 
-    def scale(self) -> torch.Tensor:
-        if self.max_logit_scale is not None:
-            with torch.no_grad():  # CLIP's clamp, applied to the parameter itself so it can come back down
-                self.logit_scale.clamp_(max=self.max_logit_scale)
-        return self.logit_scale.exp()
+    def logit_scale_in_use(self) -> torch.Tensor:
+        """``min(logit_scale, max_logit_scale)``: CLIP's cap, without touching the parameter (module docstring)."""
+        if self.max_logit_scale is None:
+            return self.logit_scale
+        return self.logit_scale.clamp(max=self.max_logit_scale)
 
     def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
         x, y = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
-        t = self.scale()
+        t = self.logit_scale_in_use().exp()
         all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)  # (B_global, D); identity in one process
         if use_tiled(self.impl, all_y.shape[0], self.block_size):
             return self._tiled_loss(x, y, all_x, all_y, t)
@@ -105,4 +110,4 @@ class InfoNCE(probloss.ContrastiveLoss):
         return ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
 
     def compute_scores(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
-        return self.scale() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+        return self.logit_scale_in_use().exp() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T

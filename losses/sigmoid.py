@@ -41,6 +41,7 @@ import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, softplus_pair_sum, use_tiled
+
 NEG_MASKS = ("none", "random", "hard", "easy")
 
 
@@ -77,14 +78,11 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         mask_seed: int = 0,
     ):
         super().__init__()
-        if neg_mask not in NEG_MASKS:
-            raise ValueError(f"sigmoid: unknown neg_mask {neg_mask!r}; choose one of {NEG_MASKS}")
+        self.check_choice("neg_mask", neg_mask, NEG_MASKS)
+        self.check_choice("dist_impl", dist_impl, DIST_IMPLS)
+        self.check_choice("impl", impl, IMPLS)
         if not 0.0 <= neg_keep_ratio <= 1.0:
-            raise ValueError(f"sigmoid: neg_keep_ratio must be in [0, 1], got {neg_keep_ratio}")
-        if dist_impl not in DIST_IMPLS:
-            raise ValueError(f"sigmoid: unknown dist_impl {dist_impl!r}; choose one of {DIST_IMPLS}")
-        if impl not in IMPLS:
-            raise ValueError(f"sigmoid: unknown impl {impl!r}; choose one of {IMPLS}")
+            raise ValueError(f"{self.loss_name}: neg_keep_ratio={neg_keep_ratio!r} is not in [0, 1]")
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)), requires_grad=learn_logit_bias)
         self.dist_impl, self.impl, self.block_size = dist_impl, impl, block_size

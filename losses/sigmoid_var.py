@@ -109,7 +109,8 @@ def var_softplus_pair_sum(x, y, image_log_std, text_log_std, scale, bias, block=
 class SigmoidVarLoss(probloss.ContrastiveLoss):
     """Args:
         init_logit_scale: initial t' (t = exp(t')), SigLIP's log(10).
-        init_logit_bias: initial b, SigLIP's -10.
+        init_logit_bias: initial b; the default 10 * (1 + ln(2) / 2) - 10 = 3.4657... starts the logits at
+            SigLIP's 10 cos - 10 for unit sigma (module docstring); SigLIP's own -10 trains poorly here.
         normalize: L2-normalise embeddings before the distances.
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
@@ -131,10 +132,8 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         block_size: int = DEFAULT_BLOCK,
     ):
         super().__init__()
-        if dist_impl not in DIST_IMPLS:
-            raise ValueError(f"sigmoid_var: unknown dist_impl {dist_impl!r}; choose one of {DIST_IMPLS}")
-        if impl not in IMPLS:
-            raise ValueError(f"sigmoid_var: unknown impl {impl!r}; choose one of {IMPLS}")
+        self.check_choice("dist_impl", dist_impl, DIST_IMPLS)
+        self.check_choice("impl", impl, IMPLS)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.normalize, self.dist_impl, self.impl, self.block_size = normalize, dist_impl, impl, block_size

@@ -1,6 +1,6 @@
 """probloss: a research sandbox for variance-aware contrastive losses on image-text dual encoders.
 
-The loss API (DESIGN.md)::
+The loss API (docs/design.md)::
 
     import probloss
     probloss.list_losses()                       # ["gaussian_var", "infonce", "sigmoid", ...]

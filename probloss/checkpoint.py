@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from probloss import dist
+
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})\.ckpt$")
 
@@ -55,7 +57,7 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, state: dict[str, Any
     tmp = final.with_name(f".tmp-{final.name}")
     if fabric.is_global_zero:
         final.parent.mkdir(parents=True, exist_ok=True)
-    fabric.barrier()
+    dist.barrier(fabric)
     fabric.save(tmp, state)
     if fabric.is_global_zero:
         if final.exists():  # a resumed run saving the same step again
@@ -63,7 +65,7 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, state: dict[str, Any
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
             _remove(old)
-    fabric.barrier()
+    dist.barrier(fabric)
     return final
 
 

@@ -32,7 +32,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import probloss
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("loss", "model", "data")  # config groups selected by name: loss=<name>, model=<name>, data=<name>
 # Sections whose keys are checked by the code that consumes them rather than against the defaults: a loss's
 # keywords against its constructor (check_loss_kwargs), a model's against build_dual_encoder.
 FREE_SECTIONS = ("loss", "model")
@@ -43,42 +42,36 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The folder of train.yaml and the config groups (``PROBLOSS_CONFIG_DIR`` overrides it)."""
+    """The folder of the primary configs and the config groups (``PROBLOSS_CONFIG_DIR`` overrides it)."""
     return Path(os.environ.get("PROBLOSS_CONFIG_DIR", CONFIG_DIR)).resolve()
 
 
 def group_options(group: str, directory: Path | None = None) -> list[str]:
-    """Sorted choices of a config group: its yaml files, plus every registered loss for ``loss``."""
+    """Sorted choices of a config group: its yaml files (not ``_*.yaml``, shared bases), plus every registered
+    loss for ``loss``."""
     directory = directory or config_dir()
-    names = {p.stem for p in (directory / group).glob("*.yaml")}
+    names = {p.stem for p in (directory / group).glob("*.yaml") if not p.stem.startswith("_")}
     if group == "loss":
         names |= set(probloss.list_losses())
     return sorted(names)
 
 
-_VIEWS: dict[tuple[Path, str], Path] = {}
+def config_groups(config_name: str, directory: Path | None = None) -> dict[str, Any]:
+    """``{group: default choice}`` of a primary config, following its defaults list (``- train`` included).
 
-
-def _training_view(directory: Path, config_name: str) -> Path:
-    """A folder of links to the primary config and the training groups only.
-
-    Hydra treats every sub-folder of its config dir as a config group, so ``configs/experiment/`` would turn the
-    ``experiment=<name>`` key into a group choice; Hydra composes from this view instead.
+    A default of ``"???"`` means the command must choose (``sweep=<name>``).
     """
-    key = (directory, config_name)
-    if key not in _VIEWS or not _VIEWS[key].is_dir():
-        import atexit
-        import shutil
-        import tempfile
+    import yaml
 
-        view = Path(tempfile.mkdtemp(prefix="probloss-configs-"))
-        atexit.register(shutil.rmtree, view, True)
-        (view / f"{config_name}.yaml").symlink_to(directory / f"{config_name}.yaml")
-        for group in GROUPS:
-            if (directory / group).is_dir():
-                (view / group).symlink_to(directory / group)
-        _VIEWS[key] = view
-    return _VIEWS[key]
+    directory = directory or config_dir()
+    path = directory / f"{config_name}.yaml"
+    groups: dict[str, Any] = {}
+    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            groups.update(config_groups(entry, directory))
+        elif isinstance(entry, dict):
+            groups.update({key.replace("optional ", ""): value for key, value in entry.items()})
+    return groups
 
 
 def compose_config(
@@ -108,32 +101,49 @@ def compose_config(
         raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
 
     _register_plugin_losses(directory)
-    choices = [o for o in parsed if o.key_or_group in GROUPS and not o.is_delete()]
+    groups = config_groups(config_name, directory)
+    choices = [o for o in parsed if o.key_or_group in groups and not o.is_delete()]
     for o in choices:
         value = o.value()
         options = group_options(o.key_or_group, directory)
         if not isinstance(value, str) or value not in options:
             raise ConfigError(_unknown(f"{o.key_or_group} choice", str(value), options, o.key_or_group))
+    chosen = {o.key_or_group for o in choices}
+    own_sections = set(groups) - {"loss", "model", "data"}  # sweep, recipe: the command's own section
+    for group, default in groups.items():
+        if default == "???" and group not in chosen:
+            raise ConfigError(f"say which {group} to use: {group}=<name>, one of "
+                              f"{', '.join(group_options(group, directory))} ({directory / group}/)")
 
-    with initialize_config_dir(config_dir=str(_training_view(directory, config_name)), version_base=None):
+    with initialize_config_dir(config_dir=str(directory), version_base=None):
         # The defaults with the chosen groups only: the schema the other overrides are checked against.
         choice_strings = [o.input_line for o in choices]
         schema = compose(config_name=config_name, overrides=choice_strings)
-        for i, o in enumerate(parsed):
+        replaced: set[str] = set()  # dict-valued keys of the command's own section, replaced whole
+        final: list[str] = []
+        for o, line in zip(parsed, overrides):
             if o in choices or o.is_add() or o.is_force_add() or o.is_delete():
+                final.append(line)
                 continue
             if _is_new_loss_kwarg(schema, o.key_or_group):
-                overrides[i] = "+" + overrides[i].lstrip("~")  # a constructor keyword the loss's yaml leaves out
+                final.append("+" + line.lstrip("~"))  # a constructor keyword the loss's yaml leaves out
                 continue
             _check_key(schema, o.key_or_group)
+            if o.key_or_group.split(".")[0] in own_sections and isinstance(o.value(), dict):
+                # recipe.arms={...}, sweep.space={...}: data, not schema; a new dict replaces the old one
+                # (Hydra would merge it key by key and refuse new keys)
+                replaced.add(o.key_or_group)
+                final += [f"~{o.key_or_group}", "+" + line]
+                continue
+            final.append(line)
         try:
-            cfg = compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=final)
         except HydraException as err:
             raise ConfigError(f"bad override: {err}") from None
 
     # `+key=value` adds keys Hydra does not know: allowed only where the consumer checks them (loss, model).
-    _check_no_new_keys(schema, cfg, prefix="")
-    _check_types(schema, cfg, prefix="")
+    _check_no_new_keys(schema, cfg, prefix="", free=replaced)
+    _check_types(schema, cfg, prefix="", free=replaced)
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"required config values are missing (???): {', '.join(sorted(missing))}; set them as key=value")
@@ -141,7 +151,8 @@ def compose_config(
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation error names its key
         raise ConfigError(f"cannot resolve the config: {err}") from None
-    check_loss_kwargs(cfg)
+    if "loss" in cfg:
+        check_loss_kwargs(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -149,7 +160,7 @@ def compose_config(
 def _is_new_loss_kwarg(schema: DictConfig, key: str) -> bool:
     """Whether ``loss.<kwarg>`` is absent from the loss's yaml; raise unless the loss's constructor takes it."""
     parts = key.split(".")
-    if len(parts) != 2 or parts[0] != "loss" or parts[1] in schema.loss.keys():
+    if len(parts) != 2 or parts[0] != "loss" or "loss" not in schema or parts[1] in schema.loss.keys():
         return False
     name = schema.loss.name
     accepted, var_kw = loss_signature(name)
@@ -178,27 +189,28 @@ def _check_key(schema: DictConfig, key: str) -> None:
         raise ConfigError(_unknown("config key", key, existing, where, candidate=part) + hint)
 
 
-def _check_no_new_keys(schema: DictConfig, cfg: DictConfig, prefix: str) -> None:
+def _check_no_new_keys(schema: DictConfig, cfg: DictConfig, prefix: str, free: set[str] = frozenset()) -> None:
     for key in cfg.keys():
         full = f"{prefix}{key}"
-        if prefix == "" and key in FREE_SECTIONS:
+        if prefix == "" and key in FREE_SECTIONS or full in free:
             continue
         if key not in schema.keys():  # (`in schema` is False for ??? values)
             raise ConfigError(_unknown("config key", full, sorted(map(str, schema.keys())), prefix.rstrip(".") or "the top level", candidate=str(key)))
         if isinstance(cfg._get_node(key), DictConfig) and isinstance(schema._get_node(key), DictConfig):
-            _check_no_new_keys(schema[key], cfg[key], f"{full}.")
+            _check_no_new_keys(schema[key], cfg[key], f"{full}.", free)
 
 
-def _check_types(schema: DictConfig, cfg: DictConfig, prefix: str) -> None:
+def _check_types(schema: DictConfig, cfg: DictConfig, prefix: str, free: set[str] = frozenset()) -> None:
     """A value whose default is a bool/int/float/str must keep that type (int for float is fine)."""
     for key in schema.keys():
         full = f"{prefix}{key}"
-        if prefix == "" and key in FREE_SECTIONS or OmegaConf.is_missing(schema, key) or OmegaConf.is_missing(cfg, key):
+        if prefix == "" and key in FREE_SECTIONS or full in free or OmegaConf.is_missing(schema, key) \
+                or OmegaConf.is_missing(cfg, key):
             continue
         default, value = schema._get_node(key), cfg._get_node(key)
         if isinstance(default, DictConfig):
             if isinstance(value, DictConfig):
-                _check_types(default, value, f"{full}.")
+                _check_types(default, value, f"{full}.", free)
             continue
         default, value = schema[key], cfg[key]
         if default is None or value is None or isinstance(default, (ListConfig, list)):
@@ -299,18 +311,40 @@ def save_config(cfg: Mapping, run_dir: str | Path) -> Path:
     return path
 
 
-def from_dict(data: Mapping) -> DictConfig:
-    """A read-only config from a saved dict (a checkpoint's ``config``)."""
-    cfg = OmegaConf.create(dict(data))
+def apply_overrides(saved: Mapping, overrides: Sequence[str], what: str) -> DictConfig:
+    """A saved, resolved config (a checkpoint's) with ``key=value`` overrides in the same grammar and with the
+    same checks as :func:`compose_config`: an unknown key is an error that lists the keys there."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    cfg = OmegaConf.create(dict(saved))
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from None
+    schema = cfg.copy()
+    for o in parsed:
+        if o.is_delete() or o.is_add() or o.is_force_add():
+            raise ConfigError(f"{o.input_line!r}: only key=value overrides of existing keys change {what}")
+        if o.key_or_group in FREE_SECTIONS or o.key_or_group == "data":
+            raise ConfigError(f"{o.input_line!r}: {what} is resolved; change its keys (e.g. data.val_shards=...), "
+                              "not its group choice")
+        _check_key(schema, o.key_or_group)
+        OmegaConf.update(cfg, o.key_or_group, o.value(), merge=False)
+    _check_types(schema, cfg, prefix="")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def describe(directory: Path | None = None) -> str:
-    """The ``--help`` text: the default config and the choices of each group."""
+def describe(config_name: str = "train", directory: Path | None = None) -> str:
+    """The ``--help`` text of a command: its groups and choices, and its primary config file."""
     directory = directory or config_dir()
-    lines = ["usage: [fabric run [--devices=N]] scripts/train.py [key=value ...]", "", "groups:"]
-    for group in GROUPS:
-        lines.append(f"  {group}={{{','.join(group_options(group, directory))}}}")
-    lines += ["", f"defaults ({directory / 'train.yaml'}):", "", (directory / "train.yaml").read_text()]
+    lines = ["arguments: key=value overrides (Hydra grammar); unknown keys and choices are errors that list what "
+             "exists"]
+    groups = config_groups(config_name, directory)
+    lines += ["", "groups:"] if groups else []
+    for group, default in groups.items():
+        lines.append(f"  {group}={{{','.join(group_options(group, directory))}}}   (default: {default})")
+    path = directory / f"{config_name}.yaml"
+    lines += ["", f"defaults ({path}):", "", path.read_text()]
     return "\n".join(lines)

@@ -1,11 +1,14 @@
-"""The loss contract of DESIGN.md as a base class.
+"""The loss contract of docs/design.md as a base class.
 
 A loss plugin subclasses :class:`ContrastiveLoss`, implements :meth:`compute_loss` and :meth:`compute_scores`,
-and registers itself with ``@probloss.register_loss("name")``. The base class checks shapes, gives clear
-errors, and provides :meth:`diagnostics` for logging.
+and registers itself with ``@probloss.register_loss("name")``. The base class checks shapes and options, gives
+clear errors, and provides :meth:`diagnostics` for logging.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,13 +28,36 @@ class ContrastiveLoss(nn.Module):
       (diagonal), for losses with ``needs_log_std``; ignored by the others.
 
     Under torch.distributed each rank passes its contiguous slice of the global batch and the mean over ranks
-    of the returned values is the single-process loss on the whole batch (DESIGN.md, the distributed
+    of the returned values is the single-process loss on the whole batch (docs/design.md, the distributed
     invariant).
+
+    A subclass declares what it is with class attributes (read directly, never guessed):
+
+    - ``needs_log_std``: the towers must predict log-stds (the dual encoder grows log-std heads).
+    - ``supports_diagonal_log_std``: log-stds may also be per dimension, ``(B, D)``.
+    - ``distributed_variants``: keyword dicts worth checking across real processes
+      (:func:`probloss.testing.check_distributed`, the registry's distributed tests); ``({},)``: as built.
+    - ``registered_name``: set by the registry, for messages.
     """
 
-    needs_log_std: bool = False
-    supports_diagonal_log_std: bool = False
-    registered_name: str | None = None
+    needs_log_std: ClassVar[bool] = False
+    supports_diagonal_log_std: ClassVar[bool] = False
+    distributed_variants: ClassVar[Sequence[dict[str, Any]]] = ({},)
+    registered_name: ClassVar[str | None] = None
+
+    @property
+    def loss_name(self) -> str:
+        """The registered name, or the class name of an unregistered loss, for messages."""
+        return self.registered_name or type(self).__name__
+
+    def check_choice(self, option: str, value: Any, choices: Sequence[Any]) -> None:
+        """Raise ValueError unless ``value`` is one of ``choices``, naming the loss, the option and the choices.
+
+        For constructors: ``self.check_choice("impl", impl, IMPLS)`` gives
+        ``infonce: impl='fused' is not one of dense, tiled, auto``.
+        """
+        if value not in choices:
+            raise ValueError(f"{self.loss_name}: {option}={value!r} is not one of {', '.join(map(str, choices))}")
 
     def forward(
         self,
@@ -43,7 +69,7 @@ class ContrastiveLoss(nn.Module):
         image_log_std, text_log_std = self.check_inputs(image_emb, text_emb, image_log_std, text_log_std, paired=True)
         dist.check_same_shapes(
             {"image_emb": image_emb, "text_emb": text_emb, "image_log_std": image_log_std, "text_log_std": text_log_std},
-            what=f"{self.registered_name or type(self).__name__} loss",
+            what=f"{self.loss_name} loss",
         )
         return self.compute_loss(image_emb, text_emb, image_log_std, text_log_std)
 
@@ -55,7 +81,11 @@ class ContrastiveLoss(nn.Module):
         image_log_std: Tensor | None = None,
         text_log_std: Tensor | None = None,
     ) -> Tensor:
-        """``(N_img, N_txt)`` match scores on this process's inputs, higher = better match (no communication)."""
+        """``(N_img, N_txt)`` match scores on this process's inputs, higher = better match.
+
+        No communication and no side effects: parameters and buffers are left exactly as they were, so
+        evaluation can never change a model.
+        """
         image_log_std, text_log_std = self.check_inputs(image_emb, text_emb, image_log_std, text_log_std, paired=False)
         return self.compute_scores(image_emb, text_emb, image_log_std, text_log_std)
 
@@ -66,6 +96,15 @@ class ContrastiveLoss(nn.Module):
 
     def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std) -> Tensor:
         raise NotImplementedError
+
+    def logit_scale_in_use(self) -> Tensor | None:
+        """The log inverse temperature ``t' `` the logits are computed with (``t = exp(t')``), or None.
+
+        By default the ``logit_scale`` parameter where the loss has one; a loss that caps it (InfoNCE) returns
+        the capped value, so that its logits and :meth:`diagnostics` agree.
+        """
+        logit_scale = getattr(self, "logit_scale", None)  # a parameter of some losses only
+        return logit_scale if isinstance(logit_scale, Tensor) else None
 
     # --- logging ------------------------------------------------------------------------------------------------
 
@@ -79,8 +118,10 @@ class ContrastiveLoss(nn.Module):
     ) -> dict[str, float]:
         """Detached scalars for logging, computed on this rank's local batch.
 
-        Mean positive (diagonal) and negative (off-diagonal) score, the loss's temperature ``exp(logit_scale)``
-        and ``logit_bias`` where it has them, and for variance losses the mean and spread of log-std per modality.
+        Mean positive (diagonal) and negative (off-diagonal) score; where the loss has a logit scale t', the
+        value in use (:meth:`logit_scale_in_use`), the multiplier of the logits ``inverse_temperature = exp(t')``
+        (CLIP's "temperature" parameter is this multiplier) and ``temperature = exp(-t')``; ``logit_bias`` where
+        the loss has one; for variance losses the mean and spread of log-std per modality.
         """
         scores = self.score(image_emb, text_emb, image_log_std, text_log_std).float()
         n = scores.shape[0]
@@ -88,9 +129,11 @@ class ContrastiveLoss(nn.Module):
         if n > 1:
             off_diagonal = ~torch.eye(n, dtype=torch.bool, device=scores.device)
             out["logit_neg_mean"] = scores[off_diagonal].mean().item()
-        if isinstance(getattr(self, "logit_scale", None), Tensor):
-            out["logit_scale"] = self.logit_scale.item()
-            out["temperature"] = self.logit_scale.exp().item()
+        logit_scale = self.logit_scale_in_use()
+        if logit_scale is not None:
+            out["logit_scale"] = logit_scale.item()
+            out["inverse_temperature"] = logit_scale.exp().item()
+            out["temperature"] = (-logit_scale).exp().item()
         if isinstance(getattr(self, "logit_bias", None), Tensor):
             out["logit_bias"] = self.logit_bias.item()
         for modality, log_std in (("image", image_log_std), ("text", text_log_std)):
@@ -102,7 +145,7 @@ class ContrastiveLoss(nn.Module):
     # --- input checks -------------------------------------------------------------------------------------------
 
     def check_inputs(self, image_emb, text_emb, image_log_std, text_log_std, paired: bool):
-        name = self.registered_name or type(self).__name__
+        name = self.loss_name
         for label, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
             if not isinstance(emb, Tensor) or emb.dim() != 2:
                 shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__

@@ -74,6 +74,20 @@ class Registry:
         self._entries.pop(name, None)
         self._lazy.pop(name, None)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The registered names and their entries, for :meth:`restore`.
+
+        Plugins are discovered first: restoring an undiscovered state would make the next lookup discover
+        again, and the built-in modules, already imported, would not register themselves a second time.
+        """
+        self._discover()
+        return {"entries": dict(self._entries), "lazy": dict(self._lazy)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Return to a :meth:`snapshot`: names registered since are forgotten, removed ones come back (tests)."""
+        self._entries, self._lazy = dict(state["entries"]), dict(state["lazy"])
+        self._discovered, self._loading = True, None
+
     def list(self, pattern: str = "*") -> list[str]:
         """Sorted registered names matching an fnmatch pattern, e.g. ``list("*sig*")``."""
         self._discover()

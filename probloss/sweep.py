@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from probloss.config import ConfigError, compose_config, config_dir
+from probloss import dist
+from probloss.config import ConfigError, compose_config
+from probloss.launch import launch, make_fabric
+from probloss.settings import RunSettings
 
-SWEEP_KEYS = {
-    "n_trials", "study_name", "storage", "sampler", "seed", "objectives", "pruner", "pruner_warmup_evals",
-    "losses", "rerun_seeds", "space", "overrides",
-}
 PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -43,48 +42,24 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # --- configuration ------------------------------------------------------------------------------------------
 
 
-def split_args(argv: Sequence[str]) -> tuple[str, list[str], list[str]]:
-    """``sweep=<name>``, ``sweep.<key>=...`` overrides, and everything else (training overrides)."""
-    name, sweep_overrides, train_overrides = None, [], []
-    for arg in argv:
-        if arg.startswith("sweep="):
-            name = arg.split("=", 1)[1]
-        elif arg.startswith("sweep."):
-            sweep_overrides.append(arg[len("sweep."):])
-        else:
-            train_overrides.append(arg)
-    if name is None:
-        raise ConfigError(f"say which search space to use: sweep=<name>, one of {sweep_names()}")
-    return name, sweep_overrides, train_overrides
+def load_sweep(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The sweep section and the training overrides of a ``scripts/sweep.py`` command line.
 
-
-def sweep_names() -> list[str]:
-    return sorted(p.stem for p in (config_dir() / "sweep").glob("*.yaml"))
-
-
-def load_sweep_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """``configs/sweep/<name>.yaml`` with ``key=value`` overrides; unknown names and keys are errors."""
-    path = config_dir() / "sweep" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown sweep {name!r}; choose one of {sweep_names()} (configs/sweep/*.yaml)")
-    cfg = OmegaConf.load(path)  # YAML through OmegaConf's safe loader
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.split(".")[0] not in SWEEP_KEYS:
-            raise ConfigError(f"unknown sweep key sweep.{key}; sweep keys: {', '.join(sorted(SWEEP_KEYS))}")
-        OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}")["v"] if value else None, merge=False, force_add=True)
-    unknown = set(cfg) - SWEEP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; sweep keys: {', '.join(sorted(SWEEP_KEYS))}")
-    for key, spec in (cfg.get("space") or {}).items():
+    ``argv`` is composed with configs/sweep.yaml (the training config plus ``sweep=<name>``), so every key is
+    checked like a training run's; the training overrides are ``argv`` minus the ``sweep`` ones.
+    """
+    cfg = compose_config(argv, config_name="sweep")
+    sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
+    for key, spec in (sweep.get("space") or {}).items():
         if spec.get("type") not in PARAM_TYPES:
             raise ConfigError(f"sweep space {key}: type must be one of {PARAM_TYPES}, got {spec.get('type')!r}")
-    objectives = list(cfg.get("objectives") or [])
+    objectives = list(sweep.get("objectives") or [])
     if not objectives:
-        raise ConfigError(f"{path}: give at least one objective ({{metric: ..., direction: maximize|minimize}})")
-    if len(objectives) > 1 and cfg.get("pruner", "none") != "none":
+        raise ConfigError("give at least one sweep objective ({metric: ..., direction: maximize|minimize})")
+    if len(objectives) > 1 and sweep.get("pruner", "none") != "none":
         raise ConfigError("multi-objective studies cannot prune (Optuna); set sweep.pruner=none")
-    return cfg
+    train_overrides = [a for a in argv if not a.split("=", 1)[0].lstrip("+~").startswith("sweep")]
+    return sweep, train_overrides
 
 
 def storage_for(spec: str | None, out_dir: str | Path, experiment: str):
@@ -206,18 +181,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials whose worker process (on this host) no longer exists as FAIL."""
+def fail_dead_trials(study: optuna.Study, storage) -> list[int]:
+    """Mark RUNNING trials whose worker process (on this host) no longer exists as FAIL; on an RDB storage also
+    those whose heartbeat stopped (workers on other hosts)."""
     failed = []
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         attrs = trial.user_attrs
         if attrs.get("host") == host and "pid" in attrs and not _alive(int(attrs["pid"])):
-            # No public API fails another process's trial; this is what Optuna's own heartbeat does.
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker process died")
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             failed.append(trial.number)
-    if isinstance(study._storage, optuna.storages.RDBStorage):
+    if isinstance(storage, optuna.storages.RDBStorage):
         failed += optuna.storages.fail_stale_trials(study) or []
     return failed
 
@@ -250,7 +224,7 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
 
     def on_eval(step: int, metrics: Mapping[str, Any]) -> None:
         if single and fixed_params is None:  # every rank takes part (TorchDistributedTrial broadcasts)
-            value = _broadcast(fabric, objective_values(metrics, objectives)[0] if fabric.is_global_zero else None)
+            value = dist.broadcast_object(fabric, objective_values(metrics, objectives)[0] if fabric.is_global_zero else None)
             if math.isfinite(value):
                 trial.report(value, step)
             if trial.should_prune():
@@ -283,7 +257,7 @@ def worker(fabric, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list
 
     ran = 0
     while True:
-        keep_going = _broadcast(fabric, count_taken(study) < n_trials if fabric.is_global_zero else None)
+        keep_going = dist.broadcast_object(fabric, count_taken(study) < n_trials if fabric.is_global_zero else None)
         if not keep_going:
             return ran
         trial = study.ask() if fabric.is_global_zero else None
@@ -307,10 +281,6 @@ def worker(fabric, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list
                 f"params {trial.params} ({time.time() - start:.0f} s)", flush=True)
 
 
-def _broadcast(fabric, obj):
-    return fabric.broadcast(obj, src=0) if fabric.world_size > 1 else obj
-
-
 def best_params(study: optuna.Study) -> dict[str, Any]:
     """The best trial's parameters; for several objectives, the Pareto trial best on the first objective."""
     if len(study.directions) == 1:
@@ -323,10 +293,10 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
 def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list[str],
                loss_name: str, seeds: Sequence[int], log=print) -> None:
     """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable)."""
-    params = _broadcast(fabric, best_params(study) if fabric.is_global_zero else None)
+    params = dist.broadcast_object(fabric, best_params(study) if fabric.is_global_zero else None)
     rerun = open_study({**sweep_cfg, "pruner": "none"}, storage, f"{study.study_name}-best")
     for seed in seeds:
-        done = _broadcast(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=FINISHED))
+        done = dist.broadcast_object(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=FINISHED))
                           if fabric.is_global_zero else None)
         if done:
             continue
@@ -344,8 +314,8 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
 
 def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]:
     """The whole sweep for ``argv`` (``sweep=<name> [loss=<name>] [sweep.key=..] [training overrides]``)."""
-    name, sweep_overrides, train_overrides = split_args(argv)
-    sweep_cfg = OmegaConf.to_container(load_sweep_config(name, sweep_overrides), resolve=True)
+    sweep_cfg, train_overrides = load_sweep(argv)
+    name = next(a.split("=", 1)[1] for a in argv if a.startswith("sweep="))
     base = compose_config([*sweep_cfg.get("overrides", []), *train_overrides])  # checks every key up front
     if not any(o.startswith("experiment=") for o in train_overrides):
         train_overrides = [*train_overrides, f"experiment={name}"]
@@ -363,7 +333,7 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
         study = open_study(sweep_cfg, storage, study_name, loss_name)
         n_trials = trial_budget(sweep_cfg, loss_name)
         if fabric.is_global_zero:
-            failed = fail_dead_trials(study)
+            failed = fail_dead_trials(study, storage)
             if failed:
                 log(f"[{study_name}] marked trials {failed} failed: their worker process died", flush=True)
             if failed and sweep_cfg.get("sampler") == "grid":  # the grid counts them as visited: queue them again
@@ -372,7 +342,7 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
                         study.enqueue_trial(trial.params, skip_if_exists=False)
         worker(fabric, study, sweep_cfg, overrides, loss_name, n_trials, log=log)
         if sweep_cfg.get("rerun_seeds"):
-            _wait_for_others(study, n_trials)
+            _wait_for_others(study, storage)
             rerun_best(fabric, storage, study, sweep_cfg, overrides, loss_name, list(sweep_cfg["rerun_seeds"]), log)
         studies[loss_name] = study
     if fabric.is_global_zero:
@@ -380,10 +350,10 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     return studies
 
 
-def _wait_for_others(study: optuna.Study, n_trials: int, poll_s: float = 5.0) -> None:
+def _wait_for_others(study: optuna.Study, storage, poll_s: float = 5.0) -> None:
     """Before re-running the best configuration, let other workers' running trials finish."""
     while len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
-        fail_dead_trials(study)
+        fail_dead_trials(study, storage)
         time.sleep(poll_s)
 
 
@@ -405,17 +375,7 @@ def summary_table(studies: Mapping[str, optuna.Study]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of scripts/sweep.py: one Fabric for all trials (``fabric run`` sets devices)."""
-    from probloss.train import _finish_distributed, _under_fabric_cli, make_fabric
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    _, _, train_overrides = split_args(argv)
-    fabric = make_fabric(compose_config(train_overrides))
-    try:
-        if _under_fabric_cli():
-            run_sweep(fabric, argv)
-        else:
-            fabric.launch(run_sweep, argv)
-        _finish_distributed(ok=True)
-    except BaseException:
-        _finish_distributed(ok=False)
-        raise
+    _, train_overrides = load_sweep(argv)
+    run = RunSettings.from_config(compose_config(train_overrides))
+    launch(make_fabric(run.fabric, run.trainer.deterministic), run_sweep, argv)

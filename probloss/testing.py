@@ -1,4 +1,4 @@
-"""Check a loss plugin against the distributed invariant of DESIGN.md with real processes.
+"""Check a loss plugin against the distributed invariant of docs/design.md with real processes.
 
     import probloss.testing
     probloss.testing.check_distributed("my_loss", world_sizes=(2, 3))
@@ -10,8 +10,8 @@ the loss and ``.backward()``; the results are compared with one process on the w
 (b) the mean over ranks of each learnable loss parameter's gradient equals the single-process gradient;
 (c) each rank's gradient on its own embedding (and log-std) slice equals W times the single-process gradient.
 
-A loss class can list the keyword variants worth checking (distributed modes, implementations) in a class
-attribute ``distributed_variants``, a list of kwargs dicts; by default it is checked as built.
+A loss class lists the keyword variants worth checking (distributed modes, implementations) in its class
+attribute ``distributed_variants`` (:class:`probloss.ContrastiveLoss`; by default it is checked as built).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 import probloss
+from probloss import dist
 
 
 @dataclass
@@ -47,7 +48,11 @@ class DistributedCheckError(AssertionError):
 
 
 def make_inputs(batch: int, dim: int, seed: int, log_std: str | None, dtype=torch.float64):
-    """Seeded inputs for the whole global batch: ``(x, y, image_log_std, text_log_std)``."""
+    """Seeded inputs for the whole global batch: ``(x, y, image_log_std, text_log_std)``.
+
+    Texts are their images plus noise, so positives are closer than negatives. ``log_std``: None (no log-stds),
+    "sample" (``(B,)``) or "diagonal" (``(B, D)``), as :func:`log_std_shapes` lists them.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dim, generator=gen, dtype=dtype)
     y = x + 0.5 * torch.randn(batch, dim, generator=gen, dtype=dtype)  # positives closer than negatives
@@ -71,39 +76,51 @@ def loss_and_grads(loss_module, x, y, lx, ly):
     return value.detach(), grads, params
 
 
-def _cases(name: str, variants: list[dict] | None):
+def log_std_shapes(loss_cls: type[probloss.ContrastiveLoss]) -> list[str | None]:
+    """The log-std layouts a loss class takes, named as :func:`make_inputs` takes them.
+
+    ``[None]`` for a loss without log-stds, else ``["sample"]``, plus ``"diagonal"`` where the class declares
+    ``supports_diagonal_log_std``.
+    """
+    if not loss_cls.needs_log_std:
+        return [None]
+    return ["sample", "diagonal"] if loss_cls.supports_diagonal_log_std else ["sample"]
+
+
+def loss_class(name: str) -> type[probloss.ContrastiveLoss]:
+    """The registered class of loss ``name``; an error if the registry holds something else (a factory)."""
     cls = probloss.LOSSES.get(name)
-    variants = variants if variants is not None else getattr(cls, "distributed_variants", [{}])
-    shapes = [None]
-    if getattr(cls, "needs_log_std", False):
-        shapes = ["sample", "diagonal"] if getattr(cls, "supports_diagonal_log_std", False) else ["sample"]
-    return [(variant, shape) for variant in variants for shape in shapes]
+    if not (isinstance(cls, type) and issubclass(cls, probloss.ContrastiveLoss)):
+        raise TypeError(f"loss {name!r} is registered as {cls!r}, not a probloss.ContrastiveLoss subclass")
+    return cls
 
 
-def _worker(rank, world, init_file, out_dir, name, cases, loss_kwargs, batch, dim, seed, modules):
-    import importlib
+def _cases(cls: type[probloss.ContrastiveLoss], variants: list[dict] | None):
+    variants = variants if variants is not None else cls.distributed_variants
+    return [(variant, shape) for variant in variants for shape in log_std_shapes(cls)]
 
-    import torch.distributed as torch_dist
 
+def _worker(rank, world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed):
+    # ``cls`` arrives pickled by reference, which imports its module here: a loss registered in a test or a
+    # script (not at import of a plugin package) is checked as well, without its registration.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    for module in modules:  # the plugin's own module, so a loss registered outside the package exists here too
-        importlib.import_module(module)
-    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", f"file://{init_file}", rank, world)
+    ok = False
     try:
         results = []
         local = batch // world
         rows = slice(rank * local, (rank + 1) * local)
         for variant, shape in cases:
             torch.manual_seed(seed)
-            loss_module = probloss.build_loss(name, **{**loss_kwargs, **variant}).double()
+            loss_module = cls(**{**loss_kwargs, **variant}).double()
             x, y, lx, ly = make_inputs(batch, dim, seed, shape)
             part = [t[rows] if t is not None else None for t in (x, y, lx, ly)]
             results.append(loss_and_grads(loss_module, *part))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        torch_dist.barrier()
+        ok = True
     finally:
-        torch_dist.destroy_process_group()
+        dist.finish(ok)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -124,7 +141,7 @@ def check_distributed(
     seed: int = 0,
     timeout: float = 180.0,
 ) -> list[CaseResult]:
-    """Run the conformance check of DESIGN.md's distributed invariant for a registered loss.
+    """Run the conformance check of docs/design.md's distributed invariant for a registered loss.
 
     Args:
         name: registered loss name.
@@ -139,19 +156,18 @@ def check_distributed(
         One :class:`CaseResult` per case. Raises :class:`DistributedCheckError` naming every failing case.
     """
     loss_kwargs = loss_kwargs or {}
-    cases = _cases(name, variants)
-    modules = [probloss.LOSSES.get(name).__module__]
-    modules = [m for m in modules if m != "__main__"]
+    cls = loss_class(name)
+    cases = _cases(cls, variants)
     results, failures = [], []
     for world in world_sizes:
         batch = batch_per_rank * world
         with tempfile.TemporaryDirectory() as out_dir:
             init_file = os.path.join(out_dir, "init")
-            _spawn(world, (world, init_file, out_dir, name, cases, loss_kwargs, batch, dim, seed, modules), timeout)
+            _spawn(world, (world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed), timeout)
             per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
         for k, (variant, shape) in enumerate(cases):
             torch.manual_seed(seed)
-            reference = probloss.build_loss(name, **{**loss_kwargs, **variant}).double()
+            reference = cls(**{**loss_kwargs, **variant}).double()
             want_value, want_grads, want_params = loss_and_grads(reference, *make_inputs(batch, dim, seed, shape))
             got = [per_rank[r][k] for r in range(world)]
             case = CaseResult(world, variant, shape)

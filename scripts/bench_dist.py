@@ -22,10 +22,10 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 import probloss
+from probloss import dist
 from probloss.testing import free_port
 
 MODES = {
@@ -48,14 +48,14 @@ def _status_kib(field: str) -> int:
 
 def _worker(rank, world, init, out, name, kwargs, batch, dim, repeats):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init, rank, world)
     loss = probloss.build_loss(name, **kwargs)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, dim, generator=gen, requires_grad=True)
     y = torch.randn(batch, dim, generator=gen, requires_grad=True)
     loss(x, y).backward()  # warm-up: thread pools, autograd engine, lazy initialisation
     x.grad = y.grad = None
-    torch_dist.barrier()
+    dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set size to the current one
     before = _status_kib("VmRSS")
@@ -64,20 +64,19 @@ def _worker(rank, world, init, out, name, kwargs, batch, dim, repeats):
     times = []
     for _ in range(repeats):
         x.grad = y.grad = None
-        torch_dist.barrier()
+        dist.barrier()
         start = time.perf_counter()
         loss(x, y).backward()
         times.append(time.perf_counter() - start)
     slowest = torch.tensor([statistics.median(times), peak_mib])
     gathered = [torch.zeros(2, dtype=slowest.dtype) for _ in range(world)]
-    torch_dist.all_gather(gathered, slowest)
+    dist.all_gather_list(gathered, slowest)
     if rank == 0:
         stacked = torch.stack(gathered)
         with open(out, "w") as f:
             json.dump({"step_s": stacked[:, 0].max().item(), "peak_mib_max": stacked[:, 1].max().item(),
                        "peak_mib_per_rank": stacked[:, 1].tolist()}, f)
-    torch_dist.barrier()
-    torch_dist.destroy_process_group()
+    dist.finish(ok=True)
 
 
 def run_case(name, kwargs, world, batch, dim, repeats):
@@ -102,7 +101,7 @@ def main(argv=None):
 
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # inherited by the spawned ranks
     rows = []
-    header = f"| mode | W | B_local | B_global | step ms (slowest rank) | peak MiB per rank (max) |"
+    header = "| mode | W | B_local | B_global | step ms (slowest rank) | peak MiB per rank (max) |"
     print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, D={args.dim}, float32, gloo", flush=True)
     print(header + "\n|---|---|---|---|---|---|", flush=True)
     for mode in args.modes:

@@ -11,7 +11,7 @@ backward once to measure peak memory, then ``--repeats`` more times for the medi
 - ``infonce``, ``sigmoid``, ``gaussian_var`` and ``sigmoid_var`` (per-sample log-std) with ``impl`` in ``dense``
   and ``tiled``;
 - ``gaussian_var_diag`` (per-dimension log-std; not in the default set);
-- ``pseudocode``: the proposal's plain PyTorch pseudocode for gaussian_var (seeds/003), with its
+- ``pseudocode``: the proposal's plain PyTorch pseudocode for gaussian_var (docs/design.md, Sources), with its
   ``(n, n, d)`` broadcast, only up to ``--pseudocode-max`` (default 2048; at B = 1024 it already needs GiBs).
 
 Peak memory above the inputs (CPU): the process's resident-set high-water mark (``VmHWM`` in
@@ -66,7 +66,7 @@ def _reset_peak_rss() -> bool:
 
 
 def proposal_pseudocode(I_f, I_ln_std, T_f, T_ln_std):  # noqa: N803 - the proposal's names
-    """The PyTorch pseudocode of seeds/003 verbatim (its ``(n, n, d)`` broadcast included)."""
+    """The proposal's PyTorch pseudocode verbatim (its ``(n, n, d)`` broadcast included)."""
     import torch
     from torch import nn
 

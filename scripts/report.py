@@ -1,9 +1,9 @@
 """Write the report page and PNG plots of a finished sweep or experiment folder (no training).
 
     python scripts/report.py runs/compare_losses [--storage postgresql://...]   # sweep -> report.md
-    python scripts/report.py runs/batch_size                                      # experiment -> experiment.md
+    python scripts/report.py runs/batch_size                                      # recipe -> recipe.md
 
-A folder with results.json is an experiment (probloss/experiment.py); any other is a sweep, read from its
+A folder with results.json is a recipe (probloss/recipe.py); any other is a sweep, read from its
 Optuna storage (probloss/report.py).
 """
 
@@ -11,17 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from probloss.experiment import render_experiment
+from probloss.recipe import render_recipe
 from probloss.report import write_report
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="<out_dir>/<experiment or sweep name>")
+    parser.add_argument("folder", help="<out_dir>/<recipe or sweep name>")
     parser.add_argument("--storage", default=None, help="a sweep's storage (default: <out_dir>/sweeps/<name>.journal)")
     args = parser.parse_args()
     try:
         if (Path(args.folder) / "results.json").is_file():
-            path = render_experiment(args.folder)
+            path = render_recipe(args.folder)
         else:
             path = write_report(args.folder, storage=args.storage)
     except FileNotFoundError as err:

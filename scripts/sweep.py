@@ -4,14 +4,8 @@
     OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce
 """
 
-import sys
-
-from probloss.config import ConfigError
+from probloss.cli import run_script
 from probloss.sweep import main
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "sweep", __doc__)

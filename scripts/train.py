@@ -5,24 +5,12 @@
     OMP_NUM_THREADS=1 fabric run --devices=2 scripts/train.py loss=sigmoid trainer.max_steps=100
     python scripts/train.py --help                                  # groups, choices and defaults
 
-Arguments are Hydra overrides (key=value); see configs/train.yaml. Exit status: 0 on success, 2 for a bad
-config (unknown key/choice, bad value, resume mismatch), 1 when training stops on a non-finite loss.
+Exit status: 0 on success, 2 for a bad config (unknown key/choice, bad value, resume mismatch) or missing
+data, 1 when training stops on a non-finite loss.
 """
 
-import sys
-
-from probloss.config import ConfigError, describe
-from probloss.train import NonFiniteLossError, main
+from probloss.cli import run_script
+from probloss.train import main
 
 if __name__ == "__main__":
-    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
-        print(describe())
-        sys.exit(0)
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as err:
-        print(f"training stopped: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, "train", __doc__)

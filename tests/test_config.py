@@ -78,3 +78,78 @@ def test_save_config_round_trip(tmp_path):
     cfg = compose_config(["trainer.max_steps=9"])
     path = save_config(cfg, tmp_path)
     assert OmegaConf.load(path).trainer.max_steps == 9
+
+
+# --- one source for each default, one command-line system -----------------------------------------------------
+
+
+def test_settings_fields_are_exactly_the_config_keys():
+    """configs/ holds the defaults, probloss/settings.py the types: a key added to one and not the other fails."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from probloss.config import config_dir
+    from probloss.settings import DataSettings, EvalSettings, FabricSettings, RunSettings, TrainerSettings
+
+    train = OmegaConf.load(config_dir() / "train.yaml")
+    for section, cls in (("trainer", TrainerSettings), ("fabric", FabricSettings), ("eval", EvalSettings)):
+        assert set(train[section].keys()) == {f.name for f in fields(cls)}, section
+    data_fields = {f.name for f in fields(DataSettings)}
+    optional = {f.name for f in fields(DataSettings) if f.default is None}
+    for path in (config_dir() / "data").glob("*.yaml"):
+        keys = set(OmegaConf.load(path).keys())
+        assert keys <= data_fields and data_fields - optional <= keys, path.name
+    for name in ("shapes", "webdataset"):
+        overrides = [f"data={name}"] + (["data.train_shards=a", "data.val_shards=b"] if name == "webdataset" else [])
+        run = RunSettings.from_config(compose_config(overrides))
+        assert run.data.name == name and run.trainer.max_steps == train.trainer.max_steps
+
+
+SCRIPTS = {"train": [], "sweep": ["sweep=lr"], "run_recipe": ["recipe=bias_init"],
+           "make_data": ["out=x", "train_size=1", "val_size=1"], "evaluate": ["checkpoint=x.ckpt"]}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_script_has_the_same_help_and_unknown_key_error(script, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{script}.py"
+    shown = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "key=value overrides" in shown.stdout and "defaults (" in shown.stdout
+    bad = subprocess.run([sys.executable, str(path), *SCRIPTS[script], "seedd=1"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.startswith("config error: ") and "Traceback" not in bad.stderr
+    if script != "evaluate":  # evaluate checks its other keys against the checkpoint's config (test_train.py)
+        assert "unknown config key 'seedd'. Did you mean 'seed'" in bad.stderr
+
+
+def test_dict_overrides_of_a_recipe_replace_the_dict():
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["recipe=proposal", "recipe.arms={a: ['loss=infonce'], b: ['loss=sigmoid']}"],
+                         config_name="recipe")
+    assert OmegaConf.to_container(cfg.recipe.arms) == {"a": ["loss=infonce"], "b": ["loss=sigmoid"]}
+
+
+def test_only_dist_talks_to_torch_distributed():
+    """The wall of docs/design.md: every torch.distributed call and Fabric collective goes through
+    probloss/dist.py."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("probloss", "losses", "scripts"):
+        for path in (repo / folder).rglob("*.py"):
+            if path.name == "dist.py" and path.parent.name == "probloss":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if re.search(r"import torch\.distributed|torch\.distributed\.|from torch import distributed"
+                             r"|fabric\.(all_reduce|all_gather|broadcast|barrier)\(", code):
+                    offenders.append(f"{path.relative_to(repo)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

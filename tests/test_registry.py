@@ -82,8 +82,7 @@ def test_plugin_registered_from_a_temporary_module(tmp_path, monkeypatch):
         loss = probloss.build_loss("tmp_mse")
         assert loss(torch.ones(2, 3), torch.zeros(2, 3)).item() == pytest.approx(3.0)
         assert "tmp_mse" in probloss.list_losses()
-    finally:
-        probloss.LOSSES.remove("tmp_mse")
+    finally:  # the registration itself is undone by tests/conftest.py
         sys.modules.pop("my_tmp_loss", None)
 
 
@@ -102,7 +101,6 @@ def test_plugin_from_an_entry_point_is_loaded_lazily(tmp_path, monkeypatch):
         assert type(loss).__name__ == "EpLoss"
         assert loss.score(torch.zeros(2, 3), torch.zeros(4, 3)).shape == (2, 4)
     finally:
-        probloss.LOSSES.remove("ep_mse")
         sys.modules.pop("ep_loss_pkg", None)
 
 
@@ -119,3 +117,45 @@ def test_entry_point_clashing_with_a_builtin_is_an_error(tmp_path, monkeypatch):
         monkeypatch.undo()
         probloss.LOSSES.rediscover()
     assert "infonce" in probloss.list_losses()
+
+
+def builtin_losses() -> list[str]:
+    """The names registered by the modules of losses/ (imported as probloss.losses)."""
+    return [n for n in probloss.list_losses() if probloss.LOSSES.get(n).__module__.startswith("probloss.losses.")]
+
+
+def test_every_test_module_was_collected_with_exactly_the_builtin_losses(losses_at_collection):
+    """A test module that registers a loss at import would add it to every registry-parametrised test collected
+    after it (as test_dist.py once did): register inside the test instead (tests/conftest.py restores the
+    registry after every test)."""
+    builtins = builtin_losses()
+    assert {"gaussian_var", "infonce", "sigmoid", "sigmoid_var"} <= set(builtins)
+    assert any(module.endswith("test_registry.py") for module in losses_at_collection)  # the hook saw this file
+    differing = {module: sorted(set(names) ^ set(builtins)) for module, names in losses_at_collection.items()
+                 if names != builtins}
+    assert not differing, f"the registered losses were not exactly the built-ins when collecting: {differing}"
+
+
+def test_the_registry_is_restored_after_each_test_part_one():
+    probloss.register_loss("_leaky_test_loss")(type("Leaky", (probloss.ContrastiveLoss,), {}))
+    probloss.LOSSES.remove("infonce")
+    assert "_leaky_test_loss" in probloss.list_losses() and "infonce" not in probloss.list_losses()
+
+
+def test_the_registry_is_restored_after_each_test_part_two():
+    """Runs after part one (pytest keeps file order): its registration is gone and its removal undone."""
+    assert "_leaky_test_loss" not in probloss.list_losses()
+    assert probloss.list_losses() == builtin_losses()
+    assert probloss.build_loss("infonce").registered_name == "infonce"
+
+
+def test_snapshot_and_restore():
+    registry = Registry("thing")
+    registry.add("a", dict)
+    state = registry.snapshot()
+    registry.add("b", list)
+    registry.remove("a")
+    registry.restore(state)
+    assert registry.list() == ["a"]
+    registry.add("b", list)  # "b" is free again
+    assert registry.list() == ["a", "b"]

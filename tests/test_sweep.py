@@ -20,11 +20,6 @@ TINY = ["data.train_size=256", "data.val_size=64", "trainer.batch_size=32", "tra
         "trainer.log_every=1", "fabric.accelerator=cpu", "fabric.devices=1", "eval.projector_samples=0"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("shapes_cache")
-
-
 def sweep_args(out_dir, cache_dir, *extra, steps=4):
     return ["sweep=lr", f"out_dir={out_dir}", f"data.cache_dir={cache_dir}", *TINY, f"trainer.max_steps={steps}",
             "trainer.eval_every=2", *extra]
@@ -104,21 +99,36 @@ def test_grid_sweep_runs_every_point_once_and_reports_the_mean_per_learning_rate
 
 def test_grid_sampler_needs_categorical_parameters():
     from probloss.config import ConfigError
-    from probloss.sweep import load_sweep_config, trial_budget
+    from probloss.sweep import load_sweep, trial_budget
 
-    grid = load_sweep_config("lr_grid")
+    grid, _ = load_sweep(["sweep=lr_grid"])
     assert trial_budget(grid, "infonce") == 7 * 3
     with pytest.raises(ConfigError, match="categorical"):
-        trial_budget(load_sweep_config("lr_grid", ["sampler=grid", "n_trials=null", "space={trainer.lr: "
-                                                   "{type: float, low: 1.0e-4, high: 1.0e-2}}"]), "infonce")
+        # sweep=lr searches trainer.lr on a float range: not a grid
+        trial_budget(load_sweep(["sweep=lr", "sweep.sampler=grid", "sweep.n_trials=null"])[0], "infonce")
     with pytest.raises(ConfigError, match="n_trials is null"):
-        trial_budget(load_sweep_config("lr", ["n_trials=null"]), "infonce")
+        trial_budget(load_sweep(["sweep=lr", "sweep.n_trials=null"])[0], "infonce")
+
+
+def test_sweep_command_line_is_checked_like_training():
+    from probloss.config import ConfigError
+    from probloss.sweep import load_sweep
+
+    sweep, train = load_sweep(["sweep=lr", "loss=sigmoid", "sweep.n_trials=2", "trainer.max_steps=5"])
+    assert sweep["n_trials"] == 2 and train == ["loss=sigmoid", "trainer.max_steps=5"]
+    with pytest.raises(ConfigError, match="unknown config key 'sweep.n_trial'. Did you mean 'n_trials'"):
+        load_sweep(["sweep=lr", "sweep.n_trial=2"])
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.max_step'"):
+        load_sweep(["sweep=lr", "trainer.max_step=2"])
+    with pytest.raises(ConfigError, match="say which sweep to use: sweep=<name>, one of compare_losses, lr"):
+        load_sweep([])
 
 
 def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, cache_dir):
     space = "sweep.space={trainer.lr: {type: categorical, choices: [1.0e30]}}"
-    run_sweep(fabric_cpu(), sweep_args(tmp_path, cache_dir, "loss=gaussian_var", "sweep.n_trials=1", space,
-                                       "trainer.grad_clip=null", "trainer.warmup_steps=0"), log=lambda *a, **k: None)
+    args = sweep_args(tmp_path, cache_dir, "loss=gaussian_var", "sweep.n_trials=1", space,
+                      "trainer.grad_clip=null", "trainer.warmup_steps=0", "trainer.max_nonfinite=3")
+    run_sweep(fabric_cpu(), args, log=lambda *a, **k: None)
     (trial,) = load(tmp_path, "lr-gaussian_var").trials
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert trial.user_attrs["stability/diverged"] is True or trial.user_attrs["stability/diverged"] == 1.0

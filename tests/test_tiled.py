@@ -1,15 +1,20 @@
 """Tiled kernels (probloss/tiled.py) and the built-in losses' ``impl="tiled"`` against dense references.
 
 Everything runs in float64 with relative error <= 1e-8 (forward and backward), on sizes that do not divide the
-block, B = 1, M != N (the distributed shapes: local rows against gathered columns) and diagonal log-stds.
+block, B = 1, M != N (the distributed shapes: local rows against gathered columns) and diagonal log-stds. The
+loss tests cover every registered loss with an ``impl`` keyword, in each option set of its
+``distributed_variants`` and each log-std layout it takes; a loss without one is skipped as having no tiled path.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
 
 import probloss
+from probloss.testing import log_std_shapes
 from probloss.tiled import dist_pair_lse, pair_lse, softplus_pair_sum, sq_dist_features
 
 F64 = torch.float64
@@ -216,49 +221,57 @@ def test_kernels_are_stable_for_large_logits():
     assert torch.isfinite(row).all() and torch.isfinite(col).all()
 
 
-def test_tiled_saves_no_pair_matrix():
+# --- losses: impl="tiled" against impl="dense" -----------------------------------------------------------------
+
+
+def takes_impl(name: str) -> bool:
+    """Whether a loss declares a choice of implementation: an ``impl`` keyword (dense, tiled, auto)."""
+    return "impl" in inspect.signature(probloss.LOSSES.get(name)).parameters
+
+
+def _no_tiled_path(name: str):
+    return pytest.param(name, {}, None, marks=pytest.mark.skip(reason=f"{name} has no impl keyword: no tiled path"))
+
+
+def loss_cases(first_variant_only: bool = False) -> list:
+    """``(name, kwargs, log_std)`` for every registered loss: each option set of its ``distributed_variants``
+    (without impl and block_size, which the tests set) times each log-std layout it takes."""
+    cases = []
+    for name in probloss.list_losses():
+        if not takes_impl(name):
+            cases.append(_no_tiled_path(name))
+            continue
+        cls = probloss.LOSSES.get(name)
+        options = []
+        for variant in cls.distributed_variants:
+            option = {k: v for k, v in variant.items() if k not in ("impl", "block_size")}
+            if option not in options:
+                options.append(option)
+        for option in options[:1] if first_variant_only else options:
+            for log_std in log_std_shapes(cls):
+                label = "-".join([name, *(f"{k}={v}" for k, v in option.items()), str(log_std)])
+                cases.append(pytest.param(name, option, log_std, id=label))
+    return cases
+
+
+@pytest.mark.parametrize("name", probloss.list_losses())
+def test_tiled_saves_no_pair_matrix(name, loss_inputs):
     """Only inputs and O(B) statistics are kept for backward: no saved tensor has B x B entries."""
-    b, d = 64, 4
+    if not takes_impl(name):
+        pytest.skip(f"{name} has no impl keyword: no tiled path")
+    b = 64
+    loss = probloss.build_loss(name, impl="tiled", block_size=16).double()
+    inputs = loss_inputs(b, 4, "sample" if loss.needs_log_std else None, requires_grad=True)
     saved = []
 
     def pack(t):
         saved.append(t.numel())
         return t
 
-    x, y = seeded(b, d, seed=29), seeded(b, d, seed=30)
-    lx, ly = seeded(b, seed=31, scale=0.3), seeded(b, seed=32, scale=0.3)
-    for name in ("infonce", "sigmoid", "gaussian_var"):
-        loss = probloss.build_loss(name, impl="tiled", block_size=16).double()
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            value = loss(x, y, lx, ly) if loss.needs_log_std else loss(x, y)
-        value.backward()
-        assert saved and max(saved) < b * b // 4, (name, max(saved))
-
-
-# --- losses: impl="tiled" against impl="dense" -----------------------------------------------------------------
-
-LOSS_CASES = [
-    ("infonce", {"local_loss": True}, None),
-    ("infonce", {"local_loss": False}, None),
-    ("sigmoid", {}, None),
-    ("gaussian_var", {"variant": "proposal"}, "sample"),
-    ("gaussian_var", {"variant": "likelihood"}, "sample"),
-    ("gaussian_var", {"variant": "proposal", "normalize": True}, "sample"),
-    ("gaussian_var", {"variant": "proposal"}, "diag"),
-    ("gaussian_var", {"variant": "likelihood", "normalize": True}, "diag"),
-]
-
-
-def loss_inputs(b: int, d: int, log_std: str | None, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, d, generator=gen, dtype=F64)
-    y = x + 0.5 * torch.randn(b, d, generator=gen, dtype=F64)  # positives closer than negatives
-    out = [x.requires_grad_(), y.requires_grad_()]
-    if log_std is not None:
-        shape = (b,) if log_std == "sample" else (b, d)
-        out += [(0.3 * torch.randn(*shape, generator=gen, dtype=F64)).requires_grad_() for _ in range(2)]
-    return out
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = loss(*inputs)
+    value.backward()
+    assert saved and max(saved) < b * b // 4, max(saved)
 
 
 def loss_value_and_grads(name, kwargs, inputs):
@@ -268,26 +281,27 @@ def loss_value_and_grads(name, kwargs, inputs):
             p.add_(0.1)
     params = [p for p in loss.parameters() if p.requires_grad]
     value = loss(*inputs)
-    return [value.detach()] + list(torch.autograd.grad(value, inputs + params))
+    return [value.detach()] + list(torch.autograd.grad(value, [t for t in inputs if t is not None] + params))
 
 
-@pytest.mark.parametrize("name,kwargs,log_std", LOSS_CASES)
+@pytest.mark.parametrize("name,kwargs,log_std", loss_cases())
 @pytest.mark.parametrize("b,block", [(7, 3), (1, 4), (6, 16), (9, 1)])
-def test_tiled_loss_matches_dense(name, kwargs, log_std, b, block):
-    inputs = loss_inputs(b, 5, log_std)
+def test_tiled_loss_matches_dense(name, kwargs, log_std, b, block, loss_inputs):
+    inputs = loss_inputs(b, 5, log_std, requires_grad=True)
     got = loss_value_and_grads(name, {**kwargs, "impl": "tiled", "block_size": block}, inputs)
     want = loss_value_and_grads(name, {**kwargs, "impl": "dense"}, inputs)
     assert_all_close(got, want)
 
 
-@pytest.mark.parametrize("name,kwargs,log_std", [LOSS_CASES[0], LOSS_CASES[3], LOSS_CASES[6]])
-def test_tiled_loss_float32(name, kwargs, log_std):
-    inputs = [t.detach().float().requires_grad_() for t in loss_inputs(33, 16, log_std)]
+@pytest.mark.parametrize("name,kwargs,log_std", loss_cases(first_variant_only=True))
+def test_tiled_loss_float32(name, kwargs, log_std, loss_inputs):
+    inputs = loss_inputs(33, 16, log_std, dtype=torch.float32, requires_grad=True)
+    tensors = [t for t in inputs if t is not None]
 
     def run(impl):
         loss = probloss.build_loss(name, **kwargs, impl=impl, block_size=8)
         value = loss(*inputs)
-        return [value.detach()] + list(torch.autograd.grad(value, inputs))
+        return [value.detach()] + list(torch.autograd.grad(value, tensors))
 
     for got, want in zip(run("tiled"), run("dense")):
         assert got.dtype == torch.float32
@@ -295,39 +309,41 @@ def test_tiled_loss_float32(name, kwargs, log_std):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name,kwargs,log_std", LOSS_CASES)
-def test_tiled_loss_on_cuda(name, kwargs, log_std):
-    cpu = loss_inputs(37, 8, log_std)
-    cuda = [t.detach().cuda().requires_grad_() for t in cpu]
+@pytest.mark.parametrize("name,kwargs,log_std", loss_cases())
+def test_tiled_loss_on_cuda(name, kwargs, log_std, loss_inputs):
+    cpu = loss_inputs(37, 8, log_std, requires_grad=True)
+    cuda = [t.detach().cuda().requires_grad_() if t is not None else None for t in cpu]
     got = [t.cpu() for t in loss_value_and_grads(name, {**kwargs, "impl": "tiled", "block_size": 16}, cuda)]
     want = loss_value_and_grads(name, {**kwargs, "impl": "dense"}, cpu)
     assert_all_close(got, want, rtol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["infonce", "sigmoid", "gaussian_var"])
-def test_impl_option(name):
-    with pytest.raises(ValueError, match="impl"):
+def _custom_functions(value: torch.Tensor) -> set[str]:
+    """Names of the custom autograd Functions in ``value``'s graph: the tiled kernels are such Functions, the
+    dense paths use built-in operations only."""
+    names, seen, stack = set(), set(), [value.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if isinstance(fn, torch.autograd.function.BackwardCFunction):
+            names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("name", probloss.list_losses())
+def test_impl_option(name, loss_inputs):
+    if not takes_impl(name):
+        pytest.skip(f"{name} has no impl keyword: no tiled path")
+    with pytest.raises(ValueError, match=f"^{name}: impl='fused' is not one of dense, tiled, auto$"):
         probloss.build_loss(name, impl="fused")
     # auto = tiled above block_size: same values either way, so check which path ran by what autograd keeps.
-    inputs = loss_inputs(6, 3, "sample" if name == "gaussian_var" else None)
-    args = inputs if name == "gaussian_var" else inputs[:2]
+    inputs = loss_inputs(6, 3, "sample" if probloss.LOSSES.get(name).needs_log_std else None, requires_grad=True)
     for block, tiled in ((4, True), (6, False)):
-        value = probloss.build_loss(name, impl="auto", block_size=block).double()(*args)
-        names = set()
-        stack = [value.grad_fn]
-        while stack:
-            fn = stack.pop()
-            if fn is not None and type(fn).__name__ not in names:
-                names.add(type(fn).__name__)
-                stack.extend(f for f, _ in fn.next_functions)
-        assert any(n.startswith(("_PairLSE", "_SoftplusPairSum")) for n in names) == tiled, names
-
-
-@pytest.mark.parametrize("name,kwargs,log_std", [LOSS_CASES[0], LOSS_CASES[3], LOSS_CASES[6]])
-def test_gradcheck_tiled_losses(name, kwargs, log_std):
-    inputs = loss_inputs(4, 3, log_std, seed=3)
-    loss = probloss.build_loss(name, **kwargs, impl="tiled", block_size=3).double()
-    assert torch.autograd.gradcheck(lambda *t: loss(*t), tuple(inputs))
+        value = probloss.build_loss(name, impl="auto", block_size=block).double()(*inputs)
+        assert bool(_custom_functions(value)) == tiled, (block, _custom_functions(value))
 
 
 def test_bench_losses_script_smoke(tmp_path):

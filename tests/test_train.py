@@ -21,21 +21,17 @@ import torch
 import probloss
 from probloss import checkpoint as ckpt
 from probloss.config import ConfigError, compose_config
-from probloss.train import NonFiniteLossError, Trainee, check_batch_sizes, main, train_step
+from probloss.builders import Trainee, check_batch_sizes
+from probloss.train import NonFiniteLossError, main, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-SUMMARY_KEYS = {  # DESIGN.md keys that apply to every loss
+SUMMARY_KEYS = {  # summary keys that apply to every loss (docs/design.md)
     "train/loss", "val/loss", "val/i2t_r@1", "val/t2i_r@1", "embed/effective_rank", "embed/uniformity",
     "embed/alignment", "embed/modality_gap", "stability/loss_spikes", "stability/grad_norm_ratio",
     "stability/nonfinite_steps", "stability/diverged", "steps", "samples_per_s", "data/skipped",
 }
 TB_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/logit_pos_mean", "val/loss",
            "val/i2t_r@1"}
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("shapes_cache")
 
 
 def small(out_dir, cache_dir, *extra):
@@ -102,7 +98,7 @@ def test_run_writes_tensorboard_summary_checkpoints(loss, tmp_path, cache_dir):
 
 
 def test_evaluate_checkpoint(tmp_path, cache_dir):
-    from probloss.train import evaluate_checkpoint
+    from probloss.eval.runtime import evaluate_checkpoint
 
     main(small(tmp_path, cache_dir, "loss=infonce", "trainer.max_steps=3", "trainer.eval_every=0"))
     path = ckpt.newest_checkpoint(only_run(tmp_path, "infonce"))
@@ -110,10 +106,15 @@ def test_evaluate_checkpoint(tmp_path, cache_dir):
     assert "val/i2t_r@1" in metrics and metrics["steps"] == 3
     assert (path.parent.parent / "eval-step-00000003.json").is_file()
     # and the script, as a user runs it
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), str(path)], capture_output=True,
-                         text=True, timeout=300, env=_env())
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), f"checkpoint={path}"],
+                         capture_output=True, text=True, timeout=300, env=_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert "val/i2t_r@1" in out.stdout
+    # overrides of the saved config are checked like any command line: a typo is an error, not ignored
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), f"checkpoint={path}",
+                          "data.val_shard=/nowhere"], capture_output=True, text=True, timeout=300, env=_env())
+    assert out.returncode == 2 and "unknown config key 'data.val_shard'" in out.stderr
+    assert "Did you mean 'val_shards'" in out.stderr and "Traceback" not in out.stderr
 
 
 # --- resume -----------------------------------------------------------------------------------------------------
@@ -286,14 +287,13 @@ def test_grad_cache_equals_one_big_batch(loss_name):
     loss = probloss.build_loss(loss_name)
     model = build_dual_encoder(cfg, vocab_size=40, max_len=8, image_size=32, log_std=loss.needs_log_std)
     batch = {"image": torch.randn(16, 3, 32, 32), "tokens": torch.randint(1, 40, (16, 8))}
-    train_cfg = {"trainer": {"grad_clip": None}}
     results = []
     for k in (1, 4):
         fabric = Fabric(accelerator="cpu", devices=1, precision="64-true")
         trainee = Trainee(copy.deepcopy(model), copy.deepcopy(loss))
         optimizer = torch.optim.SGD(trainee.parameters(), lr=0.5)
         trainee, optimizer = fabric.setup(trainee, optimizer)
-        out = train_step(fabric, trainee, optimizer, batch, train_cfg, accum_steps=k)
+        out = train_step(fabric, trainee, optimizer, batch, grad_clip=None, accum_steps=k)
         assert out.finite
         results.append((out, {n: p.detach().clone() for n, p in trainee.named_parameters()}))
     (one, big), (acc, small_) = results

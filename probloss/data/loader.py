@@ -16,7 +16,8 @@ Splitting and equal batch counts. Shards are split between ranks and then DataLo
 launchers need no process group). If there are fewer shards than ranks x workers, every reader walks all shards
 and keeps every n-th sample instead. Each reader cycles through its part for as long as needed and stops after
 exactly its share of ``batches_per_epoch``, so every rank yields the same number of batches (uneven shards would
-otherwise hang DDP; DESIGN.md pitfalls). Everything random is seeded from (seed, epoch, rank, world_size, worker).
+otherwise hang DDP; docs/design.md pitfalls). Everything random is seeded from (seed, epoch, rank, world_size,
+worker).
 
 Bad input. A truncated or corrupt tar, a sample without an image or caption, an undecodable image, an empty
 caption or unparsable json is skipped through webdataset's ``handler`` mechanism: logged (first few per
@@ -252,20 +253,13 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
 
 class TrainLoader:
     """An iterable of exactly ``len(self)`` batches per pass. Each new pass is the next epoch (epoch, epoch + 1,
-    ...) unless :meth:`set_epoch` says otherwise, so ``for batch in loader`` in an outer loop reshuffles."""
+    ...), so ``for batch in loader`` in an outer loop reshuffles; ``make_train_loader(epoch=...)`` sets the first."""
 
     def __init__(self, dataset: ShardStream, num_workers: int):
         self.dataset, self.num_workers = dataset, num_workers
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    @property
-    def epoch(self) -> int:
-        return self.dataset.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:

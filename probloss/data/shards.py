@@ -7,7 +7,8 @@
       train/sizes.json          {"00000.tar": 1000, ...}  (samples per shard, as open_clip reads it)
       val/00000.tar ...
 
-``python scripts/make_data.py out=data/shapes train_size=50000 val_size=2000`` calls :func:`main`.
+``python scripts/make_data.py out=data/shapes train_size=50000 val_size=2000`` calls :func:`main`
+(its keys and defaults: configs/make_data.yaml).
 """
 
 from __future__ import annotations
@@ -123,23 +124,14 @@ def write_shapes_shards(
     return patterns
 
 
-_CLI_TYPES = {"out": str, "train_size": int, "val_size": int, "seed": int, "image_size": int, "shard_size": int,
-              "num_workers": int, "overwrite": lambda v: v.lower() in ("1", "true", "yes")}
-
-
 def main(argv: Sequence[str]) -> dict[str, str]:
-    """``make_data.py out=<dir> train_size=<n> val_size=<m> [seed= image_size= shard_size= num_workers=
-    overwrite=]``; prints the shard patterns as JSON."""
-    kwargs: dict = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in _CLI_TYPES:
-            raise SystemExit(f"bad argument {arg!r}: expected key=value with key in {sorted(_CLI_TYPES)}")
-        kwargs[key] = _CLI_TYPES[key](value)
-    missing = {"out", "train_size", "val_size"} - set(kwargs)
-    if missing:
-        raise SystemExit(f"missing required arguments: {sorted(missing)} (e.g. out=data/shapes train_size=50000 "
-                         f"val_size=2000)")
+    """``scripts/make_data.py out=<dir> train_size=<n> val_size=<m> [...]`` (configs/make_data.yaml); prints
+    the shard patterns as JSON."""
+    from omegaconf import OmegaConf
+
+    from probloss.config import compose_config
+
+    kwargs = OmegaConf.to_container(compose_config(argv, config_name="make_data"))
     patterns = write_shapes_shards(kwargs.pop("out"), **kwargs)
     print(json.dumps(patterns))
     return patterns

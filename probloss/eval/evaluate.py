@@ -19,9 +19,9 @@ All matching goes through ``loss.score`` (the loss owns its geometry and its use
   ``unc/{i2t,t2i}_r1_sigma_decile_{0..9}`` (R@1 per decile of the query's sigma, lowest first) and
   ``unc/{i2t,t2i}_r1_sigma_spearman`` (Spearman of query sigma with the query's R@1 hit: < 0 when high sigma
   flags failures).
-- ``val/loss``: the loss on consecutive batches of ``batch_size`` (a last partial batch is dropped, unless it is
-  the only one: fewer negatives would bias the value), averaged. Skipped under torch.distributed, where
-  ``loss(...)`` would all-gather with ranks that are not evaluating.
+
+``val/loss`` is not computed here: probloss/eval/runtime.py computes it once, in the training batches of every
+rank, so it is comparable with ``train/loss`` for any world size.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from probloss import dist
 from probloss.eval import metrics
 
 Tensor = torch.Tensor
@@ -220,37 +219,26 @@ def _uncertainty(model, tokenizer, metas, scores, image_log_std, text_log_std, b
     return out
 
 
-@torch.no_grad()
-def _val_loss(loss, image_emb, text_emb, image_log_std, text_log_std, batch_size) -> float:
-    n = image_emb.shape[0]
-    size = min(batch_size, n)
-    values = [loss(image_emb[s: s + size], text_emb[s: s + size], _rows(image_log_std, slice(s, s + size)),
-                   _rows(text_log_std, slice(s, s + size))).item() for s in range(0, n - size + 1, size)]
-    return sum(values) / len(values)
-
-
 # --- the entry point ------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callable[[list[str]], Tensor], *,
              batch_size: int = 256, device=None, classnames: Sequence[str] | None = None,
-             templates: Sequence[str] | None = None, compute_loss: bool | None = None,
-             n_sigma_bins: int = 10) -> dict[str, float]:
+             templates: Sequence[str] | None = None, n_sigma_bins: int = 10) -> dict[str, float]:
     """Every validation metric (the module docstring lists the keys).
 
     Args:
         model: a DualEncoder (``encode_image``, ``encode_text`` -> (emb, log_std or None)); put in eval mode
             for the call and restored after. It should already be on ``device``.
-        loss: the run's ContrastiveLoss; its ``score`` ranks, its ``forward`` gives val/loss.
+        loss: the run's ContrastiveLoss; its ``score`` ranks every match.
         eval_set: has ``images`` (N, 3, H, W), ``tokens`` (N, L), ``captions`` and ``json`` (list of dicts,
-            optional: without it only retrieval, embedding-space, sigma means and val/loss are computed).
+            optional: without it only retrieval, embedding-space and sigma means are computed).
         tokenizer: list[str] -> LongTensor (B, L), for class prompts, probe captions and caption levels.
-        batch_size: encoding batch size, and the batch of val/loss.
+        batch_size: encoding batch size.
         device: where the inputs go (default: the model's device).
         classnames: zero-shot class names indexed by json ``label`` (None: no zero-shot).
         templates: prompt templates with one "{}" (default ``("a {}",)``).
-        compute_loss: compute val/loss (default: unless torch.distributed is initialised).
         n_sigma_bins: bins of the R@1-by-sigma curves.
 
     Returns:
@@ -262,7 +250,7 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
     try:
         image_emb, image_log_std = encode_images(model, eval_set.images, batch_size=batch_size, device=device)
         text_emb, text_log_std = encode_texts(model, eval_set.tokens, batch_size=batch_size, device=device)
-        if not getattr(loss, "needs_log_std", False):
+        if not loss.needs_log_std:
             image_log_std = text_log_std = None  # scores and loss ignore them; no unc/ keys
         # Shards without {key}.json give None (or no json list at all): treat as empty metadata.
         metas = [m if isinstance(m, dict) else {} for m in (getattr(eval_set, "json", None) or [None] * len(image_emb))]
@@ -279,8 +267,6 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
         if image_log_std is not None and text_log_std is not None:
             out.update(_uncertainty(model, tokenizer, metas, scores, image_log_std, text_log_std, batch_size,
                                     device, n_bins=n_sigma_bins))
-        if compute_loss if compute_loss is not None else not dist.is_distributed():
-            out["val/loss"] = _val_loss(loss, image_emb, text_emb, image_log_std, text_log_std, batch_size)
         return out
     finally:
         model.train(was_training)

@@ -151,8 +151,9 @@ class StabilityTracker:
         return top / median
 
     def summary(self) -> dict[str, Any]:
-        """The DESIGN.md keys (``stability/loss_spikes``, ``grad_norm_ratio``, ``nonfinite_steps``, ``diverged``)
-        plus ``stability/diverged_step`` (-1 if not), ``stability/max_grad_norm``, ``stability/median_grad_norm``."""
+        """The docs/design.md keys (``stability/loss_spikes``, ``grad_norm_ratio``, ``nonfinite_steps``,
+        ``diverged``) plus ``stability/diverged_step`` (-1 if not), ``stability/max_grad_norm``,
+        ``stability/median_grad_norm``."""
         norms = self.grad_norms or self.grad_norms_warmup
         return {
             "stability/loss_spikes": self.loss_spikes,

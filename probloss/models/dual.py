@@ -1,9 +1,19 @@
 """The dual encoder: an image tower and a text tower, a linear projection of each to the joint space, and
-optional log-std heads (one log standard deviation per sample, or per dimension) for variance-aware losses."""
+optional log-std heads (one log standard deviation per sample, or per dimension) for variance-aware losses.
+
+A tower is a class registered in ``probloss.ENCODERS`` that declares, as class attributes:
+
+- ``modality``: ``"image"`` or ``"text"``;
+- ``config_keys``: the constructor keywords a model config may set, spelled ``<modality>_<key>`` there
+  (``image_patch_size``, ``text_depth``).
+
+It is built as ``cls(**DATA_KWARGS[modality], **options)``: the keywords of :data:`DATA_KWARGS` come from the
+data and the tokenizer, never from the config. An instance has ``width``, the size of its pooled feature, and
+maps images ``(B, 3, H, W)`` or tokens ``(B, L)`` to ``(B, width)``.
+"""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Mapping
@@ -98,17 +108,33 @@ class DualEncoder(nn.Module):
 
 # Flat model-config keys that are not tower arguments; tower arguments are spelled image_<arg> / text_<arg>.
 _GLOBAL_KEYS = {"name", "image_tower", "text_tower", "embed_dim", "log_std_per_dim", "init_log_std", "log_std_hidden"}
+# The constructor keywords every tower of a modality takes from the data and the tokenizer.
+DATA_KWARGS = {"image": ("image_size",), "text": ("vocab_size", "max_len")}
 
 
-def _tower_kwargs(cls: Any, prefix: str, cfg: Mapping[str, Any], auto: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in auto.items() if k in params}
+def _tower_class(name: str, modality: str) -> Any:
+    """The registered tower ``name``, checked to declare the tower contract (module docstring) for ``modality``."""
+    cls = ENCODERS.get(name)
+    # A third-party encoder may not know the contract: say what is missing rather than fail on it later.
+    if getattr(cls, "modality", None) not in DATA_KWARGS or not isinstance(getattr(cls, "config_keys", None), tuple):
+        raise TypeError(f"encoder {name!r} ({cls!r}) must be a class declaring `modality` ('image' or 'text') and "
+                        "`config_keys` (a tuple of the constructor keywords a model config may set)")
+    if cls.modality != modality:
+        raise ValueError(f"{cls.__name__} is a {cls.modality} tower and cannot be the {modality} tower")
+    return cls
+
+
+def _tower_kwargs(cls: Any, cfg: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """The tower's :data:`DATA_KWARGS` taken from ``data`` plus its ``<modality>_<key>`` options from ``cfg``."""
+    prefix = f"{cls.modality}_"
+    kwargs = {key: data[key] for key in DATA_KWARGS[cls.modality]}
     for key, value in cfg.items():
         if key.startswith(prefix) and key not in _GLOBAL_KEYS:
             arg = key[len(prefix):]
-            if arg not in params or arg in auto:
-                accepted = sorted(prefix + p for p in params if p not in auto)
-                raise ValueError(f"unknown model key {key!r} for {prefix[:-1]} tower {cls.__name__}; "
+            if arg not in cls.config_keys:
+                source = f"; {arg} comes from the data, not the config" if arg in kwargs else ""
+                accepted = sorted(prefix + k for k in cls.config_keys)
+                raise ValueError(f"unknown model key {key!r} for {cls.modality} tower {cls.__name__}{source}; "
                                  f"it accepts {accepted}")
             # Hydra hands lists over as ListConfig; towers get plain tuples.
             kwargs[arg] = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
@@ -131,12 +157,10 @@ def build_dual_encoder(model_cfg: Mapping[str, Any], *, vocab_size: int, max_len
     unknown = [k for k in cfg if k not in _GLOBAL_KEYS and not k.startswith(("image_", "text_"))]
     if unknown:
         raise ValueError(f"unknown model keys {unknown}; accepted: {sorted(_GLOBAL_KEYS)} and image_<arg>/text_<arg>")
-    image_cls, text_cls = ENCODERS.get(cfg.get("image_tower", "vit")), ENCODERS.get(cfg.get("text_tower", "transformer"))
-    for cls, want in ((image_cls, "image"), (text_cls, "text")):
-        if getattr(cls, "modality", want) != want:
-            raise ValueError(f"{cls.__name__} is a {cls.modality} tower and cannot be the {want} tower")
-    image_tower = image_cls(**_tower_kwargs(image_cls, "image_", cfg, {"image_size": image_size}))
-    text_tower = text_cls(**_tower_kwargs(text_cls, "text_", cfg, {"vocab_size": vocab_size, "max_len": max_len}))
+    image_cls = _tower_class(cfg.get("image_tower", "vit"), "image")
+    text_cls = _tower_class(cfg.get("text_tower", "transformer"), "text")
+    data = {"image_size": image_size, "vocab_size": vocab_size, "max_len": max_len}
+    image_tower, text_tower = (cls(**_tower_kwargs(cls, cfg, data)) for cls in (image_cls, text_cls))
     return DualEncoder(image_tower, text_tower, int(cfg.get("embed_dim", 64)), log_std=log_std,
                        log_std_per_dim=bool(cfg.get("log_std_per_dim", False)),
                        init_log_std=float(cfg.get("init_log_std", 0.0)),

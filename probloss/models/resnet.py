@@ -50,6 +50,7 @@ class ResNet(nn.Module):
     """
 
     modality = "image"
+    config_keys = ("width", "blocks", "stem_stride")
 
     def __init__(self, image_size: int = 32, width: int = 16, blocks: Sequence[int] = (1, 1, 1), stem_stride: int = 1):
         super().__init__()

@@ -30,6 +30,7 @@ class TextTransformer(nn.Module):
     """
 
     modality = "text"
+    config_keys = ("width", "depth", "heads", "mlp_ratio", "pool")
 
     def __init__(self, vocab_size: int = 259, max_len: int = 16, width: int = 64, depth: int = 2, heads: int = 4,
                  mlp_ratio: float = 4.0, pool: str = "eos"):
@@ -66,6 +67,7 @@ class CBOW(nn.Module):
     """
 
     modality = "text"
+    config_keys = ("width",)
 
     def __init__(self, vocab_size: int = 259, max_len: int = 16, width: int = 64):
         super().__init__()

@@ -73,15 +73,6 @@ class WordTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return [self.ids.get(w, UNK_ID) for w in self._word.findall(text.lower())]
 
-    @classmethod
-    def from_texts(cls, texts: Sequence[str], max_len: int = 16, min_count: int = 1) -> "WordTokenizer":
-        """A vocabulary of the words of ``texts`` seen at least ``min_count`` times, most frequent first."""
-        counts: dict[str, int] = {}
-        for text in texts:
-            for w in cls._word.findall(text.lower()):
-                counts[w] = counts.get(w, 0) + 1
-        return cls(sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)), max_len)
-
 
 def shapes_vocab() -> list[str]:
     """The words of the shapes caption grammar (sorted), for ``build_tokenizer("word")``."""

@@ -27,6 +27,7 @@ class ViT(nn.Module):
     """
 
     modality = "image"
+    config_keys = ("patch_size", "width", "depth", "heads", "mlp_ratio", "pool")
 
     def __init__(self, image_size: int = 32, patch_size: int = 8, width: int = 64, depth: int = 2, heads: int = 4,
                  mlp_ratio: float = 4.0, pool: str = "cls"):

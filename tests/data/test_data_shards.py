@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from probloss.config import ConfigError
 from probloss.data import expand_shards, generate_sample, load_eval_set, make_train_loader, write_shapes_shards
 from probloss.data.shapes import VAL_INDEX_OFFSET, class_names
 from probloss.data.shards import main
@@ -63,9 +64,9 @@ def test_cli(tmp_path, capsys):
     with tarfile.open(tmp_path / "val" / "00000.tar") as tar:
         from PIL import Image
         assert Image.open(io.BytesIO(tar.extractfile("1000000000.png").read())).size == (48, 48)
-    with pytest.raises(SystemExit, match="train_size"):
+    with pytest.raises(ConfigError, match="missing .*train_size"):
         main([f"out={tmp_path}", "val_size=4"])
-    with pytest.raises(SystemExit, match="trainsize"):
+    with pytest.raises(ConfigError, match="unknown config key 'trainsize'. Did you mean 'train_size'"):
         main([f"out={tmp_path}", "trainsize=4", "val_size=4"])
 
 

@@ -1,5 +1,11 @@
-"""Built-in losses against plain references written from the formulas (float64, forward and backward)."""
+"""Built-in losses against plain references written from the formulas (float64, forward and backward).
 
+The registry-parametrised tests cover every registered loss, each implementation it declares (an ``impl``
+keyword: dense and tiled) and each log-std layout it takes; a loss without a reference here is skipped, naming
+what is missing.
+"""
+
+import inspect
 import math
 
 import pytest
@@ -7,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import probloss
+from probloss.testing import log_std_shapes
 
 
 def clip_reference(x, y, logit_scale):
@@ -26,7 +33,7 @@ def siglip_reference(x, y, logit_scale, logit_bias):
 
 
 def proposal_reference(I_f, I_ln_std, T_f, T_ln_std):
-    """The proposal's own PyTorch pseudocode (seeds/003), verbatim apart from formatting: (n, n, d) broadcast."""
+    """The proposal's own PyTorch pseudocode (docs/design.md, Sources), verbatim apart from formatting: (n, n, d) broadcast."""
     n = I_f.size(0)
     ce_loss = torch.nn.CrossEntropyLoss()
     I_f = I_f.unsqueeze(1)
@@ -65,12 +72,60 @@ def gaussian_reference(x, lx, y, ly, variant="proposal", normalize=False):
     return (F.cross_entropy(logits(ly, False), labels) + F.cross_entropy(logits(lx, True), labels)) / 2
 
 
-def inputs(n=9, d=5, seed=0, diagonal=False):
-    gen = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
-    shape = (n, d) if diagonal else (n,)
-    lx, ly = 0.3 * torch.randn(*shape, generator=gen, dtype=torch.float64), 0.3 * torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return [t.requires_grad_(True) for t in (x, y, lx, ly)]
+def sigmoid_var_reference(x, y, lx, ly, t, b, normalize=True):
+    """The variance-aware sigmoid: -sum log_sigmoid(z * logits) / n with explicit (n, n, d) differences."""
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    d = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    var = lx.exp()[:, None] ** 2 + ly.exp()[None, :] ** 2
+    logits = t * (-torch.log(var.sqrt()) - d / var) + b
+    labels = 2 * torch.eye(len(x), dtype=x.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / len(x)
+
+
+# Each built-in loss as built with its defaults, computed by its reference from the loss's own parameters.
+REFERENCES = {
+    "infonce": lambda loss, x, y, lx, ly: clip_reference(x, y, loss.logit_scale),
+    "sigmoid": lambda loss, x, y, lx, ly: siglip_reference(x, y, loss.logit_scale, loss.logit_bias),
+    "gaussian_var": lambda loss, x, y, lx, ly: gaussian_reference(x, lx, y, ly, loss.variant, loss.normalize),
+    "sigmoid_var": lambda loss, x, y, lx, ly: sigmoid_var_reference(
+        x, y, lx, ly, loss.logit_scale.exp(), loss.logit_bias, loss.normalize
+    ),
+}
+
+
+def impls(name):
+    """The implementations a loss declares: dense and tiled if its constructor takes ``impl``, else its only one."""
+    return ["dense", "tiled"] if "impl" in inspect.signature(probloss.LOSSES.get(name)).parameters else [None]
+
+
+# (name, impl, log-std layout) for every registered loss.
+CASES = [
+    (name, impl, log_std)
+    for name in probloss.list_losses()
+    for impl in impls(name)
+    for log_std in log_std_shapes(probloss.LOSSES.get(name))
+]
+
+
+def build(name, impl, block_size):
+    """The loss in float64, its parameters moved off their init (generic values, every term matters)."""
+    loss = probloss.build_loss(name, **({"impl": impl, "block_size": block_size} if impl else {})).double()
+    with torch.no_grad():
+        for param in loss.parameters():
+            param.mul_(0.5)
+    return loss
+
+
+@pytest.fixture
+def inputs(loss_inputs):
+    """Independent pairs with per-sample log-stds (``diagonal=True``: per-dimension), all requiring grad."""
+
+    def make(n=9, d=5, seed=0, diagonal=False):
+        return loss_inputs(n, d, "diagonal" if diagonal else "sample", pairs="independent", seed=seed,
+                           requires_grad=True)
+
+    return make
 
 
 def assert_same(value, reference, tensors, rtol=1e-10):
@@ -81,22 +136,34 @@ def assert_same(value, reference, tensors, rtol=1e-10):
         torch.testing.assert_close(got, want, rtol=rtol, atol=1e-14)
 
 
+@pytest.mark.parametrize("name,impl,log_std", CASES)
+def test_matches_its_reference(name, impl, log_std, loss_inputs):
+    if name not in REFERENCES:
+        pytest.skip(f"no reference formula for {name} in REFERENCES")
+    x, y, lx, ly = loss_inputs(9, 5, log_std, pairs="independent", requires_grad=True)
+    loss = build(name, impl, block_size=4)  # 9 rows: three tiles, the last one partial
+    params = [p for p in loss.parameters() if p.requires_grad]
+    tensors = [t for t in (x, y, lx, ly) if t is not None] + params
+    assert_same(loss(x, y, lx, ly), REFERENCES[name](loss, x, y, lx, ly), tensors)
+
+
+@pytest.mark.parametrize("name,impl,log_std", CASES)
+def test_gradcheck(name, impl, log_std, loss_inputs):
+    inputs = [t for t in loss_inputs(4, 3, log_std, pairs="independent", requires_grad=True) if t is not None]
+    loss = build(name, impl, block_size=3)  # 4 rows: two tiles
+    params = [p for p in loss.parameters() if p.requires_grad]
+    n = len(inputs)
+    assert torch.autograd.gradcheck(lambda *t: loss(*t[:n]), (*inputs, *params))
+
+
 @pytest.mark.parametrize("local_loss", [True, False])
-def test_infonce_matches_clip(local_loss):
+def test_infonce_matches_clip(local_loss, inputs):
     x, y, _, _ = inputs()
     loss = probloss.build_loss("infonce", local_loss=local_loss).double()
     assert_same(loss(x, y), clip_reference(x, y, loss.logit_scale), [x, y, loss.logit_scale])
 
 
-@pytest.mark.parametrize("impl", ["dense", "tiled"])
-def test_sigmoid_matches_siglip(impl):
-    x, y, _, _ = inputs()
-    loss = probloss.build_loss("sigmoid", impl=impl, block_size=4, init_logit_bias=-2.0).double()
-    reference = siglip_reference(x, y, loss.logit_scale, loss.logit_bias)
-    assert_same(loss(x, y), reference, [x, y, loss.logit_scale, loss.logit_bias])
-
-
-def test_gaussian_var_matches_the_proposal_pseudocode():
+def test_gaussian_var_matches_the_proposal_pseudocode(inputs):
     x, y, lx, ly = inputs()
     loss = probloss.build_loss("gaussian_var").double()
     assert_same(loss(x, y, lx, ly), proposal_reference(x, lx, y, ly), [x, y, lx, ly])
@@ -105,44 +172,43 @@ def test_gaussian_var_matches_the_proposal_pseudocode():
 @pytest.mark.parametrize("variant", ["proposal", "likelihood"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("diagonal", [False, True])
-def test_gaussian_var_options_match_reference(variant, normalize, diagonal):
+def test_gaussian_var_options_match_reference(variant, normalize, diagonal, inputs):
     x, y, lx, ly = inputs(diagonal=diagonal)
     loss = probloss.build_loss("gaussian_var", variant=variant, normalize=normalize).double()
     assert_same(loss(x, y, lx, ly), gaussian_reference(x, lx, y, ly, variant, normalize), [x, y, lx, ly])
 
 
-def test_gaussian_var_diagonal_with_equal_dims_equals_per_sample():
+@pytest.mark.parametrize("impl", ["dense", "tiled"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sigmoid_var_options_match_reference(impl, normalize, inputs):
+    x, y, lx, ly = inputs(n=7, d=4)
+    loss = probloss.build_loss("sigmoid_var", impl=impl, block_size=3, normalize=normalize, init_logit_bias=-1.0)
+    loss = loss.double()
+    reference = sigmoid_var_reference(x, y, lx, ly, loss.logit_scale.exp(), loss.logit_bias, normalize)
+    assert_same(loss(x, y, lx, ly), reference, [x, y, lx, ly, loss.logit_scale, loss.logit_bias], rtol=1e-9)
+
+
+def test_gaussian_var_diagonal_with_equal_dims_equals_per_sample(inputs):
     x, y, lx, ly = inputs()
     loss = probloss.build_loss("gaussian_var").double()
     expand = lambda t: t[:, None].expand(-1, x.shape[1])  # noqa: E731
     torch.testing.assert_close(loss(x, y, lx, ly), loss(x, y, expand(lx), expand(ly)), rtol=1e-12, atol=0)
 
 
-def test_gaussian_var_is_stable_for_far_apart_embeddings():
+def test_gaussian_var_is_stable_for_far_apart_embeddings(inputs):
     x, y, lx, ly = inputs()
     value = probloss.build_loss("gaussian_var").double()(100 * x, 100 * y, lx - 3, ly - 3)
     assert torch.isfinite(value)
 
 
-@pytest.mark.parametrize("name", ["infonce", "sigmoid", "gaussian_var"])
-def test_gradcheck(name):
-    x, y, lx, ly = inputs(n=4, d=3)
-    loss = probloss.build_loss(name, **({"impl": "tiled", "block_size": 3} if name == "sigmoid" else {})).double()
-    params = [p for p in loss.parameters() if p.requires_grad]
-    if loss.needs_log_std:
-        assert torch.autograd.gradcheck(lambda *t: loss(*t), (x, y, lx, ly))
-    else:
-        assert torch.autograd.gradcheck(lambda a, b, *p: loss(a, b), (x, y, *params))
-
-
-def test_infonce_value_at_init_on_random_pairs_is_near_log_batch():
+def test_infonce_value_at_init_on_random_pairs_is_near_log_batch(inputs):
     x, y, _, _ = inputs(n=64, d=256)
     value = probloss.build_loss("infonce", init_logit_scale=0.0).double()(x, y)
     assert abs(value.item() - math.log(64)) < 0.1
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
-def test_gaussian_var_kl_regulariser_matches_the_closed_form(diagonal):
+def test_gaussian_var_kl_regulariser_matches_the_closed_form(diagonal, inputs):
     x, y, lx, ly = inputs(diagonal=diagonal)
     plain = probloss.build_loss("gaussian_var").double()
     regularised = probloss.build_loss("gaussian_var", kl_weight=0.3).double()

@@ -1,6 +1,8 @@
-"""The variance-aware sigmoid loss against its formula, dense vs tiled, and its gradients."""
+"""The variance-aware sigmoid loss: its tiled kernel, what sigma does to a score, and its bias init.
 
-import pytest
+Its formula (dense and tiled, both ``normalize`` settings) is checked against a reference in test_parity.py.
+"""
+
 import torch
 import torch.nn.functional as F
 
@@ -8,46 +10,15 @@ import probloss
 from probloss.losses.sigmoid_var import pair_logits, var_softplus_pair_sum
 
 
-def reference(x, y, lx, ly, t, b, normalize=True):
-    """-sum log_sigmoid(z * logits) / n with explicit (n, n, d) differences."""
-    if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    d = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
-    var = lx.exp()[:, None] ** 2 + ly.exp()[None, :] ** 2
-    logits = t * (-torch.log(var.sqrt()) - d / var) + b
-    labels = 2 * torch.eye(len(x), dtype=x.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / len(x)
-
-
-def inputs(n=7, d=4, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    tensors = [torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64),
-               0.3 * torch.randn(n, generator=gen, dtype=torch.float64), 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)]
-    return [t.requires_grad_(True) for t in tensors]
-
-
-@pytest.mark.parametrize("impl", ["dense", "tiled"])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_matches_the_formula_forward_and_backward(impl, normalize):
-    x, y, lx, ly = inputs()
-    loss = probloss.build_loss("sigmoid_var", impl=impl, block_size=3, normalize=normalize, init_logit_bias=-1.0).double()
-    value = loss(x, y, lx, ly)
-    want = reference(x, y, lx, ly, loss.logit_scale.exp(), loss.logit_bias, normalize)
-    torch.testing.assert_close(value, want, rtol=1e-10, atol=0)
-    tensors = [x, y, lx, ly, loss.logit_scale, loss.logit_bias]
-    for got, expected in zip(torch.autograd.grad(value, tensors), torch.autograd.grad(want, tensors)):
-        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-13)
-
-
-def test_tiled_kernel_gradcheck_with_rectangular_blocks():
-    x, y, lx, ly = inputs(n=5, d=3)
+def test_tiled_kernel_gradcheck_with_rectangular_blocks(loss_inputs):
+    x, y, lx, ly = loss_inputs(5, 3, "sample", pairs="independent", requires_grad=True)
     t = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: var_softplus_pair_sum(*a, block=2), (x, y[:3], lx, ly[:3], t, b))
 
 
-def test_larger_sigma_flattens_the_pair_score():
-    x, y, lx, ly = inputs()
+def test_larger_sigma_flattens_the_pair_score(loss_inputs):
+    x, y, lx, ly = loss_inputs(7, 4, "sample", pairs="independent")
     loss = probloss.build_loss("sigmoid_var").double()
     sharp = loss.score(x, y, torch.full_like(lx, -1.0), torch.full_like(ly, -1.0))
     flat = loss.score(x, y, torch.full_like(lx, 1.0), torch.full_like(ly, 1.0))

@@ -1,5 +1,6 @@
 """Encoders: every registered tower, the dual encoder and its log-std heads, the model configs."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 import probloss
 from probloss import ENCODERS
 from probloss.models import DualEncoder, Embeddings, build_dual_encoder, build_tokenizer
+from probloss.models.dual import DATA_KWARGS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 B, S, L, V = 4, 32, 16, 40
@@ -39,6 +41,23 @@ def test_tower_shapes_and_gradients_reach_every_parameter(name):
     (out * torch.randn_like(out)).sum().backward()
     for pname, p in tower.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient reaches {pname}"
+
+
+@pytest.mark.parametrize("name", ENCODERS.list())
+def test_tower_declares_exactly_its_constructor_keywords(name):
+    """The tower contract of probloss/models/dual.py: data keywords plus config_keys are the constructor's keywords."""
+    cls = ENCODERS.get(name)
+    keywords = list(inspect.signature(cls).parameters)
+    assert sorted(keywords) == sorted(DATA_KWARGS[cls.modality] + cls.config_keys), (keywords, cls.config_keys)
+
+
+def test_an_encoder_without_the_contract_is_a_clear_error():
+    @ENCODERS.register("no_contract")  # tests/conftest.py removes it after this test
+    class NoContract(torch.nn.Module):
+        modality = "image"
+
+    with pytest.raises(TypeError, match="'no_contract' .* must be a class declaring `modality`.* and `config_keys`"):
+        build_dual_encoder({"image_tower": "no_contract"}, vocab_size=V, max_len=L, image_size=S, log_std=False)
 
 
 @pytest.mark.parametrize("name", [n for n in ENCODERS.list() if ENCODERS.get(n).modality == "text"])
@@ -130,6 +149,6 @@ def test_bad_configs_fail_loudly():
         build_dual_encoder(dict(_cfg("tiny"), image_tower="vitt"), **kw)
     with pytest.raises(ValueError, match="cannot be the image tower"):
         build_dual_encoder(dict(_cfg("tiny"), image_tower="cbow"), **kw)
-    with pytest.raises(ValueError, match="image_size"):  # supplied by the data, not the config
+    with pytest.raises(ValueError, match="image_size comes from the data"):
         build_dual_encoder(dict(_cfg("tiny"), image_image_size=64), **kw)
     assert isinstance(build_dual_encoder({"image_tower": "resnet", "text_tower": "cbow"}, **kw), DualEncoder)

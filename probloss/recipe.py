@@ -1,13 +1,13 @@
-"""Experiments: a grid of training runs (arms x seeds) from configs/experiment/<name>.yaml, and its report.
+"""Recipes: a grid of training runs (arms x seeds) from configs/recipe/<name>.yaml, and its report.
 
-    python scripts/run_experiment.py experiment=bias_init [out_dir=runs] [seeds=[0,1,2]] [training overrides]
+    python scripts/run_recipe.py recipe=bias_init [recipe.seeds=[0,1,2]] [training overrides]
 
-An experiment file names its ``arms`` (arm -> training overrides), the ``seeds``, ``overrides`` shared by
-every run, optional extra ``evaluations`` of each final checkpoint (name -> overrides, e.g. image noise), and
-the ``metrics`` to report. Each run is an ordinary run folder ``<out_dir>/<experiment>/<loss>/<arm>-seed<k>``;
-a run whose summary.json exists is not trained again, so an interrupted experiment continues where it
-stopped. The report (``<out_dir>/<experiment>/experiment.md`` + PNGs) gives each metric as mean ± 95%
-interval over seeds per arm.
+A recipe names its ``arms`` (arm -> training overrides), the ``seeds``, ``overrides`` shared by every run,
+optional extra ``evaluations`` of each final checkpoint (name -> overrides, e.g. image noise), and the
+``metrics`` to report (configs/recipe/_base.yaml documents every key). Each run is an ordinary run folder
+``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` (the recipe's name is the runs' ``experiment``); a run whose
+summary.json exists is not trained again, so an interrupted recipe continues where it stopped. The report
+(``<out_dir>/<recipe>/recipe.md`` + PNGs) gives each metric as mean ± 95% interval over seeds per arm.
 """
 
 from __future__ import annotations
@@ -19,60 +19,32 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from probloss.config import ConfigError, config_dir
+from probloss.config import ConfigError, compose_config
 from probloss.report import mean_ci, save_figure
 
-EXPERIMENT_KEYS = {"description", "seeds", "overrides", "arms", "evaluations", "metrics", "x_label", "x"}
+
+def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
+    """(name, the recipe section, training overrides) of a ``scripts/run_recipe.py`` command line.
+
+    ``argv`` is composed with configs/recipe.yaml (the training config plus ``recipe=<name>``), so every key is
+    checked like a training run's; the training overrides are ``argv`` minus the ``recipe`` ones.
+    """
+    cfg = compose_config(argv, config_name="recipe")
+    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
+    name = next(a.split("=", 1)[1] for a in argv if a.startswith("recipe="))
+    if not recipe.get("arms"):
+        raise ConfigError(f"recipe {name!r} has no arms (arm name -> training overrides)")
+    train_overrides = [a for a in argv if not a.split("=", 1)[0].lstrip("+~").startswith("recipe")]
+    return name, recipe, train_overrides
 
 
-def experiment_names() -> list[str]:
-    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
-
-
-def load_experiment(name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The experiment file with ``key=value`` overrides of its top-level keys (e.g. ``seeds=[0]``)."""
-    path = config_dir() / "experiment" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown experiment {name!r}; choose one of {experiment_names()} (configs/experiment/)")
-    cfg = OmegaConf.load(path)
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key not in EXPERIMENT_KEYS:
-            raise ConfigError(f"unknown experiment key {key!r}; experiment keys: {', '.join(sorted(EXPERIMENT_KEYS))}")
-        cfg[key] = OmegaConf.create(f"v: {value}")["v"]
-    cfg = OmegaConf.to_container(cfg, resolve=True)
-    unknown = set(cfg) - EXPERIMENT_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; experiment keys: {', '.join(sorted(EXPERIMENT_KEYS))}")
-    if not cfg.get("arms"):
-        raise ConfigError(f"{path}: an experiment needs arms (arm name -> training overrides)")
-    return cfg
-
-
-def split_args(argv: Sequence[str]) -> tuple[str, list[str], list[str]]:
-    """``experiment=<name>``, overrides of the experiment's own keys, and training overrides."""
-    name, own, train = None, [], []
-    for arg in argv:
-        key = arg.split("=", 1)[0]
-        if key == "experiment":
-            name = arg.split("=", 1)[1]
-        elif key in EXPERIMENT_KEYS:
-            own.append(arg)
-        else:
-            train.append(arg)
-    if name is None:
-        raise ConfigError(f"say which experiment to run: experiment=<name>, one of {experiment_names()}")
-    return name, own, train
-
-
-def run_experiment(argv: Sequence[str], log=print) -> Path:
+def run_recipe(argv: Sequence[str], log=print) -> Path:
     """Train every arm x seed not trained yet, run the extra evaluations, and write the report."""
-    from probloss.config import compose_config
-    from probloss.train import evaluate_checkpoint, main as train_main
     from probloss.checkpoint import newest_checkpoint
+    from probloss.eval.runtime import evaluate_checkpoint
+    from probloss.train import main as train_main
 
-    name, own, train_overrides = split_args(argv)
-    exp = load_experiment(name, own)
+    name, exp, train_overrides = load_recipe(argv)
     out_dir = Path(compose_config(train_overrides)["out_dir"])
     results = []
     for arm, arm_overrides in exp["arms"].items():
@@ -94,23 +66,23 @@ def run_experiment(argv: Sequence[str], log=print) -> Path:
                 summary.update({f"{evaluation}/{k}": v for k, v in json.loads(cached.read_text()).items()})
             results.append({"arm": arm, "seed": seed, "run_dir": str(run_dir), **summary})
     exp_dir = out_dir / name
-    (exp_dir / "experiment.json").write_text(json.dumps(exp, indent=1))  # the resolved file, for re-rendering
+    (exp_dir / "recipe.json").write_text(json.dumps(exp, indent=1))  # the resolved file, for re-rendering
     (exp_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    report = write_experiment_report(exp, name, results, exp_dir)
+    report = write_recipe_report(exp, name, results, exp_dir)
     log(f"[{name}] wrote {report}", flush=True)
     return report
 
 
-def render_experiment(exp_dir: str | Path) -> Path:
-    """Write ``experiment.md`` and its PNGs again from a finished experiment folder (no training)."""
+def render_recipe(exp_dir: str | Path) -> Path:
+    """Write ``recipe.md`` and its PNGs again from a finished recipe folder (no training)."""
     exp_dir = Path(exp_dir)
-    results_path, exp_path = exp_dir / "results.json", exp_dir / "experiment.json"
-    if not results_path.is_file():
-        raise FileNotFoundError(f"{results_path} does not exist: run python scripts/run_experiment.py "
-                                f"experiment={exp_dir.name} first")
-    # experiment.json holds the file as it was run (with overrides); older folders fall back to the config file
-    exp = json.loads(exp_path.read_text()) if exp_path.is_file() else load_experiment(exp_dir.name)
-    return write_experiment_report(exp, exp_dir.name, json.loads(results_path.read_text()), exp_dir)
+    results_path, exp_path = exp_dir / "results.json", exp_dir / "recipe.json"
+    for path in (results_path, exp_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run python scripts/run_recipe.py "
+                                    f"recipe={exp_dir.name} first")
+    exp = json.loads(exp_path.read_text())  # the recipe as it was run (with overrides)
+    return write_recipe_report(exp, exp_dir.name, json.loads(results_path.read_text()), exp_dir)
 
 
 def _slug(text: str) -> str:
@@ -130,7 +102,7 @@ def aggregate(results: Sequence[Mapping[str, Any]], arms: Sequence[str], metrics
     return table
 
 
-def write_experiment_report(exp: Mapping[str, Any], name: str, results: Sequence[Mapping[str, Any]],
+def write_recipe_report(exp: Mapping[str, Any], name: str, results: Sequence[Mapping[str, Any]],
                             exp_dir: Path) -> Path:
     import matplotlib
 
@@ -143,7 +115,7 @@ def write_experiment_report(exp: Mapping[str, Any], name: str, results: Sequence
     metrics += [f"{e}/{m}" for e in evaluations for m in exp.get("metrics", []) if m.startswith("val/")]
     table = aggregate(results, arms, metrics)
     seeds = sorted({r["seed"] for r in results})
-    lines = [f"# Experiment {name}", "", exp.get("description", "").strip(), "",
+    lines = [f"# Recipe {name}", "", exp.get("description", "").strip(), "",
              f"Mean ± 95% interval (Student t) over seeds {seeds}.", "",
              "| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for arm in arms:
@@ -177,6 +149,6 @@ def write_experiment_report(exp: Mapping[str, Any], name: str, results: Sequence
         ax.set_title(f"{name}: {m}")
         plots.append(save_figure(fig, exp_dir / f"{_slug(m).replace('/', '_')}.png"))
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
-    report = exp_dir / "experiment.md"
+    report = exp_dir / "recipe.md"
     report.write_text("\n".join(lines) + "\n")
     return report

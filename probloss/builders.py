@@ -1,0 +1,109 @@
+"""Building what a run trains: tokenizer, dual encoder + loss (one module), optimizer, schedule, tracker.
+
+::
+
+    run = RunSettings.from_config(cfg)
+    tokenizer = make_tokenizer(run.data)
+    trainee = make_trainee(run, tokenizer)           # Trainee(model, loss); log-std heads if the loss needs them
+    optimizer = make_optimizer(trainee, run.trainer)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import probloss
+from probloss.config import ConfigError
+from probloss.settings import DataSettings, RunSettings, TrainerSettings
+
+
+class Trainee(nn.Module):
+    """The dual encoder and the loss in one module.
+
+    Why one module: DDP, the optimizer, gradient clipping and checkpoints then treat the loss's learnable
+    parameters (``logit_scale``, ``logit_bias``) like any other, so they stay identical across ranks. Only the
+    encoders run in ``forward`` (under DDP's forward and Fabric's autocast); the loss is called outside it on
+    the embeddings (``trainee.loss(...)``) so that GradCache can run it on cached embeddings.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return self.model(images, tokens)  # Embeddings: (B, D) x2 and log-stds (B,) | (B, D) | None
+
+
+def check_batch_sizes(global_batch: int, accum_steps: int, world: int) -> int:
+    """Per-rank batch size; errors if the global batch does not split evenly over ranks and micro-batches."""
+    if global_batch % world:
+        raise ConfigError(
+            f"trainer.batch_size={global_batch} is the global batch and must be divisible by the world size "
+            f"{world} (each rank gets batch_size / world_size samples)")
+    per_rank = global_batch // world
+    if accum_steps < 1 or per_rank % accum_steps:
+        raise ConfigError(
+            f"trainer.accum_steps={accum_steps} must divide the per-rank batch {per_rank} "
+            f"(trainer.batch_size={global_batch} / {world} ranks)")
+    return per_rank
+
+
+def make_tokenizer(data: DataSettings):
+    from probloss.models import build_tokenizer, shapes_vocab
+
+    vocab = shapes_vocab() if data.tokenizer == "word" else None
+    return build_tokenizer(data.tokenizer, max_len=data.max_len, vocab=vocab)
+
+
+def make_trainee(run: RunSettings, tokenizer) -> Trainee:
+    """The run's loss and a dual encoder with log-std heads where the loss needs them."""
+    from probloss.models import build_dual_encoder
+
+    loss = probloss.build_loss(run.loss_name, **run.loss_kwargs)
+    try:
+        model = build_dual_encoder(dict(run.model), vocab_size=tokenizer.vocab_size, max_len=tokenizer.max_len,
+                                   image_size=run.data.image_size, log_std=loss.needs_log_std)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model config {run.model.get('name', '?')!r}: {err}") from None
+    return Trainee(model, loss)
+
+
+def make_optimizer(trainee: nn.Module, trainer: TrainerSettings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases, other rank<2 tensors and the loss's parameters (temperature, bias)."""
+    decay, no_decay = [], []
+    for name, param in trainee.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = name.startswith("loss.") or param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": float(trainer.weight_decay)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(trainer.lr), betas=tuple(trainer.betas),
+                             eps=float(trainer.eps))
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``max_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, trainer: TrainerSettings):
+    warmup, max_steps, min_ratio = trainer.warmup_steps, trainer.max_steps, float(trainer.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, max_steps, min_ratio))
+
+
+def make_stability_tracker(trainer: TrainerSettings):
+    """Loss spikes (> 2x the moving average), grad-norm ratio, non-finite steps; warmup steps never spike.
+
+    ``trainer.max_nonfinite`` is the one setting for "too many non-finite steps in a row": the tracker marks
+    the run diverged at the same count at which the loop stops it.
+    """
+    from probloss.eval.stability import StabilityTracker
+
+    return StabilityTracker(warmup_steps=trainer.warmup_steps, nonfinite_patience=trainer.max_nonfinite)

@@ -1,0 +1,126 @@
+"""Data preparation for a run: which shards to read, the built-in shapes cache, the batch stream, the val set.
+
+::
+
+    spec = prepare_data(run.data, global_batch=128, fabric=fabric)   # shapes: generated once into the cache
+    for batch in train_batches(spec, run.data, tokenizer, ...): ...   # this rank's batches, epoch after epoch
+    val = load_eval(spec, run.data, tokenizer, seed=0)
+
+The shapes cache is ``<cache_dir>/shapes-<hash of the generation parameters>/``, written by
+:func:`probloss.data.write_shapes_shards`, whose ``meta.json`` (written last) is the one completion marker:
+a folder without it is regenerated, one with it is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from probloss import dist
+from probloss.settings import DataSettings
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The shards and zero-shot classes of a run, resolved once."""
+
+    train: str  # brace pattern of training shards
+    val: str  # brace pattern of validation shards
+    classnames: tuple[str, ...] | None  # zero-shot classes (None: no zero-shot)
+    templates: tuple[str, ...] | None  # zero-shot prompt templates (None: the evaluator's defaults)
+    steps_per_epoch: int  # batches per rank per epoch
+
+
+def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec:
+    """Shard patterns for the run: the configured ones, or (``data=shapes``) generated once into the cache.
+
+    Rank 0 generates while the others wait (``fabric=None``: one process).
+    """
+    from probloss.config import ConfigError
+
+    train, val, classnames = data.train_shards, data.val_shards, data.classnames
+    if data.name == "shapes" and (train is None or val is None):
+        folder = shapes_cache_folder(data)
+        if fabric is None or fabric.is_global_zero:
+            generate_shapes(folder, data)
+        dist.barrier(fabric)
+        patterns = generate_shapes(folder, data)  # finished by now: only returns the patterns
+        train, val = train or patterns["train"], val or patterns["val"]
+        classnames = classnames or _read_classes(folder / "classes.json")
+    elif data.name == "shapes" and classnames is None:  # shards made by scripts/make_data.py
+        classnames = _read_classes(Path(str(val).split("{")[0]).parent.parent / "classes.json")
+    steps = data.batches_per_epoch
+    if steps is None:
+        if data.train_size is None:
+            raise ConfigError("data.batches_per_epoch is required for this data source (shards are resampled)")
+        steps = max(1, data.train_size // global_batch)
+    return DataSpec(str(train), str(val), tuple(classnames) if classnames else None, data.templates, int(steps))
+
+
+def _read_classes(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    names = json.loads(path.read_text())
+    if isinstance(names, Mapping):
+        names = names.get("classnames") or names.get("classes") or names.get("names")
+    return list(names) if names else None
+
+
+def shapes_cache_folder(data: DataSettings) -> Path:
+    """``<cache_dir>/shapes-<hash of the generation parameters>``."""
+    from probloss.data import shapes
+
+    params = {"train_size": int(data.train_size), "val_size": int(data.val_size), "seed": int(data.gen_seed),
+              "image_size": int(data.image_size), "version": shapes.VERSION}
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser(str(data.cache_dir))) / f"shapes-{key}"
+
+
+def generate_shapes(folder: Path, data: DataSettings) -> dict[str, str]:
+    """Write the shapes shards into ``folder`` unless a finished copy is there; return the shard patterns."""
+    from probloss.data import write_shapes_shards
+
+    return write_shapes_shards(folder, train_size=int(data.train_size), val_size=int(data.val_size),
+                               seed=int(data.gen_seed), image_size=int(data.image_size))
+
+
+def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, rank: int, world_size: int,
+                  seed: int, pos) -> Iterator[dict]:
+    """This rank's batches from the saved position on, forever (epoch after epoch).
+
+    Each epoch's loader is rebuilt from (seed, epoch, rank, world size) and the batches already consumed are
+    skipped, so the stream after a resume is the one an uninterrupted run would have seen. ``pos.epoch`` and
+    ``pos.batch`` advance as batches are handed out; ``pos.skipped`` sums the loaders' corrupt-sample counts.
+    """
+    from probloss.data import make_train_loader
+
+    while True:
+        # Seeded from its arguments only (the loader draws nothing from torch's global RNG).
+        loader = make_train_loader(
+            spec.train, tokenizer, per_rank, image_size=data.image_size, rank=rank, world_size=world_size,
+            seed=seed, epoch=pos.epoch, num_workers=data.num_workers, batches_per_epoch=spec.steps_per_epoch,
+            **data.loader_noise())
+        iterator = iter(loader)
+        for i, batch in enumerate(iterator):
+            if i >= spec.steps_per_epoch:
+                break
+            if i < pos.batch:
+                continue  # consumed before the checkpoint (its skipped samples were counted then)
+            pos.skipped += int(batch.get("skipped", 0))  # corrupt samples skipped since the worker's last batch
+            pos.batch = i + 1
+            yield batch
+        del iterator, loader
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+
+
+def load_eval(spec: DataSpec, data: DataSettings, tokenizer, *, seed: int, max_samples: int | None = None,
+              image_noise: float = 0.0):
+    """The val set; ``image_noise`` adds Gaussian pixel noise (robustness studies, the sigma-vs-noise check)."""
+    from probloss.data import load_eval_set
+
+    return load_eval_set(spec.val, tokenizer, image_size=data.image_size, max_samples=max_samples,
+                         image_noise=image_noise, seed=seed)

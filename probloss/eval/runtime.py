@@ -1,0 +1,168 @@
+"""Evaluation of a run: during training (every ``trainer.eval_every`` steps and at the end) and of a saved
+checkpoint (``scripts/evaluate.py``).
+
+``val/loss`` is computed here and only here (:func:`val_loss`): the training loss on the val set in global
+batches, each rank embedding its slice exactly as in training, so it is comparable with ``train/loss`` and
+the same for any world size. Every other metric comes from :func:`probloss.eval.evaluate` on rank 0.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from probloss import dist
+from probloss.data.prepare import DataSpec, load_eval, prepare_data
+from probloss.run_folder import finite_scalars, print_summary, write_json
+from probloss.settings import RunSettings
+
+
+@torch.no_grad()
+def val_loss(fabric, trainee, eval_set, global_batch: int) -> float:
+    """The training loss on the val set in global batches (comparable with train/loss); all ranks take part."""
+    module = trainee.module if hasattr(trainee, "module") else trainee  # no DDP forward (no buffer broadcast)
+    world, rank = fabric.world_size, fabric.global_rank
+    n = len(eval_set.captions)
+    batch = min(global_batch, n - n % world)
+    per = batch // world
+    if per == 0:
+        return float("nan")
+    total, count = 0.0, 0
+    was_training = module.training
+    module.eval()
+    for start in range(0, n - batch + 1, batch):
+        lo = start + rank * per
+        images = fabric.to_device(eval_set.images[lo: lo + per])
+        tokens = fabric.to_device(eval_set.tokens[lo: lo + per])
+        emb = module(images, tokens)
+        value, _ = dist.global_mean(fabric, module.loss(*emb.loss_args()))
+        total, count = total + value, count + 1
+    module.train(was_training)
+    return total / max(1, count)
+
+
+def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokenizer, logger, step: int,
+             final: bool = False) -> dict[str, Any]:
+    """val/loss (all ranks) and every metric of probloss.eval.evaluate (rank 0; the others wait).
+
+    Returns the metrics on rank 0 and ``{}`` elsewhere; logs them to TensorBoard. ``final`` adds the image
+    sigma vs pixel-noise check (losses with log-std).
+    """
+    metrics: dict[str, Any] = {"val/loss": val_loss(fabric, trainee, eval_set, run.trainer.batch_size)}
+    if fabric.is_global_zero:
+        module = trainee.module
+        noisy = None
+        if final and module.loss.needs_log_std and run.eval.noise_std:
+            noisy = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
+                              image_noise=float(run.eval.noise_std))
+        metrics.update(evaluate_model(module.model, module.loss, eval_set, spec, tokenizer, device=fabric.device,
+                                      noisy_eval_set=noisy))
+        if logger is not None:
+            logger.log_metrics(finite_scalars(metrics), step=step)
+    dist.barrier(fabric)
+    return metrics if fabric.is_global_zero else {}
+
+
+def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None, noisy_eval_set=None) -> dict[str, Any]:
+    """probloss.eval.evaluate with the run's zero-shot classes and templates (model in eval mode).
+
+    With ``noisy_eval_set`` (the same val images with Gaussian pixel noise) and a loss with log-std, also the
+    image sigma on noisy vs clean images (``unc/image_sigma_noise_ratio``; > 1 when noise raises sigma).
+    """
+    from probloss.eval import evaluate as evaluate_fn
+    from probloss.eval import image_sigma_vs_noise
+
+    metrics = dict(evaluate_fn(model, loss, eval_set, tokenizer, device=device, classnames=spec.classnames,
+                               templates=spec.templates))
+    if noisy_eval_set is not None and loss.needs_log_std:
+        metrics.update(image_sigma_vs_noise(model, eval_set.images, noisy_eval_set.images, device=device))
+    return metrics
+
+
+@torch.no_grad()
+def log_projector(model, eval_set, logger, step: int, max_samples: int) -> None:
+    """TensorBoard projector: val image and text embeddings with caption, specificity level and sigma."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(max_samples, len(eval_set.captions))
+    images, tokens = eval_set.images[:n], eval_set.tokens[:n]
+    image_emb, image_log_std = model.encode_image(images.to(device))
+    text_emb, text_log_std = model.encode_text(tokens.to(device))
+    model.train(was_training)
+    metas = eval_set.json[:n]
+
+    def sigma(log_std, i):
+        if log_std is None:
+            return "n/a"
+        return f"{log_std[i].float().exp().mean().item():.4f}"  # (B,) or the mean over dims of (B, D)
+
+    header = ["caption", "level", "n_objects", "sigma"]
+    text_meta = [[eval_set.captions[i].replace("\t", " "), str(metas[i].get("level", "")),
+                  str(len(metas[i].get("objects", []) or [])), sigma(text_log_std, i)] for i in range(n)]
+    image_meta = [[row[0], row[1], row[2], sigma(image_log_std, i)] for i, row in enumerate(text_meta)]
+    # Thumbnails: min-max scale each normalised image back to [0, 1].
+    flat = images.float().reshape(n, -1)
+    lo, hi = flat.min(1).values.view(n, 1, 1, 1), flat.max(1).values.view(n, 1, 1, 1)
+    thumbs = ((images.float() - lo) / (hi - lo).clamp_min(1e-6)).cpu()
+    writer = logger.experiment
+    writer.add_embedding(text_emb.float().cpu(), metadata=text_meta, metadata_header=header, global_step=step,
+                         tag="val_text")
+    writer.add_embedding(image_emb.float().cpu(), metadata=image_meta, metadata_header=header, label_img=thumbs,
+                         global_step=step, tag="val_image")
+    writer.flush()
+
+
+def evaluate_command(argv: Sequence[str]) -> dict[str, Any]:
+    """``scripts/evaluate.py checkpoint=<path> [key=value ...]`` (configs/evaluate.yaml)."""
+    from probloss.config import ConfigError, compose_config
+
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"{arg!r} is not key=value; pass the checkpoint as checkpoint=<path>")
+    own = [a for a in argv if a.split("=", 1)[0] == "checkpoint"]
+    cfg = compose_config(own, config_name="evaluate")
+    return evaluate_checkpoint(cfg.checkpoint, [a for a in argv if a not in own])
+
+
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``scripts/evaluate.py checkpoint=<path> [key=value ...]``: rebuild the run's model and loss from the
+    checkpoint, evaluate on its val data (or the data the overrides name) and write ``eval-step-<step>.json``.
+
+    ``overrides`` change the config saved in the checkpoint and are checked against it like any command line
+    (an unknown key is an error that lists the keys there).
+    """
+    from lightning_fabric import Fabric
+
+    from probloss import checkpoint as ckpt
+    from probloss.builders import make_tokenizer, make_trainee
+    from probloss.config import apply_overrides
+
+    raw = ckpt.read_checkpoint(path)
+    cfg = apply_overrides(raw["config"], overrides, what=f"the config saved in {path}")
+    run = RunSettings.from_config(cfg)
+    tokenizer = make_tokenizer(run.data)
+    trainee = make_trainee(run, tokenizer)
+    trainee.load_state_dict(raw["model"])
+    fabric = Fabric(accelerator="auto", devices=1, precision="32-true")
+    trainee = fabric.setup_module(trainee)
+    spec = prepare_data(run.data, run.trainer.batch_size)
+    eval_set = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
+                         image_noise=float(run.eval.image_noise or 0.0))
+    metrics = evaluate(fabric, run, trainee, eval_set, spec, tokenizer, logger=None, step=0, final=True)
+    step = int(raw.get("position", {}).get("step", 0))
+    metrics["steps"] = step
+    run_dir = Path(path).resolve().parent.parent
+    out = run_dir / f"eval-step-{step:08d}.json"
+    try:
+        write_json(out, metrics)
+    except OSError as err:  # a read-only run folder: the table is still printed
+        print(f"warning: could not write {out}: {err}", file=sys.stderr)
+        out = None
+    print_summary(metrics, run_dir, f"{run.loss_name} / checkpoint step {step}", run.out_dir)
+    if out is not None:
+        print(f"wrote {out}")
+    return metrics

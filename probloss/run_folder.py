@@ -1,0 +1,159 @@
+"""The run folder ``<out_dir>/<experiment>/<loss>/<run_name>/``: choosing it, resuming, and what a run writes.
+
+::
+
+    run_dir/
+      config.yaml                  the resolved config (probloss.config.save_config)
+      events.out.tfevents.*        TensorBoard scalars, hparams, projector (make_logger)
+      checkpoints/step-*.ckpt      probloss.checkpoint
+      summary.json                 final metrics (write_summary; NaN/Inf written as null)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from probloss import checkpoint as ckpt
+from probloss.config import ConfigError, to_dict
+from probloss.settings import RunSettings
+
+SUMMARY_KEYS = (  # docs/design.md: summary.json keys (those that apply), printed in this order
+    "train/loss", "val/loss", "val/zeroshot_top1", "val/i2t_r@1", "val/t2i_r@1", "val/relation_probe_acc",
+    "val/binding_probe_acc", "embed/effective_rank", "embed/uniformity", "embed/alignment", "embed/modality_gap",
+    "unc/specificity_spearman", "stability/loss_spikes", "stability/grad_norm_ratio", "stability/nonfinite_steps",
+    "stability/diverged", "steps", "samples_per_s",
+)
+
+
+def resolve_run_dir(run: RunSettings) -> tuple[str, str | None]:
+    """(run folder, checkpoint to resume from or None); rank 0 only. See ``resume`` in configs/train.yaml."""
+    base = Path(os.path.expanduser(run.out_dir)) / run.experiment / run.loss_name
+    resume, run_name = run.resume, run.run_name
+    if resume not in (None, "auto"):
+        path = Path(os.path.expanduser(resume))
+        if path.is_file():
+            run_dir = path.parent.parent if path.parent.name == ckpt.CKPT_DIR else path.parent
+            return str(run_dir), str(path)
+        if path.is_dir():
+            found = ckpt.newest_checkpoint(path)
+            if found is None:
+                raise ConfigError(f"resume={resume}: no checkpoints in {path / ckpt.CKPT_DIR}")
+            return str(path), str(found)
+        raise ConfigError(f"resume={resume}: no such checkpoint file or run folder")
+    if run_name is not None:
+        run_dir = base / run_name
+        found = ckpt.newest_checkpoint(run_dir)
+        if found is not None and resume != "auto":
+            raise ConfigError(
+                f"run folder {run_dir} already has checkpoints (newest {found.name}); pass resume=auto to continue "
+                "it, or choose another run_name")
+        return str(run_dir), (str(found) if found is not None else None)
+    if resume == "auto" and base.is_dir():
+        runs = [(p.stat().st_mtime, d) for d in base.iterdir() if (p := ckpt.newest_checkpoint(d)) is not None]
+        if runs:
+            run_dir = max(runs)[1]
+            return str(run_dir), str(ckpt.newest_checkpoint(run_dir))
+    name = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base / name, 1
+    while run_dir.exists():
+        run_dir, n = base / f"{name}-{n}", n + 1
+    return str(run_dir), None
+
+
+def check_resume_config(path: str | Path, cfg: Mapping, announce: bool) -> None:
+    """Refuse to resume a checkpoint whose parameter shapes come from another config; report other changes."""
+    saved = ckpt.read_checkpoint(path).get("config", {})
+    current = to_dict(cfg)
+    shape = ckpt.shape_differences(saved, current)
+    if shape:
+        raise ConfigError(
+            f"cannot resume {path}: its config differs in what decides the model's shape "
+            f"({'; '.join(shape)}). Use the checkpoint's settings, or start a new run (another run_name, no resume).")
+    other = ckpt.other_differences(saved, current)
+    if other and announce:
+        print(f"note: resuming {path} with a changed config: {'; '.join(other)}", file=sys.stderr)
+
+
+def make_logger(run_dir: Path, purge_step: int | None = None):
+    """Fabric's TensorBoardLogger writing straight into the run folder (so `tensorboard --logdir runs` shows
+    every run as <experiment>/<loss>/<run_name>); on resume, events after the checkpoint's step are purged."""
+    from lightning_fabric.loggers import TensorBoardLogger
+
+    kwargs = {"purge_step": purge_step} if purge_step is not None else {}
+    return TensorBoardLogger(root_dir=str(run_dir), name="", version="", default_hp_metric=False, **kwargs)
+
+
+def finite_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of ``metrics`` as floats (what TensorBoard can plot)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+def write_json(path: Path, values: Mapping[str, Any]) -> Path:
+    """Atomic json write; NaN/Inf become null (json has no NaN)."""
+    tmp = path.with_suffix(".json.tmp")
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+    tmp.write_text(json.dumps(clean, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
+    return write_json(Path(run_dir) / "summary.json", summary)
+
+
+def log_hparams(logger, cfg: Mapping, summary: Mapping[str, Any]) -> None:
+    """HParams tab: the flattened config against the final metrics."""
+    params = {}
+
+    def flatten(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                flatten(f"{prefix}{k}.", v) if isinstance(v, Mapping) else flatten(f"{prefix}{k}", v)
+        elif isinstance(node, (list, tuple)):
+            params[prefix.rstrip(".")] = str(list(node))
+        else:
+            params[prefix.rstrip(".")] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    flatten("", to_dict(cfg))
+    metrics = {f"hparams/{k}": v for k, v in finite_scalars(summary).items() if "/" in k}
+    if metrics:
+        logger.log_hyperparams(params, metrics=metrics, step=int(summary.get("steps", 0)))
+
+
+def print_summary(summary: Mapping[str, Any], run_dir: Path, title: str, out_dir: str) -> None:
+    """The end-of-run table."""
+    keys = [k for k in SUMMARY_KEYS if k in summary]
+    hidden = ("run_dir", "loss", "world_size", "status")
+    keys += sorted(k for k in summary if k not in keys and k not in hidden and "_decile_" not in k)
+    rows = [(k, _fmt(summary[k])) for k in keys]
+    width = max(len(k) for k, _ in rows) if rows else 10
+    vwidth = max(len(v) for _, v in rows) if rows else 10
+    line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
+    print("\n" + title)
+    print(line)
+    for k, v in rows:
+        print(f"| {k:<{width}} | {v:>{vwidth}} |")
+    print(line)
+    if any("_decile_" in k for k in summary):
+        print("(R@1 per sigma decile: unc/*_r1_sigma_decile_* in summary.json and TensorBoard)")
+    print(f"run folder: {run_dir}  (tensorboard --logdir {out_dir})", flush=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e5 else f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,150 @@
+"""Typed, frozen views of the run config, built once per run and passed to the functions that need them.
+
+The defaults live in ``configs/`` only (one flat, commented block each, nanoGPT style); these classes list the
+keys and their types, nothing else, so a function says what it reads (``train_step(..., grad_clip)``) instead
+of taking the whole config. A test checks that the keys of ``configs/train.yaml`` and of every
+``configs/data/*.yaml`` are exactly these fields, so the two cannot drift apart.
+
+::
+
+    run = RunSettings.from_config(compose_config(["trainer.max_steps=10"]))
+    run.trainer.max_steps, run.data.image_size, run.loss_name      # 10, 32, "infonce"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+def _build(cls, section: Mapping[str, Any], where: str):
+    """``cls`` from a config section: every field must be present (no defaults here), no other key allowed."""
+    names = [f.name for f in fields(cls)]
+    keys = set(section.keys())
+    extra = sorted(keys - set(names))
+    if extra:  # a key added to a yaml without a field here (caught by the tests, not by users)
+        raise KeyError(f"{where}: keys {extra} have no field in {cls.__name__}")
+    values = {}
+    for name in names:
+        value = section.get(name)
+        values[name] = tuple(value) if isinstance(value, (list, tuple)) or _is_list_config(value) else value
+    return cls(**values)
+
+
+def _is_list_config(value: Any) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, ListConfig)
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """``trainer.*`` of configs/train.yaml (its comments document each key)."""
+
+    max_steps: int
+    batch_size: int  # global, over all ranks
+    accum_steps: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip: float | None
+    eval_every: int
+    ckpt_every: int
+    keep_last: int
+    log_every: int
+    on_nonfinite: str
+    max_nonfinite: int
+    deterministic: bool
+    progress: bool
+    num_threads: int | None
+
+
+@dataclass(frozen=True)
+class FabricSettings:
+    """``fabric.*``: what Fabric is built with (values ``fabric run`` sets are ignored under it)."""
+
+    accelerator: str
+    devices: Any  # an int, a list of device ids or "auto"
+    num_nodes: int
+    strategy: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``eval.*``: what the run-time evaluation does."""
+
+    max_samples: int | None
+    projector_samples: int
+    noise_std: float
+    image_noise: float
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """``data.*`` of configs/data/<name>.yaml. Keys that only the built-in shapes data has are ``None`` for
+    other sources (``cache_dir``, ``train_size``, ``val_size``, ``gen_seed``)."""
+
+    name: str
+    train_shards: str | None
+    val_shards: str | None
+    image_size: int
+    classnames: tuple[str, ...] | None
+    templates: tuple[str, ...] | None
+    tokenizer: str
+    max_len: int
+    num_workers: int
+    batches_per_epoch: int | None
+    image_noise: float | None
+    caption_noise: float | None
+    cache_dir: str | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    gen_seed: int | None = None
+
+    def loader_noise(self) -> dict[str, float]:
+        """The augmentation noise the config sets (``None``: the loader's defaults)."""
+        return {k: getattr(self, k) for k in ("image_noise", "caption_noise") if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The whole run: the sections above plus the run folder keys. ``loss`` and ``model`` stay plain dicts: a
+    loss's keywords are its constructor's, a model's are the encoder builder's, and those check them."""
+
+    seed: int
+    out_dir: str
+    experiment: str
+    run_name: str | None
+    resume: str | None
+    loss_name: str
+    loss_kwargs: Mapping[str, Any]
+    model: Mapping[str, Any]
+    trainer: TrainerSettings
+    fabric: FabricSettings
+    eval: EvalSettings
+    data: DataSettings
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "RunSettings":
+        from probloss.config import loss_kwargs, to_dict
+
+        plain = to_dict(cfg)
+        top = {"seed", "out_dir", "experiment", "run_name", "resume", "loss", "model", "trainer", "fabric", "eval",
+               "data"}
+        extra = sorted(set(plain) - top)
+        if extra:
+            raise KeyError(f"config: top-level keys {extra} have no field in RunSettings")
+        return cls(
+            seed=int(plain["seed"]), out_dir=str(plain["out_dir"]), experiment=str(plain["experiment"]),
+            run_name=None if plain["run_name"] is None else str(plain["run_name"]),
+            resume=None if plain["resume"] is None else str(plain["resume"]),
+            loss_name=str(plain["loss"]["name"]), loss_kwargs=loss_kwargs(plain), model=dict(plain["model"]),
+            trainer=_build(TrainerSettings, plain["trainer"], "trainer"),
+            fabric=_build(FabricSettings, plain["fabric"], "fabric"),
+            eval=_build(EvalSettings, plain["eval"], "eval"),
+            data=_build(DataSettings, plain["data"], "data"),
+        )
