@@ -4,9 +4,13 @@
 Each tower also predicts a log standard deviation ln(sigma) per sample. With d_ij = ||x_i - y_j||^2 on the
 raw (unnormalised) embeddings::
 
-    logits_i2t[i, j] = -ln(sigma_T[j]) - d_ij / sigma_T[j]^2     # image i picks among texts j
-    logits_t2i[j, i] = -ln(sigma_I[i]) - d_ij / sigma_I[i]^2     # text j picks among images i
+    logits_i2t[i, j] = -ln(sigma_T[j]) - d_ij / sigma_T[j]^2     # image i picks among texts j:  (N, M)
+    logits_t2i[j, i] = -ln(sigma_I[i]) - d_ij / sigma_I[i]^2     # text j picks among images i:  (N, N)
     loss = ( CE(logits_i2t, diag) + CE(logits_t2i, diag) ) / 2
+
+Hard negatives (NegCLIP style): ``text_emb`` may have M >= N rows, the N positives then M - N extra texts.
+Image->text is a softmax over all M texts, each with its own sigma_T; text->image only for the N positive
+texts (an extra text has no image to pick). With M == N this is the proposal's loss.
 
 What the variance does: 1 / sigma_j^2 is a per-candidate inverse temperature (a candidate with small sigma
 is a sharp target, one with large sigma a flat one), and -ln(sigma_j) is a penalty that stops every
@@ -18,15 +22,17 @@ Options beyond the proposal (defaults reproduce it exactly):
 - ``variant="likelihood"``: the isotropic Gaussian log-density, -D ln(sigma_j) - d_ij / (2 sigma_j^2).
 - ``normalize=True``: L2-normalise the embeddings first (d_ij in [0, 4]).
 - ``kl_weight > 0``: adds ``kl_weight`` times the mean KL divergence of each sample's Gaussian N(x, sigma^2 I)
-  from the unit Gaussian N(0, I), 0.5 sum_k (sigma_k^2 + x_k^2 - 1 - 2 ln sigma_k), over both modalities: the
-  regulariser PCME++ (Chun 2024) and ProLIP use against variance collapse.
+  from the unit Gaussian N(0, I), 0.5 sum_k (sigma_k^2 + x_k^2 - 1 - 2 ln sigma_k), over both modalities (the
+  mean over all M texts, extras included: they are Gaussians of the text tower too): the regulariser PCME++
+  (Chun 2024) and ProLIP use against variance collapse.
 - per-dimension log-std ``(B, D)`` (a diagonal Gaussian): d_ij = sum_k (x_ik - y_jk)^2 / sigma_jk^2 and the
   penalty is mean_k ln(sigma_jk) (proposal; equal to ln(sigma) when all dimensions agree) or
   sum_k ln(sigma_jk) (likelihood).
 
 Distances are computed as ||x||^2 + ||y||^2 - 2 x.y (never a (B, B, D) tensor) and the cross-entropies with a
 stable log-sum-exp. Distributed: embeddings and log-stds are all-gathered with autograd (a softmax needs every
-candidate); each rank scores its own rows. Shapes: embeddings (B, D), log-stds (B,) or (B, D).
+candidate, extra texts included); each rank scores its own rows. Shapes: image_emb (N, D), text_emb (M, D),
+log-stds (N,) / (M,) or (N, D) / (M, D); every rank the same N and M.
 
 ``impl``: ``dense`` materialises the logits; ``tiled`` computes the log-sum-exps block by block
 (:func:`probloss.tiled.dist_pair_lse`, O(B x D) memory, tiles recomputed in backward) over the gathered
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 
 import probloss
 from probloss import dist
+from probloss.loss import positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, dist_pair_lse, sq_dist_features, use_tiled
 
 VARIANTS = ("proposal", "likelihood")
@@ -112,15 +119,17 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
 
     def contrastive_loss(self, image_emb, text_emb, image_log_std, text_log_std):
         x, y = self.embed(image_emb), self.embed(text_emb)
-        # Every candidate of the softmax: (B_global, D) and (B_global,) or (B_global, D); identity in one process.
+        n, m = x.shape[0], y.shape[0]  # m > n: extra texts, negatives only
+        # Every candidate of the softmax: (W N, D), (W M, D) and their log-stds, rank-major; identity in one process.
         all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)
         all_image_log_std, all_text_log_std = dist.all_gather_cat(image_log_std), dist.all_gather_cat(text_log_std)
         if use_tiled(self.impl, all_y.shape[0], self.block_size):
             return self._tiled_loss(x, y, all_x, all_y, all_image_log_std, all_text_log_std)
-        labels = torch.arange(x.shape[0], device=x.device) + dist.get_rank() * x.shape[0]
-        logits_i2t, _, _ = self.candidate_logits(x, all_y, all_text_log_std)  # (B_local, B_global)
-        logits_t2i, _, _ = self.candidate_logits(y, all_x, all_image_log_std)  # (B_local, B_global)
-        return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+        # Positives at this rank's offset: text column rank * M + i for image i, image column rank * N + i for text i.
+        rows, rank = torch.arange(n, device=x.device), dist.get_rank()
+        logits_i2t, _, _ = self.candidate_logits(x, all_y, all_text_log_std)  # (N, W M)
+        logits_t2i, _, _ = self.candidate_logits(positive_texts(y, n), all_x, all_image_log_std)  # (N, W N)
+        return (F.cross_entropy(logits_i2t, rows + rank * m) + F.cross_entropy(logits_t2i, rows + rank * n)) / 2
 
     def _penalty_and_weight(self, log_std, dims):
         """Per-candidate ``(log_std_term, inv_var)`` exactly as :meth:`candidate_logits` forms them: ``(N,)`` and
@@ -148,32 +157,41 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         block = self.block_size
         pen_img, w_img = self._penalty_and_weight(all_image_log_std, x.shape[1])  # candidates of text->image
         pen_txt, w_txt = self._penalty_and_weight(all_text_log_std, x.shape[1])  # candidates of image->text
-        rank, n = dist.get_rank(), x.shape[0]
-        local = slice(rank * n, (rank + 1) * n)  # this rank's own candidates (its positives)
+        rank, n, m = dist.get_rank(), x.shape[0], y.shape[0]
+        own_images = slice(rank * n, (rank + 1) * n)  # this rank's images among the candidates
+        own_texts = slice(rank * m, rank * m + n)  # this rank's positive texts among the candidates
+        y_pos = positive_texts(y, n)  # the text->image queries
         if all_text_log_std.dim() == 1:
             # ||x_i - y_j||^2 = -2 x_i.y_j + |x_i|^2 + |y_j|^2, formed tile by tile from the raw embeddings.
-            sq_x, sq_y, sq_all_x, sq_all_y = (t.pow(2).sum(-1) for t in (x, y, all_x, all_y))
+            sq_x, sq_all_x, sq_all_y = (t.pow(2).sum(-1) for t in (x, all_x, all_y))
             if not dist.is_distributed():
-                # One (B, B) matrix: i2t is its row LSE (text candidates), t2i its column LSE (image candidates).
+                # One (N, M) matrix: i2t is its row LSE (text candidates), t2i its column LSE (image candidates),
+                # of which the positive texts' (the first N) are used.
                 lse_i2t, lse_t2i = dist_pair_lse(
                     x, y, pen_txt, w_txt, pen_img, w_img, rows=True, cols=True, block=block,
-                    scale=-2.0, row_add=sq_x, col_add=sq_y,
+                    scale=-2.0, row_add=sq_x, col_add=sq_all_y,
                 )
+                lse_t2i = positive_texts(lse_t2i, n)
             else:
-                # (B_local, B_global) per direction; rows are this rank's queries.
+                # (N, W M) and (N, W N); rows are this rank's queries.
                 lse_i2t, _ = dist_pair_lse(
                     x, all_y, pen_txt, w_txt, block=block, scale=-2.0, row_add=sq_x, col_add=sq_all_y
                 )
                 lse_t2i, _ = dist_pair_lse(
-                    y, all_x, pen_img, w_img, block=block, scale=-2.0, row_add=sq_y, col_add=sq_all_x
+                    y_pos, all_x, pen_img, w_img, block=block, scale=-2.0, row_add=y_pos.pow(2).sum(-1),
+                    col_add=sq_all_x,
                 )
         else:
             # Diagonal: the weights sit inside the distance, so each direction has its own features (w folded in).
             lse_i2t, _ = dist_pair_lse(*sq_dist_features(x, all_y, w_txt), pen_txt, None, block=block)
-            lse_t2i, _ = dist_pair_lse(*sq_dist_features(y, all_x, w_img), pen_img, None, block=block)
-        pos_i2t = self._positive_logits(x, y, pen_txt[local], w_txt[local])
-        pos_t2i = self._positive_logits(y, x, pen_img[local], w_img[local])
+            lse_t2i, _ = dist_pair_lse(*sq_dist_features(y_pos, all_x, w_img), pen_img, None, block=block)
+        pos_i2t = self._positive_logits(x, y_pos, pen_txt[own_texts], w_txt[own_texts])
+        pos_t2i = self._positive_logits(y_pos, x, pen_img[own_images], w_img[own_images])
         return ((lse_i2t - pos_i2t).mean() + (lse_t2i - pos_t2i).mean()) / 2
+
+    @property
+    def scores_raw_embeddings(self) -> bool:
+        return not self.normalize
 
     def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std):
         """The mean of the two directions' logits, ``(N_img, N_txt)``: each direction's own ranking plus the other's."""

@@ -4,8 +4,12 @@ Radford et al., "Learning Transferable Visual Models From Natural Language Super
 
 With x_i, y_j the L2-normalised image and text embeddings and t = exp(logit_scale)::
 
-    logits_ij = t * x_i . y_j                                   # (B, B), positives on the diagonal
-    loss = ( CE_rows(logits, i) + CE_cols(logits, i) ) / 2      # image->text and text->image
+    logits_ij = t * x_i . y_j                                   # (N, M), positives on the diagonal
+    loss = ( CE_rows(logits, i) + CE_cols(logits[:, :N], i) ) / 2      # image->text and text->image
+
+Hard negatives (NegCLIP, Yuksekgonul et al. 2023): ``text_emb`` may have M >= N rows, the N positives then
+M - N extra texts. Image->text is a softmax over all M texts; text->image only for the N positive texts (an
+extra text has no image to pick). With M == N this is CLIP's loss.
 
 ``logit_scale`` starts at log(1/0.07) and the logits use ``min(logit_scale, log(100))``, CLIP's cap. The cap
 is functional, never an in-place clamp of the parameter, so ``score()`` and the forward have no side effects.
@@ -16,9 +20,10 @@ gradient at the cap and can come back down. We keep the true derivative rather t
 imitates CLIP's projected step: with it the distributed invariant holds exactly (a surrogate that depends on
 the sign of each rank's gradient would not average over ranks to the single-process one) and gradcheck passes.
 
-Shapes: ``image_emb``, ``text_emb`` (B, D) on each rank. Distributed: embeddings are all-gathered with
-autograd. ``local_loss=True`` scores this rank's rows against every column in both directions,
-O(B_local x B_global) memory; ``local_loss=False`` computes the whole (B_global, B_global) matrix on every rank.
+Shapes: ``image_emb`` (N, D), ``text_emb`` (M, D) on each rank (every rank the same N and M). Distributed:
+embeddings (extra texts included) are all-gathered with autograd. ``local_loss=True`` scores this rank's rows
+against every column in both directions, O(N x W M) memory; ``local_loss=False`` computes the whole
+(W N, W M) matrix on every rank.
 
 ``impl``: ``dense`` materialises the logits; ``tiled`` computes the log-sum-exps block by block
 (:func:`probloss.tiled.pair_lse`, O(B x D) memory, tiles recomputed in backward) over the gathered columns,
@@ -34,6 +39,7 @@ from torch import nn
 
 import probloss
 from probloss import dist
+from probloss.loss import positive_columns, positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, pair_lse, use_tiled
 
 
@@ -79,34 +85,46 @@ class InfoNCE(probloss.ContrastiveLoss):
 
     def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
         x, y = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+        n, m = x.shape[0], y.shape[0]  # m > n: extra texts, negatives only
         t = self.logit_scale_in_use().exp()
-        all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)  # (B_global, D); identity in one process
+        # (W N, D) and (W M, D), rank-major; identity in one process
+        all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)
         if use_tiled(self.impl, all_y.shape[0], self.block_size):
             return self._tiled_loss(x, y, all_x, all_y, t)
         if self.local_loss:
-            # This rank's rows against every column, in both directions; positives at this rank's offset.
-            labels = torch.arange(x.shape[0], device=x.device) + dist.get_rank() * x.shape[0]
-            loss_i2t = F.cross_entropy(t * x @ all_y.T, labels)  # (B_local, B_global)
-            loss_t2i = F.cross_entropy(t * y @ all_x.T, labels)
+            # This rank's rows against every column, in both directions; positives at this rank's offset
+            # (text column rank * M + i for image i, image column rank * N + i for text i).
+            rows, rank = torch.arange(n, device=x.device), dist.get_rank()
+            loss_i2t = F.cross_entropy(t * x @ all_y.T, rows + rank * m)  # (N, W M)
+            loss_t2i = F.cross_entropy(t * positive_texts(y, n) @ all_x.T, rows + rank * n)  # (N, W N)
         else:
-            logits = t * all_x @ all_y.T  # (B_global, B_global), the same on every rank
+            logits = t * all_x @ all_y.T  # (W N, W M), the same on every rank
             labels = torch.arange(logits.shape[0], device=x.device)
-            loss_i2t = F.cross_entropy(logits, labels)
-            loss_t2i = F.cross_entropy(logits.T, labels)
+            if m == n:
+                loss_i2t = F.cross_entropy(logits, labels)
+                loss_t2i = F.cross_entropy(logits.T, labels)
+            else:  # text->image for the positive texts only
+                columns = positive_columns(n, m, dist.get_world_size(), x.device)
+                loss_i2t = F.cross_entropy(logits, columns)
+                loss_t2i = F.cross_entropy(logits.T[columns], labels)
         return (loss_i2t + loss_t2i) / 2
 
     def _tiled_loss(self, x, y, all_x, all_y, t):
         """The same loss from tiled log-sum-exps: CE_i = lse_i - positive_i, no (B, B) matrix kept."""
+        n, m = x.shape[0], y.shape[0]
         if self.local_loss and dist.is_distributed():
-            # (B_local, B_global) in each direction: rows only. Positive of local row i is column
-            # rank * B_local + i, i.e. this rank's own pair (x_i, y_i).
+            # (N, W M) and (N, W N): rows only. The positive of local row i is this rank's own pair (x_i, y_i).
+            y = positive_texts(y, n)
             lse_i2t, _ = pair_lse(x, all_y, t, rows=True, cols=False, block=self.block_size)
             lse_t2i, _ = pair_lse(y, all_x, t, rows=True, cols=False, block=self.block_size)
-            positive = t * (x * y).sum(-1)  # (B_local,)
+            positive = t * (x * y).sum(-1)  # (N,)
         else:
-            # One (B_global, B_global) matrix: image->text is its row LSE, text->image its column LSE.
+            # One (W N, W M) matrix: image->text is its row LSE, text->image its column LSE.
             lse_i2t, lse_t2i = pair_lse(all_x, all_y, t, rows=True, cols=True, block=self.block_size)
-            positive = t * (all_x * all_y).sum(-1)  # (B_global,)
+            if m > n:  # text->image for the positive texts only (the extras' column LSEs go unused)
+                columns = positive_columns(n, m, dist.get_world_size(), x.device)
+                lse_t2i, all_y = lse_t2i[columns], all_y[columns]
+            positive = t * (all_x * all_y).sum(-1)  # (W N,)
         return ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
 
     def compute_scores(self, image_emb, text_emb, image_log_std=None, text_log_std=None):

@@ -5,15 +5,20 @@ Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023.
 With x_i, y_j the L2-normalised embeddings, t = exp(logit_scale), b = logit_bias, z_ij = +1 on the diagonal
 and -1 elsewhere::
 
-    logits_ij = t * x_i . y_j + b
-    loss = -sum_ij log_sigmoid(z_ij * logits_ij) / B
-         = ( sum_ij softplus(logits_ij) - sum_i logits_ii ) / B      # the form computed here
+    logits_ij = t * x_i . y_j + b                                    # i < N images, j < M texts
+    loss = -sum_ij log_sigmoid(z_ij * logits_ij) / N
+         = ( sum_ij softplus(logits_ij) - sum_i logits_ii ) / N      # the form computed here
 
 Init t' = log 10, b = -10 (the paper's, against the 1:B imbalance of positives to negatives).
 
-Shapes: ``image_emb``, ``text_emb`` (B_local, D) on each rank. Distributed (the paper's "chunked" loss):
-each rank computes its positives and local negatives, then the other ranks' text embeddings arrive and add
-negatives only; each rank divides by B_local so the mean over ranks is the global loss. ``dist_impl``:
+Hard negatives: ``text_emb`` may have M >= N rows, the N positives then M - N extra texts; every (image,
+extra text) pair is one more negative pair in the sum (z = -1), and the sum is still divided by the number of
+images N, SigLIP's normalisation (so extras add to the loss rather than diluting it). With M == N: SigLIP.
+
+Shapes: ``image_emb`` (N, D), ``text_emb`` (M, D) on each rank, every rank the same N and M. Distributed (the
+paper's "chunked" loss): each rank computes its positives and local negatives (its extras included), then the
+other ranks' texts (extras included) arrive and add negatives only; each rank divides by its N so the mean over
+ranks is the global loss. ``dist_impl``:
 
 - ``ring`` (default): text blocks travel left and right at once, W-1 blocks in ceil((W-1)/2) rounds;
 - ``shift``: one direction, W-1 rounds;
@@ -24,11 +29,12 @@ In ``ring`` and ``shift`` no (B_local x B_global) matrix exists at any time. ``i
 
 Negative masking (the paper's ablation, "should we prune negative pairs?"): ``neg_mask`` in {``random``,
 ``hard`` (keep the highest-loss negatives), ``easy`` (keep the lowest-loss ones)} keeps
-k = round(neg_keep_ratio * (B_global - 1)) negatives in every image's row; masked pairs contribute nothing.
-The choice needs a row's negatives all at once, so masking scores each rank's rows against the gathered texts
-(dense, O(B_local x B_global)) whatever ``dist_impl`` says. The random mask is drawn for the whole global
-batch from ``mask_seed`` and a call counter kept in the state dict, so every rank and a resumed run draw the
-same masks. ("Hard with matched pairs" lengthens training by 1 / neg_keep_ratio: a trainer setting.)
+k = round(neg_keep_ratio * (M_global - 1)) negatives (extra texts included; M_global = W M texts) in every
+image's row; masked pairs contribute nothing. The choice needs a row's negatives all at once, so masking scores
+each rank's rows against the gathered texts (dense, O(N x W M)) whatever ``dist_impl`` says. The random mask
+is drawn for the whole global batch (indexed by single-process text order) from ``mask_seed`` and a call
+counter kept in the state dict, so every rank and a resumed run draw the same masks. ("Hard with matched
+pairs" lengthens training by 1 / neg_keep_ratio: a trainer setting.)
 """
 
 import math
@@ -40,9 +46,17 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
+from probloss.loss import positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, softplus_pair_sum, use_tiled
 
 NEG_MASKS = ("none", "random", "hard", "easy")
+
+
+def _single_process_columns(n: int, m: int, world: int) -> torch.Tensor:
+    """For each gathered text column (rank-major, ``m`` per rank, positives first), its column in the
+    single-process order [every rank's ``n`` positives, then every rank's ``m - n`` extras]."""
+    rank, j = torch.arange(world * m) // m, torch.arange(world * m) % m
+    return torch.where(j < n, rank * n + j, world * n + rank * (m - n) + (j - n))
 
 
 @probloss.register_loss("sigmoid")
@@ -97,26 +111,31 @@ class SigmoidLoss(probloss.ContrastiveLoss):
             return self.masked_loss(x, y, t, b)
         block = self.block_size if use_tiled(self.impl, x.shape[0], self.block_size) else None
         # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii, so subtracting the diagonal logits from the
-        # all-pairs softplus sum turns the diagonal into positives.
-        total = softplus_pair_sum(x, y, t, b, block) - (t * (x * y).sum(-1) + b).sum()
+        # all-pairs softplus sum (over all M texts, extras included) turns the diagonal into positives.
+        total = softplus_pair_sum(x, y, t, b, block) - (t * (x * positive_texts(y, x.shape[0])).sum(-1) + b).sum()
         for y_block in dist.other_rank_blocks(y, self.dist_impl, what="sigmoid loss"):  # negatives only
             total = total + softplus_pair_sum(x, y_block, t, b, block)
         return total / x.shape[0]
 
     def masked_loss(self, x, y, t, b):
-        """Positives plus the kept negatives of each row, over the gathered texts: (B_local, B_global) logits."""
-        rank, n = dist.get_rank(), x.shape[0]
+        """Positives plus the kept negatives of each row, over the gathered texts: (N, W M) logits."""
+        rank, world, n, m = dist.get_rank(), dist.get_world_size(), x.shape[0], y.shape[0]
         all_y = dist.all_gather_cat(y)
-        logits = t * x @ all_y.T + b  # (B_local, B_global), positives at column rank * n + i
-        columns = torch.arange(n, device=x.device) + rank * n
+        logits = t * x @ all_y.T + b  # (N, W M), positives at column rank * m + i
+        columns = torch.arange(n, device=x.device) + rank * m
         positive = torch.zeros_like(logits, dtype=torch.bool)
         positive[torch.arange(n, device=x.device), columns] = True
         keep = round(self.neg_keep_ratio * (logits.shape[1] - 1))
         with torch.no_grad():
             if self.neg_mask == "random":
                 generator = torch.Generator().manual_seed(self.mask_seed * 1_000_003 + int(self.mask_calls))
-                priority = torch.rand(logits.shape[1], logits.shape[1], generator=generator, dtype=torch.float64)
-                priority = priority[rank * n : (rank + 1) * n].to(logits.device)  # this rank's rows of the global draw
+                priority = torch.rand(world * n, world * m, generator=generator, dtype=torch.float64)
+                priority = priority[rank * n : (rank + 1) * n]  # this rank's rows of the global draw
+                if m > n:
+                    # The draw's columns are single-process texts [all positives, all extras]; the gathered
+                    # columns are rank-major [positives_0, extras_0, positives_1, ...]: reorder to match.
+                    priority = priority[:, _single_process_columns(n, m, world)]
+                priority = priority.to(logits.device)
             else:  # the pair loss softplus(l) grows with l: hard = highest logits, easy = lowest
                 priority = logits.detach().double() if self.neg_mask == "hard" else -logits.detach().double()
             priority = priority.masked_fill(positive, -float("inf"))

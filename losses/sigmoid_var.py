@@ -7,7 +7,7 @@ so the score is symmetric in image and text, as a pairwise sigmoid needs::
 
     d_ij = ||x_i - y_j||^2
     logits_ij = t * ( -ln sqrt(v_ij) - d_ij / v_ij ) + b
-    loss = -sum_ij log_sigmoid(z_ij * logits_ij) / B          # z = +1 on the diagonal, -1 elsewhere
+    loss = -sum_ij log_sigmoid(z_ij * logits_ij) / N          # z = +1 on the diagonal, -1 elsewhere
 
 With equal sigmas this is SigLIP on squared distances; a large v_ij flattens the pair's score towards
 t * (-ln sqrt(v)) + b, i.e. an uncertain sample is neither a confident match nor a confident non-match, and
@@ -19,7 +19,12 @@ logits_ij = t * cos_ij - t * (1 + ln(2) / 2) + b, hence b = -10 + 10 * (1 + ln(2
 b = -10 here starts every logit near -24 and trains poorly (configs/experiment/sigmoid_var_init.yaml:
 zero-shot 0.16 vs 0.26, effective rank 3.4 vs 9.8 at 600 steps).
 
-Shapes: embeddings (B_local, D), log-stds (B_local,). ``normalize=True`` (default) L2-normalises the embeddings
+Hard negatives: ``text_emb`` may have M >= N rows, the N positives then M - N extra texts (with their own
+log-stds); every (image, extra text) pair is one more negative pair (z = -1) and the sum is still divided by the
+number of images N, as SigLIP normalises. With M == N nothing changes.
+
+Shapes: image_emb (N, D), text_emb (M, D), log-stds (N,) and (M,), every rank the same N and M.
+``normalize=True`` (default) L2-normalises the embeddings
 first (d in [0, 4]). Distributed exactly like ``sigmoid``: positives and local negatives on each rank, the other
 ranks' texts and text log-stds arrive over the ring (``dist_impl`` "ring", "shift") or by all-gather
 ("gather"). ``impl="tiled"`` computes the pair sums in (block x block) tiles and recomputes them in backward,
@@ -35,6 +40,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
+from probloss.loss import positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, use_tiled
 
 # SigLIP's starting logits t * cos - 10 at t = 10 and sigma = 1 (see the module docstring).
@@ -145,16 +151,22 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         x, y = self.embed(image_emb), self.embed(text_emb)
         t, b = self.logit_scale.exp(), self.logit_bias
         block = self.block_size if use_tiled(self.impl, x.shape[0], self.block_size) else None
-        # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii (the diagonal of the all-pairs sum turned around).
-        diag_dist = (x - y).pow(2).sum(-1)
-        diag_var = torch.exp(2 * image_log_std) + torch.exp(2 * text_log_std)
+        # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii (the diagonal of the all-pairs sum, over all M
+        # texts, turned around).
+        n = x.shape[0]
+        diag_dist = (x - positive_texts(y, n)).pow(2).sum(-1)
+        diag_var = torch.exp(2 * image_log_std) + torch.exp(2 * positive_texts(text_log_std, n))
         diag_logits = t * (-0.5 * torch.log(diag_var) - diag_dist / diag_var) + b
         total = var_softplus_pair_sum(x, y, image_log_std, text_log_std, t, b, block) - diag_logits.sum()
-        # Texts travel with their log-std as one (B, D + 1) block.
+        # Texts travel with their log-std as one (M, D + 1) block.
         texts = torch.cat([y, text_log_std[:, None]], dim=1)
         for other in dist.other_rank_blocks(texts, self.dist_impl, what="sigmoid_var loss"):  # negatives only
             total = total + var_softplus_pair_sum(x, other[:, :-1], image_log_std, other[:, -1], t, b, block)
         return total / x.shape[0]
+
+    @property
+    def scores_raw_embeddings(self) -> bool:
+        return not self.normalize
 
     def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std):
         x, y = self.embed(image_emb), self.embed(text_emb)

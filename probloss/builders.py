@@ -34,7 +34,9 @@ class Trainee(nn.Module):
         self.model, self.loss = model, loss
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.model(images, tokens)  # Embeddings: (B, D) x2 and log-stds (B,) | (B, D) | None
+        # Embeddings: (B, D) images, (M, D) texts (M > B with extra texts after the positives) and their
+        # log-stds (rows,) | (rows, D) | None
+        return self.model(images, tokens)
 
 
 def check_batch_sizes(global_batch: int, accum_steps: int, world: int) -> int:

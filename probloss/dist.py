@@ -89,7 +89,7 @@ def check_same_shapes(tensors: dict[str, torch.Tensor | None], what: str = "loss
             per_rank = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descriptions))
             raise ValueError(
                 f"{what}: ranks hold different {name} ({per_rank}). Every rank must get the same local batch "
-                "size and embedding shape: make the global batch divisible by the world size and drop or "
+                "size, number of extra texts and embedding shape: make the global batch divisible by the world size and drop or "
                 "resample the last uneven batch."
             )
 

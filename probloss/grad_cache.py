@@ -7,7 +7,9 @@ encoder activation memory of one micro-batch.
    one, whose surrogate also carries the loss parameters' gradients (sum(p * grad_p)) so that DDP averages
    them with the rest.
 
-The update equals the one of a k-times larger batch (tests/test_train.py checks it).
+The update equals the one of a k-times larger batch (tests/test_train.py checks it), hard negatives included:
+each micro-batch encodes its own extra texts with its positives, and the loss sees the texts in one big batch's
+order, [every positive, then every extra] (the loss contract, probloss/loss.py).
 """
 
 from __future__ import annotations
@@ -23,22 +25,46 @@ def present_fields(emb) -> list[str]:
     return [f for f in FIELDS if getattr(emb, f, None) is not None]
 
 
-def detach(emb):
-    """A copy of an ``Embeddings`` with every tensor detached."""
-    return type(emb)(**{f: getattr(emb, f).detach() for f in present_fields(emb)})
+def detach(emb, texts: int | None = None):
+    """A copy of an ``Embeddings`` with every tensor detached; ``texts``: keep only the first ``texts`` text
+    rows (the positives, dropping extra texts)."""
+    def rows(field, t):
+        return t if texts is None or not field.startswith("text") else t[:texts]
+
+    return type(emb)(**{f: rows(f, getattr(emb, f).detach()) for f in present_fields(emb)})
 
 
-def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Tensor, k: int):
+def with_negatives(tokens: torch.Tensor, negative_tokens: torch.Tensor | None) -> torch.Tensor:
+    """The texts to encode: ``tokens`` (B, L), then ``negative_tokens`` (B, k, L) as (B k, L), sample by sample.
+
+    So the text embeddings are [B positives, B k extras], the loss contract's order (probloss/loss.py).
+    """
+    if negative_tokens is None:
+        return tokens
+    if negative_tokens.dim() != 3 or negative_tokens.shape[0] != tokens.shape[0] or \
+            negative_tokens.shape[2] != tokens.shape[1]:
+        raise ValueError(f"negative_tokens must be (B, k, L) = ({tokens.shape[0]}, k, {tokens.shape[1]}) to go with "
+                         f"tokens {tuple(tokens.shape)}, got {tuple(negative_tokens.shape)}")
+    return torch.cat([tokens, negative_tokens.flatten(0, 1)])
+
+
+def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Tensor, k: int,
+                        negative_tokens: torch.Tensor | None = None):
     """Back-propagate the loss of this rank's batch in ``k`` micro-batches.
 
+    ``negative_tokens`` (B, n_neg, L): extra texts per sample (hard negatives), encoded with their sample's
+    micro-batch.
+
     Returns:
-        (global loss value, whether it is finite on every rank, the first micro-batch's detached Embeddings).
-        Nothing is back-propagated when the loss is not finite.
+        (global loss value, whether it is finite on every rank, the first micro-batch's detached Embeddings,
+        positive texts only). Nothing is back-propagated when the loss is not finite.
     """
     n = images.shape[0]
     if n % k:
         raise ValueError(f"per-rank batch {n} is not divisible by trainer.accum_steps={k}")
-    chunks = list(zip(images.chunk(k), tokens.chunk(k)))
+    negatives = negative_tokens.chunk(k) if negative_tokens is not None else [None] * k
+    chunks = [(image_chunk, with_negatives(token_chunk, negative_chunk))
+              for image_chunk, token_chunk, negative_chunk in zip(images.chunk(k), tokens.chunk(k), negatives)]
     rng_states, cached = [], []
     with torch.no_grad():
         for image_chunk, token_chunk in chunks:
@@ -46,19 +72,34 @@ def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Ten
             cached.append(trainee(image_chunk, token_chunk))
     after = _rng_snapshot(images.device)
     fields = present_fields(cached[0])
-    leaves = [torch.cat([getattr(e, f) for e in cached]).detach().requires_grad_(True) for f in fields]
+    sizes = [c[0].shape[0] for c in chunks]
+    text_sizes = [c[1].shape[0] for c in chunks]
+    # Micro-batch texts are [positives_i, extras_i]; the loss wants [all positives, all extras] (one big batch).
+    order = _loss_order(sizes, text_sizes, images.device) if negative_tokens is not None else None
+
+    def to_loss_order(field, t):
+        return t[order] if order is not None and field.startswith("text") else t
+
+    leaves = [to_loss_order(f, torch.cat([getattr(e, f) for e in cached])).detach().requires_grad_(True)
+              for f in fields]
     full = type(cached[0])(**dict(zip(fields, leaves)))
     loss = trainee.loss(*full.loss_args())
     value, finite = dist.global_mean(fabric, loss)
-    first = detach(cached[0])
+    first = detach(cached[0], texts=sizes[0])
     if not finite:
         return value, False, first
     loss_params = [p for p in trainee.loss.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, leaves + loss_params, allow_unused=True)
     emb_grads, param_grads = grads[: len(leaves)], grads[len(leaves):]
     emb_grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, emb_grads)]
-    sizes = [c[0].shape[0] for c in chunks]
-    per_chunk = [g.split(sizes) for g in emb_grads]  # per field: k pieces
+    per_chunk = []  # per field: k pieces, in micro-batch order
+    for f, g in zip(fields, emb_grads):
+        if f.startswith("text"):
+            if order is not None:
+                g = torch.empty_like(g).index_copy_(0, order, g)  # back from the loss's order
+            per_chunk.append(g.split(text_sizes))
+        else:
+            per_chunk.append(g.split(sizes))
     for i, (image_chunk, token_chunk) in enumerate(chunks):
         _rng_restore(rng_states[i], image_chunk.device)
         last = i == k - 1
@@ -71,6 +112,15 @@ def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Ten
             fabric.backward(surrogate)
     _rng_restore(after, images.device)
     return value, True, first
+
+
+def _loss_order(sizes: list[int], text_sizes: list[int], device) -> torch.Tensor:
+    """Row order taking concatenated micro-batch texts ([positives_i (sizes[i]), extras_i] per micro-batch) to
+    [every micro-batch's positives, then every micro-batch's extras]."""
+    starts = [sum(text_sizes[:i]) for i in range(len(sizes))]
+    positives = [torch.arange(s, s + n) for s, n in zip(starts, sizes)]
+    extras = [torch.arange(s + n, s + m) for s, n, m in zip(starts, sizes, text_sizes)]
+    return torch.cat(positives + extras).to(device)
 
 
 def _rng_snapshot(device: torch.device):

@@ -23,13 +23,17 @@ class ContrastiveLoss(nn.Module):
 
     Call as ``loss(image_emb, text_emb, image_log_std=None, text_log_std=None) -> scalar``:
 
-    - ``image_emb``, ``text_emb``: ``(B, D)`` raw projections on this rank; row i of each is a positive pair.
-    - ``image_log_std``, ``text_log_std``: ``(B,)`` one log standard deviation per sample, or ``(B, D)``
-      (diagonal), for losses with ``needs_log_std``; ignored by the others.
+    - ``image_emb`` ``(N, D)``, ``text_emb`` ``(M, D)`` with ``M >= N``: raw projections on this rank. Text
+      rows ``0..N-1`` are the positives of image rows ``0..N-1``; text rows ``N..M-1`` (if any) are extra texts
+      (hard negatives, NegCLIP style): negatives for every image, positives for none. ``M == N`` is the plain
+      paired batch.
+    - ``image_log_std`` ``(N,)`` / ``text_log_std`` ``(M,)``: one log standard deviation per sample, or
+      ``(N, D)`` / ``(M, D)`` (diagonal), for losses with ``needs_log_std``; ignored by the others.
 
-    Under torch.distributed each rank passes its contiguous slice of the global batch and the mean over ranks
-    of the returned values is the single-process loss on the whole batch (docs/design.md, the distributed
-    invariant).
+    Under torch.distributed each rank passes its contiguous slice of the global batch (its positives first,
+    then its extras; every rank the same N and M) and the mean over ranks of the returned values is the
+    single-process loss on the whole batch with texts ordered [every rank's positives in rank order, then every
+    rank's extras in rank order] (docs/design.md, the distributed invariant).
 
     A subclass declares what it is with class attributes (read directly, never guessed):
 
@@ -38,12 +42,23 @@ class ContrastiveLoss(nn.Module):
     - ``distributed_variants``: keyword dicts worth checking across real processes
       (:func:`probloss.testing.check_distributed`, the registry's distributed tests); ``({},)``: as built.
     - ``registered_name``: set by the registry, for messages.
+
+    and with read-only properties:
+
+    - ``scores_raw_embeddings``: True when the loss scores the raw (unnormalised) embeddings, so the geometry
+      of the embedding space (distances, norms) is part of the model; evaluators then report geometry on raw
+      embeddings. False (the default) for losses that L2-normalise first.
     """
 
     needs_log_std: ClassVar[bool] = False
     supports_diagonal_log_std: ClassVar[bool] = False
     distributed_variants: ClassVar[Sequence[dict[str, Any]]] = ({},)
     registered_name: ClassVar[str | None] = None
+
+    @property
+    def scores_raw_embeddings(self) -> bool:
+        """Whether :meth:`score` and the loss use the raw, unnormalised embeddings (class docstring)."""
+        return False
 
     @property
     def loss_name(self) -> str:
@@ -81,7 +96,7 @@ class ContrastiveLoss(nn.Module):
         image_log_std: Tensor | None = None,
         text_log_std: Tensor | None = None,
     ) -> Tensor:
-        """``(N_img, N_txt)`` match scores on this process's inputs, higher = better match.
+        """``(N_img, N_txt)`` match scores on this process's inputs, higher = better match (any N_img, N_txt).
 
         No communication and no side effects: parameters and buffers are left exactly as they were, so
         evaluation can never change a model.
@@ -118,16 +133,17 @@ class ContrastiveLoss(nn.Module):
     ) -> dict[str, float]:
         """Detached scalars for logging, computed on this rank's local batch.
 
-        Mean positive (diagonal) and negative (off-diagonal) score; where the loss has a logit scale t', the
-        value in use (:meth:`logit_scale_in_use`), the multiplier of the logits ``inverse_temperature = exp(t')``
-        (CLIP's "temperature" parameter is this multiplier) and ``temperature = exp(-t')``; ``logit_bias`` where
-        the loss has one; for variance losses the mean and spread of log-std per modality.
+        Mean positive (diagonal) and negative (off-diagonal, extra texts included) score; where the loss has a
+        logit scale t', the value in use (:meth:`logit_scale_in_use`), the multiplier of the logits
+        ``inverse_temperature = exp(t')`` (CLIP's "temperature" parameter is this multiplier) and
+        ``temperature = exp(-t')``; ``logit_bias`` where the loss has one; for variance losses the mean and spread
+        of log-std per modality.
         """
         scores = self.score(image_emb, text_emb, image_log_std, text_log_std).float()
-        n = scores.shape[0]
+        n, m = scores.shape
         out = {"logit_pos_mean": scores.diagonal().mean().item()}
-        if n > 1:
-            off_diagonal = ~torch.eye(n, dtype=torch.bool, device=scores.device)
+        if n * m > min(n, m):  # some off-diagonal (negative) pair exists
+            off_diagonal = ~torch.eye(n, m, dtype=torch.bool, device=scores.device)
             out["logit_neg_mean"] = scores[off_diagonal].mean().item()
         logit_scale = self.logit_scale_in_use()
         if logit_scale is not None:
@@ -157,10 +173,11 @@ class ContrastiveLoss(nn.Module):
                 f"{name}: image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} have different "
                 "embedding sizes D; both towers must project to the same joint dimension"
             )
-        if paired and image_emb.shape[0] != text_emb.shape[0]:
+        if paired and text_emb.shape[0] < image_emb.shape[0]:
             raise ValueError(
                 f"{name}: image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} have different "
-                "batch sizes; row i of each must be a positive pair"
+                "batch sizes with fewer texts than images; text row i must be the positive of image row i (extra "
+                "texts, negatives only, may follow the N positives)"
             )
         if not self.needs_log_std:
             return None, None
@@ -185,3 +202,20 @@ class ContrastiveLoss(nn.Module):
                 "be per-sample (B,) or both per-dimension (B, D)"
             )
         return checked[0], checked[1]
+
+
+def positive_texts(text: Tensor, n_images: int) -> Tensor:
+    """The first ``n_images`` rows of ``text`` (the positives; the rest are extra negatives), or ``text`` itself
+    when there are no extras, so a paired batch runs exactly the operations it always did."""
+    return text if text.shape[0] == n_images else text[:n_images]
+
+
+def positive_columns(n_images: int, n_texts: int, world: int, device=None) -> Tensor:
+    """Rows of the positives in gathered texts: ``(world * n_images,)``, in gathered-image order.
+
+    Each rank holds ``n_images`` images and ``n_texts`` texts (its positives first), so the all-gathered texts
+    are rank-major ``[positives_0, extras_0, positives_1, ...]`` and image ``r * n_images + i`` has its positive
+    at text row ``r * n_texts + i``.
+    """
+    rows = torch.arange(world * n_images, device=device)
+    return rows // n_images * n_texts + rows % n_images

@@ -111,8 +111,8 @@ def write_recipe_report(exp: Mapping[str, Any], name: str, results: Sequence[Map
 
     arms = list(exp["arms"])
     evaluations = list(exp.get("evaluations") or {})
-    metrics = list(exp.get("metrics") or ["val/zeroshot_top1"])
-    metrics += [f"{e}/{m}" for e in evaluations for m in exp.get("metrics", []) if m.startswith("val/")]
+    metrics = list(exp.get("metrics") or ["test/zeroshot_top1"])
+    metrics += [f"{e}/{m}" for e in evaluations for m in exp.get("metrics", []) if m.startswith(("val/", "test/"))]
     table = aggregate(results, arms, metrics)
     seeds = sorted({r["seed"] for r in results})
     lines = [f"# Recipe {name}", "", exp.get("description", "").strip(), "",

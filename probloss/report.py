@@ -21,9 +21,11 @@ import optuna
 # two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-SEED_METRICS = ["val/zeroshot_top1", "val/i2t_r@1", "val/t2i_r@1", "val/relation_probe_acc", "val/binding_probe_acc",
-                "embed/effective_rank", "embed/uniformity", "embed/alignment", "embed/modality_gap",
-                "unc/specificity_spearman", "stability/loss_spikes", "stability/grad_norm_ratio"]
+SEED_METRICS = [  # reported on test; the study selects (best learning rate, best trial) on val
+    "test/zeroshot_top1", "test/zeroshot_unseen_top1", "test/i2t_r@1", "test/t2i_r@1", "test/relation_probe_acc",
+    "test/binding_probe_acc", "test/control_probe_acc", "test/embed/effective_rank", "test/embed/uniformity",
+    "test/embed/alignment", "test/embed/modality_gap", "test/unc/specificity_spearman",
+    "test/unc/specificity_matched_acc", "stability/loss_spikes", "stability/grad_norm_ratio"]
 LR_KEY = "trainer.lr"
 
 
@@ -135,7 +137,7 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
         row["seeds"] = len(seeds)
         row["seed_run_dirs"] = [t.user_attrs.get("run_dir") for t in seeds]
         source = seeds or ([max(complete, key=_first_value)] if finite else [])
-        for metric in SEED_METRICS + sorted({k for t in source for k in t.user_attrs if re.match(r"unc/sigma_text_mean_L\d", k)}):
+        for metric in SEED_METRICS + sorted({k for t in source for k in t.user_attrs if re.match(r"test/unc/sigma_text_rank_L\d", k)}):
             row[metric] = mean_ci([t.user_attrs.get(metric, math.nan) for t in source])
         rows[loss] = row
     return rows
@@ -203,12 +205,12 @@ def plot(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for loss, row in rows.items():
-        levels = sorted(int(k[-1]) for k in row if re.fullmatch(r"unc/sigma_text_mean_L\d", k))
-        means = [row[f"unc/sigma_text_mean_L{level}"] for level in levels]
+        levels = sorted(int(k[-1]) for k in row if re.fullmatch(r"test/unc/sigma_text_rank_L\d", k))
+        means = [row[f"test/unc/sigma_text_rank_L{level}"] for level in levels]
         if means and all(math.isfinite(m) for m, _ in means):
             ax.errorbar(levels, [m for m, _ in means], yerr=[h if math.isfinite(h) else 0 for _, h in means],
                         marker="o", capsize=3, label=loss)
-    ax.set(xlabel="caption specificity level (L0 vague .. L3 specific)", ylabel="mean text sigma",
+    ax.set(xlabel="caption specificity level (L0 vague .. L3 specific)", ylabel="text sigma: mean rank within the model",
            title="Predicted sigma vs caption specificity")
     if ax.lines:
         ax.legend()

@@ -86,11 +86,13 @@ class EvalSettings:
 @dataclass(frozen=True)
 class DataSettings:
     """``data.*`` of configs/data/<name>.yaml. Keys that only the built-in shapes data has are ``None`` for
-    other sources (``cache_dir``, ``train_size``, ``val_size``, ``gen_seed``)."""
+    other sources (``cache_dir``, ``train_size``, ``val_size``, ``test_size``, ``heldout_combos``,
+    ``gen_seed``)."""
 
     name: str
     train_shards: str | None
     val_shards: str | None
+    test_shards: str | None
     image_size: int
     classnames: tuple[str, ...] | None
     templates: tuple[str, ...] | None
@@ -100,10 +102,25 @@ class DataSettings:
     batches_per_epoch: int | None
     image_noise: float | None
     caption_noise: float | None
+    hard_negatives: str
     cache_dir: str | None = None
     train_size: int | None = None
     val_size: int | None = None
+    test_size: int | None = None
+    heldout_combos: int | None = None
     gen_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Choices are checked here, when a run's settings are built: a bad value fails before any work (exit 2).
+        from probloss.config import ConfigError, _unknown
+        from probloss.data.shapes import HARD_NEGATIVES
+
+        if self.hard_negatives not in HARD_NEGATIVES:
+            raise ConfigError(_unknown("data.hard_negatives choice", str(self.hard_negatives), list(HARD_NEGATIVES),
+                                       "data.hard_negatives"))
+        if self.heldout_combos is not None and not 0 <= self.heldout_combos <= 20:
+            raise ConfigError(f"data.heldout_combos must be in [0, 20] (at most half the 40 classes), "
+                              f"got {self.heldout_combos}")
 
     def loader_noise(self) -> dict[str, float]:
         """The augmentation noise the config sets (``None``: the loader's defaults)."""

@@ -240,7 +240,7 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
 def _record(trial, summary: Mapping[str, Any]) -> None:
     """Keep the run's metrics with the trial (report.py and optuna-dashboard show them)."""
     for key, value in summary.items():
-        if key.startswith(("val/", "embed/", "unc/", "stability/")) or key in ("run_dir", "train/loss", "steps", "error"):
+        if key.startswith(("val/", "test/", "embed/", "unc/", "stability/")) or key in ("run_dir", "train/loss", "steps", "error"):
             if isinstance(value, float) and not math.isfinite(value):
                 value = str(value)  # JSON storages cannot hold nan/inf
             if isinstance(value, (bool, int, float, str)):

@@ -10,6 +10,10 @@ the loss and ``.backward()``; the results are compared with one process on the w
 (b) the mean over ranks of each learnable loss parameter's gradient equals the single-process gradient;
 (c) each rank's gradient on its own embedding (and log-std) slice equals W times the single-process gradient.
 
+``extra_texts=k`` checks the same with hard negatives: each rank also passes k extra texts per image after its
+positives (``M = N (1 + k)`` text rows), and the single process gets texts ordered [every rank's positives in
+rank order, then every rank's extras in rank order] (the contract of :class:`probloss.ContrastiveLoss`).
+
 A loss class lists the keyword variants worth checking (distributed modes, implementations) in its class
 attribute ``distributed_variants`` (:class:`probloss.ContrastiveLoss`; by default it is checked as built).
 """
@@ -37,6 +41,7 @@ class CaseResult:
     variant: dict
     log_std: str | None
     errors: dict[str, float] = field(default_factory=dict)
+    extra_texts: int = 0
 
     @property
     def worst(self) -> float:
@@ -47,21 +52,40 @@ class DistributedCheckError(AssertionError):
     pass
 
 
-def make_inputs(batch: int, dim: int, seed: int, log_std: str | None, dtype=torch.float64):
+def make_inputs(batch: int, dim: int, seed: int, log_std: str | None, dtype=torch.float64, extra_texts: int = 0):
     """Seeded inputs for the whole global batch: ``(x, y, image_log_std, text_log_std)``.
 
     Texts are their images plus noise, so positives are closer than negatives. ``log_std``: None (no log-stds),
-    "sample" (``(B,)``) or "diagonal" (``(B, D)``), as :func:`log_std_shapes` lists them.
+    "sample" (``(B,)``) or "diagonal" (``(B, D)``), as :func:`log_std_shapes` lists them. ``extra_texts=k``
+    appends ``B k`` hard-negative texts (and their log-stds) after the B positives, image by image (rows
+    ``B + i k .. B + (i + 1) k - 1`` near image i, farther than its positive); the first draws do not change.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dim, generator=gen, dtype=dtype)
     y = x + 0.5 * torch.randn(batch, dim, generator=gen, dtype=dtype)  # positives closer than negatives
-    if log_std is None:
-        return x, y, None, None
-    shape = (batch,) if log_std == "sample" else (batch, dim)
-    lx = 0.3 * torch.randn(*shape, generator=gen, dtype=dtype)
-    ly = 0.3 * torch.randn(*shape, generator=gen, dtype=dtype)
+    shape = None if log_std is None else (batch,) if log_std == "sample" else (batch, dim)
+    lx = ly = None
+    if shape is not None:
+        lx = 0.3 * torch.randn(*shape, generator=gen, dtype=dtype)
+        ly = 0.3 * torch.randn(*shape, generator=gen, dtype=dtype)
+    if extra_texts:
+        near = x.repeat_interleave(extra_texts, 0)
+        y = torch.cat([y, near + torch.randn(near.shape, generator=gen, dtype=dtype)])
+        if shape is not None:
+            ly = torch.cat([ly, 0.3 * torch.randn(batch * extra_texts, *shape[1:], generator=gen, dtype=dtype)])
     return x, y, lx, ly
+
+
+def rank_rows(rank: int, world: int, batch: int, extra_texts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image rows, text rows)`` of rank ``rank``'s slice of :func:`make_inputs`' global batch.
+
+    Images: the rank's contiguous ``N = batch / world`` rows. Texts: the same rows (its positives), then its
+    ``N k`` extras, which sit after all ``batch`` positives in rank order.
+    """
+    n = batch // world
+    images = torch.arange(rank * n, (rank + 1) * n)
+    extras = batch + torch.arange(rank * n * extra_texts, (rank + 1) * n * extra_texts)
+    return images, torch.cat([images, extras])
 
 
 def loss_and_grads(loss_module, x, y, lx, ly):
@@ -100,7 +124,7 @@ def _cases(cls: type[probloss.ContrastiveLoss], variants: list[dict] | None):
     return [(variant, shape) for variant in variants for shape in log_std_shapes(cls)]
 
 
-def _worker(rank, world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed):
+def _worker(rank, world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed, extra_texts):
     # ``cls`` arrives pickled by reference, which imports its module here: a loss registered in a test or a
     # script (not at import of a plugin package) is checked as well, without its registration.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -109,13 +133,13 @@ def _worker(rank, world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim
     ok = False
     try:
         results = []
-        local = batch // world
-        rows = slice(rank * local, (rank + 1) * local)
+        image_rows, text_rows = rank_rows(rank, world, batch, extra_texts)
         for variant, shape in cases:
             torch.manual_seed(seed)
             loss_module = cls(**{**loss_kwargs, **variant}).double()
-            x, y, lx, ly = make_inputs(batch, dim, seed, shape)
-            part = [t[rows] if t is not None else None for t in (x, y, lx, ly)]
+            x, y, lx, ly = make_inputs(batch, dim, seed, shape, extra_texts=extra_texts)
+            part = [None if t is None else t[rows]
+                    for t, rows in zip((x, y, lx, ly), (image_rows, text_rows, image_rows, text_rows))]
             results.append(loss_and_grads(loss_module, *part))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         ok = True
@@ -140,6 +164,7 @@ def check_distributed(
     rtol: float = 1e-8,
     seed: int = 0,
     timeout: float = 180.0,
+    extra_texts: int = 0,
 ) -> list[CaseResult]:
     """Run the conformance check of docs/design.md's distributed invariant for a registered loss.
 
@@ -151,6 +176,7 @@ def check_distributed(
         batch_per_rank, dim: sizes of each rank's float64 inputs.
         rtol: largest relative error accepted for each value and gradient.
         timeout: seconds before the processes are killed and the check fails (a hang is a failure).
+        extra_texts: hard negatives per image (module docstring): each rank passes ``N (1 + extra_texts)`` texts.
 
     Returns:
         One :class:`CaseResult` per case. Raises :class:`DistributedCheckError` naming every failing case.
@@ -163,25 +189,31 @@ def check_distributed(
         batch = batch_per_rank * world
         with tempfile.TemporaryDirectory() as out_dir:
             init_file = os.path.join(out_dir, "init")
-            _spawn(world, (world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed), timeout)
+            args = (world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed, extra_texts)
+            _spawn(world, args, timeout)
             per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+        rows = [rank_rows(r, world, batch, extra_texts) for r in range(world)]
         for k, (variant, shape) in enumerate(cases):
             torch.manual_seed(seed)
             reference = cls(**{**loss_kwargs, **variant}).double()
-            want_value, want_grads, want_params = loss_and_grads(reference, *make_inputs(batch, dim, seed, shape))
+            inputs = make_inputs(batch, dim, seed, shape, extra_texts=extra_texts)
+            want_value, want_grads, want_params = loss_and_grads(reference, *inputs)
             got = [per_rank[r][k] for r in range(world)]
-            case = CaseResult(world, variant, shape)
+            case = CaseResult(world, variant, shape, extra_texts=extra_texts)
             case.errors["(a) loss"] = _relative_error(torch.stack([g[0] for g in got]).mean(), want_value)
             for param, want in want_params.items():
                 mean_grad = torch.stack([g[2].get(param, torch.zeros_like(want)) for g in got]).mean(0)
                 case.errors[f"(b) grad {param}"] = _relative_error(mean_grad, want)
             for tensor, want in want_grads.items():
-                mine = torch.cat([g[1][tensor] for g in got])  # rank r's gradient on its own slice, rank-major
+                mine = torch.empty_like(want)  # each rank's gradient on its own rows, put where they are
+                for r in range(world):
+                    mine[rows[r][0 if tensor.startswith("image") else 1]] = got[r][1][tensor]
                 case.errors[f"(c) grad {tensor}"] = _relative_error(mine, world * want)
             results.append(case)
             if case.worst > rtol:
                 bad = {k: f"{v:.2e}" for k, v in case.errors.items() if v > rtol}
-                failures.append(f"W={world} variant={variant} log_std={shape}: {bad}")
+                extra = f" extra_texts={extra_texts}" if extra_texts else ""
+                failures.append(f"W={world} variant={variant} log_std={shape}{extra}: {bad}")
     if failures:
         raise DistributedCheckError(
             f"loss {name!r} breaks the distributed invariant (relative error > {rtol:g}):\n  " + "\n  ".join(failures)

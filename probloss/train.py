@@ -45,7 +45,7 @@ from probloss.builders import (
 from probloss.config import compose_config, save_config, to_dict
 from probloss.data.prepare import load_eval, prepare_data, train_batches
 from probloss.eval.runtime import evaluate, log_projector
-from probloss.grad_cache import detach, grad_cache_backward
+from probloss.grad_cache import detach, grad_cache_backward, with_negatives
 from probloss.launch import launch, make_fabric
 from probloss.run_folder import (
     check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, write_summary,
@@ -216,7 +216,7 @@ class StepOutput:
     loss: float  # the global loss (mean over ranks); nan/inf if non-finite
     grad_norm: float  # total norm before clipping; nan if the step was skipped before backward
     finite: bool  # whether the update was applied
-    embeddings: Any = None  # the first micro-batch's Embeddings (detached), for diagnostics
+    embeddings: Any = None  # the first micro-batch's Embeddings (detached, positive texts only), for diagnostics
     nonfinite_what: str = ""
 
 
@@ -226,17 +226,23 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
 
     A non-finite loss on any rank skips the step on every rank before backward (so DDP stays in step); a
     non-finite gradient norm (identical on all ranks after DDP's all-reduce) skips it after backward.
+
+    ``batch["negative_tokens"]`` (B_rank, k, L), when present: k extra texts per sample (hard negatives), encoded
+    by the text tower and passed to the loss after the positives, text embeddings [B_rank positives,
+    B_rank k extras] (the loss contract, probloss/loss.py). The returned embeddings hold the positives only.
     """
     images, tokens = fabric.to_device(batch["image"]), fabric.to_device(batch["tokens"])
+    negatives = batch.get("negative_tokens")
+    negatives = None if negatives is None else fabric.to_device(negatives)
     if accum_steps <= 1:
-        emb = trainee(images, tokens)
+        emb = trainee(images, with_negatives(tokens, negatives))
         loss = trainee.loss(*emb.loss_args())
         value, finite = dist.global_mean(fabric, loss)
-        emb = detach(emb)
+        emb = detach(emb, texts=images.shape[0])  # positives: diagnostics comparable with and without extras
         if finite:
             fabric.backward(loss)
     else:
-        value, finite, emb = grad_cache_backward(fabric, trainee, images, tokens, accum_steps)
+        value, finite, emb = grad_cache_backward(fabric, trainee, images, tokens, accum_steps, negatives)
     if not finite:
         return StepOutput(value, float("nan"), False, emb, "loss")
     max_norm = grad_clip or float("inf")  # inf: no clipping, but the norm is still measured

@@ -29,6 +29,7 @@ def make_loss_inputs(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     requires_grad: bool = False,
+    extra_texts: int = 0,
 ) -> list[torch.Tensor | None]:
     """Seeded ``[image_emb, text_emb, image_log_std, text_log_std]`` for a loss, log-stds None when not asked for.
 
@@ -41,9 +42,12 @@ def make_loss_inputs(
             a loss at chance), or "separated" (pair i lies along its own axis, far from every other pair; needs
             ``dim >= batch``: any sensible score ranks the positive first).
         requires_grad: make every returned tensor a leaf that requires grad.
+        extra_texts: k hard-negative texts per image appended after the B positive texts (and text log-stds):
+            ``text_emb`` then has ``B (1 + k)`` rows (the loss contract). "close": near their image;
+            "independent": unrelated; "separated": near the origin, off every pair's axis.
     """
     if pairs == "close":
-        tensors = list(make_inputs(batch, dim, seed, log_std, dtype))
+        tensors = list(make_inputs(batch, dim, seed, log_std, dtype, extra_texts=extra_texts))
     elif pairs in ("independent", "separated"):
         gen = torch.Generator().manual_seed(seed)
         x, y = (torch.randn(batch, dim, generator=gen, dtype=dtype) for _ in range(2))
@@ -53,9 +57,15 @@ def make_loss_inputs(
             axes = 3 * torch.eye(batch, dim, dtype=dtype)
             x, y = axes + 0.05 * x, axes + 0.05 * y
         tensors = [x, y, None, None]
-        if log_std is not None:
-            shape = {"sample": (batch,), "diagonal": (batch, dim)}[log_std]
+        shape = None if log_std is None else {"sample": (batch,), "diagonal": (batch, dim)}[log_std]
+        if shape is not None:
             tensors[2:] = [0.3 * torch.randn(shape, generator=gen, dtype=dtype) for _ in range(2)]
+        if extra_texts:  # drawn last: the inputs without extras are unchanged
+            extras = torch.randn(batch * extra_texts, dim, generator=gen, dtype=dtype)
+            tensors[1] = torch.cat([y, 0.05 * extras if pairs == "separated" else extras])
+            if shape is not None:
+                extra_log_std = 0.3 * torch.randn(batch * extra_texts, *shape[1:], generator=gen, dtype=dtype)
+                tensors[3] = torch.cat([tensors[3], extra_log_std])
     else:
         raise ValueError(f"pairs={pairs!r} is not one of {', '.join(PAIRS)}")
     if requires_grad:

@@ -153,3 +153,17 @@ def test_only_dist_talks_to_torch_distributed():
                              r"|fabric\.(all_reduce|all_gather|broadcast|barrier)\(", code):
                     offenders.append(f"{path.relative_to(repo)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_unknown_hard_negatives_exits_2_listing_the_choices(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    bad = subprocess.run([sys.executable, str(script), "data.hard_negatives=foo", f"data.cache_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.startswith("config error: ") and "Traceback" not in bad.stderr
+    assert "'foo'" in bad.stderr and "none, relation, binding, control, all" in bad.stderr
+    assert not list(tmp_path.iterdir())  # failed before any work (no data generated)

@@ -21,6 +21,15 @@ def test_every_loss_satisfies_the_distributed_invariant(name):
     assert all(r.worst <= 1e-8 for r in results)
 
 
+@pytest.mark.parametrize("name", probloss.list_losses())
+def test_every_loss_satisfies_the_distributed_invariant_with_extra_texts(name):
+    """Hard negatives: each rank passes N images and N (1 + 2) texts (its positives, then its extras); the single
+    process gets [all positives, all extras] (probloss.testing), in every distributed variant."""
+    results = check_distributed(name, world_sizes=(2, 3), rtol=1e-8, extra_texts=2)
+    assert {r.world_size for r in results} == {2, 3} and all(r.extra_texts == 2 for r in results)
+    assert all(r.worst <= 1e-8 for r in results)
+
+
 class GlobalNormaliser(probloss.ContrastiveLoss):
     """A planted bug: per-rank sigmoid-style sum divided by the GLOBAL batch, so the rank mean is W times too small.
 
@@ -47,12 +56,12 @@ def _run(fn, world, *args):
     mp.start_processes(fn, args=(world, init, *args), nprocs=world, start_method="spawn", join=True)
 
 
-def _mismatched_batch_worker(rank, world, init, out):
+def _mismatched_worker(rank, world, init, out, loss_name, images, texts):
+    """Each rank calls the loss with its own (images[rank], texts[rank]) rows and writes the error it gets."""
     dist.init_process_group("gloo", init, rank, world)
-    loss = probloss.build_loss("sigmoid")
-    batch = 4 if rank == 0 else 3
+    loss = probloss.build_loss(loss_name)
     try:
-        loss(torch.randn(batch, 8), torch.randn(batch, 8))
+        loss(torch.randn(images[rank], 8), torch.randn(texts[rank], 8))
         message = "no error"
     except ValueError as err:
         message = str(err)
@@ -61,11 +70,15 @@ def _mismatched_batch_worker(rank, world, init, out):
     dist.finish()
 
 
-def test_ranks_with_different_batch_sizes_get_a_clear_error_not_a_hang(tmp_path):
-    _run(_mismatched_batch_worker, 2, str(tmp_path))
+@pytest.mark.parametrize("loss_name, images, texts, expected", [
+    ("sigmoid", (4, 3), (4, 3), ("rank 0: shape (4, 8)", "rank 1: shape (3, 8)")),  # different batch sizes
+    ("infonce", (3, 3), (6, 3), ("different text_emb", "rank 0: shape (6, 8)")),  # extra texts on rank 0 only
+])
+def test_ranks_with_different_shapes_get_a_clear_error_not_a_hang(tmp_path, loss_name, images, texts, expected):
+    _run(_mismatched_worker, 2, str(tmp_path), loss_name, images, texts)
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
-        assert "rank 0: shape (4, 8)" in message and "rank 1: shape (3, 8)" in message, message
+        assert all(part in message for part in expected), message
 
 
 def _no_p2p_worker(rank, world, init, out):

@@ -12,8 +12,8 @@ from probloss.recipe import load_recipe, run_recipe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.train_size=256", "data.val_size=64", "trainer.batch_size=32", "trainer.warmup_steps=1",
-        "trainer.max_steps=3", "fabric.accelerator=cpu", "fabric.devices=1"]
+TINY = ["data.train_size=256", "data.val_size=64", "data.test_size=64", "trainer.batch_size=32",
+        "trainer.warmup_steps=1", "trainer.max_steps=3", "fabric.accelerator=cpu", "fabric.devices=1"]
 
 
 def test_every_recipe_file_loads():
@@ -35,10 +35,10 @@ def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
     assert sum("training" in line for line in lines) == 4
     results = json.loads((tmp_path / "robustness" / "results.json").read_text())
     assert {(r["arm"], r["seed"]) for r in results} == {(a, s) for a in ("infonce", "sigmoid_30") for s in (0, 1)}
-    assert all("image_noise_0.3/val/i2t_r@1" in r for r in results)  # the extra noisy evaluation
+    assert all("image_noise_0.3/test/i2t_r@1" in r for r in results)  # the extra noisy evaluation
     text = report.read_text()
     assert "| infonce | " in text and "| sigmoid_30 | " in text and "±" in text
-    assert (tmp_path / "robustness" / "val_zeroshot_top1.png").stat().st_size > 1000
+    assert (tmp_path / "robustness" / "test_zeroshot_top1.png").stat().st_size > 1000
 
     lines.clear()
     run_recipe(args, log=lambda *a, **k: lines.append(a[0]))

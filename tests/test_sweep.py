@@ -16,8 +16,8 @@ from probloss.sweep import run_sweep, storage_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.train_size=256", "data.val_size=64", "trainer.batch_size=32", "trainer.warmup_steps=1",
-        "trainer.log_every=1", "fabric.accelerator=cpu", "fabric.devices=1", "eval.projector_samples=0"]
+TINY = ["data.train_size=256", "data.val_size=64", "data.test_size=64", "trainer.batch_size=32",
+        "trainer.warmup_steps=1", "trainer.log_every=1", "fabric.accelerator=cpu", "fabric.devices=1", "eval.projector_samples=0"]
 
 
 def sweep_args(out_dir, cache_dir, *extra, steps=4):

@@ -1,7 +1,8 @@
 """Tiled kernels (probloss/tiled.py) and the built-in losses' ``impl="tiled"`` against dense references.
 
 Everything runs in float64 with relative error <= 1e-8 (forward and backward), on sizes that do not divide the
-block, B = 1, M != N (the distributed shapes: local rows against gathered columns) and diagonal log-stds. The
+block, B = 1, M != N (the distributed shapes: local rows against gathered columns; and losses given extra
+texts, hard negatives) and diagonal log-stds. The
 loss tests cover every registered loss with an ``impl`` keyword, in each option set of its
 ``distributed_variants`` and each log-std layout it takes; a loss without one is skipped as having no tiled path.
 """
@@ -293,6 +294,16 @@ def test_tiled_loss_matches_dense(name, kwargs, log_std, b, block, loss_inputs):
     assert_all_close(got, want)
 
 
+@pytest.mark.parametrize("name,kwargs,log_std", loss_cases())
+@pytest.mark.parametrize("b,extra,block", [(7, 1, 3), (1, 3, 2), (5, 2, 16), (4, 2, 1)])
+def test_tiled_loss_matches_dense_with_extra_texts(name, kwargs, log_std, b, extra, block, loss_inputs):
+    """Hard negatives: ``b`` images against ``b (1 + extra)`` texts."""
+    inputs = loss_inputs(b, 5, log_std, requires_grad=True, extra_texts=extra)
+    got = loss_value_and_grads(name, {**kwargs, "impl": "tiled", "block_size": block}, inputs)
+    want = loss_value_and_grads(name, {**kwargs, "impl": "dense"}, inputs)
+    assert_all_close(got, want)
+
+
 @pytest.mark.parametrize("name,kwargs,log_std", loss_cases(first_variant_only=True))
 def test_tiled_loss_float32(name, kwargs, log_std, loss_inputs):
     inputs = loss_inputs(33, 16, log_std, dtype=torch.float32, requires_grad=True)
@@ -310,8 +321,9 @@ def test_tiled_loss_float32(name, kwargs, log_std, loss_inputs):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name,kwargs,log_std", loss_cases())
-def test_tiled_loss_on_cuda(name, kwargs, log_std, loss_inputs):
-    cpu = loss_inputs(37, 8, log_std, requires_grad=True)
+@pytest.mark.parametrize("extra", [0, 2])
+def test_tiled_loss_on_cuda(name, kwargs, log_std, extra, loss_inputs):
+    cpu = loss_inputs(37, 8, log_std, requires_grad=True, extra_texts=extra)
     cuda = [t.detach().cuda().requires_grad_() if t is not None else None for t in cpu]
     got = [t.cpu() for t in loss_value_and_grads(name, {**kwargs, "impl": "tiled", "block_size": 16}, cuda)]
     want = loss_value_and_grads(name, {**kwargs, "impl": "dense"}, cpu)

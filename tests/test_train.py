@@ -29,6 +29,8 @@ SUMMARY_KEYS = {  # summary keys that apply to every loss (docs/design.md)
     "train/loss", "val/loss", "val/i2t_r@1", "val/t2i_r@1", "embed/effective_rank", "embed/uniformity",
     "embed/alignment", "embed/modality_gap", "stability/loss_spikes", "stability/grad_norm_ratio",
     "stability/nonfinite_steps", "stability/diverged", "steps", "samples_per_s", "data/skipped",
+    "test/i2t_r@1", "test/t2i_r@1", "test/i2t_r@1_strict", "test/zeroshot_top1", "test/zeroshot_seen_top1",
+    "test/zeroshot_unseen_top1", "test/control_probe_acc", "test/embed/effective_rank", "eval_test_s",
 }
 TB_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/logit_pos_mean", "val/loss",
            "val/i2t_r@1"}
@@ -38,7 +40,7 @@ def small(out_dir, cache_dir, *extra):
     """Overrides for a seconds-long run: 6 steps of batch 32, eval and checkpoints every 3 steps."""
     return [
         f"out_dir={out_dir}", f"data.cache_dir={cache_dir}", "data.train_size=512", "data.val_size=64",
-        "trainer.batch_size=32", "trainer.max_steps=6", "trainer.warmup_steps=2", "trainer.eval_every=3",
+        "data.test_size=64", "trainer.batch_size=32", "trainer.max_steps=6", "trainer.warmup_steps=2", "trainer.eval_every=3",
         "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.progress=false", "fabric.accelerator=cpu",
         "fabric.devices=1", "eval.projector_samples=16", *extra,
     ]
@@ -301,6 +303,61 @@ def test_grad_cache_equals_one_big_batch(loss_name):
     assert acc.grad_norm == pytest.approx(one.grad_norm, rel=1e-9)
     for name in big:
         torch.testing.assert_close(small_[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _step_with_negatives(loss_name, batch, accum_steps):
+    """One float64 train_step of the default model from a fixed init; (StepOutput, parameters after the step)."""
+    from lightning_fabric import Fabric
+
+    from probloss.models import build_dual_encoder
+
+    torch.manual_seed(0)
+    loss = probloss.build_loss(loss_name)
+    model = build_dual_encoder(dict(compose_config([])["model"]), vocab_size=40, max_len=8, image_size=32,
+                               log_std=loss.needs_log_std)
+    fabric = Fabric(accelerator="cpu", devices=1, precision="64-true")
+    trainee = Trainee(model, loss)
+    optimizer = torch.optim.SGD(trainee.parameters(), lr=0.5)
+    trainee, optimizer = fabric.setup(trainee, optimizer)
+    out = train_step(fabric, trainee, optimizer, batch, grad_clip=None, accum_steps=accum_steps)
+    return out, {n: p.detach().clone() for n, p in trainee.named_parameters()}
+
+
+def _negatives_batch(n=8, k=2):
+    gen = torch.Generator().manual_seed(3)
+    return {"image": torch.randn(n, 3, 32, 32, generator=gen), "tokens": torch.randint(1, 40, (n, 8), generator=gen),
+            "negative_tokens": torch.randint(1, 40, (n, k, 8), generator=gen)}
+
+
+@pytest.mark.parametrize("loss_name", probloss.list_losses())
+def test_train_step_with_negative_tokens(loss_name):
+    """Hard negatives (batch["negative_tokens"], (B, k, L)) reach the loss as extra texts: a finite loss, not the
+    loss without them; the diagnostics' embeddings are the positives only."""
+    batch = _negatives_batch()
+    plain = {key: value for key, value in batch.items() if key != "negative_tokens"}
+    with_negatives, _ = _step_with_negatives(loss_name, batch, 1)
+    without, _ = _step_with_negatives(loss_name, plain, 1)
+    assert with_negatives.finite and math.isfinite(with_negatives.loss)
+    assert with_negatives.loss != pytest.approx(without.loss, rel=1e-6)
+    assert with_negatives.embeddings.text_emb.shape[0] == 8
+
+
+@pytest.mark.parametrize("loss_name", probloss.list_losses())
+def test_grad_cache_with_negative_tokens_equals_one_big_batch(loss_name):
+    """Each micro-batch encodes its own samples' extra texts; the update equals one big batch's (float64)."""
+    batch = _negatives_batch()
+    (one, big), (acc, small_) = (_step_with_negatives(loss_name, batch, k) for k in (1, 2))
+    assert acc.finite and acc.loss == pytest.approx(one.loss, rel=1e-12)
+    assert acc.grad_norm == pytest.approx(one.grad_norm, rel=1e-9)
+    for name in big:
+        torch.testing.assert_close(small_[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_negative_tokens_of_the_wrong_shape_are_a_clear_error():
+    batch = _negatives_batch()
+    batch["negative_tokens"] = batch["negative_tokens"][:, :, :5]
+    with pytest.raises(ValueError, match=r"negative_tokens must be \(B, k, L\) = \(8, k, 8\)"):
+        _step_with_negatives("infonce", batch, 1)
 
 
 def test_missing_shards_are_a_one_line_error_with_exit_status_2(tmp_path):

@@ -10,6 +10,10 @@ shapes data. Training batches (:func:`make_train_loader`) are dicts::
     noisy    bool (B,)   True where caption noise replaced the caption
     skipped  int         corrupt samples skipped by the producing worker since its previous batch;
                          sum it over batches (and ranks) for the total
+    negative_tokens  long (B, k, L)   only with ``hard_negatives`` other than "none": the tokenized hard
+                         negatives of each sample's image (json ``negatives``), k kinds in the order of
+                         ``probloss.data.shapes.HARD_NEGATIVES[hard_negatives]``; a kind a sample lacks
+                         (relation/binding of a one-object scene) is filled with its ``control`` negative
 
 Splitting and equal batch counts. Shards are split between ranks and then DataLoader workers (the
 ``split_by_node`` / ``split_by_worker`` order of webdataset, but with explicit rank and world size so tests and
@@ -49,6 +53,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, ImageFilter, ImageOps
+
+from probloss.data.shapes import HARD_NEGATIVES, NEGATIVE_KINDS
 
 log = logging.getLogger("probloss.data")
 
@@ -154,13 +160,33 @@ def decode_sample(sample: dict[str, Any], image_size: int, *, image_noise: float
         rng = np.random.default_rng([noise_seed, zlib.crc32(key.encode())])
         noisy = pixels / 255.0 + rng.normal(0.0, image_noise, pixels.shape)
         pixels = np.round(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8)
-    return {"image": pixels, "caption": caption, "json": meta, "key": key}
+    return {"image": pixels, "caption": caption, "json": meta, "key": key, "url": sample.get("__url__", "?")}
 
 
 def _to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
     """list of uint8 (H, W, 3) -> normalised float (B, 3, H, W)."""
     chw = np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2))  # permute while still uint8: 4x less memory
     return torch.from_numpy(chw).float().div_(255.0 * STD).sub_(MEAN / STD)
+
+
+def _negatives(samples: list[dict], kinds: Sequence[str], option: str) -> list[str]:
+    """The negative captions of each sample, ``len(kinds)`` per sample (see the module docstring)."""
+    out = []
+    for s in samples:
+        negatives = s["json"].get("negatives") or {}
+        if isinstance(negatives, (list, tuple)):  # the list form: [relation, binding, control]
+            negatives = dict(zip(NEGATIVE_KINDS, negatives))
+        for kind in kinds:
+            text = negatives.get(kind) or negatives.get("control")
+            if not text:  # a config error (exit 2): the option asks for what these shards do not have
+                from probloss.config import ConfigError
+
+                raise ConfigError(
+                    f"data.hard_negatives={option}: sample {s['key']!r} of shard {s['url']} has no {kind!r} (nor "
+                    f"'control') negative in its json; write the shards with scripts/make_data.py (shapes "
+                    f"VERSION >= 1) or set data.hard_negatives=none")
+            out.append(text)
+    return out
 
 
 def _noisy_captions(captions: list[str], fraction: float, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
@@ -183,12 +209,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[str], tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int, *,
                  image_size: int, rank: int, world_size: int, seed: int, epoch: int, num_workers: int,
                  batches_per_epoch: int, shuffle_buffer: int, image_noise: float, image_blur: float,
-                 caption_noise: float):
+                 caption_noise: float, hard_negatives: str = "none"):
         super().__init__()
         self.shards, self.tokenizer, self.batch_size = shards, tokenizer, batch_size
         self.image_size, self.rank, self.world_size, self.seed, self.epoch = image_size, rank, world_size, seed, epoch
         self.num_workers, self.batches_per_epoch, self.shuffle_buffer = max(1, num_workers), batches_per_epoch, shuffle_buffer
         self.image_noise, self.image_blur, self.caption_noise = image_noise, image_blur, caption_noise
+        self.hard_negatives = hard_negatives
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -231,7 +258,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for _ in range(n_batches):
             samples = list(itertools.islice(stream, self.batch_size))
             captions, noisy = _noisy_captions([s["caption"] for s in samples], self.caption_noise, caption_rng)
-            yield {
+            batch = {
                 "image": _to_tensor([s["image"] for s in samples]),
                 "tokens": self.tokenizer(captions),
                 "caption": captions,
@@ -239,6 +266,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "noisy": torch.from_numpy(noisy),
                 "skipped": handler.count - reported,
             }
+            kinds = HARD_NEGATIVES[self.hard_negatives]
+            if kinds:  # negatives of the image, so caption noise does not change them
+                tokens = self.tokenizer(_negatives(samples, kinds, self.hard_negatives))
+                batch["negative_tokens"] = tokens.view(len(samples), len(kinds), -1)
+            yield batch
             reported = handler.count
 
 
@@ -274,7 +306,8 @@ class TrainLoader:
 def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int,
                       *, image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
                       num_workers: int = 0, batches_per_epoch: int | None = None, shuffle_buffer: int = 2000,
-                      image_noise: float = 0.0, image_blur: float = 0.0, caption_noise: float = 0.0) -> TrainLoader:
+                      image_noise: float = 0.0, image_blur: float = 0.0, caption_noise: float = 0.0,
+                      hard_negatives: str = "none") -> TrainLoader:
     """Training batches for one rank (see the module docstring for the batch dict).
 
     Args:
@@ -290,21 +323,26 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
         shuffle_buffer: samples in the shuffle buffer of each reader.
         image_noise, image_blur: Gaussian noise std (pixel units in [0, 1]) and blur radius (px).
         caption_noise: fraction of pairs whose caption is replaced by another sample's in the batch.
+        hard_negatives: "none", "relation", "binding", "control" or "all": add ``negative_tokens`` (B, k, L).
 
     Raises:
         FileNotFoundError: the pattern matches no shard (before any reading).
+        ValueError: an unknown ``hard_negatives``.
+        probloss.config.ConfigError: while reading, a sample without the negatives ``hard_negatives`` asks for.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     if not 0.0 <= caption_noise <= 1.0:
         raise ValueError(f"caption_noise must be a fraction in [0, 1], got {caption_noise}")
+    if hard_negatives not in HARD_NEGATIVES:
+        raise ValueError(f"hard_negatives must be one of {'|'.join(HARD_NEGATIVES)}, got {hard_negatives!r}")
     shards = expand_shards(pattern)
     if batches_per_epoch is None:
         batches_per_epoch = max(1, count_samples(shards) // (world_size * batch_size))
     dataset = ShardStream(shards, tokenizer, batch_size, image_size=image_size, rank=rank, world_size=world_size,
                           seed=seed, epoch=epoch, num_workers=num_workers, batches_per_epoch=int(batches_per_epoch),
                           shuffle_buffer=shuffle_buffer, image_noise=image_noise, image_blur=image_blur,
-                          caption_noise=caption_noise)
+                          caption_noise=caption_noise, hard_negatives=hard_negatives)
     return TrainLoader(dataset, num_workers)
 
 

@@ -4,11 +4,13 @@
 
     spec = prepare_data(run.data, global_batch=128, fabric=fabric)   # shapes: generated once into the cache
     for batch in train_batches(spec, run.data, tokenizer, ...): ...   # this rank's batches, epoch after epoch
-    val = load_eval(spec, run.data, tokenizer, seed=0)
+    val = load_eval(spec, run.data, tokenizer, seed=0)                # selection
+    test = load_eval(spec, run.data, tokenizer, split="test", seed=0)  # reporting (spec.test may be None)
 
 The shapes cache is ``<cache_dir>/shapes-<hash of the generation parameters>/``, written by
 :func:`probloss.data.write_shapes_shards`, whose ``meta.json`` (written last) is the one completion marker:
-a folder without it is regenerated, one with it is reused.
+a folder without it is regenerated, one with it is reused. ``splits.json`` beside the split folders names the
+held-out colour x shape classes (``DataSpec.heldout``) and the dataset's zero-shot templates.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import braceexpand
+
 from probloss import dist
 from probloss.settings import DataSettings
 
@@ -29,10 +33,12 @@ class DataSpec:
     """The shards and zero-shot classes of a run, resolved once."""
 
     train: str  # brace pattern of training shards
-    val: str  # brace pattern of validation shards
+    val: str  # brace pattern of validation shards (selection)
     classnames: tuple[str, ...] | None  # zero-shot classes (None: no zero-shot)
     templates: tuple[str, ...] | None  # zero-shot prompt templates (None: the evaluator's defaults)
     steps_per_epoch: int  # batches per rank per epoch
+    test: str | None = None  # brace pattern of test shards (reporting); None: no test split
+    heldout: tuple[str, ...] | None = None  # class names held out of training (splits.json); None: unknown
 
 
 def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec:
@@ -42,23 +48,34 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
     """
     from probloss.config import ConfigError
 
-    train, val, classnames = data.train_shards, data.val_shards, data.classnames
+    train, val, test, classnames = data.train_shards, data.val_shards, data.test_shards, data.classnames
     if data.name == "shapes" and (train is None or val is None):
         folder = shapes_cache_folder(data)
         if fabric is None or fabric.is_global_zero:
             generate_shapes(folder, data)
         dist.barrier(fabric)
         patterns = generate_shapes(folder, data)  # finished by now: only returns the patterns
-        train, val = train or patterns["train"], val or patterns["val"]
-        classnames = classnames or _read_classes(folder / "classes.json")
-    elif data.name == "shapes" and classnames is None:  # shards made by scripts/make_data.py
-        classnames = _read_classes(Path(str(val).split("{")[0]).parent.parent / "classes.json")
+        train, val, test = train or patterns["train"], val or patterns["val"], test or patterns.get("test")
+    else:  # configured shards: classes.json and splits.json sit in the folder above the val split's
+        folder = Path(next(iter(braceexpand.braceexpand(str(val).split("::")[0])))).parent.parent
+    if data.name == "shapes" and classnames is None:
+        classnames = _read_classes(folder / "classes.json")
+    splits = json.loads((folder / "splits.json").read_text()) if (folder / "splits.json").is_file() else None
+    heldout = None if splits is None else tuple(splits.get("heldout_combos") or ())  # names as in classes.json
+    if splits is None and classnames and (fabric is None or fabric.is_global_zero):
+        print("no splits.json next to the shards: seen/unseen zero-shot keys are skipped")
+    templates = data.templates or (tuple(splits["templates"]) if splits and splits.get("templates") else None)
+    if templates is None and data.name == "shapes":
+        from probloss.data.shapes import DEFAULT_TEMPLATES
+
+        templates = DEFAULT_TEMPLATES  # prompts no caption equals (shards written before splits.json existed)
     steps = data.batches_per_epoch
     if steps is None:
         if data.train_size is None:
             raise ConfigError("data.batches_per_epoch is required for this data source (shards are resampled)")
         steps = max(1, data.train_size // global_batch)
-    return DataSpec(str(train), str(val), tuple(classnames) if classnames else None, data.templates, int(steps))
+    return DataSpec(str(train), str(val), tuple(classnames) if classnames else None, templates, int(steps),
+                    test=None if test is None else str(test), heldout=heldout)
 
 
 def _read_classes(path: Path) -> list[str] | None:
@@ -74,7 +91,8 @@ def shapes_cache_folder(data: DataSettings) -> Path:
     """``<cache_dir>/shapes-<hash of the generation parameters>``."""
     from probloss.data import shapes
 
-    params = {"train_size": int(data.train_size), "val_size": int(data.val_size), "seed": int(data.gen_seed),
+    params = {"train_size": int(data.train_size), "val_size": int(data.val_size), "test_size": int(data.test_size),
+              "heldout_combos": int(data.heldout_combos), "seed": int(data.gen_seed),
               "image_size": int(data.image_size), "version": shapes.VERSION}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     return Path(os.path.expanduser(str(data.cache_dir))) / f"shapes-{key}"
@@ -85,6 +103,7 @@ def generate_shapes(folder: Path, data: DataSettings) -> dict[str, str]:
     from probloss.data import write_shapes_shards
 
     return write_shapes_shards(folder, train_size=int(data.train_size), val_size=int(data.val_size),
+                               test_size=int(data.test_size), heldout_combos=int(data.heldout_combos),
                                seed=int(data.gen_seed), image_size=int(data.image_size))
 
 
@@ -103,7 +122,7 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
         loader = make_train_loader(
             spec.train, tokenizer, per_rank, image_size=data.image_size, rank=rank, world_size=world_size,
             seed=seed, epoch=pos.epoch, num_workers=data.num_workers, batches_per_epoch=spec.steps_per_epoch,
-            **data.loader_noise())
+            hard_negatives=data.hard_negatives, **data.loader_noise())
         iterator = iter(loader)
         for i, batch in enumerate(iterator):
             if i >= spec.steps_per_epoch:
@@ -117,10 +136,20 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
         pos.epoch, pos.batch = pos.epoch + 1, 0
 
 
-def load_eval(spec: DataSpec, data: DataSettings, tokenizer, *, seed: int, max_samples: int | None = None,
-              image_noise: float = 0.0):
-    """The val set; ``image_noise`` adds Gaussian pixel noise (robustness studies, the sigma-vs-noise check)."""
+def load_eval(spec: DataSpec, data: DataSettings, tokenizer, *, split: str = "val", seed: int,
+              max_samples: int | None = None, image_noise: float = 0.0):
+    """The val set (``split="val"``: selection) or the test set (``"test"``: reporting); ``image_noise`` adds
+    Gaussian pixel noise (robustness studies, the sigma-vs-noise check).
+
+    Raises:
+        ValueError: an unknown split, or ``"test"`` when the run has no test split (``spec.test`` is None).
+    """
     from probloss.data import load_eval_set
 
-    return load_eval_set(spec.val, tokenizer, image_size=data.image_size, max_samples=max_samples,
+    patterns = {"val": spec.val, "test": spec.test}
+    if split not in patterns:
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if patterns[split] is None:
+        raise ValueError("this run has no test split: set data.test_shards (or use the built-in shapes data)")
+    return load_eval_set(patterns[split], tokenizer, image_size=data.image_size, max_samples=max_samples,
                          image_noise=image_noise, seed=seed)

@@ -16,19 +16,34 @@ Captions at four specificity levels (each level's facts include the previous lev
         "a small red circle left of a large blue square and a small green triangle"
 
 Three-object L3 captions give the relation of objects 0 and 1 but no grid positions, so that every caption fits
-in 16 word tokens (SigLIP's text length). Hard negatives for the probes (``negatives`` in the metadata, both
-built from the L3 caption, None for one-object scenes): ``relation`` swaps the subject and object of the
-relation ("a large blue square left of a small red circle"), ``binding`` swaps the colours of objects 0 and 1
-("a small blue circle left of a large red square"). Both use exactly the words of the true caption, so a
-bag-of-words text tower cannot tell them apart.
+in 16 word tokens (SigLIP's text length).
 
-``label`` is the colour x shape class index (``colour_index * len(SHAPES) + shape_index``, names in
-:func:`class_names`) for one-object scenes, else None.
+Metadata (the ``{key}.json`` of a shard; :func:`generate_sample` documents every key):
+
+- ``captions`` [L0, L1, L2, L3] and ``level`` (the training caption is ``captions[level]``);
+- ``negatives``: hard negatives built from the L3 caption. ``relation`` swaps the subject and object of the
+  relation ("a large blue square left of a small red circle") and ``binding`` swaps the colours of objects 0
+  and 1 ("a small blue circle left of a large red square"): both use exactly the words of the true caption, so
+  a bag-of-words text tower cannot tell them apart; None for one-object scenes. ``control`` (every scene)
+  replaces one object's colour or shape by one no object of the scene has ("... left of a large blue diamond"
+  for "... left of a large blue square"): a new word, so even a bag of words can pass it; the probes' control
+  (the seminar's "a blue cube and a yellow sphere" for "a blue cube and a yellow cube").
+- ``matched_pair`` [less specific, more specific]: the L1 colour form and L2 ("a red object and a blue object"
+  / "a red circle and a blue square"), equal in word count, so sigma can be compared across specificity
+  without caption length as a confound.
+- ``label``: the colour x shape class index (``colour_index * len(SHAPES) + shape_index``, names in
+  :func:`class_names`) for one-object scenes, else None.
+
+Splits. Training samples take ``exclude``, a set of held-out (colour, shape) combinations (:func:`heldout_combos`)
+that then appear in no object, caption or negative of any training sample; val and test samples are drawn
+without it (the natural distribution, held-out combinations included), so zero-shot accuracy can be split into
+seen and unseen classes. :data:`DEFAULT_TEMPLATES` are zero-shot prompts that no caption equals.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import random
+from typing import Any, Collection, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -43,7 +58,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {  # well separated in RGB so the pix
     "white": (245, 245, 245),
     "orange": (250, 140, 10),
 }
-VERSION = 0  # part of the shapes cache key: bump it whenever generated samples change
+VERSION = 1  # part of the shapes cache key: bump it whenever generated samples change
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.22, "large": 0.40}  # object extent as a fraction of the image side
@@ -54,11 +69,45 @@ COUNT_WORDS = {1: "an object", 2: "two objects", 3: "three objects"}
 BACKGROUND = (20, 20, 20)
 DEFAULT_LEVEL_PROBS = (0.25, 0.25, 0.25, 0.25)
 VAL_INDEX_OFFSET = 10**9  # val sample i is generate_sample(seed, VAL_INDEX_OFFSET + i): independent of train_size
+TEST_INDEX_OFFSET = 2 * 10**9  # test sample i is generate_sample(seed, TEST_INDEX_OFFSET + i)
+NEGATIVE_KINDS = ("relation", "binding", "control")  # the keys of meta["negatives"]
+# data.hard_negatives -> the kinds of negative captions in a training batch, in this order.
+HARD_NEGATIVES = {"none": (), "relation": ("relation",), "binding": ("binding",), "control": ("control",),
+                  "all": NEGATIVE_KINDS}
+# Zero-shot prompts. Every word is a caption word, so the word tokenizer has trained every prompt token (a
+# CLIP-style "a photo of a {}" would bring tokens no caption trains, mixing transfer with untrained-embedding
+# noise), but no filled prompt equals a caption (tests/data/test_data_shapes.py checks it): captions start
+# with "a", "an", "two" or "three", never end in "circle object", and "an object" stands alone. So zero-shot
+# measures transfer from captions to new sentences, not the lookup of a memorised caption ("a {}" would
+# be exactly the L2 caption of a one-object scene).
+DEFAULT_TEMPLATES = ("the {}", "a {} object", "the {} object", "an object: a {}")
+Combo = tuple[str, str]  # (colour, shape)
 
 
 def class_names() -> list[str]:
     """Zero-shot class names, index = ``colour_index * len(SHAPES) + shape_index``: "red circle", ..."""
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def heldout_combos(seed: int, n: int = 8) -> tuple[Combo, ...]:
+    """``n`` (colour, shape) combinations held out of training, seeded, in class order.
+
+    Drawn in rounds of one combination per colour, the shapes of a round from two shuffles of SHAPES, so the
+    first 8 hold out every colour once and every shape at least once. ``n`` is at most 20 (half the classes),
+    which leaves every colour and every shape several training partners.
+    """
+    if not 0 <= n <= len(COLOURS) * len(SHAPES) // 2:
+        raise ValueError(f"heldout_combos must be in [0, {len(COLOURS) * len(SHAPES) // 2}], got {n}")
+    rng = random.Random(f"heldout-{int(seed)}")  # its own stream: independent of every sample
+    out: list[Combo] = []
+    while len(out) < n:
+        colours = rng.sample(list(COLOURS), len(COLOURS))
+        shapes = rng.sample(SHAPES, len(SHAPES)) + rng.sample(SHAPES, len(SHAPES))
+        for combo in zip(colours, shapes):
+            if combo not in out and len(out) < n:
+                out.append(combo)
+    names = class_names()
+    return tuple(sorted(out, key=lambda c: names.index(f"{c[0]} {c[1]}")))
 
 
 def position_name(row: int, col: int) -> str:
@@ -112,23 +161,63 @@ def make_captions(objects: list[dict], relation: dict | None, l1_attribute: str)
     return [l0, l1, l2, _l3(objects, relation)]
 
 
-def make_negatives(objects: list[dict], relation: dict | None) -> dict[str, str | None]:
-    """Hard negatives of the L3 caption: relation reversed and colours swapped between objects 0 and 1."""
-    if relation is None:
-        return {"relation": None, "binding": None}
-    reversed_rel = dict(relation, subject=relation["object"], object=relation["subject"])
-    swapped = [dict(o) for o in objects]
-    swapped[0]["colour"], swapped[1]["colour"] = objects[1]["colour"], objects[0]["colour"]
-    return {"relation": _l3(objects, reversed_rel), "binding": _l3(swapped, relation)}
+def matched_pair(objects: list[dict]) -> list[str]:
+    """[L1 colour form, L2]: the same scene with and without shapes, in the same number of words."""
+    return [_join([_a(f"{o['colour']} object") for o in objects]), _join([_describe(o) for o in objects])]
+
+
+def make_negatives(objects: list[dict], relation: dict | None, control: tuple[int, str, str]) -> dict[str, str | None]:
+    """Hard negatives of the L3 caption (see the module docstring). ``control``: (object index, "colour" or
+    "shape", the new value) of the control negative."""
+    i, attribute, value = control
+    changed = [dict(o) for o in objects]
+    changed[i][attribute] = value
+    out = {"relation": None, "binding": None, "control": _l3(changed, relation)}
+    if relation is not None:
+        reversed_rel = dict(relation, subject=relation["object"], object=relation["subject"])
+        swapped = [dict(o) for o in objects]
+        swapped[0]["colour"], swapped[1]["colour"] = objects[1]["colour"], objects[0]["colour"]
+        out.update(relation=_l3(objects, reversed_rel), binding=_l3(swapped, relation))
+    return out
+
+
+def _control(rng: np.random.Generator, objects: list[dict], exclude: Collection[Combo]) -> tuple[int, str, str]:
+    """(object, attribute, value) of the control negative: a seeded object and attribute, and a value no object
+    of the scene has and that makes no excluded combination (the next object/attribute if none is left)."""
+    options = [(i, attribute) for i in range(len(objects)) for attribute in ("colour", "shape")]
+    for k in rng.permutation(len(options)):
+        i, attribute = options[int(k)]
+        used = {o[attribute] for o in objects}
+        other = objects[i]["shape" if attribute == "colour" else "colour"]
+        values = [v for v in (COLOURS if attribute == "colour" else SHAPES) if v not in used and
+                  ((v, other) if attribute == "colour" else (other, v)) not in exclude]
+        if values:
+            return i, attribute, values[int(rng.integers(len(values)))]
+    raise ValueError(f"no control negative avoids the excluded combinations {sorted(exclude)}")  # not for n <= 20
 
 
 # --- layout and drawing -----------------------------------------------------------------------------------------
 
 
-def _layout(rng: np.random.Generator, n: int, image_size: int) -> tuple[list[dict], dict | None]:
+def _attributes(rng: np.random.Generator, n: int, exclude: Collection[Combo]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct colours and distinct shapes for n objects; with ``exclude``, redrawn until no object and no
+    binding negative (colours of objects 0 and 1 swapped) is an excluded combination."""
+    names = list(COLOURS)
+    for _ in range(10_000):
+        colours = rng.choice(len(COLOURS), size=n, replace=False)
+        shapes = rng.choice(len(SHAPES), size=n, replace=False)
+        combos = [(names[c], SHAPES[s]) for c, s in zip(colours, shapes)]
+        if n > 1:
+            combos += [(names[colours[1]], SHAPES[shapes[0]]), (names[colours[0]], SHAPES[shapes[1]])]
+        if not any(c in exclude for c in combos):
+            return colours, shapes
+    raise ValueError(f"cannot draw {n} objects avoiding the excluded combinations {sorted(exclude)}")
+
+
+def _layout(rng: np.random.Generator, n: int, image_size: int, exclude: Collection[Combo] = ()
+            ) -> tuple[list[dict], dict | None]:
     """Sample n objects with distinct colours/shapes, grid cells and a relation, placed without overlap."""
-    colours = rng.choice(len(COLOURS), size=n, replace=False)
-    shapes = rng.choice(len(SHAPES), size=n, replace=False)
+    colours, shapes = _attributes(rng, n, exclude)
     sizes = rng.choice(list(SIZES), size=n)
     rel_name = RELATIONS[rng.integers(len(RELATIONS))] if n > 1 else None
     s = image_size
@@ -212,28 +301,35 @@ def generate_sample(
     image_size: int = 32,
     level_probs: Sequence[float] = DEFAULT_LEVEL_PROBS,
     object_probs: Sequence[float] = (0.4, 0.4, 0.2),
+    *,
+    exclude: Collection[Combo] = frozenset(),
 ) -> tuple[Image.Image, str, dict[str, Any]]:
     """One sample, a pure function of ``(seed, index)`` and the keyword arguments.
 
     Args:
         seed: dataset seed.
-        index: sample index (val samples use ``VAL_INDEX_OFFSET + i``).
+        index: sample index (val samples use ``VAL_INDEX_OFFSET + i``, test samples ``TEST_INDEX_OFFSET + i``).
         image_size: side of the square RGB image in pixels.
         level_probs: probabilities of drawing the training caption from L0, L1, L2, L3.
         object_probs: probabilities of 1, 2 and 3 objects.
+        exclude: (colour, shape) combinations that must not appear in any object, caption or negative of the
+            sample (training samples: :func:`heldout_combos`; val and test: none).
 
     Returns:
         ``(image, caption, meta)``: a PIL RGB image, the training caption and the metadata dict with keys
         ``captions`` (L0..L3), ``level`` (of the training caption), ``objects`` (shape, colour, size, position,
         row, col, center [x, y] in px, extent in px, bbox [x0, y0, x1, y1) in px), ``relation`` ({subject,
-        object, relation} over object indices, or None), ``negatives`` ({relation, binding}), ``label``
-        (class index or None), ``seed``, ``index``.
+        object, relation} over object indices, or None), ``negatives`` ({relation, binding, control}; relation
+        and binding None for one-object scenes), ``matched_pair`` ([L1 colour form, L2], equal word counts),
+        ``label`` (class index or None), ``seed``, ``index``.
     """
+    exclude = frozenset(map(tuple, exclude))
     rng = np.random.default_rng([int(seed), int(index)])
     n = int(rng.choice(3, p=np.asarray(object_probs) / np.sum(object_probs))) + 1
-    objects, relation = _layout(rng, n, image_size)
+    objects, relation = _layout(rng, n, image_size, exclude)
     l1_attribute = "colour" if rng.random() < 0.5 else "shape"
     level = int(rng.choice(4, p=np.asarray(level_probs, dtype=float) / np.sum(level_probs)))
+    control = _control(rng, objects, exclude)
 
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -244,5 +340,6 @@ def generate_sample(
     if n == 1:
         label = list(COLOURS).index(objects[0]["colour"]) * len(SHAPES) + SHAPES.index(objects[0]["shape"])
     meta = dict(captions=captions, level=level, objects=objects, relation=relation,
-                negatives=make_negatives(objects, relation), label=label, seed=int(seed), index=int(index))
+                negatives=make_negatives(objects, relation, control), matched_pair=matched_pair(objects),
+                label=label, seed=int(seed), index=int(index))
     return image, captions[level], meta

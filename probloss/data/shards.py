@@ -2,12 +2,16 @@
 
     out_dir/
       classes.json              ["red circle", "red square", ...]  (label -> name)
-      meta.json                 the generation parameters; a finished dataset is reused, not regenerated
-      train/00000.tar ...       {key}.png, {key}.txt (training caption), {key}.json (metadata, see shapes.py)
+      splits.json               {"heldout_combos": ["red diamond", ...], "seed", "sizes": {"train", "val", "test"},
+                                 "templates": [zero-shot prompts no caption equals]}
+      meta.json                 the generation parameters, written last; a finished dataset is reused
+      train/00000.tar ...       {key}.png, {key}.txt (training caption), {key}.json (metadata, see shapes.py);
+                                no held-out colour x shape combination anywhere in train
       train/sizes.json          {"00000.tar": 1000, ...}  (samples per shard, as open_clip reads it)
-      val/00000.tar ...
+      val/00000.tar ...         for selection (natural distribution, held-out combinations included)
+      test/00000.tar ...        for reporting (likewise)
 
-``python scripts/make_data.py out=data/shapes train_size=50000 val_size=2000`` calls :func:`main`
+``python scripts/make_data.py out=data/shapes train_size=50000 val_size=2000 test_size=5000`` calls :func:`main`
 (its keys and defaults: configs/make_data.yaml).
 """
 
@@ -24,16 +28,19 @@ from typing import Sequence
 import webdataset as wds
 from tqdm import tqdm
 
-from probloss.data.shapes import DEFAULT_LEVEL_PROBS, VAL_INDEX_OFFSET, class_names, generate_sample
+from probloss.data.shapes import (
+    DEFAULT_LEVEL_PROBS, DEFAULT_TEMPLATES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, class_names, generate_sample,
+    heldout_combos as draw_heldout,
+)
 
 
 def _write_shard(job: tuple) -> int:
-    """Write one shard; a pool task. job = (path, first index, count, seed, image_size, level_probs)."""
-    path, start, count, seed, image_size, level_probs = job
+    """Write one shard; a pool task. job = (path, first index, count, seed, image_size, level_probs, exclude)."""
+    path, start, count, seed, image_size, level_probs, exclude = job
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # mtime=0: byte-identical reruns
         for index in range(start, start + count):
-            image, caption, meta = generate_sample(seed, index, image_size, level_probs)
+            image, caption, meta = generate_sample(seed, index, image_size, level_probs, exclude=exclude)
             png = io.BytesIO()
             image.save(png, format="PNG", compress_level=1)
             sink.write({"__key__": f"{index:010d}", "png": png.getvalue(), "txt": caption,
@@ -53,6 +60,8 @@ def write_shapes_shards(
     seed: int = 0,
     image_size: int = 32,
     *,
+    test_size: int = 5000,
+    heldout_combos: int = 8,
     shard_size: int = 1000,
     level_probs: Sequence[float] = DEFAULT_LEVEL_PROBS,
     num_workers: int | None = None,
@@ -61,14 +70,17 @@ def write_shapes_shards(
 ) -> dict[str, str]:
     """Generate the shapes dataset into ``out_dir`` and return the shard brace patterns.
 
-    Sample i of train is ``generate_sample(seed, i)``; sample i of val is ``generate_sample(seed,
-    VAL_INDEX_OFFSET + i)``, so the val set does not depend on ``train_size``. If ``out_dir/meta.json`` records
-    the same parameters, the existing shards are reused (delete the folder or pass ``overwrite=True`` to redo).
+    Sample i of train is ``generate_sample(seed, i, exclude=heldout_combos(seed, heldout_combos))``; sample i
+    of val is ``generate_sample(seed, VAL_INDEX_OFFSET + i)`` and of test ``generate_sample(seed,
+    TEST_INDEX_OFFSET + i)``, so val and test do not depend on ``train_size`` and keep the held-out
+    combinations. Val is for selection, test for reporting. If ``out_dir/meta.json`` records the same
+    parameters, the existing shards are reused (delete the folder or pass ``overwrite=True`` to redo).
 
     Args:
         out_dir: output folder.
-        train_size, val_size: number of samples per split.
-        seed: dataset seed.
+        train_size, val_size, test_size: number of samples per split (test_size 0: no test split).
+        seed: dataset seed (also draws the held-out combinations).
+        heldout_combos: colour x shape combinations kept out of train (0 to 20; 0: none), listed in splits.json.
         image_size: image side in pixels.
         shard_size: samples per shard (more shards than ranks x loader workers keeps splitting by shard).
         level_probs: probabilities of the training caption's level L0..L3.
@@ -77,12 +89,17 @@ def write_shapes_shards(
         progress: show a tqdm progress bar.
 
     Returns:
-        ``{"train": "<out_dir>/train/{00000..000NN}.tar", "val": ...}``.
+        ``{"train": "<out_dir>/train/{00000..000NN}.tar", "val": ..., "test": ...}``.
     """
     out = Path(out_dir)
-    params = dict(train_size=int(train_size), val_size=int(val_size), seed=int(seed), image_size=int(image_size),
-                  shard_size=int(shard_size), level_probs=[float(p) for p in level_probs], format=1)
-    splits = {"train": (0, int(train_size)), "val": (VAL_INDEX_OFFSET, int(val_size))}
+    heldout = draw_heldout(int(seed), int(heldout_combos))
+    params = dict(train_size=int(train_size), val_size=int(val_size), test_size=int(test_size), seed=int(seed),
+                  image_size=int(image_size), heldout_combos=int(heldout_combos), shard_size=int(shard_size),
+                  level_probs=[float(p) for p in level_probs], format=2)
+    splits = {"train": (0, int(train_size)), "val": (VAL_INDEX_OFFSET, int(val_size)),
+              "test": (TEST_INDEX_OFFSET, int(test_size))}
+    if int(test_size) == 0:
+        del splits["test"]  # no test split: the patterns have no "test"
     n_shards = {s: max(1, -(-n // shard_size)) for s, (_, n) in splits.items()}
     patterns = {s: _pattern(out / s, n_shards[s]) for s in splits}
     meta_path = out / "meta.json"
@@ -91,21 +108,23 @@ def write_shapes_shards(
 
     if meta_path.exists():
         meta_path.unlink()  # written last: its presence marks a complete dataset
+    for old in (p for split in ("train", "val", "test") for p in (out / split).glob("*.tar")):
+        old.unlink()  # shards of an earlier dataset
     jobs, sizes = [], {}
     for split, (offset, n) in splits.items():
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.tar"):
-            old.unlink()
         sizes[split] = {}
         for k in range(n_shards[split]):
             count = min(shard_size, n - k * shard_size)
             sizes[split][f"{k:05d}.tar"] = count
+            exclude = heldout if split == "train" else ()  # val and test keep the natural distribution
             jobs.append((str(folder / f"{k:05d}.tar"), offset + k * shard_size, count, int(seed), int(image_size),
-                         tuple(level_probs)))
+                         tuple(level_probs), exclude))
     num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs)))
+    total = sum(n for _, n in splits.values())
     start = time.perf_counter()
-    with tqdm(total=train_size + val_size, unit="sample", desc=f"shapes -> {out}", disable=not progress) as bar:
+    with tqdm(total=total, unit="sample", desc=f"shapes -> {out}", disable=not progress) as bar:
         if num_workers == 1:
             for job in jobs:
                 bar.update(_write_shard(job))
@@ -117,16 +136,20 @@ def write_shapes_shards(
     for split in splits:
         (out / split / "sizes.json").write_text(json.dumps(sizes[split], indent=0))
     (out / "classes.json").write_text(json.dumps(class_names(), indent=0))
+    (out / "splits.json").write_text(json.dumps({
+        "heldout_combos": [f"{c} {s}" for c, s in heldout], "seed": int(seed),  # the names of classes.json
+        "sizes": {k: splits.get(k, (0, 0))[1] for k in ("train", "val", "test")},
+        "templates": list(DEFAULT_TEMPLATES)}, indent=1))
     meta_path.write_text(json.dumps(params))
     if progress:
-        print(f"wrote {train_size + val_size} samples in {elapsed:.1f} s "
-              f"({(train_size + val_size) / max(elapsed, 1e-9):.0f} samples/s, {num_workers} processes)")
+        print(f"wrote {total} samples in {elapsed:.1f} s "
+              f"({total / max(elapsed, 1e-9):.0f} samples/s, {num_workers} processes)")
     return patterns
 
 
 def main(argv: Sequence[str]) -> dict[str, str]:
-    """``scripts/make_data.py out=<dir> train_size=<n> val_size=<m> [...]`` (configs/make_data.yaml); prints
-    the shard patterns as JSON."""
+    """``scripts/make_data.py out=<dir> train_size=<n> val_size=<m> [test_size=<k> heldout_combos=8 ...]``
+    (configs/make_data.yaml); prints the shard patterns as JSON."""
     from omegaconf import OmegaConf
 
     from probloss.config import compose_config

@@ -2,6 +2,7 @@
 
     from probloss.eval import evaluate, StabilityTracker
     metrics = evaluate(model, loss, eval_set, tokenizer, classnames=class_names())   # {"val/i2t_r@1": ...}
+    metrics = evaluate(model, loss, test_set, tokenizer, classnames=class_names(), prefix="test")  # "test/..."
 """
 
 from probloss.eval.evaluate import (
@@ -9,14 +10,16 @@ from probloss.eval.evaluate import (
     score_matrix, sigma_of,
 )
 from probloss.eval.metrics import (
-    alignment, average_ranks, effective_rank, modality_gap, pair_probe_accuracy, participation_ratio,
-    positive_ranks, recall_by_sigma_decile, retrieval_recall, spearman, uniformity, zeroshot_accuracy,
+    alignment, average_ranks, effective_rank, modality_gap, multi_positive_ranks, pair_probe_accuracy,
+    partial_spearman, participation_ratio, percentile_ranks, positive_ranks, recall_by_sigma_decile,
+    retrieval_recall, same_group, spearman, uniformity, zeroshot_accuracy,
 )
 from probloss.eval.stability import StabilityTracker, params_finite
 
 __all__ = [
     "StabilityTracker", "alignment", "average_ranks", "effective_rank", "encode_captions", "encode_images",
-    "encode_texts", "evaluate", "fill_template", "image_sigma_vs_noise", "modality_gap", "pair_probe_accuracy",
-    "paired_scores", "params_finite", "participation_ratio", "positive_ranks", "recall_by_sigma_decile",
-    "retrieval_recall", "score_matrix", "sigma_of", "spearman", "uniformity", "zeroshot_accuracy",
+    "encode_texts", "evaluate", "fill_template", "image_sigma_vs_noise", "modality_gap", "multi_positive_ranks",
+    "pair_probe_accuracy", "paired_scores", "params_finite", "partial_spearman", "participation_ratio",
+    "percentile_ranks", "positive_ranks", "recall_by_sigma_decile", "retrieval_recall", "same_group",
+    "score_matrix", "sigma_of", "spearman", "uniformity", "zeroshot_accuracy",
 ]

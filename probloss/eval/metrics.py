@@ -4,10 +4,12 @@ Conventions shared by every function here:
 
 - Scores are "higher = better match" (what ``loss.score`` returns). NaN scores count as the worst score.
 - Ranking ties are broken **pessimistically**: the positive is ranked below every candidate with an equal score,
-  so a collapsed model that gives every candidate the same score gets R@1 = 1/N-ish -> 0, never 1.
+  so a collapsed model that gives every candidate the same score gets R@1 = 1/N-ish -> 0, never 1. With several
+  positives per query (:func:`multi_positive_ranks`) ties *among positives* cost nothing (identical captions get
+  identical embeddings, so a perfect model ties them), ties of a positive with a *non-positive* stay pessimistic.
 - Embedding-space metrics (:func:`uniformity`, :func:`alignment`, :func:`modality_gap`) L2-normalise their inputs
   themselves, as in the papers; :func:`effective_rank` and :func:`participation_ratio` use the embeddings as
-  given (``probloss.eval.evaluate`` passes L2-normalised ones, so all ``embed/*`` keys live on the unit sphere).
+  given (``probloss.eval.evaluate`` passes L2-normalised ones for ``embed/*`` and raw ones for ``embed/raw/*``).
 - Everything is computed in float64 on the input's device and returned as Python floats (or dicts of them).
 """
 
@@ -41,16 +43,49 @@ def positive_ranks(scores: Tensor, positives: Tensor) -> Tensor:
     return (scores >= pos).sum(1)
 
 
-def retrieval_recall(scores: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def multi_positive_ranks(scores: Tensor, positive: Tensor) -> Tensor:
+    """1-based rank of each row's best-scoring positive among the non-positives (several positives per row).
+
+    ``rank_q = 1 + #{c not positive : s[q, c] >= max_{p positive} s[q, p]}``: ties among positives cost nothing,
+    a tie with a non-positive counts against the query (pessimistic, as :func:`positive_ranks`). With one positive
+    per row it equals :func:`positive_ranks`. A row without positives gets ``1 + C`` (a miss at every K < C + 1).
+
+    Args:
+        scores: ``(Q, C)`` higher = better; NaN counts as -inf.
+        positive: ``(Q, C)`` bool, True where candidate c is a positive of query q.
+
+    Returns:
+        ``(Q,)`` long ranks.
+    """
+    scores = _as_float64(scores).nan_to_num(nan=-math.inf)
+    positive = torch.as_tensor(positive, dtype=torch.bool, device=scores.device)
+    if positive.shape != scores.shape:
+        raise ValueError(f"multi_positive_ranks: positive {tuple(positive.shape)} must match scores "
+                         f"{tuple(scores.shape)}")
+    best = scores.masked_fill(~positive, -math.inf).max(1, keepdim=True).values  # (Q, 1)
+    return 1 + ((scores >= best) & ~positive).sum(1)
+
+
+def same_group(groups: Tensor) -> Tensor:
+    """``(N, N)`` bool: ``groups[i] == groups[j]`` (e.g. ids of caption strings: identical captions are positives)."""
+    groups = torch.as_tensor(groups).flatten()
+    return groups[:, None] == groups[None, :]
+
+
+def retrieval_recall(scores: Tensor, ks: Sequence[int] = (1, 5, 10), groups: Tensor | None = None) -> dict[str, float]:
     """Image-to-text and text-to-image Recall@K with the positive of image i at text i.
 
     ``i2t_r@K = mean_i [rank_i <= K]`` where ``rank_i = #{j : s_ij >= s_ii}`` over the texts (row i), and
     ``t2i_r@K`` the same over the images (column j). One caption per image, as in the CLIP / ALIGN retrieval
     tables (Radford et al. 2021). Ties are pessimistic (see the module docstring).
 
+    With ``groups`` (multi-positive, as COCO's five captions per image): text j is a positive of image i (and
+    image i of text j) when ``groups[i] == groups[j]``; ranks from :func:`multi_positive_ranks`.
+
     Args:
         scores: ``(N, N)`` scores, row = image, column = text, positives on the diagonal.
         ks: the K values.
+        groups: ``(N,)`` ids, or None for one positive per query (the diagonal).
 
     Returns:
         ``{"i2t_r@K": ..., "t2i_r@K": ...}`` for each K, in [0, 1].
@@ -59,8 +94,12 @@ def retrieval_recall(scores: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str
         raise ValueError(f"retrieval_recall: scores must be square (N, N) with positives on the diagonal, "
                          f"got {tuple(scores.shape)}")
     n = scores.shape[0]
-    diag = torch.arange(n, device=scores.device)
-    ranks = {"i2t": positive_ranks(scores, diag), "t2i": positive_ranks(scores.T, diag)}
+    if groups is None:
+        diag = torch.arange(n, device=scores.device)
+        ranks = {"i2t": positive_ranks(scores, diag), "t2i": positive_ranks(scores.T, diag)}
+    else:
+        positive = same_group(groups)  # symmetric: the same mask serves both directions
+        ranks = {"i2t": multi_positive_ranks(scores, positive), "t2i": multi_positive_ranks(scores.T, positive)}
     return {f"{d}_r@{k}": (r <= k).double().mean().item() for d, r in ranks.items() for k in ks}
 
 
@@ -216,7 +255,40 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return ((ra * rb).sum() / denom).clamp(-1, 1).item()
 
 
-def recall_by_sigma_decile(scores: Tensor, sigma: Tensor, n_bins: int = 10, k: int = 1) -> list[float]:
+def percentile_ranks(x: Tensor) -> Tensor:
+    """Ranks scaled to [0, 1]: ``(average_rank - 1) / (n - 1)``; 0 = smallest, 1 = largest, ties averaged.
+
+    A single value gets 0.5.
+    """
+    x = _as_float64(x).flatten()
+    if x.numel() < 2:
+        return torch.full_like(x, 0.5)
+    return (average_ranks(x) - 1) / (x.numel() - 1)
+
+
+def partial_spearman(x: Tensor, y: Tensor, z: Tensor) -> float:
+    """Partial Spearman correlation of x and y controlling for z (rank-transform, then partial correlation).
+
+    ``r_xy.z = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2) (1 - r_yz^2))`` with the ``r`` Spearman correlations
+    (:func:`spearman`, ties averaged): the Pearson correlation of the ranks of x and y after each is linearly
+    regressed on the ranks of z. When x or y is a monotone function of z (``|r| = 1``) nothing is left beyond z
+    and the value is defined as 0 (no association beyond z). NaN when any of the three correlations is NaN
+    (a constant input or fewer than 2 values).
+
+    Args:
+        x, y, z: 1-D tensors (or sequences) of the same length.
+    """
+    r_xy, r_xz, r_yz = spearman(x, y), spearman(x, z), spearman(y, z)
+    if any(math.isnan(r) for r in (r_xy, r_xz, r_yz)):
+        return float("nan")
+    if min(1 - r_xz ** 2, 1 - r_yz ** 2) <= 1e-9:
+        return 0.0
+    r = (r_xy - r_xz * r_yz) / math.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
+    return max(-1.0, min(1.0, r))
+
+
+def recall_by_sigma_decile(scores: Tensor, sigma: Tensor, n_bins: int = 10, k: int = 1,
+                           groups: Tensor | None = None) -> list[float]:
     """R@K of the queries binned by their predicted sigma, lowest sigma first (PCME++, Chun 2024, Fig. 3).
 
     Queries are the rows of ``scores`` (pass ``scores.T`` and text sigma for text-to-image). They are sorted by
@@ -229,6 +301,7 @@ def recall_by_sigma_decile(scores: Tensor, sigma: Tensor, n_bins: int = 10, k: i
         sigma: ``(N,)`` predicted sigma (or log sigma: only the order matters) of each query.
         n_bins: number of quantile bins (10 = deciles).
         k: the K of Recall@K.
+        groups: ``(N,)`` ids for multi-positive recall (:func:`retrieval_recall`); None: the diagonal only.
 
     Returns:
         ``n_bins`` recalls in [0, 1] (or NaN).
@@ -238,7 +311,11 @@ def recall_by_sigma_decile(scores: Tensor, sigma: Tensor, n_bins: int = 10, k: i
     if scores.dim() != 2 or scores.shape[1] != n or sigma.shape != (n,):
         raise ValueError(f"recall_by_sigma_decile: need square scores (N, N) and sigma (N,), got "
                          f"{tuple(scores.shape)} and {tuple(sigma.shape)}")
-    hits = (positive_ranks(scores, torch.arange(n, device=scores.device)) <= k).double().cpu()
+    if groups is None:
+        ranks = positive_ranks(scores, torch.arange(n, device=scores.device))
+    else:
+        ranks = multi_positive_ranks(scores, same_group(groups).to(scores.device))
+    hits = (ranks <= k).double().cpu()
     order = torch.argsort(sigma.cpu(), stable=True)
     return [hits[b].mean().item() if b.numel() else float("nan") for b in torch.tensor_split(order, n_bins)]
 

@@ -3,12 +3,14 @@ checkpoint (``scripts/evaluate.py``).
 
 ``val/loss`` is computed here and only here (:func:`val_loss`): the training loss on the val set in global
 batches, each rank embedding its slice exactly as in training, so it is comparable with ``train/loss`` and
-the same for any world size. Every other metric comes from :func:`probloss.eval.evaluate` on rank 0.
+the same for any world size. Every other metric comes from :func:`probloss.eval.evaluate` on rank 0: on val
+(selection: sweeps, pruning, best learning rate) at every evaluation, and on test (reporting) at the end.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +24,10 @@ from probloss.settings import RunSettings
 
 @torch.no_grad()
 def val_loss(fabric, trainee, eval_set, global_batch: int) -> float:
-    """The training loss on the val set in global batches (comparable with train/loss); all ranks take part."""
+    """The training loss on the val set in global batches (comparable with train/loss); all ranks take part.
+
+    Always the plain paired loss: hard negatives (``data.hard_negatives``) are a training-time choice, so val/loss
+    stays comparable across runs with and without them."""
     module = trainee.module if hasattr(trainee, "module") else trainee  # no DDP forward (no buffer broadcast)
     world, rank = fabric.world_size, fabric.global_rank
     n = len(eval_set.captions)
@@ -48,8 +53,10 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
              final: bool = False) -> dict[str, Any]:
     """val/loss (all ranks) and every metric of probloss.eval.evaluate (rank 0; the others wait).
 
-    Returns the metrics on rank 0 and ``{}`` elsewhere; logs them to TensorBoard. ``final`` adds the image
-    sigma vs pixel-noise check (losses with log-std).
+    Returns the metrics on rank 0 and ``{}`` elsewhere; logs them to TensorBoard. ``final`` adds the test
+    split (``test/*``: reported, never used to choose anything; read from disk only here, so intermediate
+    evaluations and sweeps' pruning see val alone; ``eval_test_s`` is its cost in seconds) and, for losses
+    with log-std, the image sigma vs pixel-noise check.
     """
     metrics: dict[str, Any] = {"val/loss": val_loss(fabric, trainee, eval_set, run.trainer.batch_size)}
     if fabric.is_global_zero:
@@ -60,23 +67,32 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
                               image_noise=float(run.eval.noise_std))
         metrics.update(evaluate_model(module.model, module.loss, eval_set, spec, tokenizer, device=fabric.device,
                                       noisy_eval_set=noisy))
+        if final and spec.test is not None:
+            started = time.perf_counter()
+            test_set = load_eval(spec, run.data, tokenizer, split="test", seed=run.seed,
+                                 image_noise=float(run.eval.image_noise or 0.0))
+            metrics.update(evaluate_model(module.model, module.loss, test_set, spec, tokenizer,
+                                          device=fabric.device, prefix="test"))
+            metrics["eval_test_s"] = time.perf_counter() - started
         if logger is not None:
             logger.log_metrics(finite_scalars(metrics), step=step)
     dist.barrier(fabric)
     return metrics if fabric.is_global_zero else {}
 
 
-def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None, noisy_eval_set=None) -> dict[str, Any]:
-    """probloss.eval.evaluate with the run's zero-shot classes and templates (model in eval mode).
+def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None, noisy_eval_set=None,
+                   prefix: str = "val") -> dict[str, Any]:
+    """probloss.eval.evaluate with the run's zero-shot classes, templates and held-out classes (model in eval
+    mode); keys under ``prefix`` ("val" or "test").
 
-    With ``noisy_eval_set`` (the same val images with Gaussian pixel noise) and a loss with log-std, also the
+    With ``noisy_eval_set`` (the same images with Gaussian pixel noise) and a loss with log-std, also the
     image sigma on noisy vs clean images (``unc/image_sigma_noise_ratio``; > 1 when noise raises sigma).
     """
     from probloss.eval import evaluate as evaluate_fn
     from probloss.eval import image_sigma_vs_noise
 
     metrics = dict(evaluate_fn(model, loss, eval_set, tokenizer, device=device, classnames=spec.classnames,
-                               templates=spec.templates))
+                               templates=spec.templates, prefix=prefix, heldout_classnames=spec.heldout))
     if noisy_eval_set is not None and loss.needs_log_std:
         metrics.update(image_sigma_vs_noise(model, eval_set.images, noisy_eval_set.images, device=device))
     return metrics

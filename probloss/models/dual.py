@@ -28,7 +28,11 @@ Tensor = torch.Tensor
 
 @dataclass
 class Embeddings:
-    """What the dual encoder hands the loss: raw projections (B, D) and log-stds (B,) or (B, D) or None."""
+    """What the dual encoder hands the loss: raw projections and log-stds ((B,), (B, D) or None) per modality.
+
+    Images and texts are encoded independently, so there may be more texts than images: text rows after the
+    first N_img are extra texts (hard negatives; the loss contract, probloss/loss.py).
+    """
 
     image_emb: Tensor
     text_emb: Tensor
@@ -101,6 +105,7 @@ class DualEncoder(nn.Module):
         return self.text_proj(pooled), None if self.text_log_std is None else self.text_log_std(pooled)
 
     def forward(self, images: Tensor, tokens: Tensor) -> Embeddings:
+        """images (N, 3, H, W), tokens (M, L) -> Embeddings; the towers are independent, so M may differ from N."""
         image_emb, image_log_std = self.encode_image(images)
         text_emb, text_log_std = self.encode_text(tokens)
         return Embeddings(image_emb, text_emb, image_log_std, text_log_std)

@@ -25,8 +25,8 @@ TOK = build_tokenizer("word", max_len=16)
 def shapes(tmp_path_factory):
     """8 shards of 40 (even) and the same data as 5 uneven shards."""
     root = tmp_path_factory.mktemp("loader")
-    even = write_shapes_shards(root / "even", 320, 8, seed=2, shard_size=40, progress=False)["train"]
-    uneven = write_shapes_shards(root / "uneven", 300, 8, seed=2, shard_size=70, progress=False)["train"]
+    even = write_shapes_shards(root / "even", 320, 8, test_size=0, seed=2, shard_size=40, progress=False)["train"]
+    uneven = write_shapes_shards(root / "uneven", 300, 8, test_size=0, seed=2, shard_size=70, progress=False)["train"]
     return even, uneven
 
 
@@ -47,6 +47,35 @@ def test_batch_format(shapes):
     assert len(b["caption"]) == len(b["json"]) == 16 and b["skipped"] == 0
     assert b["tokens"].equal(TOK(b["caption"]))
     assert [m["captions"][m["level"]] for m in b["json"]] == b["caption"]
+    assert "negative_tokens" not in b  # hard_negatives="none" (the default)
+
+
+@pytest.mark.parametrize("option,kinds", [("relation", ["relation"]), ("control", ["control"]),
+                                          ("all", ["relation", "binding", "control"])])
+def test_hard_negative_tokens(shapes, option, kinds):
+    (b,) = _epoch(shapes[0], batches_per_epoch=1, batch_size=32, hard_negatives=option, caption_noise=0.5)
+    assert b["negative_tokens"].shape == (32, len(kinds), 16) and b["negative_tokens"].dtype == torch.long
+    one_object = 0
+    for row, meta in zip(b["negative_tokens"], b["json"]):
+        neg = meta["negatives"]
+        one_object += neg["relation"] is None
+        # A kind a one-object scene lacks (relation, binding) is filled with its control negative.
+        expect = [neg[k] if neg[k] is not None else neg["control"] for k in kinds]
+        assert row.equal(TOK(expect)), (expect, meta["captions"])
+        assert not any(row[k].equal(TOK(meta["captions"][3])[0]) for k in range(len(kinds)))  # all false
+    assert 0 < one_object < 32  # both kinds of scene were checked
+    with pytest.raises(ValueError, match="none\\|relation\\|binding\\|control\\|all"):
+        make_train_loader(shapes[0], TOK, 4, image_size=32, hard_negatives="foo")
+
+
+def test_hard_negatives_from_shards_without_them_name_the_shard_and_the_fix(tmp_path):
+    from probloss.config import ConfigError
+
+    _write_tar(tmp_path / "0.tar", [{"__key__": f"k{i}", "png": _png(i), "txt": "x", "json": b'{"label": 1}'}
+                                    for i in range(8)])
+    with pytest.raises(ConfigError, match=r"data.hard_negatives=binding: sample 'k\d' of shard .*0.tar .*"
+                                          r"scripts/make_data.py.*data.hard_negatives=none"):
+        _epoch(str(tmp_path / "0.tar"), batch_size=4, hard_negatives="binding")
 
 
 @pytest.mark.parametrize("world_size,num_workers", [(2, 0), (2, 2)])

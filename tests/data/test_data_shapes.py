@@ -1,9 +1,15 @@
-"""The shapes generator: deterministic, captions true of the pixels, levels ordered by specificity."""
+"""The shapes generator: deterministic, captions true of the pixels, levels ordered by specificity, held-out
+combinations absent from training, zero-shot prompts that no caption equals, control and matched pairs."""
+
+import re
 
 import numpy as np
 import pytest
 
-from probloss.data.shapes import COLOURS, RELATIONS, SHAPES, SIZES, class_names, generate_sample
+from probloss.data.shapes import (
+    COLOURS, DEFAULT_TEMPLATES, RELATIONS, SHAPES, SIZES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, class_names,
+    generate_sample, heldout_combos,
+)
 
 N = 150
 
@@ -98,11 +104,11 @@ def test_hard_negatives_use_the_same_words_but_are_false():
         _, _, meta = _pixels(2, index)
         neg, l3 = meta["negatives"], meta["captions"][3]
         if meta["relation"] is None:
-            assert neg == {"relation": None, "binding": None}
+            assert neg["relation"] is None and neg["binding"] is None and neg["control"]
             continue
         seen += 1
         a, b = meta["objects"][0], meta["objects"][1]
-        for text in neg.values():
+        for text in (neg["relation"], neg["binding"]):
             assert text != l3 and sorted(text.split()) == sorted(l3.split())  # a bag of words cannot tell
         # The relation negative puts object 1 first; the binding negative gives object 0 object 1's colour.
         assert neg["relation"].startswith(f"a {b['size']} {b['colour']} {b['shape']}".replace("a o", "an o"))
@@ -123,3 +129,97 @@ def test_level_probs_and_labels():
             assert meta["label"] is None
     levels = [generate_sample(0, i)[2]["level"] for i in range(400)]
     assert np.bincount(levels, minlength=4).min() > 60  # uniform by default
+
+
+# --- splits: held-out combinations, prompts, control negative, matched pair ---------------------------------------
+
+
+def _texts(meta) -> list[str]:
+    """Every text a sample carries: its four captions, its negatives and its matched pair."""
+    return meta["captions"] + [t for t in meta["negatives"].values() if t] + meta["matched_pair"]
+
+
+COMBO = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")  # "red circle", "small red circle"
+
+
+def _combos(text: str) -> set:
+    return set(COMBO.findall(text))
+
+
+def test_heldout_combos_cover_every_colour_and_shape():
+    for seed in range(20):
+        combos = heldout_combos(seed)
+        assert len(combos) == len(set(combos)) == 8
+        assert {c for c, _ in combos} == set(COLOURS) and {s for _, s in combos} == set(SHAPES), (seed, combos)
+        assert combos == heldout_combos(seed)  # seeded
+    assert heldout_combos(0) != heldout_combos(1)
+    assert heldout_combos(0, 0) == () and len(set(heldout_combos(3, 20))) == 20
+    with pytest.raises(ValueError, match="heldout_combos"):
+        heldout_combos(0, 21)
+
+
+def test_training_samples_never_show_a_heldout_combination():
+    exclude = frozenset(heldout_combos(0))
+    hits_without = 0
+    for index in range(2000):
+        _, caption, meta = generate_sample(0, index, exclude=exclude)
+        assert not {(o["colour"], o["shape"]) for o in meta["objects"]} & exclude, (index, meta["objects"])
+        for text in _texts(meta):
+            assert not _combos(text) & exclude, (index, text)
+        hits_without += bool(any(_combos(t) & exclude for t in _texts(generate_sample(0, index)[2])))
+    assert hits_without > 200  # the same indices without the exclusion do show them: the check can fail
+
+
+def test_val_and_test_keep_the_heldout_combinations():
+    exclude = set(heldout_combos(0))
+    names = class_names()
+    for offset in (VAL_INDEX_OFFSET, TEST_INDEX_OFFSET):
+        labelled = {names[m["label"]] for m in (generate_sample(0, offset + i)[2] for i in range(1500))
+                    if m["label"] is not None}
+        assert {f"{c} {s}" for c, s in exclude} <= labelled, offset  # as one-object, labelled scenes
+
+
+def test_control_negative_replaces_one_attribute_by_an_absent_one():
+    kinds = set()
+    for index in range(300):
+        _, _, meta = generate_sample(4, index)
+        l3, control = meta["captions"][3].split(), meta["negatives"]["control"].split()
+        assert len(l3) == len(control)
+        (i,) = [k for k, (a, b) in enumerate(zip(l3, control)) if a != b]  # exactly one word differs
+        used = {o[a] for o in meta["objects"] for a in ("colour", "shape")}
+        assert l3[i] in used and control[i] in set(COLOURS) | set(SHAPES) and control[i] not in used
+        kinds.add(("colour" if control[i] in COLOURS else "shape", len(meta["objects"])))
+    assert kinds == {(a, n) for a in ("colour", "shape") for n in (1, 2, 3)}  # one-object scenes included
+
+
+def test_matched_pair_has_equal_word_counts_and_different_specificity():
+    for index in range(300):
+        _, _, meta = generate_sample(5, index)
+        less, more = meta["matched_pair"]
+        assert len(less.split()) == len(more.split()) and len(re.findall(r"\w+", less)) == len(re.findall(r"\w+", more))
+        assert more == meta["captions"][2] and _facts(less) < _facts(more), meta["matched_pair"]
+        assert all(f"{o['colour']} object" in less for o in meta["objects"]) and "circle" not in less
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"\w+", text.lower()))  # what the word tokenizer sees
+
+
+def test_zero_shot_prompts_are_never_training_captions():
+    from probloss.eval.evaluate import fill_template
+    from probloss.models import build_tokenizer
+
+    assert len(DEFAULT_TEMPLATES) >= 4
+    captions, n_objects = set(), set()
+    for index in range(1500):
+        for exclude in (frozenset(), frozenset(heldout_combos(0))):
+            meta = generate_sample(6, index, exclude=exclude)[2]
+            captions |= {_words(t) for t in _texts(meta)}
+            n_objects.add(len(meta["objects"]))
+    assert n_objects == {1, 2, 3} and len(captions) > 5000
+    prompts = [fill_template(t, name) for t in DEFAULT_TEMPLATES for name in class_names()]
+    assert "the orange cross" in prompts and "an orange cross object" in prompts  # the article rule applied
+    assert not {_words(p) for p in prompts} & captions
+    assert {_words(fill_template("a {}", n)) for n in class_names()} <= captions  # "a {}" would be: it can fail
+    tokens = build_tokenizer("word", max_len=16)(prompts)
+    assert (tokens != 2).all()  # every prompt word is in the vocabulary (2: unknown)

@@ -1,4 +1,5 @@
-"""Shard writing: layout, round trip through the reader, reuse, the make_data CLI, missing shards."""
+"""Shard writing: layout (train/val/test, splits.json), round trip through the reader, reuse, the make_data CLI,
+missing shards."""
 
 import io
 import json
@@ -9,7 +10,7 @@ import pytest
 
 from probloss.config import ConfigError
 from probloss.data import expand_shards, generate_sample, load_eval_set, make_train_loader, write_shapes_shards
-from probloss.data.shapes import VAL_INDEX_OFFSET, class_names
+from probloss.data.shapes import DEFAULT_TEMPLATES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, class_names, heldout_combos
 from probloss.data.shards import main
 from probloss.models import build_tokenizer
 
@@ -17,12 +18,18 @@ from probloss.models import build_tokenizer
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    return out, write_shapes_shards(out, train_size=50, val_size=12, seed=5, shard_size=16, progress=False)
+    return out, write_shapes_shards(out, train_size=50, val_size=12, test_size=20, seed=5, shard_size=16,
+                                    progress=False)
 
 
 def test_layout(shards):
     out, patterns = shards
-    assert patterns == {"train": f"{out}/train/{{00000..00003}}.tar", "val": f"{out}/val/00000.tar"}
+    assert patterns == {"train": f"{out}/train/{{00000..00003}}.tar", "val": f"{out}/val/00000.tar",
+                        "test": f"{out}/test/{{00000..00001}}.tar"}
+    assert json.loads((out / "splits.json").read_text()) == {
+        "heldout_combos": [f"{c} {s}" for c, s in heldout_combos(5)], "seed": 5,
+        "sizes": {"train": 50, "val": 12, "test": 20}, "templates": list(DEFAULT_TEMPLATES)}
+    assert set(json.loads((out / "splits.json").read_text())["heldout_combos"]) < set(class_names())
     assert len(expand_shards(patterns["train"])) == 4
     assert json.loads((out / "classes.json").read_text()) == class_names()
     assert json.loads((out / "train" / "sizes.json").read_text()) == {
@@ -31,19 +38,21 @@ def test_layout(shards):
         names = tar.getnames()
         assert sorted(names[:3]) == ["0000000000.json", "0000000000.png", "0000000000.txt"]
         meta = json.loads(tar.extractfile("0000000000.json").read())
-    for key in ("captions", "level", "objects", "relation", "negatives", "label"):
+    for key in ("captions", "level", "objects", "relation", "negatives", "matched_pair", "label"):
         assert key in meta
-    assert len(meta["captions"]) == 4
+    assert len(meta["captions"]) == 4 and set(meta["negatives"]) == {"relation", "binding", "control"}
 
 
-@pytest.mark.parametrize("split,offset,n", [("train", 0, 50), ("val", VAL_INDEX_OFFSET, 12)])
+@pytest.mark.parametrize("split,offset,n", [("train", 0, 50), ("val", VAL_INDEX_OFFSET, 12),
+                                            ("test", TEST_INDEX_OFFSET, 20)])
 def test_round_trip(shards, split, offset, n):
     _, patterns = shards
     tok = build_tokenizer("word", max_len=16)
     ev = load_eval_set(patterns[split], tok, image_size=32)
     assert len(ev) == n and ev.skipped == 0 and ev.images.shape == (n, 3, 32, 32)
+    exclude = frozenset(heldout_combos(5)) if split == "train" else frozenset()  # val and test: all combinations
     for i in range(n):
-        image, caption, meta = generate_sample(5, offset + i)
+        image, caption, meta = generate_sample(5, offset + i, exclude=exclude)
         pixels = np.round((ev.images[i].permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255)
         assert np.array_equal(pixels, np.asarray(image)), i  # PNG is lossless
         assert ev.captions[i] == caption and ev.json[i] == meta and ev.keys[i] == f"{offset + i:010d}"
@@ -54,16 +63,33 @@ def test_round_trip(shards, split, offset, n):
 def test_existing_dataset_is_reused(shards):
     out, patterns = shards
     mtime = (out / "train" / "00000.tar").stat().st_mtime_ns
-    assert write_shapes_shards(out, 50, 12, seed=5, shard_size=16, progress=False) == patterns
+    assert write_shapes_shards(out, 50, 12, test_size=20, seed=5, shard_size=16, progress=False) == patterns
     assert (out / "train" / "00000.tar").stat().st_mtime_ns == mtime
 
 
+def test_heldout_setting_changes_train_only(tmp_path, shards):
+    out, patterns = shards
+    other = write_shapes_shards(tmp_path, 50, 12, test_size=0, heldout_combos=0, seed=5, shard_size=16,
+                                progress=False)
+    assert "test" not in other and not (tmp_path / "test").exists()
+    assert json.loads((tmp_path / "splits.json").read_text())["heldout_combos"] == []
+    assert json.loads((tmp_path / "splits.json").read_text())["sizes"] == {"train": 50, "val": 12, "test": 0}
+    tok = build_tokenizer("word", max_len=16)
+    read = lambda p: load_eval_set(p, tok, image_size=32).captions  # noqa: E731
+    assert read(other["val"]) == read(patterns["val"])  # val does not depend on the held-out setting
+    assert read(other["train"]) == [generate_sample(5, i)[1] for i in range(50)]
+
+
 def test_cli(tmp_path, capsys):
-    patterns = main([f"out={tmp_path}", "train_size=20", "val_size=4", "seed=1", "image_size=48", "shard_size=10"])
+    patterns = main([f"out={tmp_path}", "train_size=20", "val_size=4", "test_size=3", "heldout_combos=12", "seed=1",
+                     "image_size=48", "shard_size=10"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == patterns
     with tarfile.open(tmp_path / "val" / "00000.tar") as tar:
         from PIL import Image
         assert Image.open(io.BytesIO(tar.extractfile("1000000000.png").read())).size == (48, 48)
+    with tarfile.open(tmp_path / "test" / "00000.tar") as tar:
+        assert len(tar.getnames()) == 3 * 3 and "2000000002.json" in tar.getnames()
+    assert len(json.loads((tmp_path / "splits.json").read_text())["heldout_combos"]) == 12
     with pytest.raises(ConfigError, match="missing .*train_size"):
         main([f"out={tmp_path}", "val_size=4"])
     with pytest.raises(ConfigError, match="unknown config key 'trainsize'. Did you mean 'train_size'"):

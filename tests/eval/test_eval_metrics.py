@@ -139,3 +139,79 @@ def test_effective_rank_of_non_finite_embeddings_is_nan():
     emb = torch.randn(8, 4)
     emb[2, 1] = float("nan")
     assert math.isnan(M.effective_rank(emb))
+
+
+# Multi-positive retrieval: image i's positives are texts j with groups[j] == groups[i].
+MULTI_SCORES = torch.tensor([[0.1, 0.9, 0.5, 0.2],
+                             [0.3, 0.2, 0.3, 0.8],
+                             [0.9, 0.9, 0.1, 0.0],
+                             [float("nan"), 0.0, 0.0, 0.5]])
+MULTI_GROUPS = torch.tensor([7, 7, 1, 2])  # captions 0 and 1 are the same string
+
+
+def test_multi_positive_ranks_known_values():
+    positive = M.same_group(MULTI_GROUPS)
+    # i2t, by hand: row 0 best positive 0.9, no non-positive >= it -> 1; row 1 best positive 0.3, text 2 ties
+    # (pessimistic) and text 3 beats it -> 3; row 2: texts 0, 1 beat 0.1 -> 3; row 3 (NaN = -inf) -> 1.
+    assert M.multi_positive_ranks(MULTI_SCORES, positive).tolist() == [1, 3, 3, 1]
+    assert M.positive_ranks(MULTI_SCORES, torch.arange(4)).tolist() == [4, 4, 3, 1]  # strict, for contrast
+    # t2i: column 0 best positive 0.3 < image 2's 0.9 -> 2; column 1: 0.9 ties image 2 -> 2; column 2 -> 3;
+    # column 3: 0.5 < 0.8 -> 2.
+    assert M.multi_positive_ranks(MULTI_SCORES.T, positive).tolist() == [2, 2, 3, 2]
+    r = M.retrieval_recall(MULTI_SCORES, ks=(1, 2, 3), groups=MULTI_GROUPS)
+    assert (r["i2t_r@1"], r["i2t_r@2"], r["i2t_r@3"]) == (0.5, 0.5, 1.0)
+    assert (r["t2i_r@1"], r["t2i_r@2"], r["t2i_r@3"]) == (0.0, 0.75, 1.0)
+    # Ties with non-positives stay pessimistic: a collapsed model misses unless every candidate is a positive.
+    assert M.retrieval_recall(torch.ones(4, 4), ks=(1,), groups=MULTI_GROUPS)["i2t_r@1"] == 0.0
+    assert M.retrieval_recall(torch.ones(3, 3), ks=(1,), groups=torch.zeros(3))["i2t_r@1"] == 1.0
+
+
+def test_multi_positive_ranks_with_one_positive_equal_strict_ranks():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 4, (30, 30), generator=g).float()  # many ties
+    diag = torch.arange(30)
+    assert torch.equal(M.multi_positive_ranks(scores, M.same_group(diag)), M.positive_ranks(scores, diag))
+    assert M.retrieval_recall(scores, groups=diag) == M.retrieval_recall(scores)
+
+
+def test_oracle_with_duplicate_captions_scores_one_only_multi_positive():
+    g = torch.Generator().manual_seed(4)
+    groups = torch.randint(0, 5, (40,), generator=g)  # 40 pairs, 5 distinct captions
+    emb = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)[groups]
+    scores = emb @ emb.T  # image i embeds like its caption
+    multi, strict = M.retrieval_recall(scores, ks=(1,), groups=groups), M.retrieval_recall(scores, ks=(1,))
+    assert multi == {"i2t_r@1": 1.0, "t2i_r@1": 1.0}
+    assert strict["i2t_r@1"] < 1.0 and strict["t2i_r@1"] < 1.0
+    assert M.recall_by_sigma_decile(scores, torch.arange(40), n_bins=4, groups=groups) == [1.0] * 4
+    assert M.recall_by_sigma_decile(scores, torch.arange(40), n_bins=4) != [1.0] * 4
+
+
+def test_percentile_ranks():
+    assert M.percentile_ranks(torch.tensor([3.0, 1, 2, 2])).tolist() == [1.0, 0.0, 0.5, 0.5]
+    assert M.percentile_ranks(torch.tensor([5.0])).tolist() == [0.5]
+
+
+def test_partial_spearman_known_value():
+    # Spearman by hand (no ties, 1 - 6 sum d^2 / (n (n^2 - 1))): r_xy = 0.8, r_xz = 0.8, r_yz = 0.4.
+    x, y, z = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 3, 2, 4]), torch.tensor([1, 2, 4, 3])
+    expected = (0.8 - 0.8 * 0.4) / math.sqrt((1 - 0.8 ** 2) * (1 - 0.4 ** 2))  # 0.8729
+    assert M.partial_spearman(x, y, z) == pytest.approx(expected)
+    # y a monotone function of z: nothing left beyond z -> 0; a constant input -> NaN.
+    assert M.partial_spearman(x, -z, z) == 0.0
+    assert math.isnan(M.partial_spearman(x, y, torch.ones(4)))
+
+
+def test_partial_spearman_matches_residual_correlation_of_ranks():
+    # Independent route: regress the scipy ranks of x and y on those of z, correlate the residuals.
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        z = rng.integers(0, 6, 300)
+        x = z + rng.integers(0, 4, 300)  # ties in every variable
+        y = -z + rng.normal(size=300).round(1) + 0.3 * x
+        rx, ry, rz = (stats.rankdata(v) for v in (x, y, z))
+        design = np.stack([np.ones_like(rz), rz], 1)
+        res_x = rx - design @ np.linalg.lstsq(design, rx, rcond=None)[0]
+        res_y = ry - design @ np.linalg.lstsq(design, ry, rcond=None)[0]
+        expected = stats.pearsonr(res_x, res_y).statistic
+        got = M.partial_spearman(torch.tensor(x), torch.tensor(y), torch.tensor(z))
+        assert got == pytest.approx(expected, abs=1e-10)

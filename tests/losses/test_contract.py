@@ -150,3 +150,49 @@ def test_every_choice_option_gives_the_uniform_error(name):
     for option in options:
         with pytest.raises(ValueError, match=rf"^{name}: {option}='no-such-choice' is not one of \w+(, \w+)+$"):
             probloss.build_loss(name, **{option: "no-such-choice"})
+
+
+# --- extra texts (hard negatives): text_emb (M, D) with M >= N ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_extra_texts_finite_gradients_and_only_their_set_matters(name, loss_inputs):
+    loss = probloss.build_loss(name).double()
+    x, y, lx, ly = loss_inputs(5, 8, log_std_of(loss), pairs="independent", requires_grad=True, extra_texts=2)
+    value = loss(x, y, lx, ly)
+    assert value.dim() == 0 and torch.isfinite(value)
+    value.backward()
+    assert torch.isfinite(y.grad).all() and y.grad[5:].abs().sum() > 0  # the extras get gradient too
+    # Extras are a set: permuting them (with their log-stds) leaves the loss unchanged.
+    perm = torch.cat([torch.arange(5), 5 + torch.randperm(10, generator=torch.Generator().manual_seed(2))])
+    permuted = loss(x.detach(), y.detach()[perm], lx, None if ly is None else ly.detach()[perm])
+    torch.testing.assert_close(permuted, value.detach(), rtol=1e-12, atol=1e-12)
+    stats = loss.diagnostics(x.detach(), y.detach(), lx, ly)  # extras count as negatives there
+    assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_extra_texts_need_matching_log_stds(name, loss_inputs):
+    loss = probloss.build_loss(name)
+    if not loss.needs_log_std:
+        pytest.skip(f"{name} takes no log-stds")
+    x, y, lx, ly = loss_inputs(5, 8, "sample", dtype=torch.float32, extra_texts=1)
+    with pytest.raises(ValueError, match=r"text_log_std must have shape \(10,\)"):
+        loss(x, y, lx, ly[:5])
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_scores_raw_embeddings_is_a_read_only_bool(name):
+    loss = probloss.build_loss(name)
+    assert isinstance(loss.scores_raw_embeddings, bool)
+    with pytest.raises(AttributeError):
+        loss.scores_raw_embeddings = True
+
+
+def test_scores_raw_embeddings_follows_normalize():
+    assert not probloss.ContrastiveLoss().scores_raw_embeddings  # the default
+    for name in ("infonce", "sigmoid"):
+        assert not probloss.build_loss(name).scores_raw_embeddings
+    for name in ("gaussian_var", "sigmoid_var"):
+        assert probloss.build_loss(name, normalize=False).scores_raw_embeddings
+        assert not probloss.build_loss(name, normalize=True).scores_raw_embeddings

@@ -2,7 +2,7 @@
 
 The registry-parametrised tests cover every registered loss, each implementation it declares (an ``impl``
 keyword: dense and tiled) and each log-std layout it takes; a loss without a reference here is skipped, naming
-what is missing.
+what is missing. References take ``y`` with M >= N rows (the positives, then extra texts: the loss contract).
 """
 
 import inspect
@@ -17,18 +17,20 @@ from probloss.testing import log_std_shapes
 
 
 def clip_reference(x, y, logit_scale):
-    """CLIP's pseudocode: symmetric cross-entropy of t * normalised x @ normalised y^T."""
+    """CLIP's pseudocode: symmetric cross-entropy of t * normalised x @ normalised y^T (n, m); NegCLIP's
+    text->image term for the n positive texts only."""
     x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     logits = logit_scale.exp() * x @ y.T
-    labels = torch.arange(len(x))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    n = len(x)
+    labels = torch.arange(n)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :n].T, labels)) / 2
 
 
 def siglip_reference(x, y, logit_scale, logit_bias):
-    """SigLIP's pseudocode: -sum(log_sigmoid(labels * logits)) / n, labels = 2 I - 1."""
+    """SigLIP's pseudocode: -sum(log_sigmoid(labels * logits)) / n, labels = 2 I - 1 (n, m): extras negative."""
     x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     logits = x @ y.T * logit_scale.exp() + logit_bias
-    labels = 2 * torch.eye(len(x), dtype=x.dtype) - 1
+    labels = 2 * torch.eye(len(x), len(y), dtype=x.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / len(x)
 
 
@@ -68,8 +70,10 @@ def gaussian_reference(x, lx, y, ly, variant="proposal", normalize=False):
             penalty = candidate_log_std.sum(-1) if variant == "likelihood" else candidate_log_std.mean(-1)
         return -penalty[None, :] - dist
 
-    labels = torch.arange(len(x))
-    return (F.cross_entropy(logits(ly, False), labels) + F.cross_entropy(logits(lx, True), labels)) / 2
+    n = len(x)
+    labels = torch.arange(n)
+    # image->text over all m texts; text->image for the n positive texts only
+    return (F.cross_entropy(logits(ly, False), labels) + F.cross_entropy(logits(lx, True)[:n], labels)) / 2
 
 
 def sigmoid_var_reference(x, y, lx, ly, t, b, normalize=True):
@@ -79,7 +83,7 @@ def sigmoid_var_reference(x, y, lx, ly, t, b, normalize=True):
     d = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
     var = lx.exp()[:, None] ** 2 + ly.exp()[None, :] ** 2
     logits = t * (-torch.log(var.sqrt()) - d / var) + b
-    labels = 2 * torch.eye(len(x), dtype=x.dtype) - 1
+    labels = 2 * torch.eye(len(x), len(y), dtype=x.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / len(x)
 
 
@@ -148,6 +152,32 @@ def test_matches_its_reference(name, impl, log_std, loss_inputs):
 
 
 @pytest.mark.parametrize("name,impl,log_std", CASES)
+def test_matches_its_reference_with_extra_texts(name, impl, log_std, loss_inputs):
+    """Hard negatives: 7 images, 7 positive texts then 14 extra texts (M = 21 > N)."""
+    if name not in REFERENCES:
+        pytest.skip(f"no reference formula for {name} in REFERENCES")
+    x, y, lx, ly = loss_inputs(7, 5, log_std, pairs="independent", requires_grad=True, extra_texts=2)
+    assert y.shape[0] == 21 and (ly is None or ly.shape[0] == 21)
+    loss = build(name, impl, block_size=4)  # partial tiles in both directions
+    params = [p for p in loss.parameters() if p.requires_grad]
+    tensors = [t for t in (x, y, lx, ly) if t is not None] + params
+    assert_same(loss(x, y, lx, ly), REFERENCES[name](loss, x, y, lx, ly), tensors)
+
+
+@pytest.mark.parametrize("name", probloss.list_losses())
+def test_extra_texts_are_negatives(name, loss_inputs):
+    """Extra texts right next to their images (hard negatives) make the loss of a well-separated batch larger:
+    every loss counts them as negatives, never as positives."""
+    cls = probloss.LOSSES.get(name)
+    log_std = "sample" if cls.needs_log_std else None
+    x, y, lx, ly = loss_inputs(6, 8, log_std, pairs="separated", extra_texts=1)
+    loss = probloss.build_loss(name).double()
+    plain = loss(x, y[:6], lx, None if ly is None else ly[:6])
+    hard_y = torch.cat([y[:6], x + 0.01 * y[6:]])
+    assert loss(x, hard_y, lx, ly) > plain
+
+
+@pytest.mark.parametrize("name,impl,log_std", CASES)
 def test_gradcheck(name, impl, log_std, loss_inputs):
     inputs = [t for t in loss_inputs(4, 3, log_std, pairs="independent", requires_grad=True) if t is not None]
     loss = build(name, impl, block_size=3)  # 4 rows: two tiles
@@ -156,9 +186,20 @@ def test_gradcheck(name, impl, log_std, loss_inputs):
     assert torch.autograd.gradcheck(lambda *t: loss(*t[:n]), (*inputs, *params))
 
 
+@pytest.mark.parametrize("name,impl,log_std", CASES)
+def test_gradcheck_with_extra_texts(name, impl, log_std, loss_inputs):
+    inputs = [t for t in loss_inputs(3, 3, log_std, pairs="independent", requires_grad=True, extra_texts=1)
+              if t is not None]
+    loss = build(name, impl, block_size=2)
+    params = [p for p in loss.parameters() if p.requires_grad]
+    n = len(inputs)
+    assert torch.autograd.gradcheck(lambda *t: loss(*t[:n]), (*inputs, *params))
+
+
+@pytest.mark.parametrize("extra_texts", [0, 2])
 @pytest.mark.parametrize("local_loss", [True, False])
-def test_infonce_matches_clip(local_loss, inputs):
-    x, y, _, _ = inputs()
+def test_infonce_matches_clip(local_loss, extra_texts, loss_inputs):
+    x, y, _, _ = loss_inputs(9, 5, pairs="independent", requires_grad=True, extra_texts=extra_texts)
     loss = probloss.build_loss("infonce", local_loss=local_loss).double()
     assert_same(loss(x, y), clip_reference(x, y, loss.logit_scale), [x, y, loss.logit_scale])
 
@@ -169,19 +210,22 @@ def test_gaussian_var_matches_the_proposal_pseudocode(inputs):
     assert_same(loss(x, y, lx, ly), proposal_reference(x, lx, y, ly), [x, y, lx, ly])
 
 
+@pytest.mark.parametrize("extra_texts", [0, 1])
 @pytest.mark.parametrize("variant", ["proposal", "likelihood"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("diagonal", [False, True])
-def test_gaussian_var_options_match_reference(variant, normalize, diagonal, inputs):
-    x, y, lx, ly = inputs(diagonal=diagonal)
+def test_gaussian_var_options_match_reference(variant, normalize, diagonal, extra_texts, loss_inputs):
+    x, y, lx, ly = loss_inputs(9, 5, "diagonal" if diagonal else "sample", pairs="independent", requires_grad=True,
+                               extra_texts=extra_texts)
     loss = probloss.build_loss("gaussian_var", variant=variant, normalize=normalize).double()
     assert_same(loss(x, y, lx, ly), gaussian_reference(x, lx, y, ly, variant, normalize), [x, y, lx, ly])
 
 
+@pytest.mark.parametrize("extra_texts", [0, 2])
 @pytest.mark.parametrize("impl", ["dense", "tiled"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_sigmoid_var_options_match_reference(impl, normalize, inputs):
-    x, y, lx, ly = inputs(n=7, d=4)
+def test_sigmoid_var_options_match_reference(impl, normalize, extra_texts, loss_inputs):
+    x, y, lx, ly = loss_inputs(7, 4, "sample", pairs="independent", requires_grad=True, extra_texts=extra_texts)
     loss = probloss.build_loss("sigmoid_var", impl=impl, block_size=3, normalize=normalize, init_logit_bias=-1.0)
     loss = loss.double()
     reference = sigmoid_var_reference(x, y, lx, ly, loss.logit_scale.exp(), loss.logit_bias, normalize)

@@ -59,3 +59,21 @@ def test_bad_masking_options():
         probloss.build_loss("sigmoid", neg_mask="semi-hard")
     with pytest.raises(ValueError, match=r"^sigmoid: neg_keep_ratio=1\.5 is not in \[0, 1\]$"):
         probloss.build_loss("sigmoid", neg_mask="hard", neg_keep_ratio=1.5)
+
+
+@pytest.mark.parametrize("mask", ["random", "hard", "easy"])
+def test_masks_with_extra_texts(mask, loss_inputs):
+    """Extra texts are negatives a mask may keep or drop: keeping all equals the plain loss; hard keeps the
+    highest-loss ones among in-batch and extra negatives alike."""
+    x, y = loss_inputs(5, 6, pairs="independent", extra_texts=2)[:2]
+    plain = probloss.build_loss("sigmoid").double()(x, y)
+    masked = probloss.build_loss("sigmoid", neg_mask=mask, neg_keep_ratio=1.0).double()(x, y)
+    torch.testing.assert_close(masked, plain, rtol=1e-12, atol=0)
+    if mask == "hard":
+        loss = probloss.build_loss("sigmoid", neg_mask="hard", neg_keep_ratio=0.5).double()  # k = round(0.5 * 14) = 7
+        logits = logits_of(loss, x, y)  # (5, 15)
+        expected = F.softplus(-logits.diagonal()).sum()
+        for i in range(5):
+            negatives = torch.cat([logits[i, :i], logits[i, i + 1 :]])
+            expected = expected + F.softplus(negatives.topk(7).values).sum()
+        torch.testing.assert_close(loss(x, y), expected / 5, rtol=1e-12, atol=0)
