@@ -28,6 +28,39 @@ Options beyond the proposal (defaults reproduce it exactly):
 - per-dimension log-std ``(B, D)`` (a diagonal Gaussian): d_ij = sum_k (x_ik - y_jk)^2 / sigma_jk^2 and the
   penalty is mean_k ln(sigma_jk) (proposal; equal to ln(sigma) when all dimensions agree) or
   sum_k ln(sigma_jk) (likelihood).
+- ``freeze_log_std=True`` (the control that isolates sigma): every log-std the towers pass is replaced by 0
+  (sigma = 1) in the loss, the KL term, ``score()`` and the diagnostics, so the loss is a Euclidean InfoNCE on
+  squared distances, logits_ij = -d_ij (likelihood: -d_ij / 2). The log-std inputs are multiplied by 0, not
+  dropped: the towers keep their heads (``needs_log_std`` stays True) and the heads get an exactly zero gradient,
+  so DDP without ``find_unused_parameters`` still sees every parameter used. Their outputs mean nothing in
+  this mode (nor do the ``unc/`` metrics computed from them).
+- ``inverse_temperature=t`` (a fixed float, not learned; default 1.0: the logits untouched, the same code path):
+  every logit, both the distance term and the log-std penalty, is multiplied by t:
+  ``logits_ij = t * (-ln(sigma_j) - d_ij / sigma_j^2)``, in both directions, dense and tiled. Logged as
+  ``inverse_temperature`` (and ``logit_scale`` = ln t) by :meth:`diagnostics`. It matches the initial logit
+  spread to InfoNCE's (below). With sigma frozen it is a plain temperature; with learned sigma the towers can
+  absorb part of it: up to a constant, t (-ln sigma - d / sigma^2) = -t ln sigma' - d / sigma'^2 with
+  sigma' = sigma / sqrt(t), i.e. the proposal with its penalty weighted by t and every sigma' starting at
+  1 / sqrt(t). So it pins the initial logit spread, initial loss and gradient size (what grad clipping and
+  weight decay act on), not a temperature for ever.
+
+Matching InfoNCE at initialisation. At init the heads give log-std ~ 0 (sigma ~ 1), so the logits are ~ -d_ij,
+whose per-row spread grows with the raw embeddings' scale, whereas InfoNCE's are t_clip = 1/0.07 times cosines.
+Measured with the default config (tiny model, shapes data, batch 128, init_log_std 0) on the first training
+batch of seeds 0, 1, 2, towers and heads as ``probloss.builders.make_trainee`` builds them after
+``torch.manual_seed(seed)`` (as training does); spread = the std over candidates of each image's image->text
+logits, averaged over the 128 rows; loss = the loss's value on that batch; grad = the global gradient norm of
+every parameter (before clipping, which is at 1.0); mean over the seeds (min-max):
+
+    loss (options)                    spread              initial loss         grad
+    infonce                            0.89 (0.61-1.22)   5.07 (4.97-5.19)     22 (9-35)   chance: ln 128 = 4.85
+    gaussian_var                      12.07 (8.94-14.79)  16.16 (14.42-18.43)  892 (771-1107)
+    gaussian_var freeze_log_std=true  12.43 (9.25-14.99)  16.41 (14.86-18.29)  837 (704-995)
+    gaussian_var inverse_temp.=0.074   0.89 (0.66-1.09)   5.05 (4.98-5.11)     22 (13-32)
+
+The matched t = 0.888 / 12.07 = 0.0736 ~ 0.074 (the ratio of the seed-mean spreads), the value of the arm
+"gaussian_var matched scale" in configs/recipe/proposal.yaml. It is specific to that model, data and
+init_log_std: re-measure for another (the same statistic, the same batches).
 
 Distances are computed as ||x||^2 + ||y||^2 - 2 x.y (never a (B, B, D) tensor) and the cross-entropies with a
 stable log-sum-exp. Distributed: embeddings and log-stds are all-gathered with autograd (a softmax needs every
@@ -41,6 +74,8 @@ gathered candidates exceeds ``block_size``. Per-sample log-std in one process co
 one pass over ``||x_i - y_j||^2``; the diagonal (B, D) case uses ``2D + 1`` augmented features per direction
 (about twice the matrix-product cost). Both impls apply the same ``clamp_min(0)`` to squared distances.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +94,8 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         variant: "proposal" (the issue's logits) or "likelihood" (the Gaussian log-density).
         normalize: L2-normalise embeddings before the distances (the proposal does not).
         kl_weight: weight of the KL regulariser toward N(0, I) (0: off, the proposal).
+        freeze_log_std: use log-std 0 (sigma = 1) for every sample whatever the towers predict (module docstring).
+        inverse_temperature: fixed multiplier t of every logit (1.0: none; module docstring).
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered candidates).
         block_size: tile side for the tiled kernel.
     """
@@ -72,17 +109,38 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         {"variant": "proposal", "impl": "tiled", "block_size": 2},
         {"variant": "likelihood", "normalize": True, "impl": "tiled", "block_size": 2},
         {"variant": "proposal", "kl_weight": 0.1},
+        {"variant": "proposal", "freeze_log_std": True},
+        {"variant": "proposal", "freeze_log_std": True, "impl": "tiled", "block_size": 2},
+        {"variant": "proposal", "inverse_temperature": 0.3, "impl": "tiled", "block_size": 2},
     ]
 
     def __init__(
-        self, variant: str = "proposal", normalize: bool = False, kl_weight: float = 0.0, impl: str = "auto",
+        self, variant: str = "proposal", normalize: bool = False, kl_weight: float = 0.0,
+        freeze_log_std: bool = False, inverse_temperature: float = 1.0, impl: str = "auto",
         block_size: int = DEFAULT_BLOCK,
     ):
         super().__init__()
         self.check_choice("variant", variant, VARIANTS)
         self.check_choice("impl", impl, IMPLS)
+        if not (math.isfinite(inverse_temperature) and inverse_temperature > 0):
+            raise ValueError(f"{self.loss_name}: inverse_temperature={inverse_temperature!r} must be a finite number "
+                             "> 0 (1.0: logits unscaled)")
         self.variant, self.normalize, self.kl_weight = variant, normalize, kl_weight
+        self.freeze_log_std, self.inverse_temperature = freeze_log_std, float(inverse_temperature)
         self.impl, self.block_size = impl, block_size
+
+    def log_stds_in_use(self, image_log_std, text_log_std):
+        """The log-stds the loss uses: the given ones, or with ``freeze_log_std`` zeros of the same shapes that
+        keep the inputs in the graph with a zero gradient (module docstring)."""
+        if not self.freeze_log_std:
+            return image_log_std, text_log_std
+        return image_log_std * 0, text_log_std * 0
+
+    def logit_scale_in_use(self):
+        """ln(inverse_temperature) for the diagnostics when the logits are scaled, else None (nothing to log)."""
+        if self.inverse_temperature == 1.0:
+            return None
+        return torch.tensor(math.log(self.inverse_temperature), dtype=torch.float64)
 
     def candidate_logits(self, queries, candidates, candidate_log_std):
         """``(N_query, N_cand)`` logits ``-c(ln sigma_j) - d(q_i, y_j) w_j`` with the candidates' variance.
@@ -104,6 +162,7 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+        image_log_std, text_log_std = self.log_stds_in_use(image_log_std, text_log_std)
         contrastive = self.contrastive_loss(image_emb, text_emb, image_log_std, text_log_std)
         if not self.kl_weight:
             return contrastive
@@ -133,12 +192,16 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
 
     def _penalty_and_weight(self, log_std, dims):
         """Per-candidate ``(log_std_term, inv_var)`` exactly as :meth:`candidate_logits` forms them: ``(N,)`` and
-        ``(N,)``, or ``(N,)`` and ``(N, D)`` for diagonal log-stds."""
+        ``(N,)``, or ``(N,)`` and ``(N, D)`` for diagonal log-stds; both times ``inverse_temperature``."""
         half = 0.5 if self.variant == "likelihood" else 1.0
         inv_var = torch.exp(-2 * log_std) * half
         if log_std.dim() == 1:
-            return (dims if self.variant == "likelihood" else 1) * log_std, inv_var
-        return (log_std.sum(-1) if self.variant == "likelihood" else log_std.mean(-1)), inv_var
+            penalty = (dims if self.variant == "likelihood" else 1) * log_std
+        else:
+            penalty = log_std.sum(-1) if self.variant == "likelihood" else log_std.mean(-1)
+        if self.inverse_temperature != 1.0:  # logits t * (-penalty - d * inv_var)
+            penalty, inv_var = penalty * self.inverse_temperature, inv_var * self.inverse_temperature
+        return penalty, inv_var
 
     def _positive_logits(self, queries, candidates, penalty, inv_var):
         """Target logits ``-c_i - clamp0(d(q_i, y_i)) w_i`` of matching rows, ``(B,)``, as the dense code forms them."""
@@ -195,6 +258,7 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
 
     def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std):
         """The mean of the two directions' logits, ``(N_img, N_txt)``: each direction's own ranking plus the other's."""
+        image_log_std, text_log_std = self.log_stds_in_use(image_log_std, text_log_std)
         x, y = self.embed(image_emb), self.embed(text_emb)
         logits_i2t, _, _ = self.candidate_logits(x, y, text_log_std)
         logits_t2i, _, _ = self.candidate_logits(y, x, image_log_std)
@@ -202,9 +266,11 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
 
     @torch.no_grad()
     def diagnostics(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
-        """Adds the mean size of the distance term vs the log-std term of the image-to-text logits."""
-        out = super().diagnostics(image_emb, text_emb, image_log_std, text_log_std)
+        """Adds the mean size of the distance term vs the log-std term of the image-to-text logits (both times
+        ``inverse_temperature``); log-std and sigma statistics are those in use (0 and 1 with ``freeze_log_std``)."""
         image_log_std, text_log_std = self.check_inputs(image_emb, text_emb, image_log_std, text_log_std, paired=False)
+        image_log_std, text_log_std = self.log_stds_in_use(image_log_std, text_log_std)
+        out = super().diagnostics(image_emb, text_emb, image_log_std, text_log_std)
         _, distance_term, log_std_term = self.candidate_logits(self.embed(image_emb), self.embed(text_emb), text_log_std)
         out["distance_term"] = distance_term.float().mean().item()
         out["log_std_term"] = log_std_term.float().mean().item()

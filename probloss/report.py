@@ -1,11 +1,18 @@
-"""Turn an experiment's Optuna studies and run folders into report.md with tables and PNG plots.
+"""Turn an experiment's Optuna studies and run folders into report.md with tables and PNG plots; and the shared
+statistics of every report (this module and probloss/recipe.py).
 
     python scripts/report.py runs/compare_losses       # reads runs/sweeps/compare_losses.journal + run folders
 
 Per loss: trials (complete, pruned, failed), best and median accuracy over trials, fraction diverged, the
 LR-robust width, and, over the seed re-runs of the best configuration (the ``<study>-best`` study), every
-embedding-space and uncertainty metric as mean and 95% interval (Student t). Plots: accuracy vs learning rate,
-the best trials' loss curves, effective rank over training, and text sigma vs caption specificity level.
+embedding-space and uncertainty metric as mean and 95% interval (Student t), clipped to the metric's range, with
+the seeds whose value is missing or non-finite (diverged) counted in the cell, never silently dropped. Plots:
+accuracy vs learning rate, the best trials' loss curves, effective rank over training, and text sigma vs caption
+specificity level.
+
+Shared statistics: ``mean_ci`` (mean, 95% Student t interval clipped to a range, non-finite values counted),
+``metric_range`` / ``metric_direction`` (which values a metric can take, which way is better), ``verdict`` (the
+word a paired-difference interval earns) and ``fmt_ci`` (the table cell).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import optuna
 
@@ -27,17 +34,148 @@ SEED_METRICS = [  # reported on test; the study selects (best learning rate, bes
     "test/embed/alignment", "test/embed/modality_gap", "test/unc/specificity_spearman",
     "test/unc/specificity_matched_acc", "stability/loss_spikes", "stability/grad_norm_ratio"]
 LR_KEY = "trainer.lr"
+INF = math.inf
+
+# Where a metric's values can lie, by key (matched at the end of the key after a "/" or the start, so val/, test/
+# and evaluation prefixes share a rule; the first match wins). Intervals are clipped to it: a t interval knows
+# nothing of bounds and would otherwise claim e.g. an accuracy above 1. Unknown metrics are not clipped.
+RANGES = [
+    (r"\w*_frac(_image|_text)?|(i2t|t2i)_r@\d+(_strict)?(_L\d)?|r@1_chance(_L\d)?|zeroshot_(seen_|unseen_)?top\d+|\w+_probe_acc"
+     r"|unc/\w*matched_acc|unc/sigma_text_rank_L\d|unc/(i2t|t2i)_r1_sigma_decile_\d+|stability/diverged", (0.0, 1.0)),
+    (r"unc/\w*spearman|unc/image_sigma_vs_objects", (-1.0, 1.0)),
+    (r"embed/(raw/)?effective_rank(_image|_text)?", (1.0, INF)),
+    (r"embed/uniformity(_image|_text)?", (-8.0, 0.0)),  # [-4t, 0] with the evaluator's t = 2
+    (r"embed/alignment", (0.0, 4.0)),
+    (r"embed/modality_gap", (0.0, 2.0)),
+    (r"stability/(loss_spikes|nonfinite_steps|grad_norm_ratio)|data/skipped|steps|\w*participation_ratio\w*"
+     r"|unc/sigma_text_ratio_L0_L3|unc/sigma_\w+_mean|embed/raw/\w+|wall_time_s|eval_test_s|samples_per_s", (0.0, INF)),
+]
+# Which way is better (same matching). Anything else: higher is better. "Better" for the specificity statistics
+# means a stronger effect of the kind the proposal predicts (more negative Spearman, smaller sigma ratio).
+LOWER_IS_BETTER = (r"loss|stability/(loss_spikes|grad_norm_ratio|nonfinite_steps|diverged)|data/skipped"
+                   r"|embed/uniformity(_image|_text)?|unc/specificity_(partial_)?spearman|unc/specificity_matched_log_ratio"
+                   r"|unc/(i2t|t2i)_r1_sigma_spearman|wall_time_s|eval_test_s")
+# Descriptive metrics: a difference is "higher" or "lower", never "better" or "worse".
+NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/raw/(norm_mean\w*|alignment_ratio)|unc/sigma_\w+_mean"
+                r"|unc/sigma_text_rank_L\d|unc/image_sigma_vs_objects|unc/baseline_wordcount_\w+|r@1_chance(_L\d)?"
+                r"|zeroshot_n_\w+|steps")
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% interval (nan half-width for fewer than two values)."""
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    if len(values) < 2:
-        return values[0], math.nan
-    t = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96
-    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+def _matches(pattern: str, metric: str) -> bool:
+    return re.search(rf"(^|/)(?:{pattern})$", metric) is not None
+
+
+def metric_range(metric: str | None) -> tuple[float, float]:
+    """(low, high) that ``metric`` can take; (-inf, inf) when unknown."""
+    for pattern, bounds in RANGES:
+        if metric and _matches(pattern, metric):
+            return bounds
+    return -INF, INF
+
+
+def diff_range(metric: str | None) -> tuple[float, float]:
+    """Where a difference of two values of ``metric`` can lie: [low - high, high - low]."""
+    low, high = metric_range(metric)
+    return low - high, high - low
+
+
+def metric_direction(metric: str) -> int:
+    """+1 when higher is better, -1 when lower is better, 0 for a metric without a better direction."""
+    if _matches(NO_DIRECTION, metric):
+        return 0
+    return -1 if _matches(LOWER_IS_BETTER, metric) else 1
+
+
+class CI(NamedTuple):
+    """A mean over the finite values with its 95% interval [low, high] (clipped) and unclipped half-width."""
+    mean: float
+    half: float
+    low: float
+    high: float
+    n: int           # finite values used
+    n_nonfinite: int  # values given as nan/inf (diverged seeds, failed pairs): counted, not averaged
+
+    @property
+    def clipped(self) -> bool:
+        return math.isfinite(self.half) and (self.low > self.mean - self.half or self.high < self.mean + self.half)
+
+
+def t_975(dof: int) -> float:
+    """Two-sided 95% Student t quantile with ``dof`` degrees of freedom (1.96 beyond the table)."""
+    return T_975[dof - 1] if dof <= len(T_975) else 1.96
+
+
+def as_value(value: Any) -> float | None:
+    """A metric value as float (nan/inf kept; Optuna user attrs store them as strings), None when absent."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)  # "nan", "inf"
+        except ValueError:
+            return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def mean_ci(values: Sequence[float | None], bounds: tuple[float, float] = (-INF, INF)) -> CI:
+    """Mean and 95% Student t interval of the finite values, clipped to ``bounds``.
+
+    ``None`` means "does not apply" and is ignored; nan/inf is a seed that produced no number (a diverged run)
+    and is counted in ``n_nonfinite`` so that the caller can show it. Fewer than two finite values: no interval
+    (nan half-width, low and high).
+    """
+    present = [float(v) for v in values if v is not None]
+    finite = [v for v in present if math.isfinite(v)]
+    n_bad = len(present) - len(finite)
+    if not finite:
+        return CI(math.nan, math.nan, math.nan, math.nan, 0, n_bad)
+    mean = statistics.fmean(finite)
+    if len(finite) < 2:
+        return CI(mean, math.nan, math.nan, math.nan, 1, n_bad)
+    half = t_975(len(finite) - 1) * statistics.stdev(finite) / math.sqrt(len(finite))
+    # clip, but never past the mean (a mean outside the bounds means the bounds table is wrong, not the data)
+    low = min(max(mean - half, bounds[0]), mean)
+    high = max(min(mean + half, bounds[1]), mean)
+    return CI(mean, half, low, high, len(finite), n_bad)
+
+
+def verdict(metric: str, diff: CI) -> str:
+    """The word a paired-difference interval earns: better / worse (or higher / lower for a metric without a
+    better direction) only when the interval excludes 0; inside noise otherwise; one seed (no data) when fewer
+    than two (no) seeds pair."""
+    if diff.n == 0:
+        return "no data"
+    if diff.n < 2:
+        return "one seed"
+    if diff.low <= 0 <= diff.high:
+        return "inside noise"
+    up = diff.low > 0
+    direction = metric_direction(metric)
+    if direction == 0:
+        return "higher" if up else "lower"
+    return "better" if up == (direction > 0) else "worse"
+
+
+def fmt_ci(ci: CI) -> str:
+    """A table cell: ``mean ± half``, ``mean [low, high]`` when clipped, then ``(k of n seeds diverged)``."""
+    text = "-" if ci.n == 0 else f"{ci.mean:.3f}"
+    if ci.n >= 2:
+        text += f" [{ci.low:.3f}, {ci.high:.3f}]" if ci.clipped else f" ± {ci.half:.3f}"
+    if ci.n_nonfinite:
+        text += f" ({ci.n_nonfinite} of {ci.n + ci.n_nonfinite} seeds diverged)"
+    return text
+
+
+def row_value(row: Mapping[str, Any], metric: str) -> float | None:
+    """``metric`` of one run (a results row or a trial's user attrs): a float, nan when the run stopped without
+    producing it (diverged: counted, not dropped), None when it does not apply to this run."""
+    value = as_value(row.get(metric))
+    return math.nan if value is None and run_stopped(row) else value
+
+
+def run_stopped(row: Mapping[str, Any]) -> bool:
+    """Whether a run stopped on a non-finite loss (its summary, or a trial's attrs, carry the error)."""
+    return "error" in row or row.get("status") == "stopped"
 
 
 def lr_robust_width(lrs: Sequence[float], scores: Sequence[float], fraction: float = 0.9) -> float:
@@ -138,7 +276,7 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
         row["seed_run_dirs"] = [t.user_attrs.get("run_dir") for t in seeds]
         source = seeds or ([max(complete, key=_first_value)] if finite else [])
         for metric in SEED_METRICS + sorted({k for t in source for k in t.user_attrs if re.match(r"test/unc/sigma_text_rank_L\d", k)}):
-            row[metric] = mean_ci([t.user_attrs.get(metric, math.nan) for t in source])
+            row[metric] = mean_ci([row_value(t.user_attrs, metric) for t in source], metric_range(metric))
         rows[loss] = row
     return rows
 
@@ -157,11 +295,8 @@ def lr_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, tuple):
-        mean, half = value
-        if not math.isfinite(mean):
-            return "-"
-        return f"{mean:.3f} ± {half:.3f}" if math.isfinite(half) else f"{mean:.3f}"
+    if isinstance(value, CI):
+        return fmt_ci(value)
     if isinstance(value, float):
         return "-" if not math.isfinite(value) else f"{value:.3f}"
     return str(value)
@@ -207,15 +342,21 @@ def plot(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Path]:
     for loss, row in rows.items():
         levels = sorted(int(k[-1]) for k in row if re.fullmatch(r"test/unc/sigma_text_rank_L\d", k))
         means = [row[f"test/unc/sigma_text_rank_L{level}"] for level in levels]
-        if means and all(math.isfinite(m) for m, _ in means):
-            ax.errorbar(levels, [m for m, _ in means], yerr=[h if math.isfinite(h) else 0 for _, h in means],
-                        marker="o", capsize=3, label=loss)
+        if means and all(math.isfinite(ci.mean) for ci in means):
+            ax.errorbar(levels, [ci.mean for ci in means], yerr=error_bars(means), marker="o", capsize=3, label=loss)
     ax.set(xlabel="caption specificity level (L0 vague .. L3 specific)", ylabel="text sigma: mean rank within the model",
            title="Predicted sigma vs caption specificity")
     if ax.lines:
         ax.legend()
     paths.append(save_figure(fig, out_dir / "sigma_vs_specificity.png"))
     return paths
+
+
+def error_bars(cis: Sequence[CI]) -> list[list[float]]:
+    """matplotlib's asymmetric ``yerr`` of clipped intervals (0 where there is none)."""
+    below = [ci.mean - ci.low if math.isfinite(ci.low) else 0.0 for ci in cis]
+    above = [ci.high - ci.mean if math.isfinite(ci.high) else 0.0 for ci in cis]
+    return [below, above]
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -254,14 +395,16 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
              "diverged, and the LR-robust width (decades of the widest learning-rate range whose trials, averaged "
              "over seeds at one learning rate, all reach >= 90% (>= 80%) of the best such mean). Seeds: the best "
              "configuration re-run per seed, or for a grid over seeds the seeds of the learning rate with the best "
-             "mean; mean ± 95% interval (Student t); without either, the best trial alone.", "",
+             "mean; mean ± 95% interval (Student t), or mean [low, high] where the interval is clipped to the "
+             "metric's range; seeds without a finite value are counted in the cell (k of n seeds diverged), not "
+             "averaged; without either, the best trial alone.", "",
              "| loss | trials (complete/pruned/failed) | best | median | diverged | LR-robust width, decades (90% / 80%) | seeds |",
              "|---|---|---|---|---|---|---|"]
     for loss, row in rows.items():
         lines.append(f"| {loss} | {row['complete']}/{row['pruned']}/{row['failed']} | {_fmt(row['best'])} | "
                      f"{_fmt(row['median'])} | {row['diverged_fraction']:.0%} | {_fmt(row['lr_robust_width'])} / {_fmt(row['lr_robust_width_80'])} | "
                      f"{row['seeds']} |")
-    metrics = [m for m in SEED_METRICS if any(math.isfinite(r[m][0]) for r in rows.values())]
+    metrics = [m for m in SEED_METRICS if any(r[m].n + r[m].n_nonfinite for r in rows.values())]
     lines += ["", "| loss | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for loss, row in rows.items():
         lines.append(f"| {loss} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")

@@ -29,27 +29,61 @@ def test_every_recipe_file_loads():
 
 def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
     args = ["recipe=robustness", "recipe.seeds=[0,1]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
-            *TINY, "recipe.arms={infonce: ['loss=infonce'], sigmoid_30: ['loss=sigmoid', 'data.caption_noise=0.3']}"]
+            *TINY, "recipe.arms={infonce: ['loss=infonce'], sigmoid_30: ['loss=sigmoid', 'data.caption_noise=0.3']}",
+            "recipe.baseline=null"]  # the file's baseline mapping names arms this test replaces
     lines = []
     report = run_recipe(args, log=lambda *a, **k: lines.append(a[0]))
     assert sum("training" in line for line in lines) == 4
     results = json.loads((tmp_path / "robustness" / "results.json").read_text())
     assert {(r["arm"], r["seed"]) for r in results} == {(a, s) for a in ("infonce", "sigmoid_30") for s in (0, 1)}
     assert all("image_noise_0.3/test/i2t_r@1" in r for r in results)  # the extra noisy evaluation
+    assert all(r["wall_time_s"] > 0 for r in results)
+    timing = json.loads((tmp_path / "robustness" / "recipe.json").read_text())["timing"]
+    assert timing["runs_timed"] == 4 and timing["runs_wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in results))
+    # the paired comparison: sigmoid_30 against the first arm, per metric (and per metric of the noisy evaluation)
+    comparisons_path = tmp_path / "robustness" / "comparisons.json"
+    comparisons = json.loads(comparisons_path.read_text())
+    metrics = ["test/zeroshot_top1", "test/i2t_r@1", "test/t2i_r@1"]
+    assert [(c["arm"], c["baseline"], c["metric"]) for c in comparisons] == [
+        ("sigmoid_30", "infonce", m) for m in metrics + [f"image_noise_0.3/{m}" for m in metrics]]
+    for c in comparisons:
+        assert set(c) == {"arm", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "n", "n_dropped", "verdict"}
+        assert c["n"] + c["n_dropped"] == 2 and c["verdict"] in ("better", "worse", "inside noise", "one seed")
+        if c["n"] == 2:
+            assert -1.0 <= c["ci_low"] <= c["mean_diff"] <= c["ci_high"] <= 1.0
     text = report.read_text()
-    assert "| infonce | " in text and "| sigmoid_30 | " in text and "±" in text
+    assert "| infonce | 2 | " in text and "| sigmoid_30 | 2 | " in text and "±" in text
+    assert "| sigmoid_30 | infonce | test/zeroshot_top1 | " in text  # the paired comparison table
     assert (tmp_path / "robustness" / "test_zeroshot_top1.png").stat().st_size > 1000
 
     lines.clear()
     run_recipe(args, log=lambda *a, **k: lines.append(a[0]))
     assert not any("training" in line for line in lines)  # finished runs are not trained again
 
-    # scripts/report.py renders the same page again from the folder alone (with the overridden arms)
+    # scripts/report.py renders the same page and comparisons again from the folder alone (with the overridden arms)
     report.unlink()
+    comparisons_path.unlink()
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(tmp_path / "robustness")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert report.read_text() == text
+    assert json.loads(comparisons_path.read_text()) == comparisons
+
+
+def test_a_diverged_run_is_a_result_counted_in_the_report(tmp_path):
+    boom = "['loss=gaussian_var', 'trainer.lr=1e30', 'trainer.grad_clip=null', 'trainer.on_nonfinite=stop']"
+    args = ["recipe=proposal", "recipe.seeds=[0]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY, "trainer.warmup_steps=0", f"recipe.arms={{ok: ['loss=gaussian_var'], boom: {boom}}}",
+            "recipe.metrics=[test/zeroshot_top1]", "recipe.baseline=ok"]
+    lines = []
+    report = run_recipe(args, log=lambda *a, **k: lines.append(a[0]))  # does not raise
+    assert any("boom seed 0 diverged" in line for line in lines)
+    results = json.loads((tmp_path / "proposal" / "results.json").read_text())
+    assert [(r["arm"], r["status"]) for r in results] == [("ok", "finished"), ("boom", "stopped")]
+    text = report.read_text()
+    assert "| boom | 1 (1 stopped) | - (1 of 1 seeds diverged) |" in text
+    (row,) = json.loads((tmp_path / "proposal" / "comparisons.json").read_text())
+    assert (row["arm"], row["n"], row["n_dropped"], row["verdict"]) == ("boom", 0, 1, "no data")
 
 
 def test_unknown_recipe_and_keys_are_errors():
@@ -57,5 +91,7 @@ def test_unknown_recipe_and_keys_are_errors():
         load_recipe(["recipe=nope"])
     with pytest.raises(ConfigError, match="unknown config key 'recipe.seed_list'. Did you mean 'seeds'"):
         load_recipe(["recipe=bias_init", "recipe.seed_list=[1]"])
+    with pytest.raises(ConfigError, match=r"baseline names \['b=5'\], not arms"):
+        load_recipe(["recipe=bias_init", "recipe.baseline='b=5'"])
     with pytest.raises(ConfigError, match="say which recipe to use"):
         load_recipe([])

@@ -1,0 +1,114 @@
+"""A recipe's report from hand-written results (no training): paired comparisons, diverged seeds, clipping,
+comparisons.json, and the --findings page."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from probloss.config import ConfigError
+from probloss.recipe import baselines, findings, render_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ["test/zeroshot_top1", "test/i2t_r@1", "test/embed/modality_gap", "stability/loss_spikes",
+           "test/unc/specificity_spearman"]
+RECIPE = {"description": "A hand-made recipe with a known answer.", "seeds": [0, 1, 2], "overrides": [],
+          "arms": {"base": ["loss=infonce"], "new": ["loss=gaussian_var"], "single": ["loss=sigmoid"]},
+          "evaluations": {}, "metrics": METRICS, "baseline": "base", "x": None, "x_label": None}
+
+
+def _run(arm, seed, zs, r1, gap, spikes, spearman=None):
+    row = {"arm": arm, "seed": seed, "run_dir": f"runs/x/{arm}-seed{seed}", "status": "finished",
+           "wall_time_s": 60.0, "test/zeroshot_top1": zs, "test/i2t_r@1": r1, "test/embed/modality_gap": gap,
+           "stability/loss_spikes": spikes, "stability/diverged": 0.0}
+    if spearman is not None:
+        row["test/unc/specificity_spearman"] = spearman
+    return row
+
+
+RESULTS = [
+    _run("base", 0, 0.50, 0.97, 0.5, 5), _run("base", 1, 0.52, 1.00, 0.5, 6), _run("base", 2, 0.51, 0.99, 0.5, 7),
+    _run("new", 0, 0.60, 0.50, 0.80, 1, -0.3), _run("new", 1, 0.63, 0.52, 0.82, 3, -0.4),
+    # seed 2 of "new" stopped on a non-finite loss: the stability tracker's numbers, no evaluation
+    {"arm": "new", "seed": 2, "run_dir": "runs/x/new-seed2", "status": "stopped", "error": "non-finite loss",
+     "stability/loss_spikes": 2, "stability/diverged": 1.0, "wall_time_s": 10.0},
+    _run("single", 0, 0.40, 0.90, 0.6, 4),
+]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    exp_dir = tmp_path / "handmade"
+    exp_dir.mkdir()
+    (exp_dir / "recipe.json").write_text(json.dumps(RECIPE))
+    (exp_dir / "results.json").write_text(json.dumps(RESULTS))
+    return exp_dir
+
+
+def _row(rows, arm, metric):
+    (row,) = [r for r in rows if r["arm"] == arm and r["metric"] == metric]
+    return row
+
+
+def test_comparisons_json_rows_and_values(folder):
+    report = render_recipe(folder)
+    rows = json.loads((folder / "comparisons.json").read_text())
+    assert {tuple(sorted(r)) for r in rows} == {tuple(sorted(
+        ["arm", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "n", "n_dropped", "verdict"]))}
+    assert [(r["arm"], r["metric"]) for r in rows] == [(a, m) for a in ("new", "single") for m in METRICS]
+    assert all(r["baseline"] == "base" for r in rows)
+
+    zs = _row(rows, "new", "test/zeroshot_top1")  # diffs 0.10, 0.11; seed 2 diverged: left out, counted
+    half = 12.706 * math.sqrt(0.00005) / math.sqrt(2)
+    assert (zs["n"], zs["n_dropped"], zs["verdict"]) == (2, 1, "better")
+    assert zs["mean_diff"] == pytest.approx(0.105)
+    assert (zs["ci_low"], zs["ci_high"]) == pytest.approx((0.105 - half, 0.105 + half))
+    r1 = _row(rows, "new", "test/i2t_r@1")  # diffs -0.47, -0.48
+    assert r1["verdict"] == "worse" and r1["ci_low"] >= -1.0
+    gap = _row(rows, "new", "test/embed/modality_gap")  # no better direction
+    assert gap["verdict"] == "higher"
+    spikes = _row(rows, "new", "stability/loss_spikes")  # lower is better; the stopped seed has this number
+    assert (spikes["n"], spikes["n_dropped"], spikes["mean_diff"], spikes["verdict"]) == (3, 0, -4.0, "better")
+    unc = _row(rows, "new", "test/unc/specificity_spearman")  # the baseline has no sigma: nothing pairs
+    assert (unc["n"], unc["n_dropped"], unc["mean_diff"], unc["verdict"]) == (0, 3, None, "no data")
+    single = _row(rows, "single", "test/zeroshot_top1")
+    assert (single["n"], single["n_dropped"], single["ci_low"], single["verdict"]) == (1, 2, None, "one seed")
+    assert single["mean_diff"] == pytest.approx(-0.10)
+
+    text = report.read_text()
+    new_line = next(line for line in text.splitlines() if line.startswith("| new | 3 (1 stopped) | "))
+    assert "(1 of 3 seeds diverged)" in new_line  # the diverged seed is shown, not dropped
+    base_r1 = (0.97 + 1.00 + 0.99) / 3
+    assert "| base | 3 | 0.510 ± " in text and f"{base_r1:.3f} [" in text and ", 1.000] |" in text  # clipped at 1
+    assert f"| new | base | test/zeroshot_top1 | +0.105 [{0.105 - half:+.3f}, {0.105 + half:+.3f}] | 2 (1 left out) | better |" in text
+    assert "| single | base | test/zeroshot_top1 | -0.100 | 1 (2 left out) | one seed |" in text  # 2 never run
+    assert "| new | base | test/unc/specificity_spearman | - | 0 (3 left out) | no data |" in text
+    assert "A hand-made recipe with a known answer." in text and "6.2 min of training" in text
+    assert (folder / "test_zeroshot_top1.png").is_file()
+
+
+def test_findings_page_from_results_files_alone(folder, tmp_path):
+    (tmp_path / "not_a_recipe").mkdir()
+    before = sorted(p.name for p in folder.iterdir())
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--findings", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    page = done.stdout
+    assert page.startswith("# Findings") and "## handmade" in page and "### Arms" in page
+    assert "A hand-made recipe with a known answer." in page
+    assert "(1 of 3 seeds diverged)" in page and "| 2 (1 left out) | better |" in page
+    assert "| new | base | test/embed/modality_gap |" in page and "| higher |" in page
+    assert sorted(p.name for p in folder.iterdir()) == before  # prints, writes nothing
+    assert page == findings(tmp_path) + "\n"
+
+
+def test_baseline_choices():
+    assert baselines({"arms": {"a": [], "b": [], "c": []}}) == [("b", "a"), ("c", "a")]  # null: the first arm
+    assert baselines({"arms": {"a": [], "b": [], "c": []}, "baseline": "b"}) == [("a", "b"), ("c", "b")]
+    assert baselines({"arms": {"a": [], "b": [], "c": []}, "baseline": {"c": "b"}}) == [("c", "b")]
+    assert baselines({"arms": {"a": [], "b": [], "c": []}, "baseline": {"c": ["a", "b"]}}) == [("c", "a"), ("c", "b")]
+    with pytest.raises(ConfigError, match="not arms of the recipe"):
+        baselines({"arms": {"a": [], "b": []}, "baseline": "z"})
