@@ -6,7 +6,10 @@ statistics of every report (this module and probloss/recipe.py).
 Per loss: trials (complete, pruned, failed), best and median accuracy over trials, fraction diverged, the
 LR-robust width, and, over the seed re-runs of the best configuration (the ``<study>-best`` study), every
 embedding-space and uncertainty metric as mean and 95% interval (Student t), clipped to the metric's range, with
-the seeds whose value is missing or non-finite (diverged) counted in the cell, never silently dropped. Plots:
+the seeds whose value is missing or non-finite (diverged) counted in the cell, never silently dropped. For a
+grid over seeds, the LR-robust width against the loss's own best and against the best of all losses, each with a
+bootstrap interval over seeds, the paired width difference against a baseline with its verdict, and the test
+zero-shot accuracy at the learning rate chosen on val (``lr_robustness``, ``robustness_lines``). Plots:
 accuracy vs learning rate, the best trials' loss curves, effective rank over training, and text sigma vs caption
 specificity level.
 
@@ -186,18 +189,7 @@ def lr_robust_width(lrs: Sequence[float], scores: Sequence[float], fraction: flo
     one good learning rate alone has width 0.
     """
     by_lr = per_lr_mean(lrs, scores)
-    finite = [s for s in by_lr.values() if math.isfinite(s)]
-    if not finite:
-        return 0.0
-    threshold = fraction * max(finite)
-    best, start = 0.0, None
-    for lr, score in by_lr.items():
-        if math.isfinite(score) and score >= threshold:
-            start = lr if start is None else start
-            best = max(best, math.log10(lr / start))
-        else:
-            start = None
-    return best
+    return width_above(by_lr, fraction * best_mean(by_lr))
 
 
 def per_lr_mean(lrs: Sequence[float], scores: Sequence[float]) -> dict[float, float]:
@@ -207,6 +199,133 @@ def per_lr_mean(lrs: Sequence[float], scores: Sequence[float]) -> dict[float, fl
         if lr and lr > 0:
             grouped.setdefault(lr, []).append(score if math.isfinite(score) else -math.inf)
     return {lr: statistics.fmean(grouped[lr]) for lr in sorted(grouped)}
+
+
+def best_mean(by_lr: Mapping[float, float]) -> float:
+    """The highest finite per-learning-rate mean; nan when there is none."""
+    finite = [s for s in by_lr.values() if math.isfinite(s)]
+    return max(finite) if finite else math.nan
+
+
+def width_above(by_lr: Mapping[float, float], threshold: float) -> float:
+    """Decades spanned by the widest run of consecutive learning rates (increasing) whose mean is finite and
+    >= ``threshold``; 0 when none is (or the threshold is nan)."""
+    best, start = 0.0, None
+    for lr, score in sorted(by_lr.items()):
+        if math.isfinite(score) and score >= threshold:
+            start = lr if start is None else start
+            best = max(best, math.log10(lr / start))
+        else:
+            start = None
+    return best
+
+
+# --- LR robustness with intervals: seeds resampled jointly -------------------------------------------------------
+#
+# A score table is {learning rate: {seed: score}} for one loss. Seed s of a grid (configs/sweep/lr_grid.yaml) is
+# the same data order and initial weights at every learning rate and for every loss, so a bootstrap resample
+# draws seed ids once and uses that draw everywhere: at every learning rate (the width is a function of the
+# whole curve, and a seed's luck is shared along it) and for every loss (the shared reference and the paired
+# difference see the same seeds). The width is a step function of the means, so its percentile interval is
+# coarse; the point estimate is itself a resample (each seed once: probability n!/n^n, 22% for 3 seeds), which
+# keeps it inside the interval for up to 5 seeds but not necessarily beyond.
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same studies give the same report
+FRACTIONS = (0.9, 0.8)
+
+
+class Width(NamedTuple):
+    """A width (or a difference of widths) in decades: the estimate on all seeds, the bootstrap median and the
+    2.5 / 97.5 percentiles of the resampled values; ``n`` distinct seeds."""
+    point: float
+    median: float
+    low: float
+    high: float
+    n: int
+
+
+def score_table(lrs: Sequence[float | None], seeds: Sequence[Any], scores: Sequence[float]) -> dict[float, dict[Any, float]]:
+    """{learning rate: {seed: score}} from trials; a non-finite score (diverged) is -inf; trials sharing a
+    learning rate and seed (a re-queued grid point) are averaged."""
+    cells: dict[float, dict[Any, list[float]]] = {}
+    for lr, seed, score in zip(lrs, seeds, scores):
+        if lr and lr > 0:
+            cells.setdefault(lr, {}).setdefault(seed, []).append(score if math.isfinite(score) else -math.inf)
+    return {lr: {seed: statistics.fmean(v) for seed, v in cells[lr].items()} for lr in sorted(cells)}
+
+
+def table_seeds(tables: Mapping[str, Mapping[float, Mapping[Any, float]]]) -> list[Any]:
+    """Every seed id in the tables, in a fixed order."""
+    return sorted({seed for table in tables.values() for row in table.values() for seed in row}, key=str)
+
+
+def draw_means(table: Mapping[float, Mapping[Any, float]], draw: Sequence[Any]) -> dict[float, float]:
+    """{learning rate: mean over the drawn seeds (repeats count)}: -inf when a drawn seed diverged there or
+    when no drawn seed ran there (no evidence that it trains)."""
+    means = {}
+    for lr, row in table.items():
+        values = [row[seed] for seed in draw if seed in row]
+        means[lr] = statistics.fmean(values) if values else -math.inf
+    return means
+
+
+def draw_widths(tables: Mapping[str, Mapping[float, Mapping[Any, float]]], draw: Sequence[Any],
+                fraction: float) -> dict[str, tuple[float, float]]:
+    """{loss: (width against its own best mean, width against the best mean of all losses)} for one draw."""
+    means = {loss: draw_means(table, draw) for loss, table in tables.items()}
+    own = {loss: best_mean(m) for loss, m in means.items()}
+    shared = max((b for b in own.values() if math.isfinite(b)), default=math.nan)
+    return {loss: (width_above(m, fraction * own[loss]), width_above(m, fraction * shared)) for loss, m in means.items()}
+
+
+def seed_draws(seeds: Sequence[Any], resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED) -> list[list[Any]]:
+    """``resamples`` draws of len(seeds) seed ids with replacement (numpy's PCG64 seeded by ``rng_seed``)."""
+    import numpy as np
+
+    picks = np.random.default_rng(rng_seed).integers(0, len(seeds), size=(resamples, len(seeds)))
+    return [[seeds[i] for i in row] for row in picks]
+
+
+def percentile_width(point: float, samples: Sequence[float], n: int) -> Width:
+    """The 2.5 / 97.5 percentiles as values the samples take (lower / higher order statistic), and the median."""
+    import numpy as np
+
+    low, high = np.percentile(samples, 2.5, method="lower"), np.percentile(samples, 97.5, method="higher")
+    return Width(point, float(np.median(samples)), float(low), float(high), n)
+
+
+def lr_robustness(tables: Mapping[str, Mapping[float, Mapping[Any, float]]], baseline: str, fraction: float = 0.9,
+                  resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, Width]]:
+    """Per loss: ``own`` and ``shared`` widths at ``fraction`` and the paired differences ``diff_own`` and
+    ``diff_shared`` (loss - baseline), each with its bootstrap over seeds drawn jointly (see above)."""
+    seeds = table_seeds(tables)
+    if not seeds:
+        return {}
+    point = draw_widths(tables, seeds, fraction)
+    samples = [draw_widths(tables, draw, fraction) for draw in seed_draws(seeds, resamples, rng_seed)]
+    out = {}
+    for loss in tables:
+        out[loss] = {}
+        for k, ref in enumerate(("own", "shared")):
+            out[loss][ref] = percentile_width(point[loss][k], [s[loss][k] for s in samples], len(seeds))
+            out[loss]["diff_" + ref] = percentile_width(point[loss][k] - point[baseline][k],
+                                                        [s[loss][k] - s[baseline][k] for s in samples], len(seeds))
+    return out
+
+
+def width_ci(width: Width) -> CI:
+    """A difference of widths as the CI that ``verdict`` reads (the bootstrap percentiles as its interval)."""
+    return CI(width.point, math.nan, width.low, width.high, width.n, 0)
+
+
+def fmt_width(width: Width | None) -> str:
+    """A table cell: ``point [low, high]`` in decades; ``point (one seed)`` without an interval."""
+    if width is None or not math.isfinite(width.point):
+        return "-"
+    if width.n < 2:
+        return f"{width.point:.2f} (one seed)"
+    return f"{width.point:.2f} [{width.low:.2f}, {width.high:.2f}]"
 
 
 def _studies(storage, experiment: str) -> dict[str, tuple[optuna.Study, optuna.Study | None]]:
@@ -269,6 +388,8 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
         }
         seeds = [t for t in (rerun.get_trials(deepcopy=False) if rerun else []) if t.state == optuna.trial.TrialState.COMPLETE]
         by_lr = row["per_lr_mean"] = per_lr_mean(lrs, scores)
+        row["lr_seed_scores"] = score_table(lrs, [_seed(t) for t in complete], scores)
+        row.update(best_lr_cells(complete, by_lr))
         if not seeds and finite and len(by_lr) < len(complete):  # a grid over seeds: the best learning rate's seeds
             best_lr = max(by_lr, key=by_lr.get)
             seeds = [t for t in complete if t.params.get(LR_KEY) == best_lr]
@@ -278,7 +399,41 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
         for metric in SEED_METRICS + sorted({k for t in source for k in t.user_attrs if re.match(r"test/unc/sigma_text_rank_L\d", k)}):
             row[metric] = mean_ci([row_value(t.user_attrs, metric) for t in source], metric_range(metric))
         rows[loss] = row
+    add_lr_robustness(rows)
     return rows
+
+
+def _seed(trial) -> Any:
+    """A trial's seed: the grid's ``seed`` parameter, a re-run's attribute, or None (the config's one seed)."""
+    return trial.params.get("seed", trial.user_attrs.get("seed"))
+
+
+def best_lr_cells(complete: Sequence, by_lr: Mapping[float, float], metric: str = "test/zeroshot_top1") -> dict[str, Any]:
+    """The learning rate with the best mean objective (val: selection) and, over its seeds, the objective and
+    ``metric`` (test: reported) as mean and 95% interval; diverged seeds counted, a missing key (older studies)
+    gives no value."""
+    best = best_mean(by_lr)
+    if not math.isfinite(best):
+        return {"best_lr": None, "best_lr_val": mean_ci([]), "best_lr_test": mean_ci([])}
+    lr = next(lr for lr, mean in by_lr.items() if mean == best)
+    seeds = [t for t in complete if t.params.get(LR_KEY) == lr]
+    return {"best_lr": lr, "best_lr_val": mean_ci([_first_value(t) for t in seeds]),
+            "best_lr_test": mean_ci([row_value(t.user_attrs, metric) for t in seeds], metric_range(metric))}
+
+
+def add_lr_robustness(rows: Mapping[str, dict[str, Any]], baseline: str | None = None) -> str | None:
+    """Add ``width_<pct>`` (own, shared, diff_own, diff_shared: ``Width``) to every row with learning rates;
+    returns the baseline of the differences (infonce when present, else the first loss)."""
+    tables = {loss: row["lr_seed_scores"] for loss, row in rows.items() if row.get("lr_seed_scores")}
+    if not tables:
+        return None
+    baseline = baseline or ("infonce" if "infonce" in tables else next(iter(tables)))
+    for fraction in FRACTIONS:
+        for loss, widths in lr_robustness(tables, baseline, fraction).items():
+            rows[loss][f"width_{round(fraction * 100)}"] = widths
+    for row in rows.values():
+        row["width_baseline"] = baseline
+    return baseline
 
 
 def lr_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -292,6 +447,49 @@ def lr_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for lr in lrs:
         lines.append(f"| {lr:g} | " + " | ".join(_fmt(m.get(lr, math.nan)) for m in means.values()) + " |")
     return lines
+
+
+WIDTH_NOTE = ("LR robustness. Selection on val: the study's objective is averaged over seeds at each learning rate "
+              "(a seed that diverged there makes the learning rate fail); the width is the span in decades of the "
+              "widest run of consecutive grid learning rates whose means all reach 90% (80%) of a reference: the "
+              "loss's own best mean (own), or the best mean of any loss in this report (shared). Cells: width on all "
+              "seeds [2.5, 97.5 percentiles of {n} bootstrap resamples, RNG seed {seed}]: the seed ids are drawn with "
+              "replacement once per resample and used at every learning rate and for every loss (seed s is the same "
+              "data order and initial weights everywhere), so the shared reference and the differences are resampled "
+              "with them. With few seeds the bootstrap knows few distinct resamples (10 for 3 seeds) and its interval "
+              "is narrower than the truth. Best lr: the learning rate with the best mean on val; val and test at it: "
+              "mean ± 95% interval (Student t) over its seeds; - : not recorded (older studies).")
+DIFF_WIDTH_NOTE = ("Paired difference of widths (loss - {base}, the same resampled seeds for both), point [2.5, 97.5 "
+                   "percentiles]; verdict: better / worse only when the interval excludes 0 (wider is better), inside "
+                   "noise when it holds 0, one seed with a single seed.")
+
+
+def robustness_lines(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The LR-robustness table and the paired width comparison against the baseline (empty without widths)."""
+    have = {loss: row for loss, row in rows.items() if "width_90" in row}
+    if not have:
+        return []
+    base = next(iter(have.values()))["width_baseline"]
+    lines = ["", WIDTH_NOTE.format(n=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED), "",
+             "| loss | seeds | width 90%, own best | width 90%, shared best | width 80%, own best | width 80%, shared best "
+             "| best lr (val) | val at best lr | test/zeroshot_top1 at best lr |", "|---|" + "---|" * 8]
+    for loss, row in have.items():
+        w90, w80 = row["width_90"], row["width_80"]
+        lines.append(f"| {loss} | {w90['own'].n} | {fmt_width(w90['own'])} | {fmt_width(w90['shared'])} | "
+                     f"{fmt_width(w80['own'])} | {fmt_width(w80['shared'])} | {'-' if row['best_lr'] is None else format(row['best_lr'], 'g')} | "
+                     f"{_fmt(row['best_lr_val'])} | {_fmt(row['best_lr_test'])} |")
+    lines += ["", DIFF_WIDTH_NOTE.format(base=base), "",
+              f"| loss - {base} | width 90%, own best | verdict | width 90%, shared best | verdict |", "|---|---|---|---|---|"]
+    for loss, row in have.items():
+        if loss != base:
+            own, shared = row["width_90"]["diff_own"], row["width_90"]["diff_shared"]
+            lines.append(f"| {loss} | {fmt_width(own)} | {width_verdict(own)} | {fmt_width(shared)} | {width_verdict(shared)} |")
+    return lines
+
+
+def width_verdict(diff: Width) -> str:
+    """``verdict`` of a paired width difference (wider is better)."""
+    return verdict("lr_robust_width", width_ci(diff))
 
 
 def _fmt(value: Any) -> str:
@@ -409,6 +607,7 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
     for loss, row in rows.items():
         lines.append(f"| {loss} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")
     lines += lr_table(rows)
+    lines += robustness_lines(rows)
     lines += ["", "Best configurations:", ""]
     lines += [f"- {loss}: `{row['best_params']}`" for loss, row in rows.items()]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from probloss.report import (T_975, diff_range, fmt_ci, lr_robust_width, mean_ci, metric_direction, metric_range,
-                             row_value, verdict)
+from probloss.report import (T_975, diff_range, draw_means, fmt_ci, fmt_width, lr_robust_width, lr_robustness, mean_ci,
+                             metric_direction, metric_range, row_value, score_table, verdict, width_verdict)
 
 NAN = float("nan")
 
@@ -134,3 +134,116 @@ def test_sweep_seed_table_counts_a_diverged_seed_and_clips():
     assert (zs.n, zs.n_nonfinite, zs.high) == (2, 2, 1.0)
     assert "(2 of 4 seeds diverged)" in fmt_ci(zs) and ", 1.000]" in fmt_ci(zs)
     assert row["test/embed/alignment"].n == 0  # absent from the finished seeds: not applicable
+
+
+LRS4 = [1e-4, 1e-3, 1e-2, 1e-1]  # one decade apart: widths are whole numbers
+
+
+def grid(curve, noise=(-0.01, 0.0, 0.01)):
+    """A score table {lr: {seed: score}}: seed k at every learning rate is curve + noise[k]."""
+    return {lr: {seed: score + eps for seed, eps in enumerate(noise)} for lr, score in zip(LRS4, curve)}
+
+
+TABLES = {  # the shared best is peaked's 0.85: thresholds 0.765 (90%) and 0.68 (80%)
+    "flat": grid([0.70, 0.70, 0.70, 0.70]),     # own best 0.70: every lr within 90% of it, below 90% of 0.85
+    "peaked": grid([0.30, 0.30, 0.85, 0.30]),
+    "two_lrs": grid([0.30, 0.80, 0.85, 0.30]),
+}
+
+
+@pytest.mark.parametrize("fraction, expected", [
+    (0.9, {"flat": (3.0, 0.0), "peaked": (0.0, 0.0), "two_lrs": (1.0, 1.0)}),  # (own best, shared best)
+    (0.8, {"flat": (3.0, 3.0), "peaked": (0.0, 0.0), "two_lrs": (1.0, 1.0)}),
+])
+def test_lr_width_against_own_and_shared_best(fraction, expected):
+    widths = lr_robustness(TABLES, "flat", fraction, resamples=50)
+    for loss, (own, shared) in expected.items():
+        assert (widths[loss]["own"].point, widths[loss]["shared"].point) == pytest.approx((own, shared)), loss
+        assert widths[loss]["own"].n == 3
+    # own best on all seeds is what lr_robust_width computes from the trials
+    lrs, scores = zip(*[(lr, s) for lr, row in TABLES["two_lrs"].items() for s in row.values()])
+    assert lr_robust_width(lrs, scores, fraction) == pytest.approx(expected["two_lrs"][0])
+
+
+def test_width_interval_contains_the_estimate_and_collapses_without_seed_noise():
+    noisy = {"a": grid([0.5, 0.9, 0.8, 0.4], noise=(-0.1, 0.0, 0.15)), "b": grid([0.9, 0.85, 0.7, 0.2], noise=(0.05, -0.2, 0.1))}
+    for widths in lr_robustness(noisy, "a").values():
+        for w in widths.values():
+            assert w.low <= w.point <= w.high and w.low <= w.median <= w.high
+    assert lr_robustness(noisy, "a")["a"]["own"].low < lr_robustness(noisy, "a")["a"]["own"].high  # seeds disagree
+    same = {loss: grid([0.3, 0.8, 0.85, 0.3], noise=(0.0, 0.0, 0.0)) for loss in ("a", "b")}
+    for widths in lr_robustness(same, "a").values():
+        for w in widths.values():
+            assert w.low == w.median == w.high == w.point
+
+
+def test_width_bootstrap_is_reproducible():
+    noisy = {"a": grid([0.5, 0.9, 0.8, 0.4], noise=(-0.1, 0.0, 0.15, 0.05)), "b": grid([0.9, 0.85, 0.7, 0.2])}
+    assert lr_robustness(noisy, "a") == lr_robustness(noisy, "a")
+    assert lr_robustness(noisy, "a", rng_seed=1) == lr_robustness(noisy, "a", rng_seed=1)
+
+
+def test_paired_width_difference_verdicts():
+    widths = lr_robustness(TABLES, "peaked")
+    flat = widths["flat"]["diff_own"]  # flat - peaked: 3 decades in every resample
+    assert (flat.point, flat.low, flat.high) == (3.0, 3.0, 3.0) and width_verdict(flat) == "better"
+    assert width_verdict(widths["flat"]["diff_shared"]) == "inside noise"  # 0 - 0 at 90% of the shared best
+    # loss a matches the baseline except that seed 2 collapses at the largest lr: width 1 or 2 by the seeds drawn
+    base = {lr: {s: 0.8 for s in range(3)} for lr in (1e-3, 1e-2, 1e-1)}
+    arm = {lr: {s: (0.0 if (s, lr) == (2, 1e-1) else 0.8) for s in range(3)} for lr in (1e-3, 1e-2, 1e-1)}
+    diff = lr_robustness({"base": base, "a": arm}, "base")["a"]["diff_own"]
+    assert diff.point == pytest.approx(-1.0) and diff.low == pytest.approx(-1.0) and diff.high == pytest.approx(0.0)
+    assert width_verdict(diff) == "inside noise"
+    one = lr_robustness({"base": {1e-3: {0: 0.8}}, "a": {1e-3: {0: 0.8}, 1e-2: {0: 0.8}}}, "base")["a"]
+    assert width_verdict(one["diff_own"]) == "one seed" and fmt_width(one["own"]) == "1.00 (one seed)"
+
+
+@pytest.mark.parametrize("bad", [-math.inf, NAN])
+def test_a_diverged_seed_fails_its_learning_rate(bad):
+    lrs = [lr for lr in LRS4 for _ in range(3)]
+    seeds = [0, 1, 2] * 4
+    scores = [0.7] * 12
+    scores[7] = bad  # seed 1 at 1e-2
+    table = score_table(lrs, seeds, scores)
+    assert table[1e-2][1] == -math.inf and len(table[1e-2]) == 3  # kept, as a failure
+    widths = lr_robustness({"flat": table}, "flat")["flat"]["own"]
+    assert widths.point == pytest.approx(1.0)  # 1e-4 .. 1e-3; 1e-2 fails, 1e-1 alone spans 0
+    assert widths.low == pytest.approx(1.0) and widths.high == pytest.approx(3.0)  # resamples without seed 1: 3
+    assert lr_robust_width(lrs, scores) == pytest.approx(1.0)
+    # a learning rate where none of the drawn seeds ran has no evidence: it fails too
+    assert draw_means({1e-3: {0: 0.7}, 1e-2: {2: 0.7}}, [0, 0, 1]) == {1e-3: pytest.approx(0.7), 1e-2: -math.inf}
+
+
+def test_sweep_report_widths_best_lr_on_val_and_test_at_it():
+    optuna = pytest.importorskip("optuna")
+    from probloss.report import robustness_lines, summarise
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {"trainer.lr": optuna.distributions.CategoricalDistribution([1e-3, 1e-2, 1e-1]),
+             "seed": optuna.distributions.CategoricalDistribution([0, 1, 2])}
+
+    def study(curve, test=None):
+        s = optuna.create_study(direction="maximize")
+        for lr, val in curve.items():
+            for seed in range(3):
+                attrs = {} if test is None else {"test/zeroshot_top1": test[lr] + 0.01 * seed}
+                s.add_trial(optuna.trial.create_trial(params={"trainer.lr": lr, "seed": seed}, distributions=dists,
+                                                      values=[val + 0.01 * seed], state=optuna.trial.TrialState.COMPLETE,
+                                                      user_attrs=attrs))
+        return s
+
+    rows = summarise({
+        "sigmoid": (study({1e-3: 0.60, 1e-2: 0.62, 1e-1: 0.61}), None),  # old study: no test key
+        "infonce": (study({1e-3: 0.2, 1e-2: 0.8, 1e-1: 0.3}, test={1e-3: 0.1, 1e-2: 0.7, 1e-1: 0.2}), None),
+    })
+    inf, sig = rows["infonce"], rows["sigmoid"]
+    assert inf["best_lr"] == 1e-2 and inf["best_lr_test"].mean == pytest.approx(0.71) and inf["best_lr_test"].n == 3
+    assert sig["best_lr"] == 1e-2 and sig["best_lr_test"].n == 0 and fmt_ci(sig["best_lr_test"]) == "-"
+    assert sig["width_90"]["own"].point == pytest.approx(2.0) and sig["width_90"]["shared"].point == 0.0
+    assert sig["width_80"]["shared"].point == 0.0 and inf["width_90"]["own"].point == 0.0
+    assert sig["lr_robust_width"] == pytest.approx(2.0)  # the old column, unchanged
+    assert sig["width_baseline"] == "infonce" and width_verdict(sig["width_90"]["diff_own"]) == "better"
+    text = "\n".join(robustness_lines(rows))
+    assert "| sigmoid | 3 | 2.00 [2.00, 2.00] | 0.00 [0.00, 0.00] |" in text
+    assert "| loss - infonce |" in text and "| sigmoid | 2.00 [2.00, 2.00] | better | 0.00 [0.00, 0.00] | inside noise |" in text
+    assert "| 0.01 | 0.810 ± " in text and text.count("| - |") == 1  # infonce's test at 1e-2; sigmoid: none recorded
