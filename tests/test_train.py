@@ -367,3 +367,14 @@ def test_missing_shards_are_a_one_line_error_with_exit_status_2(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "nowhere-{000..003}.tar" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unreadable_test_split_is_a_warning_and_the_run_keeps_its_summary(tmp_path, capsys):
+    cache = tmp_path / "cache"  # its own cache: the shared one must stay intact
+    main(small(tmp_path, cache, "trainer.max_steps=2", "trainer.eval_every=0", "run_name=a"))
+    (shard,) = cache.glob("shapes-*/test/*.tar")
+    shard.write_bytes(shard.read_bytes()[:3000])  # truncated: not one sample left
+    summary = main(small(tmp_path, cache, "trainer.max_steps=2", "trainer.eval_every=0", "run_name=b"))
+    assert summary["status"] == "finished" and "val/i2t_r@1" in summary and "test/i2t_r@1" not in summary
+    assert "no readable sample" in summary["test/error"] and "write them again" in summary["test/error"]
+    assert "warning: test split skipped" in capsys.readouterr().err

@@ -383,7 +383,9 @@ def load_eval_set(pattern: str | Sequence[str], tokenizer: Callable[[list[str]],
                                              noise_seed=seed), handler=handler)(stream)
     samples = list(itertools.islice(stream, max_samples))
     if not samples:
-        raise RuntimeError(f"no readable sample in {pattern!r} ({handler.count} corrupt ones skipped)")
+        raise RuntimeError(f"no readable sample in {pattern!r} ({handler.count} corrupt ones skipped): the shards are "
+                           "corrupt or truncated; write them again (scripts/make_data.py, or delete the shapes cache "
+                           "folder to regenerate it)")
     captions, _ = _noisy_captions([s["caption"] for s in samples], caption_noise, np.random.default_rng(seed))
     return EvalSet(images=_to_tensor([s["image"] for s in samples]), tokens=tokenizer(captions), captions=captions,
                    json=[s["json"] for s in samples], skipped=handler.count, keys=[s["key"] for s in samples])

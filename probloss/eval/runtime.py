@@ -69,11 +69,16 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
                                       noisy_eval_set=noisy))
         if final and spec.test is not None:
             started = time.perf_counter()
-            test_set = load_eval(spec, run.data, tokenizer, split="test", seed=run.seed,
-                                 image_noise=float(run.eval.image_noise or 0.0))
-            metrics.update(evaluate_model(module.model, module.loss, test_set, spec, tokenizer,
-                                          device=fabric.device, prefix="test"))
-            metrics["eval_test_s"] = time.perf_counter() - started
+            try:
+                test_set = load_eval(spec, run.data, tokenizer, split="test", seed=run.seed,
+                                     image_noise=float(run.eval.image_noise or 0.0))
+            except RuntimeError as err:  # unreadable test shards must not cost the trained run its summary
+                print(f"warning: test split skipped: {err}", file=sys.stderr)
+                metrics["test/error"] = str(err)
+            else:
+                metrics.update(evaluate_model(module.model, module.loss, test_set, spec, tokenizer,
+                                              device=fabric.device, prefix="test"))
+                metrics["eval_test_s"] = time.perf_counter() - started
         if logger is not None:
             logger.log_metrics(finite_scalars(metrics), step=step)
     dist.barrier(fabric)
