@@ -109,7 +109,7 @@ def compose_config(
         if not isinstance(value, str) or value not in options:
             raise ConfigError(_unknown(f"{o.key_or_group} choice", str(value), options, o.key_or_group))
     chosen = {o.key_or_group for o in choices}
-    own_sections = set(groups) - {"loss", "model", "data"}  # sweep, recipe: the command's own section
+    own_sections = set(groups) - set(config_groups("train", directory))  # sweep, recipe: the command's own
     for group, default in groups.items():
         if default == "???" and group not in chosen:
             raise ConfigError(f"say which {group} to use: {group}=<name>, one of "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,6 +41,8 @@ from omegaconf import OmegaConf
 from probloss.config import ConfigError, compose_config
 from probloss.report import (CI, diff_range, error_bars, fmt_ci, mean_ci, metric_range, row_value, run_stopped,
                              save_figure, verdict)
+from probloss.run_folder import run_base
+from probloss.settings import RunSettings
 
 
 def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
@@ -86,14 +89,14 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
 
     started = time.perf_counter()
     name, exp, train_overrides = load_recipe(argv)
-    out_dir = Path(compose_config(train_overrides)["out_dir"])
+    exp_dir = Path(os.path.expanduser(compose_config(train_overrides)["out_dir"])) / name
     results = []
     for arm, arm_overrides in exp["arms"].items():
         for seed in exp.get("seeds", [0]):
             overrides = [*exp.get("overrides", []), *arm_overrides, *train_overrides, f"experiment={name}",
                          f"seed={seed}", f"run_name={_slug(arm)}-seed{seed}"]
             cfg = compose_config(overrides)  # checks every key before any training
-            run_dir = out_dir / name / cfg["loss"]["name"] / f"{_slug(arm)}-seed{seed}"
+            run_dir = run_base(RunSettings.from_config(cfg)) / f"{_slug(arm)}-seed{seed}"  # as training names it
             summary_path = run_dir / "summary.json"
             trained_for = None
             if not summary_path.is_file():
@@ -115,7 +118,6 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
                     cached.write_text(json.dumps({k: v for k, v in metrics.items() if _is_number(v)}, indent=1))
                 summary.update({f"{evaluation}/{k}": v for k, v in json.loads(cached.read_text()).items()})
             results.append({"arm": arm, "seed": seed, "run_dir": str(run_dir), **summary})
-    exp_dir = out_dir / name
     times = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
     exp = {**exp, "timing": {"runs_wall_time_s": sum(times), "runs_timed": len(times),
                              "invocation_wall_time_s": time.perf_counter() - started}}

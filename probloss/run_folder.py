@@ -33,9 +33,14 @@ SUMMARY_KEYS = (  # docs/design.md: summary.json keys (those that apply), printe
 )
 
 
+def run_base(run: RunSettings) -> Path:
+    """``<out_dir>/<experiment>/<loss>``: the folder that holds a run's folder."""
+    return Path(os.path.expanduser(run.out_dir)) / run.experiment / run.loss_name
+
+
 def resolve_run_dir(run: RunSettings) -> tuple[str, str | None]:
     """(run folder, checkpoint to resume from or None); rank 0 only. See ``resume`` in configs/train.yaml."""
-    base = Path(os.path.expanduser(run.out_dir)) / run.experiment / run.loss_name
+    base = run_base(run)
     resume, run_name = run.resume, run.run_name
     if resume not in (None, "auto"):
         path = Path(os.path.expanduser(resume))

@@ -27,14 +27,8 @@ def _build(cls, section: Mapping[str, Any], where: str):
     values = {}
     for name in names:
         value = section.get(name)
-        values[name] = tuple(value) if isinstance(value, (list, tuple)) or _is_list_config(value) else value
+        values[name] = tuple(value) if isinstance(value, (list, tuple)) else value
     return cls(**values)
-
-
-def _is_list_config(value: Any) -> bool:
-    from omegaconf import ListConfig
-
-    return isinstance(value, ListConfig)
 
 
 @dataclass(frozen=True)

@@ -266,19 +266,19 @@ def _handle_nonfinite(fabric, t: TrainerSettings, pos: Position, out: StepOutput
     """A NaN/Inf step was skipped (no update): count it, or stop with a clear message (and what is known so
     far in summary.json; no checkpoint of the bad step is written)."""
     pos.nonfinite_in_a_row += 1
-    last_good = ckpt.newest_checkpoint(run_dir)
-    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
     what = f"non-finite {out.nonfinite_what} at step {pos.step} (loss={out.loss}, grad_norm={out.grad_norm})"
-    if t.on_nonfinite == "stop":
-        error = (f"{what}; stopping (trainer.on_nonfinite=stop). Parameters were not updated with it and {where}. "
-                 "Try a lower trainer.lr, trainer.grad_clip, or trainer.on_nonfinite=skip.")
-    elif pos.nonfinite_in_a_row >= t.max_nonfinite:
-        error = (f"{what}: {pos.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite) - the run "
-                 f"has diverged; {where}. Try a lower trainer.lr.")
-    else:
+    if t.on_nonfinite != "stop" and pos.nonfinite_in_a_row < t.max_nonfinite:
         if fabric.is_global_zero:
             print(f"warning: {what}; skipped the update (trainer.on_nonfinite=skip)", file=sys.stderr)
         return
+    last_good = ckpt.newest_checkpoint(run_dir)  # only when stopping: no directory listing per skipped step
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    if t.on_nonfinite == "stop":
+        error = (f"{what}; stopping (trainer.on_nonfinite=stop). Parameters were not updated with it and {where}. "
+                 "Try a lower trainer.lr, trainer.grad_clip, or trainer.on_nonfinite=skip.")
+    else:
+        error = (f"{what}: {pos.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite) - the run "
+                 f"has diverged; {where}. Try a lower trainer.lr.")
     if fabric.is_global_zero:
         write_summary(run_dir, {**tracker.summary(), "steps": pos.step, "status": "stopped", "error": error,
                                 "loss": loss_name})

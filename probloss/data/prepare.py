@@ -51,10 +51,9 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
     train, val, test, classnames = data.train_shards, data.val_shards, data.test_shards, data.classnames
     if data.name == "shapes" and (train is None or val is None):
         folder = shapes_cache_folder(data)
-        if fabric is None or fabric.is_global_zero:
-            generate_shapes(folder, data)
+        patterns = generate_shapes(folder, data) if fabric is None or fabric.is_global_zero else None
         dist.barrier(fabric)
-        patterns = generate_shapes(folder, data)  # finished by now: only returns the patterns
+        patterns = patterns or generate_shapes(folder, data)  # other ranks: finished by now, only reads meta.json
         train, val, test = train or patterns["train"], val or patterns["val"], test or patterns.get("test")
     else:  # configured shards: classes.json and splits.json sit in the folder above the val split's
         folder = Path(next(iter(braceexpand.braceexpand(str(val).split("::")[0])))).parent.parent

@@ -152,13 +152,9 @@ def _l3(objects: list[dict], relation: dict | None) -> str:
 
 def make_captions(objects: list[dict], relation: dict | None, l1_attribute: str) -> list[str]:
     """The four captions L0..L3 of a scene (see the module docstring). ``l1_attribute``: "colour" or "shape"."""
-    l0 = COUNT_WORDS[len(objects)]
-    if l1_attribute == "colour":
-        l1 = _join([_a(f"{o['colour']} object") for o in objects])
-    else:
-        l1 = _join([f"a {o['shape']}" for o in objects])
-    l2 = _join([_describe(o) for o in objects])
-    return [l0, l1, l2, _l3(objects, relation)]
+    l1_colour, l2 = matched_pair(objects)
+    l1 = l1_colour if l1_attribute == "colour" else _join([f"a {o['shape']}" for o in objects])
+    return [COUNT_WORDS[len(objects)], l1, l2, _l3(objects, relation)]
 
 
 def matched_pair(objects: list[dict]) -> list[str]:
