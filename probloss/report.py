@@ -567,8 +567,9 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def write_report(experiment_dir: str | Path, storage=None) -> Path:
-    """Write ``<experiment_dir>/report.md`` and its PNGs; returns the report's path."""
+def sweep_studies(experiment_dir: str | Path, storage=None) -> dict[str, tuple]:
+    """The studies ``<experiment>-<loss>`` of a sweep folder: from ``storage`` (URL or journal path), by default
+    the journal ``<out_dir>/sweeps/<experiment>.journal`` next to the folder."""
     from probloss.sweep import storage_for
 
     experiment_dir = Path(experiment_dir)
@@ -584,10 +585,11 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
     studies = _studies(storage, experiment)
     if not studies:
         raise FileNotFoundError(f"no studies named {experiment}-<loss> in the storage")
-    rows = summarise(studies)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot(rows, experiment_dir)
+    return studies
 
+
+def report_lines(experiment: str, rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The sweep report's markdown (title, tables, LR robustness, best configurations), without plots."""
     lines = [f"# {experiment}: loss comparison", "",
              "Search: best and median of the first objective over complete trials, the fraction of trials that "
              "diverged, and the LR-robust width (decades of the widest learning-rate range whose trials, averaged "
@@ -610,7 +612,16 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
     lines += robustness_lines(rows)
     lines += ["", "Best configurations:", ""]
     lines += [f"- {loss}: `{row['best_params']}`" for loss, row in rows.items()]
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return lines
+
+
+def write_report(experiment_dir: str | Path, storage=None) -> Path:
+    """Write ``<experiment_dir>/report.md`` and its PNGs; returns the report's path."""
+    experiment_dir = Path(experiment_dir)
+    rows = summarise(sweep_studies(experiment_dir, storage))
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(rows, experiment_dir)
+    lines = report_lines(experiment_dir.name, rows) + [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = experiment_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -112,3 +112,28 @@ def test_baseline_choices():
     assert baselines({"arms": {"a": [], "b": [], "c": []}, "baseline": {"c": ["a", "b"]}}) == [("c", "a"), ("c", "b")]
     with pytest.raises(ConfigError, match="not arms of the recipe"):
         baselines({"arms": {"a": [], "b": []}, "baseline": "z"})
+
+
+def test_findings_page_includes_sweeps_from_their_journal(tmp_path):
+    """A sweep is summarised from its journal storage alone (LR grid over seeds -> LR-robust widths), and the
+    findings page writes nothing into its folder."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (tmp_path / "sweeps").mkdir()
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "sweeps" / "lrdemo.journal")))
+    dists = {"trainer.lr": optuna.distributions.CategoricalDistribution([1e-3, 1e-2]),
+             "seed": optuna.distributions.CategoricalDistribution([0, 1])}
+    for loss, curve in (("infonce", {1e-3: 0.5, 1e-2: 0.2}), ("sigmoid", {1e-3: 0.45, 1e-2: 0.44})):
+        study = optuna.create_study(study_name=f"lrdemo-{loss}", storage=storage, direction="maximize")
+        for lr, value in curve.items():
+            for seed in (0, 1):
+                study.add_trial(optuna.trial.create_trial(
+                    params={"trainer.lr": lr, "seed": seed}, distributions=dists, values=[value + 0.01 * seed],
+                    state=optuna.trial.TrialState.COMPLETE, user_attrs={"test/zeroshot_top1": value}))
+    page = findings(tmp_path)
+    assert "1 sweep(s)" in page and "## lrdemo (sweep)" in page and "# lrdemo: loss comparison" not in page
+    assert "| sigmoid | 2 |" in page and "| loss - infonce |" in page
+    assert not (tmp_path / "lrdemo").exists()
