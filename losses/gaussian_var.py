@@ -82,7 +82,7 @@ import torch.nn.functional as F
 
 import probloss
 from probloss import dist
-from probloss.loss import positive_texts
+from probloss.loss import positive_texts, unit_gaussian_kl
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, dist_pair_lse, sq_dist_features, use_tiled
 
 VARIANTS = ("proposal", "likelihood")
@@ -170,11 +170,8 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
 
     def kl_to_unit_gaussian(self, image_emb, text_emb, image_log_std, text_log_std):
         """Mean over this rank's samples and both modalities of KL(N(x, sigma^2 I) || N(0, I))."""
-        total = 0.0
-        for emb, log_std in ((self.embed(image_emb), image_log_std), (self.embed(text_emb), text_log_std)):
-            log_std = log_std if log_std.dim() == 2 else log_std[:, None].expand_as(emb)
-            total = total + 0.5 * (torch.exp(2 * log_std) + emb.pow(2) - 1 - 2 * log_std).sum(-1).mean()
-        return total / 2
+        image_kl = unit_gaussian_kl(self.embed(image_emb), image_log_std).mean()
+        return (image_kl + unit_gaussian_kl(self.embed(text_emb), text_log_std).mean()) / 2
 
     def contrastive_loss(self, image_emb, text_emb, image_log_std, text_log_std):
         x, y = self.embed(image_emb), self.embed(text_emb)

@@ -65,8 +65,11 @@ def make_trainee(run: RunSettings, tokenizer) -> Trainee:
     from probloss.models import build_dual_encoder
 
     loss = probloss.build_loss(run.loss_name, **run.loss_kwargs)
+    model_cfg = dict(run.model)
+    if model_cfg.get("init_log_std") is None:  # null: where the loss's paper starts its log-std heads
+        model_cfg["init_log_std"] = loss.init_log_std
     try:
-        model = build_dual_encoder(dict(run.model), vocab_size=tokenizer.vocab_size, max_len=tokenizer.max_len,
+        model = build_dual_encoder(model_cfg, vocab_size=tokenizer.vocab_size, max_len=tokenizer.max_len,
                                    image_size=run.data.image_size, log_std=loss.needs_log_std)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model config {run.model.get('name', '?')!r}: {err}") from None

@@ -39,6 +39,8 @@ class ContrastiveLoss(nn.Module):
 
     - ``needs_log_std``: the towers must predict log-stds (the dual encoder grows log-std heads).
     - ``supports_diagonal_log_std``: log-stds may also be per dimension, ``(B, D)``.
+    - ``init_log_std``: where the towers' log-std heads start unless ``model.init_log_std`` says otherwise
+      (ln sigma; 0 = unit sigma; a paper's own initialisation, e.g. ProLIP's log sigma^2 = -10).
     - ``distributed_variants``: keyword dicts worth checking across real processes
       (:func:`probloss.testing.check_distributed`, the registry's distributed tests); ``({},)``: as built.
     - ``registered_name``: set by the registry, for messages.
@@ -52,6 +54,7 @@ class ContrastiveLoss(nn.Module):
 
     needs_log_std: ClassVar[bool] = False
     supports_diagonal_log_std: ClassVar[bool] = False
+    init_log_std: ClassVar[float] = 0.0
     distributed_variants: ClassVar[Sequence[dict[str, Any]]] = ({},)
     registered_name: ClassVar[str | None] = None
 
@@ -219,3 +222,21 @@ def positive_columns(n_images: int, n_texts: int, world: int, device=None) -> Te
     """
     rows = torch.arange(world * n_images, device=device)
     return rows // n_images * n_texts + rows % n_images
+
+
+def sigma_sq_sum(log_std: Tensor, dims: int) -> Tensor:
+    """``(B,)`` sum over the ``dims`` embedding dimensions of sigma^2 = exp(2 ln sigma): ``dims * sigma^2`` for
+    per-sample ``(B,)`` log-stds (an isotropic Gaussian), ``sum_d sigma_d^2`` for per-dimension ``(B, D)`` ones."""
+    return dims * torch.exp(2 * log_std) if log_std.dim() == 1 else torch.exp(2 * log_std).sum(-1)
+
+
+def unit_gaussian_kl(mu: Tensor, log_std: Tensor) -> Tensor:
+    """``(B,)`` KL(N(mu, diag sigma^2) || N(0, I)) per sample, summed over dimensions; log-stds ``(B,)`` or ``(B, D)``.
+
+    Per-sample log-stds use the isotropic closed form 0.5 (D sigma^2 + |mu|^2 - D - 2 D ln sigma): no (B, D)
+    expansion of sigma.
+    """
+    if log_std.dim() == 2:
+        return 0.5 * (torch.exp(2 * log_std) + mu.pow(2) - 1 - 2 * log_std).sum(-1)
+    dims = mu.shape[1]
+    return 0.5 * (dims * (torch.exp(2 * log_std) - 1 - 2 * log_std) + mu.pow(2).sum(-1))

@@ -15,7 +15,9 @@ Kernels:
   direction, candidates are columns) and ``-pen_i - w_i * max(R_ij, 0)`` (column direction, candidates are
   rows) with ``R_ij = s Q_i . K_j + a_i + b_j`` a squared distance (gaussian_var: ``s = -2``, ``a = |x|^2``,
   ``b = |y|^2``; diagonal log-stds through augmented features, see :func:`sq_dist_features`).
-- :func:`softplus_pair_sum`: ``sum_ij softplus(t * x_i . y_j + b)`` (SigLIP's negatives).
+- :func:`softplus_pair_sum`: ``sum_ij softplus(t * x_i . y_j + b)`` (SigLIP's negatives; with per-row and
+  per-column offsets through augmented features, ProLIP and PCME++), optionally minus thresholded pair counts
+  times the logits (PCME++'s pseudo-positives).
 
 The cross-entropy's target logit (the positive pair) is not part of these kernels: the losses add it with
 plain autograd as an O(B x D) row-wise dot product.
@@ -343,26 +345,41 @@ def sq_dist_features(x: Tensor, y: Tensor, y_weight: Tensor | None = None) -> tu
     return q, k
 
 
+def offset_features(x: Tensor, y: Tensor, row_offset: Tensor, col_offset: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q, k)`` with ``q_i . k_j = x_i . y_j + row_offset_i + col_offset_j``: ``q = [x, r, 1]``, ``k = [y, 1, c]``.
+
+    Pairwise logits with per-sample additive terms (ProLIP's and PCME++'s variances, PCME++'s squared norms) then
+    go through the plain pair kernels at two extra features, and autograd carries the gradients of the
+    offsets; no (B x N) offset matrix is formed.
+    """
+    ones_x, ones_y = x.new_ones(x.shape[0], 1), y.new_ones(y.shape[0], 1)
+    return torch.cat([x, row_offset[:, None], ones_x], dim=1), torch.cat([y, ones_y, col_offset[:, None]], dim=1)
+
+
 class _SoftplusPairSum(torch.autograd.Function):
-    """sum_ij softplus(t * x_i . y_j + b) with gradient sigmoid(logits), tile by tile."""
+    """sum_ij softplus(l_ij) - w * sum_ij c_ij l_ij, l = t * x_i . y_j + b, tile by tile (see softplus_pair_sum)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: int) -> Tensor:
+    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: int, row_threshold: Tensor | None,
+                col_threshold: Tensor | None, threshold_weight: float) -> Tensor:
         total = x.new_zeros(())
         for i0, i1 in _tiles(x.shape[0], block):
             x_block = x[i0:i1] * scale  # (bm, D): the scale costs a row block, not a pass over every tile
             for j0, j1 in _tiles(y.shape[0], block):
                 logits = torch.addmm(bias, x_block, y[j0:j1].T)  # (bm, bn) = t x_i . y_j + b
                 total += F.softplus(logits).sum()
-        ctx.save_for_backward(x, y, scale, bias)
-        ctx.block = block
+                if threshold_weight:
+                    counts = _threshold_counts(logits, row_threshold, col_threshold, i0, i1, j0, j1)
+                    total -= threshold_weight * torch.dot(counts.reshape(-1), logits.reshape(-1))
+        ctx.save_for_backward(x, y, scale, bias, row_threshold, col_threshold)
+        ctx.block, ctx.threshold_weight = block, threshold_weight
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, y, scale, bias = ctx.saved_tensors
-        need_x, need_y, need_scale, need_bias, _ = ctx.needs_input_grad
+        x, y, scale, bias, row_threshold, col_threshold = ctx.saved_tensors
+        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         grad_x = torch.zeros_like(x) if need_x else None
         grad_y = torch.zeros_like(y) if need_y else None
         grad_scale = scale.new_zeros(()) if need_scale else None
@@ -371,7 +388,12 @@ class _SoftplusPairSum(torch.autograd.Function):
             x_block = x[i0:i1]
             for j0, j1 in _tiles(y.shape[0], ctx.block):
                 similarity = x_block @ y[j0:j1].T  # (bm, bn)
-                weight = torch.sigmoid(similarity * scale + bias).mul_(grad)  # d softplus(l) / dl = sigmoid(l)
+                logits = similarity * scale + bias
+                weight = torch.sigmoid(logits)  # d softplus(l) / dl = sigmoid(l)
+                if ctx.threshold_weight:  # the counts are constants: d (c l) / dl = c
+                    counts = _threshold_counts(logits, row_threshold, col_threshold, i0, i1, j0, j1)
+                    weight.sub_(counts, alpha=ctx.threshold_weight)
+                weight.mul_(grad)
                 if need_scale:
                     grad_scale += torch.dot(weight.reshape(-1), similarity.reshape(-1))
                 if need_bias:
@@ -381,16 +403,42 @@ class _SoftplusPairSum(torch.autograd.Function):
                     grad_x[i0:i1].addmm_(weight, y[j0:j1])
                 if need_y:
                     grad_y[j0:j1].addmm_(weight.T, x_block)
-        return grad_x, grad_y, grad_scale, grad_bias, None
+        return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None
 
 
-def softplus_pair_sum(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: int | None = DEFAULT_BLOCK) -> Tensor:
-    """``sum_ij softplus(scale * x_i . y_j + bias)`` for ``x (B, D)``, ``y (N, D)``, scalar ``scale``, ``bias``.
+def _threshold_counts(logits: Tensor, row_threshold: Tensor | None, col_threshold: Tensor | None,
+                      i0: int, i1: int, j0: int, j1: int) -> Tensor:
+    """``[l_ij >= row_threshold_i] + [l_ij >= col_threshold_j]`` on one tile, in the logits' dtype."""
+    counts = torch.zeros_like(logits)
+    if row_threshold is not None:
+        counts += logits >= row_threshold[i0:i1, None]
+    if col_threshold is not None:
+        counts += logits >= col_threshold[None, j0:j1]
+    return counts
 
-    This is SigLIP's loss summed over negative pairs (``-log sigmoid(-l) = softplus(l)``). With ``block=None``
-    it is the plain dense expression; otherwise ``(block, block)`` tiles are processed one at a time and
-    recomputed in backward, so no ``(B, N)`` matrix is kept.
+
+def softplus_pair_sum(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: int | None = DEFAULT_BLOCK,
+                      row_threshold: Tensor | None = None, col_threshold: Tensor | None = None,
+                      threshold_weight: float = 0.0) -> Tensor:
+    """``sum_ij softplus(l_ij) - threshold_weight * sum_ij c_ij l_ij`` with ``l_ij = scale * x_i . y_j + bias``.
+
+    ``x (B, D)``, ``y (N, D)``, scalar ``scale`` and ``bias``. The first sum is SigLIP's loss over negative pairs
+    (``-log sigmoid(-l) = softplus(l)``). The second is optional: ``c_ij = [l_ij >= row_threshold_i] +
+    [l_ij >= col_threshold_j]`` counts the directions in which pair ij scores at least as high as a per-row
+    ``(B,)`` / per-column ``(N,)`` threshold (PCME++'s pseudo-positives: the positive's logit); the counts are
+    constants for the gradient (``d/dl = sigmoid(l) - threshold_weight * c``), thresholds get no gradient, and
+    ``+inf`` never counts. With ``block=None`` it is the plain dense expression; otherwise ``(block, block)``
+    tiles are processed one at a time and recomputed in backward, so no ``(B, N)`` matrix is kept.
     """
+    if threshold_weight:
+        row_threshold = None if row_threshold is None else row_threshold.detach()
+        col_threshold = None if col_threshold is None else col_threshold.detach()
     if block is None:
-        return F.softplus(scale * (x @ y.T) + bias).sum()
-    return _SoftplusPairSum.apply(x, y, scale, bias, block)
+        logits = scale * (x @ y.T) + bias
+        total = F.softplus(logits).sum()
+        if threshold_weight:
+            with torch.no_grad():
+                counts = _threshold_counts(logits, row_threshold, col_threshold, 0, x.shape[0], 0, y.shape[0])
+            total = total - threshold_weight * (counts * logits).sum()
+        return total
+    return _SoftplusPairSum.apply(x, y, scale, bias, block, row_threshold, col_threshold, threshold_weight)

@@ -8,8 +8,8 @@ For each loss x impl x B (D = 512, float32 by default) one fresh subprocess crea
 backward once to measure peak memory, then ``--repeats`` more times for the median time. Cases:
 
 - ``floor``: ``(X @ Y.T).sum()`` forward + backward, the three B x B x D matrix products any loss pays;
-- ``infonce``, ``sigmoid``, ``gaussian_var`` and ``sigmoid_var`` (per-sample log-std) with ``impl`` in ``dense``
-  and ``tiled``;
+- ``infonce``, ``sigmoid``, ``gaussian_var``, ``sigmoid_var``, ``pcmepp`` and ``prolip`` (per-sample log-std,
+  each loss's default options) with ``impl`` in ``dense`` and ``tiled``;
 - ``gaussian_var_diag`` (per-dimension log-std; not in the default set);
 - ``pseudocode``: the proposal's plain PyTorch pseudocode for gaussian_var (docs/design.md, Sources), with its
   ``(n, n, d)`` broadcast, only up to ``--pseudocode-max`` (default 2048; at B = 1024 it already needs GiBs).
@@ -37,8 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-IMPL_LOSSES = ("infonce", "sigmoid", "gaussian_var", "sigmoid_var", "gaussian_var_diag")
-DEFAULT_LOSSES = ("floor", "infonce", "sigmoid", "gaussian_var", "sigmoid_var", "pseudocode")
+IMPL_LOSSES = ("infonce", "sigmoid", "gaussian_var", "sigmoid_var", "pcmepp", "prolip", "gaussian_var_diag")
+DEFAULT_LOSSES = ("floor", "infonce", "sigmoid", "gaussian_var", "sigmoid_var", "pcmepp", "prolip", "pseudocode")
 MIB = 2**20
 
 

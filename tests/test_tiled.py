@@ -16,7 +16,7 @@ import torch
 
 import probloss
 from probloss.testing import log_std_shapes
-from probloss.tiled import dist_pair_lse, pair_lse, softplus_pair_sum, sq_dist_features
+from probloss.tiled import dist_pair_lse, offset_features, pair_lse, softplus_pair_sum, sq_dist_features
 
 F64 = torch.float64
 RTOL = 1e-8
@@ -165,6 +165,38 @@ def test_softplus_pair_sum_matches_dense(m, n, block):
     got = value_and_grads(lambda *t: softplus_pair_sum(*t, block=block), inputs)
     want = value_and_grads(lambda *t: softplus_pair_sum(*t, block=None), inputs)
     assert_all_close(got, want)
+
+
+@pytest.mark.parametrize("m,n,block", [(7, 5, 3), (1, 1, 2), (3, 8, 8)])
+@pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
+def test_softplus_pair_sum_with_thresholds_matches_dense(m, n, block, rows, cols):
+    """PCME++'s pseudo-positive counts: thresholds at the median logit, so about half the pairs count; +inf
+    columns never count; thresholds get no gradient."""
+    x, y = seeded(m, 4, seed=35), seeded(n, 4, seed=36)
+    scale, bias = torch.tensor(1.5, dtype=F64, requires_grad=True), torch.tensor(-0.5, dtype=F64, requires_grad=True)
+    with torch.no_grad():
+        median = (scale * x @ y.T + bias).median()
+    row_threshold = (median + 0.1 * seeded(m, seed=37)).detach() if rows else None
+    col_threshold = (median + 0.1 * seeded(n, seed=38)).detach() if cols else None
+    if cols and n > 1:
+        col_threshold[-1] = float("inf")
+    inputs = [x, y, scale, bias]
+
+    def kernel(block):
+        return lambda *t: softplus_pair_sum(*t, block=block, row_threshold=row_threshold,
+                                            col_threshold=col_threshold, threshold_weight=0.3)
+
+    assert_all_close(value_and_grads(kernel(block), inputs), value_and_grads(kernel(None), inputs))
+    plain = softplus_pair_sum(*inputs, block=block)
+    if m * n > 1:
+        assert not torch.isclose(kernel(block)(*inputs), plain)  # some pairs counted
+    assert torch.autograd.gradcheck(kernel(block), (x, y, scale, bias))
+
+
+def test_offset_features_add_row_and_column_terms():
+    x, y, r, c = seeded(4, 3, seed=39), seeded(5, 3, seed=40), seeded(4, seed=41), seeded(5, seed=42)
+    q, k = offset_features(x, y, r, c)
+    torch.testing.assert_close(q @ k.T, x @ y.T + r[:, None] + c[None, :], rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck_kernels():

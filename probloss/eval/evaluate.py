@@ -55,6 +55,12 @@ embeddings and sigma are scaled together): compare ranks, ratios and correlation
 levels L0..L3 of every sample with json ``captions``; n_words = whitespace-separated words:
 
 - ``unc/sigma_image_mean``, ``unc/sigma_text_mean``: mean sigma of the eval images / own captions (diagnostics).
+- ``unc/sigma_text_image_log_ratio``: mean log sigma of the captions minus that of the images (PCME++ and ProLIP
+  report captions as the more uncertain modality: > 0); comparable within one loss's runs, not across losses.
+- ``unc/sigma_vs_images_fit_spearman``: Spearman of each eval caption's sigma with the number of eval images it
+  fits exactly (the images whose four caption levels contain that string: "a red circle" fits every image it is
+  a level of); > 0 when more general captions get larger sigma (PCME++'s and ProLIP's generality claim); chance 0.
+- ``unc/sigma_vs_images_fit_partial_spearman``: the same controlling for n_words; chance 0.
 - ``unc/specificity_spearman``: Spearman of caption level with text sigma; < 0 when specific captions get smaller
   sigma (the proposal's prediction); chance 0. Confounded with caption length: see the next keys.
 - ``unc/specificity_partial_spearman``: partial Spearman of level with text sigma controlling for n_words; chance 0.
@@ -334,11 +340,31 @@ def _specificity(model, tokenizer, metas, batch_size, device) -> dict[str, float
     return out
 
 
-def _uncertainty(model, tokenizer, metas, scores, groups, image_log_std, text_log_std, batch_size, device,
-                 n_bins: int = 10) -> dict[str, float]:
+def _images_fit(metas, captions: Sequence[str]) -> Tensor | None:
+    """``(N,)`` for each eval caption, how many eval images list it among their caption levels (json
+    ``captions``); None without that metadata. Every caption fits at least its own image when its own caption is
+    one of its levels."""
+    levels = [set(m.get("captions") or []) for m in metas]
+    if not any(levels):
+        return None
+    counts: dict[str, int] = {}
+    for caption_set in levels:
+        for caption in caption_set:
+            counts[caption] = counts.get(caption, 0) + 1
+    return torch.tensor([counts.get(c, 0) for c in captions], dtype=torch.float64)
+
+
+def _uncertainty(model, tokenizer, metas, captions, scores, groups, image_log_std, text_log_std, batch_size,
+                 device, n_bins: int = 10) -> dict[str, float]:
     img_sigma, txt_sigma = sigma_of(image_log_std).cpu(), sigma_of(text_log_std).cpu()
-    out = {"unc/sigma_image_mean": img_sigma.mean().item(), "unc/sigma_text_mean": txt_sigma.mean().item()}
+    out = {"unc/sigma_image_mean": img_sigma.mean().item(), "unc/sigma_text_mean": txt_sigma.mean().item(),
+           "unc/sigma_text_image_log_ratio": (txt_sigma.double().log().mean() - img_sigma.double().log().mean()).item()}
     out.update(_specificity(model, tokenizer, metas, batch_size, device))
+    fits = _images_fit(metas, captions)
+    if fits is not None:
+        sigma, words = txt_sigma.double(), _n_words(captions)
+        out["unc/sigma_vs_images_fit_spearman"] = metrics.spearman(fits, sigma)
+        out["unc/sigma_vs_images_fit_partial_spearman"] = metrics.partial_spearman(fits, sigma, words)
 
     n_obj = [(i, len(m["objects"])) for i, m in enumerate(metas) if m.get("objects") is not None]
     if n_obj:
@@ -413,8 +439,8 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
         out.update(_probes(model, loss, tokenizer, image_emb, image_log_std, metas, batch_size, device))
         out.update(_embedding_space(image_emb, text_emb, raw=loss.scores_raw_embeddings))
         if image_log_std is not None and text_log_std is not None:
-            out.update(_uncertainty(model, tokenizer, metas, scores, groups, image_log_std, text_log_std,
-                                    batch_size, device, n_bins=n_sigma_bins))
+            out.update(_uncertainty(model, tokenizer, metas, eval_set.captions, scores, groups, image_log_std,
+                                    text_log_std, batch_size, device, n_bins=n_sigma_bins))
         return _with_prefix(out, prefix)
     finally:
         model.train(was_training)

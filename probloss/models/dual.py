@@ -168,5 +168,5 @@ def build_dual_encoder(model_cfg: Mapping[str, Any], *, vocab_size: int, max_len
     image_tower, text_tower = (cls(**_tower_kwargs(cls, cfg, data)) for cls in (image_cls, text_cls))
     return DualEncoder(image_tower, text_tower, int(cfg.get("embed_dim", 64)), log_std=log_std,
                        log_std_per_dim=bool(cfg.get("log_std_per_dim", False)),
-                       init_log_std=float(cfg.get("init_log_std", 0.0)),
+                       init_log_std=float(cfg.get("init_log_std") or 0.0),  # null: 0 (training uses the loss's)
                        log_std_hidden=int(cfg.get("log_std_hidden", 0)))

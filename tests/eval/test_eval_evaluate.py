@@ -18,6 +18,8 @@ from torch import nn
 
 import probloss
 from probloss.eval import evaluate, fill_template, image_sigma_vs_noise
+from probloss.eval import metrics
+from probloss.eval.evaluate import _images_fit
 
 CLASSNAMES = ["red circle", "blue square", "orange cross", "green triangle", "white diamond", "cyan circle"]
 SHAPE_WORDS = {"circle", "square", "cross", "triangle", "diamond"}
@@ -40,19 +42,23 @@ class FakeTokenizer:
 
 
 class FakeDualEncoder(nn.Module):
-    def __init__(self, log_std: bool, specific: bool = False):
+    """Embeddings from a table by caption id; log-stds (when asked for) around ``log_std_offset`` -- pass the
+    loss's ``init_log_std``: where PCME++ and ProLIP start sigma is tiny, so their variance term (sigma^2 summed
+    over dimensions, added to every distance) does not outrank the exact mean matches of this model."""
+
+    def __init__(self, log_std: bool, specific: bool = False, log_std_offset: float = 0.0):
         super().__init__()
         self.table = nn.Parameter(torch.randn(512, D, generator=torch.Generator().manual_seed(0)))
-        self.log_std, self.specific = log_std, specific
+        self.log_std, self.specific, self.log_std_offset = log_std, specific, log_std_offset
 
     def encode_image(self, images):
         ids = images[:, 0, 0, 0].round().long()
         n_obj = images[:, 0, 1, 0]
-        ls = 0.1 * n_obj + images[:, 1].abs().mean((1, 2)) if self.log_std else None
+        ls = 0.1 * n_obj + images[:, 1].abs().mean((1, 2)) + self.log_std_offset if self.log_std else None
         return self.table[ids], ls
 
     def encode_text(self, tokens):
-        ls = -0.1 * tokens[:, 1].float() - (0.5 * tokens[:, 2].float() if self.specific else 0.0)
+        ls = -0.1 * tokens[:, 1].float() - (0.5 * tokens[:, 2].float() if self.specific else 0.0) + self.log_std_offset
         return self.table[tokens[:, 0]], (ls if self.log_std else None)
 
     def forward(self, images, tokens):
@@ -130,7 +136,8 @@ UNC_KEYS = {"unc/specificity_spearman", "unc/specificity_partial_spearman", "unc
             "unc/specificity_matched_log_ratio", "unc/baseline_wordcount_specificity_spearman",
             "unc/baseline_wordcount_partial_spearman", "unc/baseline_wordcount_matched_acc",
             "unc/sigma_text_ratio_L0_L3", "unc/image_sigma_vs_objects", "unc/sigma_image_mean",
-            "unc/sigma_text_mean"} | {f"unc/sigma_text_rank_L{lv}" for lv in range(4)} | {
+            "unc/sigma_text_mean", "unc/sigma_text_image_log_ratio", "unc/sigma_vs_images_fit_spearman",
+            "unc/sigma_vs_images_fit_partial_spearman"} | {f"unc/sigma_text_rank_L{lv}" for lv in range(4)} | {
     f"unc/{d}_r1_sigma_decile_{b}" for d in ("i2t", "t2i") for b in range(10)} | {
     "unc/i2t_r1_sigma_spearman", "unc/t2i_r1_sigma_spearman"}
 RAW_KEYS = {f"embed/raw/{name}{m}" for name in ("effective_rank", "participation_ratio", "participation_ratio_frac")
@@ -146,7 +153,7 @@ def test_evaluate_keys_and_known_answers(loss_name):
     loss = probloss.build_loss(loss_name)
     tok = FakeTokenizer()
     eval_set = make_eval_set(tok, n=18)  # 6 one-object scenes, one per class: no duplicate captions
-    model = FakeDualEncoder(log_std=loss.needs_log_std)
+    model = FakeDualEncoder(log_std=loss.needs_log_std, log_std_offset=loss.init_log_std)
     model.train()
     out = evaluate(model, loss, eval_set, tok, batch_size=7, classnames=CLASSNAMES)
     assert model.training  # mode restored
@@ -188,7 +195,8 @@ def test_oracle_with_duplicate_captions_has_multi_positive_recall_one(loss_name)
     n = 24
     eval_set = make_eval_set(tok, n=n, level=lambda i: i % 4)  # L0..L2 captions repeat ("two objects", ...)
     assert len(set(eval_set.captions)) < n - 6
-    out = evaluate(FakeDualEncoder(log_std=loss.needs_log_std), loss, eval_set, tok, batch_size=5)
+    out = evaluate(FakeDualEncoder(log_std=loss.needs_log_std, log_std_offset=loss.init_log_std), loss, eval_set, tok,
+                   batch_size=5)
     for d in ("i2t", "t2i"):
         assert out[f"val/{d}_r@1"] == 1.0, d
         assert out[f"val/{d}_r@1_strict"] < 1.0, d  # ties with identical captions count against the strict number
@@ -328,3 +336,24 @@ def test_image_sigma_vs_noise():
     assert out["unc/image_sigma_noise_ratio"] > 1.0 and out["unc/image_sigma_noise_frac_up"] == 1.0
     with pytest.raises(ValueError, match="log-std"):
         image_sigma_vs_noise(FakeDualEncoder(False), clean, noisy)
+
+
+def test_images_fit_counts_the_images_whose_levels_contain_the_caption():
+    metas = [{"captions": ["a red circle", "a big red circle"]}, {"captions": ["a red circle", "a red circle left"]},
+             {"captions": ["a blue square"]}, {}]
+    fits = _images_fit(metas, ["a red circle", "a big red circle", "a blue square", "a green star"])
+    assert fits.tolist() == [2.0, 1.0, 1.0, 0.0]
+    assert _images_fit([{}, {"captions": []}], ["x", "y"]) is None
+
+
+def test_sigma_against_how_many_images_a_caption_fits():
+    """The fake model's text sigma is exp(-0.1 n_words): the Spearman with the fit count is exactly that of
+    -n_words, and controlling for length leaves nothing."""
+    tok = FakeTokenizer()
+    eval_set = make_eval_set(tok, n=24, level=lambda i: i % 4)
+    out = evaluate(FakeDualEncoder(True), probloss.build_loss("gaussian_var"), eval_set, tok)
+    fits = _images_fit(eval_set.json, eval_set.captions)
+    words = torch.tensor([len(c.split()) for c in eval_set.captions], dtype=torch.float64)
+    assert fits.min() >= 1 and fits.max() > 1  # every caption fits its own image; some fit several
+    assert out["unc/sigma_vs_images_fit_spearman"] == pytest.approx(metrics.spearman(fits, -words))
+    assert out["unc/sigma_vs_images_fit_partial_spearman"] == pytest.approx(0.0, abs=1e-9)

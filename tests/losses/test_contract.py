@@ -45,6 +45,9 @@ def test_permuting_the_batch_leaves_the_loss_unchanged(name, loss_inputs):
 def test_score_shape_and_positive_ranked_first(name, loss_inputs):
     loss = probloss.build_loss(name).double()
     x, y, lx, ly = loss_inputs(6, 8, log_std_of(loss), pairs="separated")
+    if lx is not None:  # equal log-stds: a variance-aware score may rightly rank a certain negative above an
+        # uncertain positive (PCME++'s distance adds sigma^2 summed over dimensions), which is not this check
+        lx, ly = torch.full_like(lx, loss.init_log_std), torch.full_like(ly, loss.init_log_std)
     scores = loss.score(x, y[:5], lx, None if ly is None else ly[:5])
     assert scores.shape == (6, 5)
     scores = loss.score(x, y, lx, ly)

@@ -87,6 +87,79 @@ def sigmoid_var_reference(x, y, lx, ly, t, b, normalize=True):
     return -F.logsigmoid(labels * logits).sum() / len(x)
 
 
+def per_dim_var(log_std, mu):
+    """sigma^2 per dimension (mu's shape) from (B,) or (B, D) log-stds."""
+    return torch.exp(2 * (log_std if log_std.dim() == 2 else log_std[:, None])).expand_as(mu)
+
+
+def unit_kl_per_element(mu, log_std):
+    """KL(N(mu, sigma^2) || N(0, 1)) per element from torch.distributions, averaged over samples and dimensions."""
+    p = torch.distributions.Normal(mu, per_dim_var(log_std, mu).sqrt())
+    return torch.distributions.kl_divergence(p, torch.distributions.Normal(0.0, 1.0)).mean()
+
+
+def csd(mu_x, var_x, mu_y, var_y):
+    """PCME++'s closed-form sampled distance with explicit (n, m, d) broadcasts: ||mu_i - mu_j||^2 +
+    sum_d (sigma_i,d^2 + sigma_j,d^2)."""
+    return ((mu_x[:, None, :] - mu_y[None, :, :]) ** 2).sum(-1) + (var_x[:, None, :] + var_y[None, :, :]).sum(-1)
+
+
+def pcmepp_reference(x, y, lx, ly, a, b, alpha, beta, normalize=True):
+    """PCME++ as its paper and released criterion (pcmepp/criterions/pcmepp.py) compute it: 2 x BCEWithLogits
+    with labels eye(n, m), plus alpha x the pseudo-positive BCEs in both directions (labels recomputed where a
+    pair's logit >= its row's positive logit; texts without a positive keep theirs), plus beta x the KL of each
+    modality. The BCEs are summed over all n x m pairs and divided by n x n (BCEWithLogits' mean when m = n;
+    extra texts add to the sum, the loss docstring)."""
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    logits = -a * csd(x, per_dim_var(lx, x), y, per_dim_var(ly, y)) + b
+    n, m = logits.shape
+    matched = torch.eye(n, m, dtype=x.dtype)
+    def bce(logits, labels):
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / (n * n)
+
+    loss = 2 * bce(logits, matched)
+    if alpha:
+        with torch.no_grad():
+            positive = logits.diagonal()  # (n,): image i's and text i's positive logit
+            i2t = torch.where(logits >= positive[:, None], 1.0, matched)
+            t2i = matched.T.clone()  # (m, n): rows are texts; extra texts (rows >= n) have no positive
+            t2i[:n] = torch.where(logits.T[:n] >= positive[:, None], 1.0, matched.T[:n])
+        loss = loss + alpha * (bce(logits, i2t) + bce(logits.T, t2i))
+    if beta:
+        loss = loss + beta * (unit_kl_per_element(x, lx) + unit_kl_per_element(y, ly))
+    return loss
+
+
+def inclusion_reference(mu1, lv1, mu2, lv2, eps=-10.0):
+    """ProLIP's released inclusion test of Gaussian 1 in Gaussian 2, per dimension (lv = log sigma^2)."""
+    inv1, inv2 = torch.exp(-lv1 + eps), torch.exp(-lv2 + eps)
+    a = inv1 + 0.5 * inv2
+    b = 2 * mu1 * inv1 + mu2 * inv2
+    c = mu1 ** 2 * inv1 + 0.5 * mu2 ** 2 * inv2
+    return -2 * lv1 - lv2 - 0.5 * torch.log(a) + b ** 2 / 4 / a - c
+
+
+def prolip_reference(x, y, lx, ly, t, b, beta, alpha, normalize=True):
+    """ProLIP: SigLIP's -sum log_sigmoid(z * logits) / n on t (mu_i . mu_j - sum_d (sigma_i,d^2 + sigma_j,d^2) / 2) + b,
+    plus beta x KL per element of each modality, plus alpha x mean -log_sigmoid(1000 (I(img in txt) - I(txt in img)))
+    over the n positive pairs."""
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    var_x, var_y = per_dim_var(lx, x), per_dim_var(ly, y)
+    logits = t * (x @ y.T - 0.5 * (var_x[:, None, :] + var_y[None, :, :]).sum(-1)) + b
+    labels = 2 * torch.eye(len(x), len(y), dtype=x.dtype) - 1
+    loss = -F.logsigmoid(labels * logits).sum() / len(x)
+    if beta:
+        loss = loss + beta * (unit_kl_per_element(x, lx) + unit_kl_per_element(y, ly))
+    if alpha:
+        n = len(x)
+        lv_x, lv_y = var_x.log(), var_y[:n].log()
+        logit = inclusion_reference(x, lv_x, y[:n], lv_y) - inclusion_reference(y[:n], lv_y, x, lv_x)
+        loss = loss + alpha * -F.logsigmoid(1000 * logit).mean()
+    return loss
+
+
 # Each built-in loss as built with its defaults, computed by its reference from the loss's own parameters.
 REFERENCES = {
     "infonce": lambda loss, x, y, lx, ly: clip_reference(x, y, loss.logit_scale),
@@ -94,6 +167,12 @@ REFERENCES = {
     "gaussian_var": lambda loss, x, y, lx, ly: gaussian_reference(x, lx, y, ly, loss.variant, loss.normalize),
     "sigmoid_var": lambda loss, x, y, lx, ly: sigmoid_var_reference(
         x, y, lx, ly, loss.logit_scale.exp(), loss.logit_bias, loss.normalize
+    ),
+    "pcmepp": lambda loss, x, y, lx, ly: pcmepp_reference(
+        x, y, lx, ly, loss.negative_scale, loss.shift, loss.smoothness_alpha, loss.vib_beta, loss.normalize
+    ),
+    "prolip": lambda loss, x, y, lx, ly: prolip_reference(
+        x, y, lx, ly, loss.logit_scale.exp(), loss.logit_bias, loss.vib_beta, loss.inclusion_alpha, loss.normalize
     ),
 }
 
@@ -171,6 +250,8 @@ def test_extra_texts_are_negatives(name, loss_inputs):
     cls = probloss.LOSSES.get(name)
     log_std = "sample" if cls.needs_log_std else None
     x, y, lx, ly = loss_inputs(6, 8, log_std, pairs="separated", extra_texts=1)
+    if log_std:  # around where the loss's towers start (ProLIP: sigma^2 ~ e^-10; at sigma ~ 1 no pair matches)
+        lx, ly = lx + cls.init_log_std, ly + cls.init_log_std
     loss = probloss.build_loss(name).double()
     plain = loss(x, y[:6], lx, None if ly is None else ly[:6])
     hard_y = torch.cat([y[:6], x + 0.01 * y[6:]])
