@@ -313,8 +313,10 @@ def _step_with_negatives(loss_name, batch, accum_steps):
 
     torch.manual_seed(0)
     loss = probloss.build_loss(loss_name)
-    model = build_dual_encoder(dict(compose_config([])["model"]), vocab_size=40, max_len=8, image_size=32,
-                               log_std=loss.needs_log_std)
+    # where training starts the log-std heads (make_trainee): ProLIP at sigma = 1 would score every pair so low
+    # that hard negatives change nothing
+    model_cfg = {**compose_config([])["model"], "init_log_std": loss.init_log_std}
+    model = build_dual_encoder(model_cfg, vocab_size=40, max_len=8, image_size=32, log_std=loss.needs_log_std)
     fabric = Fabric(accelerator="cpu", devices=1, precision="64-true")
     trainee = Trainee(model, loss)
     optimizer = torch.optim.SGD(trainee.parameters(), lr=0.5)
