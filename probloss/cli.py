@@ -1,33 +1,158 @@
-"""The one command-line grammar of train, sweep, recipe, make_data and evaluate.
+"""The ``probloss`` command: one grammar for train, sweep, experiment, make-data, evaluate and report.
 
-Every script is ``python scripts/<command>.py [key=value ...]``: Hydra overrides composed with
-``configs/<command>.yaml`` (probloss.config), the same unknown-key and unknown-choice errors with suggestions,
-the same ``--help`` (the script's docstring, the groups with their choices, the primary config), and the same
-exit status: 0 on success, 2 for a bad config or missing data (one line, no traceback), 1 when training stops
-on a non-finite loss.
+::
+
+    probloss train loss=gaussian_var trainer.max_steps=500
+    probloss sweep sweep=lr loss=sigmoid
+    probloss experiment recipe=proposal
+    probloss make-data out=data/shapes train_size=50000 val_size=2000
+    probloss evaluate checkpoint=runs/default/gaussian_var/<run>/checkpoints/step-00000500.ckpt
+    probloss report runs/proposal
+    probloss <command> --help          # the command's groups, choices and defaults
+
+Every command but ``report`` takes Hydra ``key=value`` overrides composed with ``configs/<config>.yaml``
+(probloss.config): the same unknown-key and unknown-choice errors with suggestions, the same ``--help`` and the
+same exit status: 0 on success, 2 for a bad config or bad data (one line, no traceback), 1 when training stops
+on a non-finite loss. ``scripts/<command>.py`` are thin wrappers of the same commands, for ``fabric run``
+(``fabric run --devices=2 scripts/train.py loss=sigmoid``), which launches a script file.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import sys
 from typing import Any, Callable, Sequence
 
+# command -> (module:function taking the argument list, primary config (None: own arguments), usage)
+COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    "train": ("probloss.train:main", "train", """Train a dual encoder with a contrastive loss.
 
-def run_script(main: Callable[[list[str]], Any], config_name: str, doc: str | None,
-               argv: Sequence[str] | None = None) -> None:
-    """Call ``main(argv)`` as a script: ``--help``, one-line errors and exit codes (see the module docstring)."""
+    probloss train loss=gaussian_var                       # one process
+    fabric run scripts/train.py loss=gaussian_var          # the same through Fabric's launcher
+    OMP_NUM_THREADS=1 fabric run --devices=2 scripts/train.py loss=sigmoid trainer.max_steps=100"""),
+    "sweep": ("probloss.sweep:main", "sweep", """Optuna studies over training runs (probloss/sweep.py).
+
+    probloss sweep sweep=lr loss=sigmoid [sweep.n_trials=..] [training overrides]
+    probloss sweep sweep=lr loss=sigmoid sweep.storage=postgresql://user@host/db   # workers on many machines
+    OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce"""),
+    "experiment": ("probloss.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds of training runs, paired comparisons.
+
+The report (recipe.md, results.json, comparisons.json, plots) is written into the recipe's folder
+(probloss/recipe.py).
+
+    probloss experiment recipe=proposal
+    probloss experiment recipe=bias_init recipe.seeds=[0] trainer.max_steps=50   # a quick look"""),
+    "make-data": ("probloss.data.shards:main", "make_data", """Generate the built-in shapes data as webdataset shards.
+
+The shards are written by probloss/data/shards.py.
+
+    probloss make-data out=data/shapes train_size=50000 val_size=2000 [seed=0 image_size=32 ...]
+
+Writes out/train/*.tar, out/val/*.tar, out/test/*.tar ({key}.png, {key}.txt, {key}.json), classes.json and
+splits.json; prints the brace patterns for data.train_shards / data.val_shards / data.test_shards."""),
+    "evaluate": ("probloss.eval.runtime:evaluate_command", "evaluate", """Evaluate a checkpoint and print the metrics table.
+
+It reads the run's val and test data, or the shards the overrides name.
+
+    probloss evaluate checkpoint=runs/default/gaussian_var/<run>/checkpoints/step-00000500.ckpt
+    probloss evaluate checkpoint=<ckpt> "data.val_shards='/data/val/{00000..00003}.tar'"
+
+Writes <run>/eval-step-<step>.json next to the checkpoints folder. Every other key=value changes the config
+saved in the checkpoint (e.g. data.val_shards, data.classnames or eval.max_samples), checked like training's."""),
+    "report": ("probloss.cli:report_command", None, """Write the report page and plots of a sweep or experiment.
+
+No training: it reads a finished sweep's storage or an experiment's results files.
+
+    probloss report runs/compare_losses [--storage postgresql://...]   # sweep -> report.md
+    probloss report runs/batch_size            # recipe -> recipe.md + comparisons.json
+    probloss report --findings runs            # every recipe under runs/ -> a Findings page on stdout
+
+A folder with results.json is a recipe (probloss/recipe.py); any other is a sweep, read from its Optuna
+storage (probloss/report.py). --findings reads only results.json + recipe.json of each recipe folder."""),
+}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as asked (e.g. a truncated shard with ``data.strict=true``)."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``probloss <command> [arguments]`` (the console script; see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        sys.exit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(f"probloss: unknown command {name!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    target, config_name, usage = COMMANDS[name]
+    module, function = target.split(":")
+    command = getattr(importlib.import_module(module), function)
+    if config_name is None:
+        command(rest)
+    else:
+        run_command(command, config_name, usage, rest)
+
+
+def _usage() -> str:
+    lines = [__doc__.strip(), "", "commands:"]
+    lines += [f"  {name:11s} {usage.splitlines()[0]}" for name, (_, _, usage) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run_command(command: Callable[[list[str]], Any], config_name: str, usage: str, argv: Sequence[str]) -> None:
+    """Call ``command(argv)``: ``--help``, one-line errors and exit codes (see the module docstring)."""
     from probloss.config import ConfigError, describe
     from probloss.train import NonFiniteLossError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(argv)
     if any(arg in ("-h", "--help") for arg in argv):
-        print((doc or "").strip() + "\n\n" + describe(config_name))
+        print(usage.strip() + "\n\n" + describe(config_name))
         sys.exit(0)
     try:
-        main(argv)
+        command(argv)
     except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
         print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def report_command(argv: Sequence[str]) -> None:
+    """``probloss report <folder> [--storage URL] [--findings]``."""
+    import argparse
+    from pathlib import Path
+
+    from probloss.config import ConfigError
+    from probloss.recipe import findings, render_recipe
+    from probloss.report import write_report
+
+    parser = argparse.ArgumentParser(prog="probloss report", description=COMMANDS["report"][2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="<out_dir>/<recipe or sweep name>, or with --findings <out_dir>")
+    parser.add_argument("--storage", default=None, help="a sweep's storage (default: <out_dir>/sweeps/<name>.journal)")
+    parser.add_argument("--findings", action="store_true",
+                        help="print a markdown Findings page of every recipe folder under the folder")
+    args = parser.parse_args(list(argv))
+    try:
+        if args.findings:
+            if not Path(args.folder).is_dir():
+                raise FileNotFoundError(f"{args.folder} is not a folder")
+            print(findings(args.folder))
+            return
+        if (Path(args.folder) / "results.json").is_file():
+            path = render_recipe(args.folder)
+        else:
+            path = write_report(args.folder, storage=args.storage)
+    except (FileNotFoundError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {path}")

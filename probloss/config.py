@@ -31,7 +31,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import probloss
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# An installed wheel carries the configs as package data (probloss/configs); a source checkout (editable
+# install, PYTHONPATH) has them in the top-level configs/ folder, the one copy.
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 # Sections whose keys are checked by the code that consumes them rather than against the defaults: a loss's
 # keywords against its constructor (check_loss_kwargs), a model's against build_dual_encoder.
 FREE_SECTIONS = ("loss", "model")

@@ -32,6 +32,7 @@ def make_fabric(settings: FabricSettings, deterministic: bool):
 
     kwargs: dict[str, Any] = {}
     cli = under_fabric_cli()
+    check_strategy(os.environ["LT_STRATEGY"] if cli and "LT_STRATEGY" in os.environ else settings.strategy)
     if not cli:
         kwargs.update(accelerator=settings.accelerator, devices=settings.devices, num_nodes=settings.num_nodes)
     if not (cli and "LT_STRATEGY" in os.environ):
@@ -42,6 +43,24 @@ def make_fabric(settings: FabricSettings, deterministic: bool):
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts, for determinism
     return Fabric(**kwargs)
+
+
+def check_strategy(name: str) -> None:
+    """Only data-parallel strategies (DDP, one device, XLA's DDP) are supported; others are a config error.
+
+    Why: the loss runs outside the model's wrapped forward (it exchanges embeddings between ranks and owns
+    parameters, logit_scale and bias). FSDP and DeepSpeed shard parameters and gather them only inside
+    forward, so the loss would see shards; DataParallel would split the batch the loss needs whole.
+    """
+    from probloss.config import ConfigError
+
+    lowered = str(name).lower()
+    if lowered.startswith(("auto", "ddp", "single", "xla")) and not lowered.startswith("xla_fsdp"):
+        return
+    raise ConfigError(
+        f"strategy {name!r} is not supported: probloss trains data-parallel replicas only (ddp, one device, or "
+        "xla on TPU). Its losses run outside the model's wrapped forward and own parameters that FSDP/DeepSpeed "
+        "would shard. Use `fabric run --strategy=ddp` or fabric.strategy=auto|ddp.")
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import itertools
 import os
 import sys
 import time
@@ -67,10 +68,14 @@ def resolve_run_dir(run: RunSettings) -> tuple[str, str | None]:
             run_dir = max(runs)[1]
             return str(run_dir), str(ckpt.newest_checkpoint(run_dir))
     name = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, n = base / name, 1
-    while run_dir.exists():
-        run_dir, n = base / f"{name}-{n}", n + 1
-    return str(run_dir), None
+    base.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        run_dir = base / (name if n == 0 else f"{name}-{n}")
+        try:
+            run_dir.mkdir()  # claimed atomically: runs started in the same second get folders of their own
+        except FileExistsError:
+            continue
+        return str(run_dir), None
 
 
 def check_resume_config(path: str | Path, cfg: Mapping, announce: bool) -> None:

@@ -8,22 +8,30 @@ Every trial is a normal training run (its own run folder, TensorBoard events wit
 under ``<out_dir>/<experiment>/<loss>/<study>-trial<N>``. Storage: a journal file
 ``<out_dir>/sweeps/<experiment>.journal`` by default (safe for several worker processes on one machine), or
 any Optuna RDB URL (``sweep.storage=postgresql://...``) for workers on many machines. The study is created
-once and workers load it; a worker stops asking for trials when the study has ``sweep.n_trials`` finished or
-running trials, so re-running the same command continues a study, and several workers share one.
+once and workers load it; a worker asks for trials while finished plus running ones are fewer than
+``sweep.n_trials`` and returns when ``sweep.n_trials`` have finished, so re-running the same command continues
+a study, and several workers share one.
 
-A killed worker loses only its running trial: every trial records its host and process id, and a worker
-starting on the same host marks trials of dead processes failed (RDB storages also use Optuna's heartbeat,
-which covers other hosts). A diverging trial is recorded with its stability metrics (objective: the worst
-value), never a crash of the study.
+A killed worker loses only its running trial, on any storage and any host. Every running trial records a
+heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB storage, timed by the database's
+clock; a trial attribute on a journal file), and any live worker marks a RUNNING trial whose heartbeat is
+older than ``sweep.grace_period`` FAIL before it counts the budget; on a journal file a worker on the same host
+fails a dead process's trial at once (process id check). A failed trial does not count towards
+``sweep.n_trials`` (a grid puts its point back in the queue), and a worker whose budget is taken by trials of
+other workers waits for them to finish or go stale, so the study always reaches its budget. A diverging trial
+is recorded with its stability metrics (objective: the worst value), never a crash of the study.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +40,7 @@ from omegaconf import OmegaConf
 
 from probloss import dist
 from probloss.config import ConfigError, compose_config
+from probloss.console import say
 from probloss.launch import launch, make_fabric
 from probloss.settings import RunSettings
 
@@ -62,10 +71,14 @@ def load_sweep(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     return sweep, train_overrides
 
 
-def storage_for(spec: str | None, out_dir: str | Path, experiment: str):
-    """The Optuna storage: a journal file by default, an RDB URL (with heartbeats), or a journal path."""
+def storage_for(spec: str | None, out_dir: str | Path, experiment: str, heartbeat_interval: int = 30,
+                grace_period: int = 120):
+    """The Optuna storage: a journal file by default, an RDB URL (with Optuna's heartbeats), or a journal path."""
     if spec and "://" in spec:
-        return optuna.storages.RDBStorage(spec, heartbeat_interval=30, grace_period=120)
+        with warnings.catch_warnings():  # Optuna marks heartbeats experimental (since 2.9); they are what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(spec, heartbeat_interval=int(heartbeat_interval),
+                                              grace_period=int(grace_period))
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -181,25 +194,75 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_trials(study: optuna.Study, storage) -> list[int]:
-    """Mark RUNNING trials whose worker process (on this host) no longer exists as FAIL; on an RDB storage also
-    those whose heartbeat stopped (workers on other hosts)."""
-    failed = []
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+def fail_dead_trials(study: optuna.Study, storage, grace_period: float) -> list[int]:
+    """Mark RUNNING trials whose worker died FAIL and return their numbers: on an RDB storage those whose
+    heartbeat is older than the storage's grace period (Optuna, any host); on a journal file those whose
+    heartbeat attribute is older than ``grace_period`` seconds, or whose process on this host is gone."""
+    running = (optuna.trial.TrialState.RUNNING,)
+    if isinstance(storage, optuna.storages.RDBStorage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=running)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return sorted(before - {t.number for t in study.get_trials(deepcopy=False, states=running)})
+    failed, host, now = [], socket.gethostname(), time.time()
+    for trial in study.get_trials(deepcopy=False, states=running):
         attrs = trial.user_attrs
-        if attrs.get("host") == host and "pid" in attrs and not _alive(int(attrs["pid"])):
+        gone = attrs.get("host") == host and "pid" in attrs and not _alive(int(attrs["pid"]))
+        stale = "heartbeat" in attrs and now - float(attrs["heartbeat"]) > grace_period
+        if gone or stale:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             failed.append(trial.number)
-    if isinstance(storage, optuna.storages.RDBStorage):
-        failed += optuna.storages.fail_stale_trials(study) or []
     return failed
 
 
-def count_taken(study: optuna.Study) -> int:
-    """Trials that count towards n_trials: finished ones and those running now."""
-    states = (*FINISHED, optuna.trial.TrialState.RUNNING)
-    return len(study.get_trials(deepcopy=False, states=states))
+@contextlib.contextmanager
+def heartbeat(storage, trial, interval: float):
+    """Record ``trial``'s heartbeat now and every ``interval`` seconds on a daemon thread, until the block ends
+    (before the trial is told, so no beat lands on a finished trial)."""
+    def beat() -> None:
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.record_heartbeat(trial._trial_id)  # Optuna's heartbeat table (what fail_stale_trials reads)
+        else:
+            trial.set_user_attr("heartbeat", time.time())
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                beat()
+            except Exception as err:  # a storage hiccup must not kill the trial; the next beat may get through
+                say(f"warning: heartbeat of trial {trial.number} failed: {err}", error=True)
+
+    beat()
+    thread = threading.Thread(target=loop, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def count_taken(study: optuna.Study) -> tuple[int, int]:
+    """(finished, running) trials: both count towards n_trials (failed ones do not)."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, optuna.trial.TrialState.RUNNING))
+    running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+    return len(trials) - running, running
+
+
+def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print) -> None:
+    """Fail the trials of dead workers (:func:`fail_dead_trials`); a grid queues their points again (the grid
+    sampler counts a failed point as visited)."""
+    failed = fail_dead_trials(study, storage, float(sweep_cfg["grace_period"]))
+    if not failed:
+        return
+    log(f"[{study.study_name}] marked trials {failed} failed: their worker died", flush=True)
+    if sweep_cfg.get("sampler") == "grid":
+        for trial in study.get_trials(deepcopy=False):
+            if trial.number in failed:
+                study.enqueue_trial(trial.params, skip_if_exists=False)
 
 
 # --- running trials ---------------------------------------------------------------------------------------------
@@ -247,19 +310,29 @@ def _record(trial, summary: Mapping[str, Any]) -> None:
                 trial.set_user_attr(key, value)
 
 
-def worker(fabric, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list[str], loss_name: str,
+def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overrides: list[str], loss_name: str,
            n_trials: int, log=print) -> int:
-    """Ask, train and tell until the study has ``n_trials`` taken; rank 0 talks to Optuna, other ranks follow.
+    """Ask, train and tell until the study has ``n_trials`` finished (complete or pruned); rank 0 talks to
+    Optuna, other ranks follow. Trials of dead workers are failed first and do not count.
 
     Returns the number of trials this worker ran.
     """
     from optuna_integration import TorchDistributedTrial
 
     ran = 0
+    interval = float(sweep_cfg["heartbeat_interval"])
     while True:
-        keep_going = dist.broadcast_object(fabric, count_taken(study) < n_trials if fabric.is_global_zero else None)
-        if not keep_going:
+        decision = None
+        if fabric.is_global_zero:
+            reap_dead_trials(study, storage, sweep_cfg, log)
+            finished, running = count_taken(study)
+            decision = "run" if finished + running < n_trials else "wait" if finished < n_trials else "stop"
+        decision = dist.broadcast_object(fabric, decision)
+        if decision == "stop":
             return ran
+        if decision == "wait":  # the budget is taken by other workers' running trials: they finish or go stale
+            time.sleep(min(5.0, interval))
+            continue
         trial = study.ask() if fabric.is_global_zero else None
         if fabric.is_global_zero:
             trial.set_user_attr("host", socket.gethostname())
@@ -268,7 +341,9 @@ def worker(fabric, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list
         start = time.time()
         state, values, summary = optuna.trial.TrialState.COMPLETE, None, {}
         try:
-            values, summary = run_trial(fabric, dist_trial, base_overrides, sweep_cfg, loss_name, study.study_name)
+            with heartbeat(storage, trial, interval) if fabric.is_global_zero else contextlib.nullcontext():
+                values, summary = run_trial(fabric, dist_trial, base_overrides, sweep_cfg, loss_name,
+                                            study.study_name)
         except optuna.TrialPruned:
             state = optuna.trial.TrialState.PRUNED
         ran += 1
@@ -295,17 +370,22 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
     """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable)."""
     params = dist.broadcast_object(fabric, best_params(study) if fabric.is_global_zero else None)
     rerun = open_study({**sweep_cfg, "pruner": "none"}, storage, f"{study.study_name}-best")
+    taken = (*FINISHED, optuna.trial.TrialState.RUNNING)
     for seed in seeds:
-        done = dist.broadcast_object(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=FINISHED))
-                          if fabric.is_global_zero else None)
+        if fabric.is_global_zero:
+            reap_dead_trials(rerun, storage, {**sweep_cfg, "sampler": None}, log)
+        done = dist.broadcast_object(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=taken))
+                                     if fabric.is_global_zero else None)
         if done:
             continue
         trial = rerun.ask() if fabric.is_global_zero else None
         if fabric.is_global_zero:
             for key, value in {"seed": seed, "host": socket.gethostname(), "pid": os.getpid(), **params}.items():
                 trial.set_user_attr(key, value)
-        values, summary = run_trial(fabric, trial, base_overrides, sweep_cfg, loss_name, study.study_name,
-                                    seed=seed, fixed_params=params)
+        with heartbeat(storage, trial, float(sweep_cfg["heartbeat_interval"])) if fabric.is_global_zero \
+                else contextlib.nullcontext():
+            values, summary = run_trial(fabric, trial, base_overrides, sweep_cfg, loss_name, study.study_name,
+                                        seed=seed, fixed_params=params)
         if fabric.is_global_zero:
             _record(trial, summary)
             rerun.tell(trial, values)
@@ -322,7 +402,8 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     experiment = next(o.split("=", 1)[1] for o in train_overrides if o.startswith("experiment="))
     chosen_loss = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
     losses = [chosen_loss] if chosen_loss else list(sweep_cfg.get("losses") or [base["loss"]["name"]])
-    storage = storage_for(sweep_cfg.get("storage"), base["out_dir"], experiment)
+    storage = storage_for(sweep_cfg.get("storage"), base["out_dir"], experiment, sweep_cfg["heartbeat_interval"],
+                          sweep_cfg["grace_period"])
     studies = {}
     for loss_name in losses:
         overrides = [*sweep_cfg.get("overrides", []), *[o for o in train_overrides if not o.startswith("loss=")],
@@ -332,29 +413,13 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
             study_name = f"{sweep_cfg['study_name']}-{loss_name}"
         study = open_study(sweep_cfg, storage, study_name, loss_name)
         n_trials = trial_budget(sweep_cfg, loss_name)
-        if fabric.is_global_zero:
-            failed = fail_dead_trials(study, storage)
-            if failed:
-                log(f"[{study_name}] marked trials {failed} failed: their worker process died", flush=True)
-            if failed and sweep_cfg.get("sampler") == "grid":  # the grid counts them as visited: queue them again
-                for trial in study.get_trials(deepcopy=False):
-                    if trial.number in failed:
-                        study.enqueue_trial(trial.params, skip_if_exists=False)
-        worker(fabric, study, sweep_cfg, overrides, loss_name, n_trials, log=log)
-        if sweep_cfg.get("rerun_seeds"):
-            _wait_for_others(study, storage)
+        worker(fabric, study, storage, sweep_cfg, overrides, loss_name, n_trials, log=log)
+        if sweep_cfg.get("rerun_seeds"):  # the worker returned: every trial of the search has finished
             rerun_best(fabric, storage, study, sweep_cfg, overrides, loss_name, list(sweep_cfg["rerun_seeds"]), log)
         studies[loss_name] = study
     if fabric.is_global_zero:
         log(summary_table(studies), flush=True)
     return studies
-
-
-def _wait_for_others(study: optuna.Study, storage, poll_s: float = 5.0) -> None:
-    """Before re-running the best configuration, let other workers' running trials finish."""
-    while len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
-        fail_dead_trials(study, storage)
-        time.sleep(poll_s)
 
 
 def summary_table(studies: Mapping[str, optuna.Study]) -> str:

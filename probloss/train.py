@@ -26,6 +26,7 @@ folder, resume, summary), probloss/eval/runtime.py (evaluation, val/loss), probl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -43,6 +44,7 @@ from probloss.builders import (
     check_batch_sizes, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer, make_trainee,
 )
 from probloss.config import compose_config, save_config, to_dict
+from probloss.console import say, tee_output
 from probloss.data.prepare import load_eval, prepare_data, train_batches
 from probloss.eval.runtime import evaluate, log_projector
 from probloss.grad_cache import detach, grad_cache_backward, with_negatives
@@ -103,13 +105,14 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     _set_threads(fabric, run.trainer.num_threads)
     torch.use_deterministic_algorithms(run.trainer.deterministic, warn_only=True)
     try:
-        return _train(fabric, cfg, run, on_eval)
+        with contextlib.ExitStack() as stack:  # the run's out.log, once its folder is known
+            return _train(fabric, cfg, run, on_eval, stack)
     finally:  # a library call must not leave the caller's process changed (tests, sweeps, notebooks)
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.set_num_threads(previous[2])
 
 
-def _train(fabric, cfg: Mapping, run: RunSettings, on_eval) -> dict[str, Any]:
+def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.ExitStack) -> dict[str, Any]:
     t_start = time.perf_counter()
     t = run.trainer
     per_rank = check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
@@ -117,6 +120,8 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval) -> dict[str, Any]:
 
     run_dir, resume_from = dist.broadcast_object(fabric, resolve_run_dir(run) if fabric.is_global_zero else None)
     run_dir = Path(run_dir)
+    if fabric.is_global_zero:
+        stack.enter_context(tee_output(run_dir / "out.log"))
     spec = prepare_data(run.data, t.batch_size, fabric)
     tokenizer = make_tokenizer(run.data)
     if resume_from is not None:
@@ -133,7 +138,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval) -> dict[str, Any]:
         ckpt.set_rng_state(state["rng"])
         if fabric.is_global_zero:
             extra = f" (extra keys: {list(rest)})" if rest else ""
-            print(f"resumed from {resume_from} at step {state['position'].step}{extra}")
+            say(f"resumed from {resume_from} at step {state['position'].step}{extra}")
     pos: Position = state["position"]
 
     logger = None
@@ -198,11 +203,12 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval) -> dict[str, Any]:
     summary.update(val_metrics)
     summary.update(tracker.summary())
     summary.update({"steps": pos.step, "samples_per_s": timer.samples_per_s, "data/skipped": skipped,
+                    "data/truncated_shards": len(spec.truncated),
                     "status": "finished", "loss": run.loss_name, "world_size": fabric.world_size,
                     "run_dir": str(run_dir), "wall_time_s": time.perf_counter() - t_start})
     if not fabric.is_global_zero:
         return {}
-    logger.log_metrics({"data/skipped": skipped}, step=pos.step)
+    logger.log_metrics({"data/skipped": skipped, "data/truncated_shards": len(spec.truncated)}, step=pos.step)
     write_summary(run_dir, summary)
     log_hparams(logger, cfg, summary)
     logger.finalize("success")
@@ -269,7 +275,7 @@ def _handle_nonfinite(fabric, t: TrainerSettings, pos: Position, out: StepOutput
     what = f"non-finite {out.nonfinite_what} at step {pos.step} (loss={out.loss}, grad_norm={out.grad_norm})"
     if t.on_nonfinite != "stop" and pos.nonfinite_in_a_row < t.max_nonfinite:
         if fabric.is_global_zero:
-            print(f"warning: {what}; skipped the update (trainer.on_nonfinite=skip)", file=sys.stderr)
+            say(f"warning: {what}; skipped the update (trainer.on_nonfinite=skip)", error=True)
         return
     last_good = ckpt.newest_checkpoint(run_dir)  # only when stopping: no directory listing per skipped step
     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
@@ -324,7 +330,7 @@ def _train_scalars(trainee, optimizer, out: StepOutput, timer: Timer, pos: Posit
         try:  # the loss's own diagnostics on this rank's (first micro-) batch; they must never stop a run
             values = trainee.loss.diagnostics(*out.embeddings.loss_args())
         except Exception as err:
-            print(f"warning: loss.diagnostics failed: {err}", file=sys.stderr)
+            say(f"warning: loss.diagnostics failed: {err}", error=True)
             values = {}
         scalars.update({f"train/{k}": float(v) for k, v in values.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -1,14 +1,11 @@
-"""Evaluate a checkpoint on its run's validation data (or other shards) and print the metrics table.
+"""`probloss evaluate` as a script file (`python scripts/evaluate.py --help` shows its usage; probloss/cli.py).
 
-    python scripts/evaluate.py checkpoint=runs/default/gaussian_var/<run>/checkpoints/step-00000500.ckpt
-    python scripts/evaluate.py checkpoint=<ckpt> "data.val_shards='/data/val/{00000..00003}.tar'"
-
-Writes <run>/eval-step-<step>.json next to the checkpoints folder. Every other key=value changes the config
-saved in the checkpoint (e.g. the val shards, data.classnames or eval.max_samples).
+Kept so that launchers that take a file, such as `fabric run scripts/train.py loss=gaussian_var`, work.
 """
 
-from probloss.cli import run_script
-from probloss.eval.runtime import evaluate_command
+import sys
+
+from probloss.cli import main
 
 if __name__ == "__main__":
-    run_script(evaluate_command, "evaluate", __doc__)
+    main(["evaluate", *sys.argv[1:]])

@@ -1,11 +1,11 @@
-"""Run a recipe (arms x seeds of training runs) and write its report (probloss/recipe.py).
+"""`probloss experiment` as a script file (`python scripts/run_recipe.py --help` shows its usage; probloss/cli.py).
 
-    python scripts/run_recipe.py recipe=proposal
-    python scripts/run_recipe.py recipe=bias_init recipe.seeds=[0] trainer.max_steps=50   # a quick look
+Kept so that launchers that take a file, such as `fabric run scripts/train.py loss=gaussian_var`, work.
 """
 
-from probloss.cli import run_script
-from probloss.recipe import run_recipe
+import sys
+
+from probloss.cli import main
 
 if __name__ == "__main__":
-    run_script(run_recipe, "recipe", __doc__)
+    main(["experiment", *sys.argv[1:]])

@@ -1,11 +1,11 @@
-"""Optuna studies over training runs (probloss/sweep.py has the details).
+"""`probloss sweep` as a script file (`python scripts/sweep.py --help` shows its usage; probloss/cli.py).
 
-    python scripts/sweep.py sweep=lr loss=sigmoid [sweep.n_trials=..] [training overrides]
-    OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce
+Kept so that launchers that take a file, such as `fabric run scripts/train.py loss=gaussian_var`, work.
 """
 
-from probloss.cli import run_script
-from probloss.sweep import main
+import sys
+
+from probloss.cli import main
 
 if __name__ == "__main__":
-    run_script(main, "sweep", __doc__)
+    main(["sweep", *sys.argv[1:]])

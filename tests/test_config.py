@@ -110,6 +110,7 @@ SCRIPTS = {"train": [], "sweep": ["sweep=lr"], "run_recipe": ["recipe=bias_init"
            "make_data": ["out=x", "train_size=1", "val_size=1"], "evaluate": ["checkpoint=x.ckpt"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_script_has_the_same_help_and_unknown_key_error(script, tmp_path):
     import subprocess
@@ -155,6 +156,7 @@ def test_only_dist_talks_to_torch_distributed():
     assert not offenders, "\n".join(offenders)
 
 
+@pytest.mark.slow
 def test_unknown_hard_negatives_exits_2_listing_the_choices(tmp_path):
     import subprocess
     import sys

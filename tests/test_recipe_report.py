@@ -90,6 +90,7 @@ def test_comparisons_json_rows_and_values(folder):
     assert (folder / "test_zeroshot_top1.png").is_file()
 
 
+@pytest.mark.slow
 def test_findings_page_from_results_files_alone(folder, tmp_path):
     (tmp_path / "not_a_recipe").mkdir()
     before = sorted(p.name for p in folder.iterdir())

@@ -1,10 +1,14 @@
 """Optuna sweeps end to end: tiny studies, a killed worker, parallel workers, divergence, and the report."""
 
+import glob
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +29,8 @@ def sweep_args(out_dir, cache_dir, *extra, steps=4):
             "trainer.eval_every=2", *extra]
 
 
-def load(out_dir, name="lr-infonce", experiment="lr"):
-    storage = storage_for(None, out_dir, experiment)
+def load(out_dir, name="lr-infonce", experiment="lr", url=None):
+    storage = url or storage_for(None, out_dir, experiment)
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -145,14 +149,14 @@ def _worker(out_dir, cache_dir, n_trials, steps, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_running_trial(out_dir, process, timeout=120):
+def _wait_for_running_trial(out_dir, process, timeout=120, url=None):
     journal = Path(out_dir) / "sweeps" / "lr.journal"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
-        if journal.is_file():
+        if url or journal.is_file():
             try:
-                study = load(out_dir)
+                study = load(out_dir, url=url)
             except KeyError:
                 study = None
             if study and any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
@@ -211,3 +215,93 @@ def test_two_parallel_workers_share_one_journal(tmp_path, cache_dir):
     complete = [t for t in load(tmp_path).trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 4 <= len(complete) <= 5  # two workers may both start the last trial at the same moment
     assert len({t.user_attrs["pid"] for t in complete}) == 2  # both did some of the work
+
+
+# --- dead workers on other hosts: heartbeats ------------------------------------------------------------------
+
+
+def test_journal_heartbeat_fails_a_silent_trial_of_another_host(tmp_path):
+    from probloss.sweep import fail_dead_trials, heartbeat
+
+    storage = storage_for(None, tmp_path, "lr")
+    study = optuna.create_study(study_name="s", storage=storage)
+    alive, silent, unknown = study.ask(), study.ask(), study.ask()
+    for trial in (alive, silent, unknown):
+        trial.set_user_attr("host", "another-host")  # no process id check possible from here
+        trial.set_user_attr("pid", 1)
+    with heartbeat(storage, alive, interval=0.1):
+        silent.set_user_attr("heartbeat", time.time() - 10)  # its worker stopped beating 10 s ago
+        time.sleep(0.3)
+        assert fail_dead_trials(study, storage, grace_period=5) == [silent.number]
+    assert time.time() - load(tmp_path, "s").trials[0].user_attrs["heartbeat"] < 1.0  # it kept beating
+    states = [t.state for t in load(tmp_path, "s").trials]
+    # a trial without any heartbeat (written before heartbeats existed) is left to the process id check
+    assert states == [optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server of its own: a temporary data directory, a loopback port, trust authentication.
+
+    Needs Debian's postgresql package (initdb, pg_ctl; `.ci/run` installs it) and psycopg2 (the `sweep` extra);
+    without them the test is skipped, unless PROBLOSS_REQUIRE_POSTGRES=1 (CI) makes that a failure."""
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    missing = "PostgreSQL server (apt-get install postgresql)" if initdb is None else None
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        missing = "psycopg2 (pip install -e '.[sweep]')"
+    if missing:
+        if os.environ.get("PROBLOSS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{missing} is required (PROBLOSS_REQUIRE_POSTGRES=1)")
+        pytest.skip(f"needs {missing}")
+    bindir = Path(initdb).resolve().parent
+    home = Path(tempfile.mkdtemp(prefix="probloss-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the package's postgres user
+        shutil.chown(home, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(home / "db"), "-U", "probloss", "--auth=trust",
+                    "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(home / "db"), "-l", str(home / "server.log"), "-w",
+                    "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql+psycopg2://probloss@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(home / "db"), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_rdb_heartbeat_fails_a_killed_workers_trial_and_the_study_reaches_its_budget(tmp_path, cache_dir, database,
+                                                                                     request):
+    """SIGKILL a worker mid-trial on an RDB storage, start another: only the heartbeat can tell that the first
+    worker died (RDB storages do no process id check); its trial ends FAIL after the grace period, and the new
+    worker runs until 2 trials are complete, waiting for the stale trial rather than stopping at 1 + 1 running."""
+    url = f"sqlite:///{tmp_path / 'study.db'}" if database == "sqlite" else request.getfixturevalue("postgres_url")
+    beat = [f"sweep.storage={url}", "sweep.heartbeat_interval=1", "sweep.grace_period=4"]
+    started = time.perf_counter()
+    killed = _worker(tmp_path, cache_dir, 2, 400, *beat)
+    _wait_for_running_trial(tmp_path, killed, url=url)
+    time.sleep(1.5)  # at least one beat after the first
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    survivor = _worker(tmp_path, cache_dir, 2, 4, *beat)
+    output, _ = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, output[-3000:]
+    assert "marked trials [0] failed: their worker died" in output
+    trials = load(tmp_path, url=url).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+    print(f"{database}: killed worker's trial failed by heartbeat, budget reached in "
+          f"{time.perf_counter() - started:.1f} s")

@@ -390,6 +390,7 @@ def test_impl_option(name, loss_inputs):
         assert bool(_custom_functions(value)) == tiled, (block, _custom_functions(value))
 
 
+@pytest.mark.slow
 def test_bench_losses_script_smoke(tmp_path):
     """scripts/bench_losses.py runs end to end on a tiny case (fresh subprocess per case, JSON written)."""
     import importlib.util

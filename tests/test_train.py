@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,7 @@ def only_run(out_dir, loss) -> Path:
 # --- a few steps of every registered loss -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", probloss.list_losses())
 def test_run_writes_tensorboard_summary_checkpoints(loss, tmp_path, cache_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -98,7 +100,12 @@ def test_run_writes_tensorboard_summary_checkpoints(loss, tmp_path, cache_dir):
     loss_params = {f"loss.{n}" for n, _ in probloss.build_loss(loss).named_parameters()}
     assert loss_params <= set(raw["model"])  # the loss's own parameters are checkpointed with the model
 
+    log = (run_dir / "out.log").read_text()  # the console output, with a line per evaluation
+    assert "[eval step 3] val/loss " in log and "| val/i2t_r@1 " in log and f"run folder: {run_dir}" in log
+    assert "| train/loss " in log  # the end-of-run table
 
+
+@pytest.mark.slow
 def test_evaluate_checkpoint(tmp_path, cache_dir):
     from probloss.eval.runtime import evaluate_checkpoint
 
@@ -142,6 +149,41 @@ def _env(**extra):
     return env
 
 
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_a_fresh_cache_share_its_data(tmp_path):
+    """Two training processes on an empty cache at the same moment: one writes the shapes shards while the
+    other waits for the lock, then both train on the same bytes (same seed: the same numbers) in run folders of
+    their own."""
+    args = small(tmp_path / "runs", tmp_path / "fresh_cache", "loss=infonce", "trainer.max_steps=3",
+                 "trainer.eval_every=0", "trainer.ckpt_every=0", "eval.projector_samples=0")
+    runs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args], env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    folders = sorted((tmp_path / "runs" / "default" / "infonce").iterdir())
+    assert len(folders) == 2
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in folders]
+    for key in ("train/loss", "val/loss", "test/zeroshot_top1", "data/skipped"):
+        assert summaries[0][key] == summaries[1][key], key
+    (cache,) = (tmp_path / "fresh_cache").glob("shapes-*/")
+    assert (cache / "meta.json").is_file() and len(list(cache.glob("*/*.tar"))) >= 3
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_counted_in_the_summary_and_tensorboard(tmp_path):
+    from probloss.data import write_shapes_shards
+
+    patterns = write_shapes_shards(tmp_path / "data", 128, 32, test_size=32, seed=0, shard_size=32, progress=False)
+    shard = tmp_path / "data" / "train" / "00002.tar"
+    shard.write_bytes(shard.read_bytes()[:30_000])  # an interrupted download
+    summary = main(small(tmp_path, tmp_path / "unused", "loss=infonce", "trainer.max_steps=3", "trainer.batch_size=16",
+                         "trainer.eval_every=0", "eval.projector_samples=0", f"data.train_shards='{patterns['train']}'",
+                         f"data.val_shards={patterns['val']}", f"data.test_shards={patterns['test']}"))
+    assert summary["data/truncated_shards"] == 1
+    assert read_scalars(summary["run_dir"], "data/truncated_shards") == {3: 1.0}
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_curve(tmp_path, cache_dir):
     """Kill -9 after step 7 (last checkpoint: step 4), resume=auto: steps 5..10 repeat the straight run exactly.
 
@@ -173,6 +215,7 @@ def test_resume_after_sigkill_gives_the_same_curve(tmp_path, cache_dir):
     assert summaries[0]["val/loss"] == summaries[1]["val/loss"] and summaries[0]["steps"] == 10
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model_shape(tmp_path, cache_dir):
     args = small(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.eval_every=0", "run_name=r")
     main(args)
@@ -206,6 +249,45 @@ def test_two_rank_fabric_run(tmp_path, cache_dir):
     assert "train/loss" in out.stdout  # the end-of-run table
 
 
+@pytest.mark.slow
+def test_sharding_strategies_are_a_clear_error(tmp_path):
+    from probloss.launch import check_strategy
+
+    for ok in ("auto", "ddp", "ddp_spawn", "single_device", "xla"):
+        check_strategy(ok)
+    for bad in ("fsdp", "deepspeed_stage_3", "xla_fsdp", "dp"):
+        with pytest.raises(ConfigError, match="data-parallel replicas only"):
+            check_strategy(bad)
+    fabric = Path(sys.executable).parent / "fabric"
+    out = subprocess.run([str(fabric), "run", "--accelerator=cpu", "--devices=1", "--strategy=fsdp",
+                          str(REPO / "scripts" / "train.py"), f"out_dir={tmp_path}"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    # (fabric run's launcher turns the script's exit status 2 into its own failure status)
+    assert out.returncode != 0 and "config error: strategy 'fsdp' is not supported" in out.stderr, out.stderr[-2000:]
+
+
+def test_console_output_goes_to_out_log_without_the_progress_bar(tmp_path):
+    from tqdm import tqdm
+
+    from probloss.console import say, tee_output
+
+    with tee_output(tmp_path / "out.log"):
+        bar = tqdm(total=3, file=sys.stderr, mininterval=0)
+        bar.update(1)
+        say("[eval step 1] val/loss 1.0")
+        say("warning: something", error=True)
+        print("plain print")
+        warnings.warn("a library warning")
+        bar.close()
+    log = (tmp_path / "out.log").read_text()
+    assert log.startswith("[eval step 1] val/loss 1.0\nwarning: something\nplain print\n")
+    assert "UserWarning: a library warning" in log and "\r" not in log
+    with pytest.raises(ValueError):
+        with tee_output(tmp_path / "out.log"):
+            raise ValueError("bad value")
+    assert (tmp_path / "out.log").read_text().endswith("stopped: ValueError: bad value\n")
+
+
 def test_batch_must_split_over_ranks():
     assert check_batch_sizes(128, 2, 4) == 32
     with pytest.raises(ConfigError, match="divisible by the world size 3"):
@@ -235,6 +317,7 @@ def nan_loss():
     probloss.LOSSES.remove("_nan_at_step5")
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_counts_and_continues(nan_loss, tmp_path, cache_dir):
     summary = main(small(tmp_path, cache_dir, f"loss={nan_loss}", "trainer.on_nonfinite=skip",
                          "trainer.eval_every=0", "trainer.ckpt_every=2"))
@@ -244,6 +327,7 @@ def test_nonfinite_skip_counts_and_continues(nan_loss, tmp_path, cache_dir):
     assert all(torch.isfinite(v).all() for v in raw["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_exits_with_a_message_and_keeps_the_last_good_checkpoint(nan_loss, tmp_path, cache_dir):
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5.*step-00000004.ckpt"):
         main(small(tmp_path, cache_dir, f"loss={nan_loss}", "trainer.on_nonfinite=stop", "trainer.eval_every=0",
@@ -257,6 +341,7 @@ def test_nonfinite_stop_exits_with_a_message_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in raw["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_exit_status_from_the_script(tmp_path, cache_dir):
     """scripts/train.py: a clear message and exit status 1 (an lr of 1e30 makes the loss NaN at once)."""
     args = small(tmp_path, cache_dir, "trainer.on_nonfinite=stop", "trainer.lr=1e30", "trainer.warmup_steps=0",
@@ -267,6 +352,7 @@ def test_nonfinite_stop_exit_status_from_the_script(tmp_path, cache_dir):
     assert "training stopped: non-finite" in out.stderr
 
 
+@pytest.mark.slow
 def test_unknown_key_fails_before_any_work(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), f"out_dir={tmp_path}",
                           "trainer.max_step=3"], env=_env(), capture_output=True, text=True, timeout=120)
@@ -362,6 +448,7 @@ def test_negative_tokens_of_the_wrong_shape_are_a_clear_error():
         _step_with_negatives("infonce", batch, 1)
 
 
+@pytest.mark.slow
 def test_missing_shards_are_a_one_line_error_with_exit_status_2(tmp_path):
     pattern = str(tmp_path / "nowhere-{000..003}.tar")
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "data=webdataset",
@@ -371,6 +458,7 @@ def test_missing_shards_are_a_one_line_error_with_exit_status_2(tmp_path):
     assert "nowhere-{000..003}.tar" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_test_split_is_a_warning_and_the_run_keeps_its_summary(tmp_path, capsys):
     cache = tmp_path / "cache"  # its own cache: the shared one must stay intact
     main(small(tmp_path, cache, "trainer.max_steps=2", "trainer.eval_every=0", "run_name=a"))

@@ -86,9 +86,11 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def count_samples(shards: Sequence[str]) -> int:
-    """Samples in the shards: from ``sizes.json`` beside them where it lists them, else by reading tar headers."""
-    total, sizes_cache = 0, {}
+def count_samples(shards: Sequence[str], why: str = "") -> int:
+    """Samples in the shards: from ``sizes.json`` beside them where it lists them (img2dataset and
+    scripts/make_data.py write one), else by reading every tar header of the others (slow for many shards:
+    said on stdout, with ``why`` the count is needed)."""
+    total, unlisted, sizes_cache = 0, [], {}
     for url in shards:
         folder, name = os.path.split(url)
         if folder not in sizes_cache:
@@ -99,7 +101,12 @@ def count_samples(shards: Sequence[str]) -> int:
                 sizes_cache[folder] = {}
         if name in sizes_cache[folder]:
             total += int(sizes_cache[folder][name])
-            continue
+        else:
+            unlisted.append(url)
+    if unlisted:
+        print(f"{why + ': ' if why else ''}counting the samples of {len(unlisted)} of {len(shards)} shards by reading "
+              "their tar headers (no sizes.json beside them lists them)", flush=True)
+    for url in unlisted:
         keys = set()
         try:
             with tarfile.open(url, "r|*") as tar:
@@ -110,6 +117,56 @@ def count_samples(shards: Sequence[str]) -> int:
             pass  # a corrupt shard counts what could be read; the reader skips the rest
         total += len(keys)
     return total
+
+
+def truncated_shards(shards: Sequence[str]) -> dict[str, str]:
+    """``{path: where it ends}`` for local shards that were cut short (an interrupted download or write).
+
+    A complete tar ends with two zero blocks of 512 bytes; Python's tarfile (and so webdataset) stops reading at
+    a cut without any error, so the samples after it would be lost in silence. The check reads the last 1024
+    bytes of each shard (O(1) per shard); only a shard that fails it has its headers walked, which also says
+    where it ends. Remote urls (``pipe:``, ``s3://``) are not checked.
+    """
+    bad = {}
+    for url in shards:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        size = os.path.getsize(url)
+        with open(url, "rb") as f:
+            f.seek(max(0, size - 1024))
+            if size >= 1024 and size % 512 == 0 and not any(f.read()):
+                continue
+            problem = _where_tar_ends(f, size)
+        if problem:
+            bad[url] = problem
+    return bad
+
+
+def _where_tar_ends(f, size: int) -> str | None:
+    """Walk the tar headers of an open shard: where it ends if it was cut short, None if it is complete."""
+    position, last = 0, "(none)"
+    while position + 512 <= size:
+        f.seek(position)
+        header = f.read(512)
+        if not any(header):  # end-of-archive: complete if the second zero block is there too
+            second = f.read(512)
+            return None if len(second) == 512 and not any(second) else \
+                f"it lacks the second end-of-archive block after member {last}"
+        field = header[124:136]  # the member's size: octal text, or base-256 when the high bit is set
+        try:
+            length = int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return f"it has a broken header at byte {position}, after member {last}"
+        name = repr(header[:100].split(b"\0", 1)[0].decode("utf-8", "replace"))
+        end = position + 512 + -(-length // 512) * 512
+        if end > size:
+            have = max(0, size - position - 512)
+            if have < length:
+                return f"it ends inside member {name} ({have} of {length} bytes)"
+            return f"it ends without the end-of-archive blocks after member {name} (at byte {size})"
+        position, last = end, name
+    where = "inside the header" if position < size else "without the end-of-archive blocks"
+    return f"it ends {where} after member {last} (at byte {size})"
 
 
 # --- samples --------------------------------------------------------------------------------------------------

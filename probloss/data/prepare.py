@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -39,6 +40,7 @@ class DataSpec:
     steps_per_epoch: int  # batches per rank per epoch
     test: str | None = None  # brace pattern of test shards (reporting); None: no test split
     heldout: tuple[str, ...] | None = None  # class names held out of training (splits.json); None: unknown
+    truncated: tuple[str, ...] = ()  # shards that were cut short (read up to the cut; data/truncated_shards)
 
 
 def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec:
@@ -46,11 +48,10 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
 
     Rank 0 generates while the others wait (``fabric=None``: one process).
     """
-    from probloss.config import ConfigError
-
     train, val, test, classnames = data.train_shards, data.val_shards, data.test_shards, data.classnames
+    cache = None  # the shapes cache folder, when the shards are generated
     if data.name == "shapes" and (train is None or val is None):
-        folder = shapes_cache_folder(data)
+        folder = cache = shapes_cache_folder(data)
         patterns = generate_shapes(folder, data) if fabric is None or fabric.is_global_zero else None
         dist.barrier(fabric)
         patterns = patterns or generate_shapes(folder, data)  # other ranks: finished by now, only reads meta.json
@@ -68,13 +69,53 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
         from probloss.data.shapes import DEFAULT_TEMPLATES
 
         templates = DEFAULT_TEMPLATES  # prompts no caption equals (shards written before splits.json existed)
+    truncated = check_shards({"train": train, "val": val, "test": test}, data.strict, cache, fabric)
     steps = data.batches_per_epoch
     if steps is None:
-        if data.train_size is None:
-            raise ConfigError("data.batches_per_epoch is required for this data source (shards are resampled)")
-        steps = max(1, data.train_size // global_batch)
+        steps = max(1, _train_samples(data, str(train), fabric) // global_batch)
     return DataSpec(str(train), str(val), tuple(classnames) if classnames else None, templates, int(steps),
-                    test=None if test is None else str(test), heldout=heldout)
+                    test=None if test is None else str(test), heldout=heldout, truncated=truncated)
+
+
+def check_shards(patterns: Mapping[str, str | None], strict: bool, cache_folder: Path | None, fabric=None
+                 ) -> tuple[str, ...]:
+    """Find shards that were cut short (rank 0 reads, every rank gets the answer): each is named once, with
+    where it ends; ``strict`` makes any of them an error (:class:`probloss.cli.DataError`, exit 2) before
+    training. Returns their paths."""
+    from probloss.cli import DataError
+    from probloss.data.loader import expand_shards, truncated_shards
+
+    found: dict[str, tuple[str, str]] = {}
+    if fabric is None or fabric.is_global_zero:
+        for split, pattern in patterns.items():
+            if pattern is not None:
+                found.update({path: (split, why) for path, why in truncated_shards(expand_shards(pattern)).items()})
+    found = dist.broadcast_object(fabric, found) if fabric is not None else found
+    if not found:
+        return ()
+    fix = (f"delete {cache_folder} and it is generated again" if cache_folder is not None else
+           "download or write it again, or leave it out of the shard pattern")
+    lines = [f"truncated shard {path} (data.{split}_shards): {why}" for path, (split, why) in found.items()]
+    if strict:
+        raise DataError("; ".join(lines) + f". Fix: {fix} (data.strict=false reads each up to its cut)")
+    if fabric is None or fabric.is_global_zero:
+        for line in lines:
+            print(f"warning: {line}. Its samples after the cut are not read; fix: {fix} (data.strict=true stops "
+                  "instead)", file=sys.stderr)
+    return tuple(found)
+
+
+def _train_samples(data: DataSettings, pattern: str, fabric=None) -> int:
+    """Training samples, to size an epoch when ``data.batches_per_epoch`` is null: the shapes data's train_size,
+    else sizes.json beside the shards, else every tar header is read (rank 0; slow for many shards)."""
+    from probloss.data.loader import count_samples, expand_shards
+
+    if data.train_size is not None:
+        return int(data.train_size)
+    if fabric is not None and not fabric.is_global_zero:
+        return dist.broadcast_object(fabric, None)
+    count = count_samples(expand_shards(pattern), why="data.batches_per_epoch is null")
+    return dist.broadcast_object(fabric, count) if fabric is not None else count
 
 
 def _read_classes(path: Path) -> list[str] | None:

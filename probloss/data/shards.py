@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing as mp
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import webdataset as wds
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from probloss.data.shapes import (
@@ -47,6 +49,22 @@ def _write_shard(job: tuple) -> int:
                         "json": json.dumps(meta).encode()})
     os.replace(tmp, path)  # a crashed run never leaves a complete-looking shard behind
     return count
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Hold ``<out>.lock`` (a file lock, safe across processes) for the block; say so when waiting for it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{out}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process that writes {out} (lock {lock.lock_file})", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _pattern(folder: Path, n_shards: int) -> str:
@@ -102,49 +120,50 @@ def write_shapes_shards(
         del splits["test"]  # no test split: the patterns have no "test"
     n_shards = {s: max(1, -(-n // shard_size)) for s, (_, n) in splits.items()}
     patterns = {s: _pattern(out / s, n_shards[s]) for s in splits}
-    meta_path = out / "meta.json"
-    if not overwrite and meta_path.exists() and json.loads(meta_path.read_text()) == params:
-        return patterns
+    with exclusive(out):  # one writer at a time (workers started together): the others wait, then reuse it
+        meta_path = out / "meta.json"
+        if not overwrite and meta_path.exists() and json.loads(meta_path.read_text()) == params:
+            return patterns
 
-    if meta_path.exists():
-        meta_path.unlink()  # written last: its presence marks a complete dataset
-    for old in (p for split in ("train", "val", "test") for p in (out / split).glob("*.tar")):
-        old.unlink()  # shards of an earlier dataset
-    jobs, sizes = [], {}
-    for split, (offset, n) in splits.items():
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        sizes[split] = {}
-        for k in range(n_shards[split]):
-            count = min(shard_size, n - k * shard_size)
-            sizes[split][f"{k:05d}.tar"] = count
-            exclude = heldout if split == "train" else ()  # val and test keep the natural distribution
-            jobs.append((str(folder / f"{k:05d}.tar"), offset + k * shard_size, count, int(seed), int(image_size),
-                         tuple(level_probs), exclude))
-    num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs)))
-    total = sum(n for _, n in splits.values())
-    start = time.perf_counter()
-    with tqdm(total=total, unit="sample", desc=f"shapes -> {out}", disable=not progress) as bar:
-        if num_workers == 1:
-            for job in jobs:
-                bar.update(_write_shard(job))
-        else:
-            with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(num_workers) as pool:
-                for count in pool.imap_unordered(_write_shard, jobs):
-                    bar.update(count)
-    elapsed = time.perf_counter() - start
-    for split in splits:
-        (out / split / "sizes.json").write_text(json.dumps(sizes[split], indent=0))
-    (out / "classes.json").write_text(json.dumps(class_names(), indent=0))
-    (out / "splits.json").write_text(json.dumps({
-        "heldout_combos": [f"{c} {s}" for c, s in heldout], "seed": int(seed),  # the names of classes.json
-        "sizes": {k: splits.get(k, (0, 0))[1] for k in ("train", "val", "test")},
-        "templates": list(DEFAULT_TEMPLATES)}, indent=1))
-    meta_path.write_text(json.dumps(params))
-    if progress:
-        print(f"wrote {total} samples in {elapsed:.1f} s "
-              f"({total / max(elapsed, 1e-9):.0f} samples/s, {num_workers} processes)")
-    return patterns
+        if meta_path.exists():
+            meta_path.unlink()  # written last: its presence marks a complete dataset
+        for old in (p for split in ("train", "val", "test") for p in (out / split).glob("*.tar")):
+            old.unlink()  # shards of an earlier dataset
+        jobs, sizes = [], {}
+        for split, (offset, n) in splits.items():
+            folder = out / split
+            folder.mkdir(parents=True, exist_ok=True)
+            sizes[split] = {}
+            for k in range(n_shards[split]):
+                count = min(shard_size, n - k * shard_size)
+                sizes[split][f"{k:05d}.tar"] = count
+                exclude = heldout if split == "train" else ()  # val and test keep the natural distribution
+                jobs.append((str(folder / f"{k:05d}.tar"), offset + k * shard_size, count, int(seed), int(image_size),
+                             tuple(level_probs), exclude))
+        num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs)))
+        total = sum(n for _, n in splits.values())
+        start = time.perf_counter()
+        with tqdm(total=total, unit="sample", desc=f"shapes -> {out}", disable=not progress) as bar:
+            if num_workers == 1:
+                for job in jobs:
+                    bar.update(_write_shard(job))
+            else:
+                with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(num_workers) as pool:
+                    for count in pool.imap_unordered(_write_shard, jobs):
+                        bar.update(count)
+        elapsed = time.perf_counter() - start
+        for split in splits:
+            (out / split / "sizes.json").write_text(json.dumps(sizes[split], indent=0))
+        (out / "classes.json").write_text(json.dumps(class_names(), indent=0))
+        (out / "splits.json").write_text(json.dumps({
+            "heldout_combos": [f"{c} {s}" for c, s in heldout], "seed": int(seed),  # the names of classes.json
+            "sizes": {k: splits.get(k, (0, 0))[1] for k in ("train", "val", "test")},
+            "templates": list(DEFAULT_TEMPLATES)}, indent=1))
+        meta_path.write_text(json.dumps(params))
+        if progress:
+            print(f"wrote {total} samples in {elapsed:.1f} s "
+                  f"({total / max(elapsed, 1e-9):.0f} samples/s, {num_workers} processes)")
+        return patterns
 
 
 def main(argv: Sequence[str]) -> dict[str, str]:

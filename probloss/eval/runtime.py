@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from probloss import dist
+from probloss.console import say
 from probloss.data.prepare import DataSpec, load_eval, prepare_data
 from probloss.run_folder import finite_scalars, print_summary, write_json
 from probloss.settings import RunSettings
@@ -73,7 +74,7 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
                 test_set = load_eval(spec, run.data, tokenizer, split="test", seed=run.seed,
                                      image_noise=float(run.eval.image_noise or 0.0))
             except RuntimeError as err:  # unreadable test shards must not cost the trained run its summary
-                print(f"warning: test split skipped: {err}", file=sys.stderr)
+                say(f"warning: test split skipped: {err}", error=True)
                 metrics["test/error"] = str(err)
             else:
                 metrics.update(evaluate_model(module.model, module.loss, test_set, spec, tokenizer,
@@ -81,8 +82,19 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
                 metrics["eval_test_s"] = time.perf_counter() - started
         if logger is not None:
             logger.log_metrics(finite_scalars(metrics), step=step)
+        say(metrics_line(step, metrics))
     dist.barrier(fabric)
     return metrics if fabric.is_global_zero else {}
+
+
+HEADLINE = ("val/loss", "val/zeroshot_top1", "val/i2t_r@1", "val/t2i_r@1", "embed/effective_rank",
+            "test/zeroshot_top1", "test/i2t_r@1")
+
+
+def metrics_line(step: int, metrics: dict[str, Any]) -> str:
+    """One compact line of an evaluation's headline metrics (the full set: TensorBoard, summary.json)."""
+    shown = [f"{key} {metrics[key]:.4g}" for key in HEADLINE if isinstance(metrics.get(key), (int, float))]
+    return f"[eval step {step}] " + " | ".join(shown)
 
 
 def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None, noisy_eval_set=None,

@@ -211,3 +211,11 @@ def test_loader_workers_die_with_the_training_process():
 
     (value,) = list(TrainLoader(_PdeathsigProbe(), num_workers=1))
     assert int(value) == signal.SIGKILL
+
+
+def test_shards_are_cycled_not_resampled(shapes):
+    """configs/data/webdataset.yaml: a reader goes through its part of the shards pass after pass (a seeded
+    shuffled order each pass), so every sample comes once per pass; resampling would repeat some and miss others."""
+    keys = _keys(_epoch(shapes[0], batches_per_epoch=2 * 320 // 16))
+    assert sorted(keys[:320]) == sorted(keys[320:]) == sorted(set(keys)) and len(set(keys)) == 320
+    assert keys[:320] != keys[320:]  # the second pass is in another order

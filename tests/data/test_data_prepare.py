@@ -2,6 +2,7 @@
 from splits.json, configured shards with and without it, hard negatives through train_batches."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -64,3 +65,57 @@ def test_unknown_hard_negatives_is_a_config_error_listing_the_choices():
         _data("data.hard_negatives=foo")
     with pytest.raises(ConfigError, match="heldout_combos"):
         _data("data.heldout_combos=30")
+
+
+def test_epoch_size_from_sizes_json_else_from_the_tar_headers(tmp_path, capsys):
+    patterns = write_shapes_shards(tmp_path, 48, 8, test_size=0, seed=1, shard_size=20, progress=False)
+    shards = ["data=webdataset", f"data.train_shards='{patterns['train']}'", f"data.val_shards={patterns['val']}",
+              "data.batches_per_epoch=null"]
+    assert prepare_data(_data(*shards), global_batch=8).steps_per_epoch == 6  # 48 // 8, from sizes.json
+    assert "tar headers" not in capsys.readouterr().out
+    (tmp_path / "train" / "sizes.json").unlink()  # img2dataset output has none
+    assert prepare_data(_data(*shards), global_batch=16).steps_per_epoch == 3
+    assert ("data.batches_per_epoch is null: counting the samples of 3 of 3 shards by reading their tar headers"
+            in capsys.readouterr().out)
+
+
+def _cut(path, keep: int, out):
+    out.write_bytes(path.read_bytes()[:keep])
+    return out
+
+
+def test_truncated_shards_are_found_and_say_where_they_end(tmp_path):
+    from probloss.data.loader import truncated_shards
+
+    patterns = write_shapes_shards(tmp_path, 40, 8, test_size=0, seed=1, shard_size=20, progress=False)
+    whole = tmp_path / "train" / "00000.tar"
+    size = whole.stat().st_size
+    assert truncated_shards([str(whole)]) == {}
+    # tar pads the archive to 10 KiB records: a cut in that padding, after both end blocks, loses nothing
+    assert truncated_shards([str(_cut(whole, size - 1024, tmp_path / "padding.tar"))]) == {}
+    cut = _cut(whole, 30_000, tmp_path / "download.tar")  # the first 30 KB, as an interrupted download leaves it
+    assert re.fullmatch(r"it ends (inside|without) .* after member '\d{10}\.(png|txt|json)'.*", truncated_shards(
+        [str(cut)])[str(cut)])
+    in_member = _cut(whole, 512 + 100, tmp_path / "member.tar")  # the first member's header and 100 of its bytes
+    assert "it ends inside member '0000000000.json' (100 of" in truncated_shards([str(in_member)])[str(in_member)]
+    no_end = _cut(whole, 1536, tmp_path / "no_end.tar")  # a whole number of blocks, no end-of-archive blocks
+    assert truncated_shards([str(no_end)])
+
+
+def test_a_truncated_shard_among_real_ones_is_named_once_counted_and_an_error_when_strict(tmp_path, capsys):
+    from probloss.cli import DataError
+    from probloss.data.loader import load_eval_set
+
+    patterns = write_shapes_shards(tmp_path, 60, 8, test_size=0, seed=1, shard_size=20, progress=False)
+    _cut(tmp_path / "train" / "00001.tar", 30_000, tmp_path / "train" / "00001.tar")
+    shards = [f"data.train_shards='{patterns['train']}'", f"data.val_shards={patterns['val']}"]
+    spec = prepare_data(_data(*shards), global_batch=8)
+    assert spec.truncated == (str(tmp_path / "train" / "00001.tar"),)
+    err = capsys.readouterr().err
+    assert err.count("truncated shard") == 1 and "00001.tar (data.train_shards)" in err and "data.strict=true" in err
+    # what tarfile does with it: the samples before the cut and no error; the ones after it are not even counted
+    # as skipped (why the check exists)
+    read = load_eval_set(str(tmp_path / "train" / "00001.tar"), TOK, image_size=32)
+    assert 0 < len(read) and len(read) + read.skipped < 20
+    with pytest.raises(DataError, match=r"00001.tar \(data.train_shards\): it ends .* Fix: download or write it"):
+        prepare_data(_data(*shards, "data.strict=true"), global_batch=8)

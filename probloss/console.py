@@ -1,0 +1,82 @@
+"""What a run prints: on the console and in ``<run folder>/out.log``, without garbling the progress bar.
+
+::
+
+    with tee_output(run_dir / "out.log"):   # rank 0, for the whole run
+        say("step 200 | val/loss 1.23")      # printed above the progress bar, and into out.log
+        say("warning: ...", error=True)
+
+Everything the process writes to ``sys.stdout``/``sys.stderr`` while the block runs (prints, logging, forked
+data-loader workers) goes to both, and Python warnings are printed like :func:`say`; the progress bar's redraws (they start with a carriage return) stay on
+the console only, so out.log reads as a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import warnings
+from pathlib import Path
+
+
+class Tee(io.TextIOBase):
+    """A text stream that writes to the console stream and to a log file (see the module docstring)."""
+
+    def __init__(self, console, log):
+        self.console, self.log, self._after_bar = console, log, False
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        if "\r" in text:  # a progress-bar redraw: console only
+            self._after_bar = True
+        elif not (self._after_bar and text == "\n"):  # (and the newline a closing bar ends with)
+            self.log.write(text)
+            self._after_bar = False
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.console.isatty()
+
+    def fileno(self) -> int:
+        return self.console.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.console, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def tee_output(path: str | Path):
+    """Copy stdout and stderr into ``path`` (appended: a resumed run continues its log) for the block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        saved = sys.stdout, sys.stderr, warnings.showwarning
+        sys.stdout, sys.stderr = Tee(saved[0], log), Tee(saved[1], log)
+        warnings.showwarning = _show_warning
+        try:
+            yield
+        except BaseException as err:  # the reason a run stopped belongs in its log too
+            log.write(f"stopped: {type(err).__name__}: {err}\n")
+            raise
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            sys.stdout, sys.stderr, warnings.showwarning = saved
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (``warnings.warn``) printed above the progress bar, like :func:`say`."""
+    say(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), error=True)
+
+
+def say(message: str, error: bool = False) -> None:
+    """Print a line above any progress bar (tqdm.write), to stderr for warnings."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr if error else sys.stdout)
