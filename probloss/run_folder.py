@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import itertools
 import os
 import sys
 import time
