@@ -14,7 +14,8 @@ elsewhere::
     L_PPCL = -sum_ij log_sigmoid(z_ij * logits_ij) / N       # SigLIP's normalisation
     L_VIB = KL_image + KL_text                               # KL(N(mu, sigma^2) || N(0, I)), mean per element
     L_incl = mean_{i,d} softplus(-s * (I(img_i in txt_i) - I(txt_i in img_i)))   # positive pairs
-    loss = L_PPCL + vib_beta * L_VIB + inclusion_alpha * L_incl
+    L_part = mean_{i in P,d} softplus(-s * (I(txt_i in part_i) - I(part_i in txt_i)))  # partial views
+    loss = L_PPCL + vib_beta * L_VIB + inclusion_alpha * L_incl + partial_alpha * L_part
 
 with CSD_ij = ||mu_i - mu_j||^2 + S_i + S_j. Unlike the proposal (losses/gaussian_var.py), where sigma divides
 the distance (a per-candidate temperature), the variance here enters additively: an uncertain sample lowers
@@ -23,8 +24,12 @@ every logit it takes part in by t S / 2.
 The inclusion test (ProLIP's inclusion loss, as released): per dimension, with v = log sigma^2 and
 w = exp(eps - v) (eps = -10), I(1 in 2) = -2 v1 - v2 - ln(a) / 2 + beta^2 / (4 a) - c where a = w1 + w2 / 2,
 beta = 2 mu1 w1 + mu2 w2, c = mu1^2 w1 + mu2^2 w2 / 2; s = 1000. "Image in text" says a caption is the more
-general (wider) Gaussian of the pair. ProLIP's second inclusion term (an input inside its partially masked view)
-needs a masked view of every sample, which the loss contract does not carry: it is not implemented.
+general (wider) Gaussian of the pair. ProLIP's second inclusion term puts an input inside its masked view (the
+release masks tokens and patches): here the partial view of caption i is a less specific caption of the same
+scene (``data.partial_captions=true``: the caption one level below, e.g. "a blue cross" for "a small blue cross
+above a large yellow circle"), P the rows that have one, and "caption in its partial view" says the less
+specific caption is the wider Gaussian. It is off by default (``partial_alpha=0``) because it needs data the
+batch carries only on request (probloss/loss.py, ``uses_partial_views``).
 
 Defaults follow the released DataComp training script: vib_beta 1e-4, inclusion_alpha 1e-7; t' = log 10 and
 b = -10 as SigLIP; towers start at log sigma^2 = -10 (``init_log_std = -5``, the release's ``init_unc_bias``), so
@@ -102,6 +107,8 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         init_logit_bias: initial b, SigLIP's -10.
         vib_beta: weight of the KL to N(0, I) (the release's training script: 1e-4; 0: off).
         inclusion_alpha: weight of the image-in-text inclusion loss (release: 1e-7; 0: off).
+        partial_alpha: weight of the caption-in-its-partial-view inclusion loss (0: off; > 0 needs
+            ``data.partial_captions=true``).
         normalize: L2-normalise the means (ProLIP does).
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
@@ -121,6 +128,7 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         init_logit_bias: float = -10.0,
         vib_beta: float = 1e-4,
         inclusion_alpha: float = 1e-7,
+        partial_alpha: float = 0.0,
         normalize: bool = True,
         dist_impl: str = "ring",
         impl: str = "auto",
@@ -131,7 +139,7 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         self.check_choice("impl", impl, IMPLS)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
-        self.vib_beta, self.inclusion_alpha = vib_beta, inclusion_alpha
+        self.vib_beta, self.inclusion_alpha, self.partial_alpha = vib_beta, inclusion_alpha, partial_alpha
         self.normalize, self.dist_impl, self.impl, self.block_size = normalize, dist_impl, impl, block_size
 
     @property
@@ -166,6 +174,18 @@ class ProLIPLoss(probloss.ContrastiveLoss):
             loss = loss + self.inclusion_alpha * inclusion_loss(
                 x, image_log_std, positive_texts(y, n), positive_texts(text_log_std, n), self.block_size)
         return loss
+
+    @property
+    def uses_partial_views(self) -> bool:
+        return bool(self.partial_alpha)
+
+    def partial_view_loss(self, text_emb, text_log_std, partial_emb, partial_log_std, mask):
+        """``partial_alpha * L_part`` (module docstring): each caption inside its partial view, rows of ``mask``."""
+        if not bool(mask.any()):
+            return text_emb.new_zeros(())
+        return self.partial_alpha * inclusion_loss(
+            self.embed(text_emb[mask]), text_log_std[mask], self.embed(partial_emb[mask]), partial_log_std[mask],
+            self.block_size)
 
     def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std):
         q, k = self.pair_features(self.embed(image_emb), self.embed(text_emb), image_log_std, text_log_std)

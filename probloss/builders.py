@@ -53,6 +53,20 @@ def check_batch_sizes(global_batch: int, accum_steps: int, world: int) -> int:
     return per_rank
 
 
+def check_partial_views(loss, data: DataSettings, accum_steps: int) -> None:
+    """A loss with partial views (``loss.uses_partial_views``) and ``data.partial_captions`` go together."""
+    name = loss.loss_name
+    if loss.uses_partial_views and not data.partial_captions:
+        raise ConfigError(f"loss {name!r} as configured uses partial views of the captions: set "
+                          "data.partial_captions=true (or turn its partial-view term off)")
+    if data.partial_captions and not loss.uses_partial_views:
+        raise ConfigError(f"data.partial_captions=true, but loss {name!r} as configured takes no partial views "
+                          "(e.g. loss=prolip loss.partial_alpha=1e-7); set data.partial_captions=false")
+    if data.partial_captions and accum_steps > 1:
+        raise ConfigError("partial views are not supported with GradCache (trainer.accum_steps > 1): use "
+                          "trainer.accum_steps=1")
+
+
 def make_tokenizer(data: DataSettings):
     from probloss.models import build_tokenizer, shapes_vocab
 

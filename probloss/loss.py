@@ -50,6 +50,10 @@ class ContrastiveLoss(nn.Module):
     - ``scores_raw_embeddings``: True when the loss scores the raw (unnormalised) embeddings, so the geometry
       of the embedding space (distances, norms) is part of the model; evaluators then report geometry on raw
       embeddings. False (the default) for losses that L2-normalise first.
+    - ``uses_partial_views``: True when the loss also wants a partial view of every positive caption (a less
+      specific caption of the same scene, ``data.partial_captions``). Training then encodes them with the text
+      tower in the same forward and adds :meth:`partial_view_loss` (a per-sample term: no communication; not
+      part of ``val/loss``). False by default.
     """
 
     needs_log_std: ClassVar[bool] = False
@@ -62,6 +66,18 @@ class ContrastiveLoss(nn.Module):
     def scores_raw_embeddings(self) -> bool:
         """Whether :meth:`score` and the loss use the raw, unnormalised embeddings (class docstring)."""
         return False
+
+    @property
+    def uses_partial_views(self) -> bool:
+        """Whether training should pass partial views to :meth:`partial_view_loss` (class docstring)."""
+        return False
+
+    def partial_view_loss(self, text_emb: Tensor, text_log_std: Tensor | None, partial_emb: Tensor,
+                          partial_log_std: Tensor | None, mask: Tensor) -> Tensor:
+        """The term between each positive caption ``(B, D)`` and its partial view ``(B, D)``, over the rows where
+        ``mask`` ``(B,)`` is True (a caption without a less specific one, or replaced by caption noise, has none).
+        Only called when :attr:`uses_partial_views`."""
+        raise NotImplementedError(f"{self.loss_name} takes no partial views")
 
     @property
     def loss_name(self) -> str:

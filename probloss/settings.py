@@ -97,6 +97,7 @@ class DataSettings:
     image_noise: float | None
     caption_noise: float | None
     hard_negatives: str
+    partial_captions: bool = False
     strict: bool = False
     cache_dir: str | None = None
     train_size: int | None = None

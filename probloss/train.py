@@ -41,7 +41,8 @@ import torch
 from probloss import checkpoint as ckpt
 from probloss import dist
 from probloss.builders import (
-    check_batch_sizes, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer, make_trainee,
+    check_batch_sizes, check_partial_views, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer,
+    make_trainee,
 )
 from probloss.config import compose_config, save_config, to_dict
 from probloss.console import say, tee_output
@@ -128,6 +129,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
         check_resume_config(resume_from, cfg, announce=fabric.is_global_zero)
 
     trainee = make_trainee(run, tokenizer)
+    check_partial_views(trainee.loss, run.data, t.accum_steps)
     trainee, optimizer = fabric.setup(trainee, make_optimizer(trainee, t))
     scheduler = make_scheduler(optimizer, t)
     tracker = make_stability_tracker(t)
@@ -236,13 +238,27 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
     ``batch["negative_tokens"]`` (B_rank, k, L), when present: k extra texts per sample (hard negatives), encoded
     by the text tower and passed to the loss after the positives, text embeddings [B_rank positives,
     B_rank k extras] (the loss contract, probloss/loss.py). The returned embeddings hold the positives only.
+
+    ``batch["partial_tokens"]`` (B_rank, L) and ``batch["partial_mask"]`` (B_rank,), when present: each caption's
+    partial view, encoded after the other texts and passed to ``loss.partial_view_loss`` (added to the loss).
     """
     images, tokens = fabric.to_device(batch["image"]), fabric.to_device(batch["tokens"])
     negatives = batch.get("negative_tokens")
     negatives = None if negatives is None else fabric.to_device(negatives)
+    partial = batch.get("partial_tokens")
     if accum_steps <= 1:
-        emb = trainee(images, with_negatives(tokens, negatives))
+        texts = with_negatives(tokens, negatives)
+        if partial is not None:  # encoded in the same forward (one DDP forward per step), split off after it
+            texts = torch.cat([texts, fabric.to_device(partial)])
+        emb = trainee(images, texts)
+        if partial is not None:
+            emb, views = _split_partial_views(emb, partial.shape[0])
         loss = trainee.loss(*emb.loss_args())
+        if partial is not None:
+            n = images.shape[0]
+            loss = loss + trainee.loss.partial_view_loss(
+                emb.text_emb[:n], None if emb.text_log_std is None else emb.text_log_std[:n], *views,
+                fabric.to_device(batch["partial_mask"]))
         value, finite = dist.global_mean(fabric, loss)
         emb = detach(emb, texts=images.shape[0])  # positives: diagnostics comparable with and without extras
         if finite:
@@ -259,6 +275,13 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepOutput(value, grad_norm, True, emb)
+
+
+def _split_partial_views(emb, b: int):
+    """(the Embeddings without their last ``b`` text rows, (those rows' embeddings, log-stds or None))."""
+    log_std = emb.text_log_std
+    rest = type(emb)(emb.image_emb, emb.text_emb[:-b], emb.image_log_std, None if log_std is None else log_std[:-b])
+    return rest, (emb.text_emb[-b:], None if log_std is None else log_std[-b:])
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -22,7 +22,8 @@ import torch
 import probloss
 from probloss import checkpoint as ckpt
 from probloss.config import ConfigError, compose_config
-from probloss.builders import Trainee, check_batch_sizes
+from probloss.builders import Trainee, check_batch_sizes, make_tokenizer, make_trainee
+from probloss.settings import RunSettings
 from probloss.train import NonFiniteLossError, main, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,6 +287,41 @@ def test_console_output_goes_to_out_log_without_the_progress_bar(tmp_path):
         with tee_output(tmp_path / "out.log"):
             raise ValueError("bad value")
     assert (tmp_path / "out.log").read_text().endswith("stopped: ValueError: bad value\n")
+
+
+@pytest.mark.slow
+def test_prolip_with_partial_views_trains_and_the_config_pairs_loss_and_data(tmp_path, cache_dir):
+    summary = main(small(tmp_path, cache_dir, "loss=prolip", "loss.partial_alpha=0.01", "data.partial_captions=true",
+                         "trainer.max_steps=3", "trainer.eval_every=0", "eval.projector_samples=0"))
+    assert summary["steps"] == 3 and math.isfinite(summary["train/loss"])
+    for wrong, message in ((["loss=prolip", "loss.partial_alpha=0.01"], "set data.partial_captions=true"),
+                           (["loss=infonce", "data.partial_captions=true"], "takes no partial views"),
+                           (["loss=prolip", "loss.partial_alpha=0.01", "data.partial_captions=true",
+                             "trainer.accum_steps=2"], "not supported with GradCache")):
+        with pytest.raises(ConfigError, match=message):
+            main(small(tmp_path / "bad", cache_dir, *wrong, "trainer.max_steps=1"))
+
+
+def test_train_step_adds_the_partial_view_term():
+    """The step encodes the partial views after the other texts and adds loss.partial_view_loss to the loss."""
+    from lightning_fabric import Fabric
+
+    torch.manual_seed(0)
+    run = RunSettings.from_config(compose_config(["loss=prolip", "loss.partial_alpha=0.5", "model=tiny"]))
+    trainee = make_trainee(run, make_tokenizer(run.data))
+    fabric = Fabric(accelerator="cpu", devices=1)
+    images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 20, (4, 16))
+    partial = torch.randint(1, 20, (4, 16))
+    mask = torch.tensor([True, True, False, True])
+    with torch.no_grad():
+        emb = trainee(images, torch.cat([tokens, partial]))
+        want = trainee.loss(emb.image_emb, emb.text_emb[:4], emb.image_log_std, emb.text_log_std[:4]) + \
+            trainee.loss.partial_view_loss(emb.text_emb[:4], emb.text_log_std[:4], emb.text_emb[4:],
+                                           emb.text_log_std[4:], mask)
+    optimizer = torch.optim.SGD(trainee.parameters(), lr=0.0)
+    out = train_step(fabric, trainee, optimizer, {"image": images, "tokens": tokens, "partial_tokens": partial,
+                                                  "partial_mask": mask}, grad_clip=None)
+    assert out.loss == pytest.approx(float(want), rel=1e-6) and out.embeddings.text_emb.shape[0] == 4
 
 
 def test_batch_must_split_over_ranks():

@@ -14,6 +14,10 @@ shapes data. Training batches (:func:`make_train_loader`) are dicts::
                          negatives of each sample's image (json ``negatives``), k kinds in the order of
                          ``probloss.data.shapes.HARD_NEGATIVES[hard_negatives]``; a kind a sample lacks
                          (relation/binding of a one-object scene) is filled with its ``control`` negative
+    partial_tokens long (B, L)  only with ``partial_captions``: each caption's partial view, the caption of the
+                         same scene one specificity level below it (json ``captions`` by level and ``level``)
+    partial_mask bool (B,)  where that view exists (not for level-0 captions, nor where caption noise replaced
+                         the caption; those rows carry their own caption as a placeholder)
 
 Splitting and equal batch counts. Shards are split between ranks and then DataLoader workers (the
 ``split_by_node`` / ``split_by_worker`` order of webdataset, but with explicit rank and world size so tests and
@@ -246,6 +250,22 @@ def _negatives(samples: list[dict], kinds: Sequence[str], option: str) -> list[s
     return out
 
 
+def _partial_captions(samples: list[dict], captions: list[str], noisy: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Each caption's partial view and whether it has one (see the module docstring)."""
+    partial, mask = [], np.zeros(len(samples), dtype=bool)
+    for i, s in enumerate(samples):
+        levels, level = s["json"].get("captions"), s["json"].get("level")
+        if not levels or not isinstance(level, int):
+            from probloss.config import ConfigError
+
+            raise ConfigError(
+                f"data.partial_captions=true: sample {s['key']!r} of shard {s['url']} has no json `captions` by "
+                "level and `level`; use the shapes data (scripts/make_data.py) or set data.partial_captions=false")
+        mask[i] = level >= 1 and not noisy[i]
+        partial.append(levels[level - 1] if mask[i] else captions[i])
+    return partial, mask
+
+
 def _noisy_captions(captions: list[str], fraction: float, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
     """Give a ``fraction`` of the rows (Bernoulli per row) the caption of another random row."""
     n = len(captions)
@@ -266,13 +286,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[str], tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int, *,
                  image_size: int, rank: int, world_size: int, seed: int, epoch: int, num_workers: int,
                  batches_per_epoch: int, shuffle_buffer: int, image_noise: float, image_blur: float,
-                 caption_noise: float, hard_negatives: str = "none"):
+                 caption_noise: float, hard_negatives: str = "none", partial_captions: bool = False):
         super().__init__()
         self.shards, self.tokenizer, self.batch_size = shards, tokenizer, batch_size
         self.image_size, self.rank, self.world_size, self.seed, self.epoch = image_size, rank, world_size, seed, epoch
         self.num_workers, self.batches_per_epoch, self.shuffle_buffer = max(1, num_workers), batches_per_epoch, shuffle_buffer
         self.image_noise, self.image_blur, self.caption_noise = image_noise, image_blur, caption_noise
-        self.hard_negatives = hard_negatives
+        self.hard_negatives, self.partial_captions = hard_negatives, partial_captions
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -327,6 +347,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             if kinds:  # negatives of the image, so caption noise does not change them
                 tokens = self.tokenizer(_negatives(samples, kinds, self.hard_negatives))
                 batch["negative_tokens"] = tokens.view(len(samples), len(kinds), -1)
+            if self.partial_captions:
+                partial, mask = _partial_captions(samples, captions, noisy)
+                batch["partial_tokens"], batch["partial_mask"] = self.tokenizer(partial), torch.from_numpy(mask)
             yield batch
             reported = handler.count
 
@@ -364,7 +387,7 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
                       *, image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
                       num_workers: int = 0, batches_per_epoch: int | None = None, shuffle_buffer: int = 2000,
                       image_noise: float = 0.0, image_blur: float = 0.0, caption_noise: float = 0.0,
-                      hard_negatives: str = "none") -> TrainLoader:
+                      hard_negatives: str = "none", partial_captions: bool = False) -> TrainLoader:
     """Training batches for one rank (see the module docstring for the batch dict).
 
     Args:
@@ -381,6 +404,7 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
         image_noise, image_blur: Gaussian noise std (pixel units in [0, 1]) and blur radius (px).
         caption_noise: fraction of pairs whose caption is replaced by another sample's in the batch.
         hard_negatives: "none", "relation", "binding", "control" or "all": add ``negative_tokens`` (B, k, L).
+        partial_captions: add ``partial_tokens`` (B, L) and ``partial_mask`` (B,) (losses with partial views).
 
     Raises:
         FileNotFoundError: the pattern matches no shard (before any reading).
@@ -399,7 +423,8 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
     dataset = ShardStream(shards, tokenizer, batch_size, image_size=image_size, rank=rank, world_size=world_size,
                           seed=seed, epoch=epoch, num_workers=num_workers, batches_per_epoch=int(batches_per_epoch),
                           shuffle_buffer=shuffle_buffer, image_noise=image_noise, image_blur=image_blur,
-                          caption_noise=caption_noise, hard_negatives=hard_negatives)
+                          caption_noise=caption_noise, hard_negatives=hard_negatives,
+                          partial_captions=partial_captions)
     return TrainLoader(dataset, num_workers)
 
 

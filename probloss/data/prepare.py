@@ -162,7 +162,7 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
         loader = make_train_loader(
             spec.train, tokenizer, per_rank, image_size=data.image_size, rank=rank, world_size=world_size,
             seed=seed, epoch=pos.epoch, num_workers=data.num_workers, batches_per_epoch=spec.steps_per_epoch,
-            hard_negatives=data.hard_negatives, **data.loader_noise())
+            hard_negatives=data.hard_negatives, partial_captions=data.partial_captions, **data.loader_noise())
         iterator = iter(loader)
         for i, batch in enumerate(iterator):
             if i >= spec.steps_per_epoch:

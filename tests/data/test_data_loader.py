@@ -219,3 +219,15 @@ def test_shards_are_cycled_not_resampled(shapes):
     keys = _keys(_epoch(shapes[0], batches_per_epoch=2 * 320 // 16))
     assert sorted(keys[:320]) == sorted(keys[320:]) == sorted(set(keys)) and len(set(keys)) == 320
     assert keys[:320] != keys[320:]  # the second pass is in another order
+
+
+def test_partial_captions_are_the_same_scene_one_level_less_specific(shapes):
+    (batch,) = _epoch(shapes[0], batches_per_epoch=1, batch_size=64, partial_captions=True, caption_noise=0.25)
+    assert batch["partial_tokens"].shape == batch["tokens"].shape and batch["partial_mask"].dtype == torch.bool
+    for i, meta in enumerate(batch["json"]):
+        has_view = meta["level"] >= 1 and not batch["noisy"][i]
+        assert bool(batch["partial_mask"][i]) == has_view
+        want = meta["captions"][meta["level"] - 1] if has_view else batch["caption"][i]
+        assert torch.equal(batch["partial_tokens"][i], TOK([want])[0])
+    assert batch["partial_mask"].any() and not batch["partial_mask"].all()
+    assert "partial_tokens" not in _epoch(shapes[0], batches_per_epoch=1)[0]

@@ -9,7 +9,7 @@ import probloss
 from probloss.builders import make_tokenizer, make_trainee
 from probloss.config import compose_config
 from probloss.settings import RunSettings
-from test_parity import assert_same, pcmepp_reference, prolip_reference
+from test_parity import assert_same, inclusion_reference, pcmepp_reference, per_dim_var, prolip_reference
 
 F64 = torch.float64
 
@@ -101,6 +101,27 @@ def test_inclusion_loss_prefers_the_text_wider_than_its_image(loss_inputs):
     loss = probloss.build_loss("prolip", vib_beta=0.0, inclusion_alpha=1.0).double()
     narrow, wide = torch.full_like(lx, -3.0), torch.full_like(lx, -1.0)
     assert loss(x, y, narrow, wide) < loss(x, y, wide, narrow)
+
+
+@pytest.mark.parametrize("log_std", ["sample", "diagonal"])
+def test_prolip_partial_view_term_matches_the_reference_over_the_masked_rows(log_std, loss_inputs):
+    """ProLIP's second inclusion term: each caption inside its partial view, mean over the rows that have one."""
+    _, y, _, ly = loss_inputs(7, 5, log_std, pairs="close", requires_grad=True)
+    _, p, _, lp = loss_inputs(7, 5, log_std, pairs="independent", seed=1, requires_grad=True)
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    loss = probloss.build_loss("prolip", partial_alpha=0.3, block_size=2).double()
+    assert loss.uses_partial_views and not probloss.build_loss("prolip").uses_partial_views
+    got = loss.partial_view_loss(y, ly, p, lp, mask)
+    yn, pn = F.normalize(y[mask], dim=-1), F.normalize(p[mask], dim=-1)
+    lv_y, lv_p = per_dim_var(ly[mask], yn).log(), per_dim_var(lp[mask], pn).log()
+    logit = inclusion_reference(yn, lv_y, pn, lv_p) - inclusion_reference(pn, lv_p, yn, lv_y)
+    assert_same(got, 0.3 * -F.logsigmoid(1000 * logit).mean(), [y, ly, p, lp])
+    # the caption costs less inside a wider partial view than inside a narrower one
+    narrow, wide = torch.full_like(ly, -3.0), torch.full_like(ly, -1.0)
+    assert loss.partial_view_loss(y, narrow, y, wide, mask) < loss.partial_view_loss(y, wide, y, narrow, mask)
+    assert loss.partial_view_loss(y, ly, p, lp, torch.zeros(7, dtype=torch.bool)) == 0
+    with pytest.raises(NotImplementedError, match="sigmoid takes no partial views"):
+        probloss.build_loss("sigmoid").partial_view_loss(y, None, p, None, mask)
 
 
 @pytest.mark.parametrize("loss_name, override, expected", [
