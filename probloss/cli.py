@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     probloss sweep sweep=lr loss=sigmoid [sweep.n_trials=..] [training overrides]
     probloss sweep sweep=lr loss=sigmoid sweep.storage=postgresql://user@host/db   # workers on many machines
     OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce"""),
-    "experiment": ("probloss.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds of training runs, paired comparisons.
+    "experiment": ("probloss.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds, paired comparisons.
 
 The report (recipe.md, results.json, comparisons.json, plots) is written into the recipe's folder
 (probloss/recipe.py).
@@ -51,7 +51,7 @@ The shards are written by probloss/data/shards.py.
 
 Writes out/train/*.tar, out/val/*.tar, out/test/*.tar ({key}.png, {key}.txt, {key}.json), classes.json and
 splits.json; prints the brace patterns for data.train_shards / data.val_shards / data.test_shards."""),
-    "evaluate": ("probloss.eval.runtime:evaluate_command", "evaluate", """Evaluate a checkpoint and print the metrics table.
+    "evaluate": ("probloss.eval.runtime:evaluate_command", "evaluate", """Evaluate a checkpoint, print its metrics.
 
 It reads the run's val and test data, or the shards the overrides name.
 

@@ -7,8 +7,8 @@
         say("warning: ...", error=True)
 
 Everything the process writes to ``sys.stdout``/``sys.stderr`` while the block runs (prints, logging, forked
-data-loader workers) goes to both, and Python warnings are printed like :func:`say`; the progress bar's redraws (they start with a carriage return) stay on
-the console only, so out.log reads as a log.
+data-loader workers) goes to both, and Python warnings are printed like :func:`say`; the progress bar's
+redraws (they start with a carriage return) stay on the console only, so out.log reads as a log.
 """
 
 from __future__ import annotations

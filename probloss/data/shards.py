@@ -148,7 +148,8 @@ def write_shapes_shards(
                 for job in jobs:
                     bar.update(_write_shard(job))
             else:
-                with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(num_workers) as pool:
+                context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                with context.Pool(num_workers) as pool:
                     for count in pool.imap_unordered(_write_shard, jobs):
                         bar.update(count)
         elapsed = time.perf_counter() - start
