@@ -219,7 +219,11 @@ def fail_dead_trials(study: optuna.Study, storage, grace_period: float) -> list[
 @contextlib.contextmanager
 def heartbeat(storage, trial, interval: float):
     """Record ``trial``'s heartbeat now and every ``interval`` seconds on a daemon thread, until the block ends
-    (before the trial is told, so no beat lands on a finished trial)."""
+    (before the trial is told, so no beat lands on a finished trial). ``trial`` None (ranks other than 0, which
+    do not talk to Optuna): nothing."""
+    if trial is None:
+        yield
+        return
     def beat() -> None:
         if isinstance(storage, optuna.storages.RDBStorage):
             storage.record_heartbeat(trial._trial_id)  # Optuna's heartbeat table (what fail_stale_trials reads)
@@ -252,14 +256,14 @@ def count_taken(study: optuna.Study) -> tuple[int, int]:
     return len(trials) - running, running
 
 
-def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print) -> None:
+def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print, requeue: bool = True) -> None:
     """Fail the trials of dead workers (:func:`fail_dead_trials`); a grid queues their points again (the grid
     sampler counts a failed point as visited)."""
     failed = fail_dead_trials(study, storage, float(sweep_cfg["grace_period"]))
     if not failed:
         return
     log(f"[{study.study_name}] marked trials {failed} failed: their worker died", flush=True)
-    if sweep_cfg.get("sampler") == "grid":
+    if requeue and sweep_cfg.get("sampler") == "grid":
         for trial in study.get_trials(deepcopy=False):
             if trial.number in failed:
                 study.enqueue_trial(trial.params, skip_if_exists=False)
@@ -341,7 +345,7 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
         start = time.time()
         state, values, summary = optuna.trial.TrialState.COMPLETE, None, {}
         try:
-            with heartbeat(storage, trial, interval) if fabric.is_global_zero else contextlib.nullcontext():
+            with heartbeat(storage, trial, interval):
                 values, summary = run_trial(fabric, dist_trial, base_overrides, sweep_cfg, loss_name,
                                             study.study_name)
         except optuna.TrialPruned:
@@ -373,7 +377,7 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
     taken = (*FINISHED, optuna.trial.TrialState.RUNNING)
     for seed in seeds:
         if fabric.is_global_zero:
-            reap_dead_trials(rerun, storage, {**sweep_cfg, "sampler": None}, log)
+            reap_dead_trials(rerun, storage, sweep_cfg, log, requeue=False)  # re-runs are seeds, not grid points
         done = dist.broadcast_object(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=taken))
                                      if fabric.is_global_zero else None)
         if done:
@@ -382,8 +386,7 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
         if fabric.is_global_zero:
             for key, value in {"seed": seed, "host": socket.gethostname(), "pid": os.getpid(), **params}.items():
                 trial.set_user_attr(key, value)
-        with heartbeat(storage, trial, float(sweep_cfg["heartbeat_interval"])) if fabric.is_global_zero \
-                else contextlib.nullcontext():
+        with heartbeat(storage, trial, float(sweep_cfg["heartbeat_interval"])):
             values, summary = run_trial(fabric, trial, base_overrides, sweep_cfg, loss_name, study.study_name,
                                         seed=seed, fixed_params=params)
         if fabric.is_global_zero:
