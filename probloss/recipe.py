@@ -15,7 +15,9 @@ The recipe folder ``<out_dir>/<recipe>/`` holds:
 
 - ``recipe.json``: the recipe as run (with overrides) plus ``timing`` (summed run wall time, this invocation's).
 - ``results.json``: one row per arm x seed: ``arm``, ``seed``, ``run_dir``, ``wall_time_s``, ``status`` and every
-  number of the run's summary.json (and of its extra evaluations, as ``<evaluation>/<key>``).
+  number of the run's summary.json (and of its extra evaluations, as ``<evaluation>/<key>``). A reported metric
+  that a run's summary lacks (added to the instruments after the run) is filled from its final checkpoint and
+  named in ``backfilled`` (``backfill_metrics``).
 - ``comparisons.json``: one row per compared arm x metric (``compare``): the paired difference against the
   baseline over seeds, its 95% interval and the verdict word (probloss.report.verdict).
 - ``recipe.md`` + one PNG per metric, rendered from the two files above: the arms x metrics table (mean ± 95%
@@ -117,6 +119,8 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
                     metrics = evaluate_checkpoint(newest_checkpoint(run_dir), eval_overrides)
                     cached.write_text(json.dumps({k: v for k, v in metrics.items() if _is_number(v)}, indent=1))
                 summary.update({f"{evaluation}/{k}": v for k, v in json.loads(cached.read_text()).items()})
+            if finished:
+                backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
             results.append({"arm": arm, "seed": seed, "run_dir": str(run_dir), **summary})
     times = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
     exp = {**exp, "timing": {"runs_wall_time_s": sum(times), "runs_timed": len(times),
@@ -143,6 +147,44 @@ def render_recipe(exp_dir: str | Path) -> Path:
     """Write ``recipe.md``, its PNGs and ``comparisons.json`` again from a finished recipe folder (no training)."""
     exp, results = read_recipe_folder(exp_dir)  # the recipe as it was run (with overrides)
     return write_recipe_report(exp, Path(exp_dir).name, results, Path(exp_dir))
+
+
+def backfill_metrics(run_dir: Path, summary: dict[str, Any], metrics: Sequence[str], log=print) -> list[str]:
+    """Fill the reported ``metrics`` a finished run's summary lacks (the instruments gained a key after the run
+    was trained) from one evaluation of its final checkpoint, cached as ``eval-final.json``; returns the keys
+    filled, also listed in the row's ``backfilled``.
+
+    The evaluation is trusted only if it reproduces the summary's own test numbers: a checkpoint that is not the
+    final one, or evaluation code whose meaning changed since, fills nothing and says why. Keys absent from the
+    evaluation too (e.g. sigma metrics of a loss without sigma) stay absent.
+    """
+    from probloss.checkpoint import newest_checkpoint
+    from probloss.eval.runtime import evaluate_checkpoint
+
+    missing = [k for k in metrics if k not in summary]
+    ckpt = newest_checkpoint(run_dir) if missing else None
+    if ckpt is None:
+        return []
+    cached = run_dir / "eval-final.json"
+    if not cached.is_file():
+        if ckpt.name != f"step-{int(summary.get('steps', -1)):08d}.ckpt":
+            log(f"warning: {run_dir} lacks {missing}, but its newest checkpoint {ckpt.name} is not of its final "
+                f"step {summary.get('steps')}: not filled", flush=True)
+            return []
+        log(f"re-evaluating {ckpt} for {missing}", flush=True)
+        evaluated = evaluate_checkpoint(ckpt)
+        cached.write_text(json.dumps({k: v for k, v in evaluated.items() if _is_number(v)}, indent=1))
+    evaluated = json.loads(cached.read_text())
+    shared = [k for k in ("test/zeroshot_top1", "test/i2t_r@1", "test/t2i_r@1") if k in summary and k in evaluated]
+    if not shared or any(abs(summary[k] - evaluated[k]) > 1e-9 for k in shared):
+        log(f"warning: re-evaluating {ckpt} does not reproduce its summary's {shared or 'test metrics'}: "
+            f"{missing} not filled", flush=True)
+        return []
+    filled = [k for k in missing if _is_number(evaluated.get(k))]
+    summary.update({k: evaluated[k] for k in filled})
+    if filled:
+        summary["backfilled"] = filled
+    return filled
 
 
 def _slug(text: str) -> str:

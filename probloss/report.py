@@ -60,8 +60,8 @@ LOWER_IS_BETTER = (r"loss|stability/(loss_spikes|grad_norm_ratio|nonfinite_steps
                    r"|unc/(i2t|t2i)_r1_sigma_spearman|wall_time_s|eval_test_s")
 # Descriptive metrics: a difference is "higher" or "lower", never "better" or "worse".
 NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/raw/(norm_mean\w*|alignment_ratio)|unc/sigma_\w+_mean"
-                r"|unc/sigma_text_rank_L\d|unc/image_sigma_vs_objects|unc/baseline_wordcount_\w+|r@1_chance(_L\d)?"
-                r"|zeroshot_n_\w+|steps")
+                r"|unc/sigma_text_image_log_ratio|unc/sigma_text_rank_L\d|unc/image_sigma_vs_objects"
+                r"|unc/baseline_wordcount_\w+|r@1_chance(_L\d)?|zeroshot_n_\w+|steps")
 
 
 def _matches(pattern: str, metric: str) -> bool:

@@ -95,3 +95,28 @@ def test_unknown_recipe_and_keys_are_errors():
         load_recipe(["recipe=bias_init", "recipe.baseline='b=5'"])
     with pytest.raises(ConfigError, match="say which recipe to use"):
         load_recipe([])
+
+
+def test_a_metric_added_after_training_is_filled_from_the_final_checkpoint(tmp_path):
+    args = ["recipe=proposal", "recipe.seeds=[0]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY, "recipe.arms={gaussian_var: ['loss=gaussian_var']}", "recipe.baseline=null"]
+    run_recipe(args, log=lambda *a, **k: None)
+    summary_path = next(tmp_path.glob("proposal/gaussian_var/*/summary.json"))
+    trained = json.loads(summary_path.read_text())
+    fit = "test/unc/sigma_vs_images_fit_spearman"
+    assert -1 <= trained[fit] <= 1
+    # as if the run predated the key: its row gets the key back from one evaluation of the final checkpoint
+    summary_path.write_text(json.dumps({k: v for k, v in trained.items() if k != fit}))
+    lines = []
+    run_recipe(args, log=lambda *a, **k: lines.append(a[0]))
+    row, = json.loads((tmp_path / "proposal" / "results.json").read_text())
+    assert row[fit] == pytest.approx(trained[fit], abs=1e-9) and row["backfilled"] == [fit]
+    assert sum(line.startswith("re-evaluating") for line in lines) == 1 and not any("training" in line for line in lines)
+    # an evaluation that does not reproduce the summary's test numbers fills nothing, and says so
+    summary_path.write_text(json.dumps({**{k: v for k, v in trained.items() if k != fit},
+                                        "test/zeroshot_top1": trained["test/zeroshot_top1"] + 0.1}))
+    lines.clear()
+    run_recipe(args, log=lambda *a, **k: lines.append(a[0]))
+    row, = json.loads((tmp_path / "proposal" / "results.json").read_text())
+    assert fit not in row and "backfilled" not in row
+    assert any("does not reproduce" in line for line in lines) and not any(line.startswith("re-evaluating") for line in lines)
