@@ -44,9 +44,9 @@ a KL above 1e4 is left out on purpose: no term is silently dropped. PCME++'s mix
 Shapes: image_emb (N, D), text_emb (M, D) with M >= N (extras after the positives: negatives only), log-stds
 (N,) and (M,) or (N, D) and (M, D). Distributed: positives and local pairs on each rank, the other ranks' texts
 (with their variance term and their positive's logit, for the column pseudo-positives) arrive over the ring
-(``dist_impl`` "ring", "shift") or by all-gather ("gather"). ``impl="tiled"`` sums the pairs in tiles recomputed
-in backward, O(B x D) memory (probloss.tiled.softplus_pair_sum with the squared norms and variances as two extra
-features).
+(``dist_impl`` "ring", "shift") or by all-gather ("gather"). ``impl="tiled"`` sums the pairs and their gradients in
+one pass over tiles, O(B x D) memory (probloss.tiled.softplus_pair_sum with the squared norms and variances as
+two extra features).
 """
 
 import torch

@@ -41,8 +41,8 @@ Shapes: image_emb (N, D), text_emb (M, D), log-stds (N,) and (M,) or (N, D) and 
 negatives only, the sum still divided by N (as ``sigmoid``); VIB is over every sample, the inclusion loss over
 the N positive pairs. Distributed like ``sigmoid``: the other ranks' texts (with their variance term) arrive over
 the ring (``dist_impl`` "ring", "shift") or by all-gather ("gather") and add negatives only. ``impl="tiled"``
-computes the pair sum in tiles recomputed in backward (O(B x D) memory: the variance terms ride along as two
-extra features, probloss.tiled.offset_features).
+computes the pair sum and its gradients in one pass over tiles (O(B x D) memory: the variance terms ride along
+as two extra features, probloss.tiled.offset_features).
 """
 
 import math

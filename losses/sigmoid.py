@@ -25,7 +25,9 @@ ranks is the global loss. ``dist_impl``:
 - ``gather``: all-gather the texts (for backends without point-to-point, e.g. XLA; O(B_global x D)).
 
 In ``ring`` and ``shift`` no (B_local x B_global) matrix exists at any time. ``impl="tiled"`` also keeps no
-(B_local x B_local) block for backward (rows are recomputed), ``dense`` uses plain autograd per block.
+(B_local x B_local) block for backward: each block's gradients are accumulated in the same pass as its loss
+(probloss.tiled.softplus_pair_sum), and a received block's gradient travels back to its owner in the ring's
+backward; ``dense`` uses plain autograd per block.
 
 Negative masking (the paper's ablation, "should we prune negative pairs?"): ``neg_mask`` in {``random``,
 ``hard`` (keep the highest-loss negatives), ``easy`` (keep the lowest-loss ones)} keeps

@@ -27,8 +27,8 @@ Shapes: image_emb (N, D), text_emb (M, D), log-stds (N,) and (M,), every rank th
 ``normalize=True`` (default) L2-normalises the embeddings
 first (d in [0, 4]). Distributed exactly like ``sigmoid``: positives and local negatives on each rank, the other
 ranks' texts and text log-stds arrive over the ring (``dist_impl`` "ring", "shift") or by all-gather
-("gather"). ``impl="tiled"`` computes the pair sums in (block x block) tiles and recomputes them in backward,
-so no (B x N) matrix is kept.
+("gather"). ``impl="tiled"`` computes the pair sums in (block x block) tiles and their gradients in the same
+pass, so no (B x N) matrix is kept and no tile is computed twice.
 """
 
 import math
@@ -36,12 +36,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
 from probloss.loss import positive_texts
-from probloss.tiled import DEFAULT_BLOCK, IMPLS, use_tiled
+from probloss.tiled import DEFAULT_BLOCK, IMPLS, tiles, use_tiled
 
 # SigLIP's starting logits t * cos - 10 at t = 10 and sigma = 1 (see the module docstring).
 SIGLIP_MATCHED_BIAS = -10.0 + 10.0 * (1.0 + 0.5 * math.log(2.0))
@@ -62,53 +63,83 @@ def pair_logits(x, y, image_log_std, text_log_std, scale, bias):
     return scale * pair_terms(x, y, image_log_std, text_log_std)[0] + bias
 
 
-def _tiles(n_rows: int, n_cols: int, block: int):
-    for row in range(0, n_rows, block):
-        for col in range(0, n_cols, block):
-            yield slice(row, row + block), slice(col, col + block)
-
-
 class _VarSoftplusPairSum(torch.autograd.Function):
-    """sum_ij softplus(pair_logits_ij), tile by tile (block x block), recomputed in backward."""
+    """sum_ij softplus(pair_logits_ij), tile by tile, the gradients accumulated in the same pass.
+
+    A pair term's gradient needs only its own logit, so the forward sweep computes every tile once and adds its
+    gradients (for an incoming gradient of 1) to O((B + N) x D) accumulators; backward only scales them: three
+    tile products in all, as the matrix-product floor. Per tile, with g = sigmoid(l), u = 1 / v, s = d u::
+
+        dL/db = sum g,  dL/dt = sum g (l - b) / t,  dL/dd = -t g u,  dL/dv = t g u (s - 1/2)
+        dL/dx_i = -2 t (x_i sum_j G_ij - sum_j G_ij y_j),  G = g u where d was not clamped (dd/dx_i = 2 (x_i - y_j))
+        dL/d(ln sigma_i) = 2 sigma_i^2 sum_j dL/dv_ij
+
+    ``with_grad=False`` (no grad mode) computes the value alone.
+    """
 
     @staticmethod
-    def forward(ctx, x, y, image_log_std, text_log_std, scale, bias, block):
+    def forward(ctx, x, y, image_log_std, text_log_std, scale, bias, block, with_grad):
+        need = [with_grad and n for n in ctx.needs_input_grad[:6]]
+        with_grad = any(need)
         total = x.new_zeros(())
-        for rows, cols in _tiles(x.shape[0], y.shape[0], block):
-            total += F.softplus(pair_logits(x[rows], y[cols], image_log_std[rows], text_log_std[cols], scale, bias)).sum()
-        ctx.save_for_backward(x, y, image_log_std, text_log_std, scale, bias)
-        ctx.block = block
+        x_sq, y_sq = x.pow(2).sum(-1), y.pow(2).sum(-1)
+        image_var, text_var = torch.exp(2 * image_log_std), torch.exp(2 * text_log_std)
+        if with_grad:  # unscaled accumulators: sum_j G_ij y_j, sum_j G_ij, sum_j g u (s - 1/2), ... (docstring)
+            pull_x, pull_y = torch.zeros_like(x), torch.zeros_like(y)
+            weight_x, weight_y = x.new_zeros(x.shape[0]), y.new_zeros(y.shape[0])
+            var_x, var_y = x.new_zeros(x.shape[0]), y.new_zeros(y.shape[0])
+            weighted_logits, weight_sum = x.new_zeros(()), x.new_zeros(())
+        for i0, i1 in tiles(x.shape[0], block):
+            x_block = x[i0:i1]
+            for j0, j1 in tiles(y.shape[0], block):
+                y_block = y[j0:j1]
+                sq_dist = torch.addmm(y_sq[j0:j1], x_block, y_block.T, alpha=-2).add_(x_sq[i0:i1, None])
+                clamped = sq_dist < 0 if with_grad and bool(sq_dist.amin() < 0) else None  # rare: x_i ~ y_j
+                sq_dist.clamp_min_(0)  # cancellation can dip just below zero
+                inv_var = image_var[i0:i1, None] + text_var[None, j0:j1]
+                logits = torch.log(inv_var).mul_(-0.5)  # -ln sqrt(v)
+                inv_var.reciprocal_()
+                scaled_dist = sq_dist.mul_(inv_var)  # s = d / v
+                logits.sub_(scaled_dist)  # the unscaled logit -ln sqrt(v) - d / v
+                logits = torch.addcmul(bias, logits, scale)
+                total += F.softplus(logits).sum()
+                if not with_grad:
+                    continue
+                weight = torch.sigmoid(logits)  # g = d softplus(l) / dl
+                weight_sum += weight.sum()
+                weighted_logits += torch.dot(weight.reshape(-1), logits.reshape(-1))
+                weight.mul_(inv_var)  # g u
+                var_weight = scaled_dist.sub_(0.5).mul_(weight)  # g u (s - 1/2)
+                var_x[i0:i1] += var_weight.sum(1)
+                var_y[j0:j1] += var_weight.sum(0)
+                if clamped is not None:
+                    weight.masked_fill_(clamped, 0)  # no gradient through d where it was clamped
+                weight_x[i0:i1] += weight.sum(1)
+                weight_y[j0:j1] += weight.sum(0)
+                pull_x[i0:i1].addmm_(weight, y_block)
+                pull_y[j0:j1].addmm_(weight.T, x_block)
+        grads = [None] * 6
+        if with_grad:
+            grads = [pull_x.sub_(x * weight_x[:, None]).mul_(2 * scale),  # -2t (x_i sum_j G_ij - sum_j G_ij y_j)
+                     pull_y.sub_(y * weight_y[:, None]).mul_(2 * scale),
+                     var_x.mul_(image_var).mul_(2 * scale), var_y.mul_(text_var).mul_(2 * scale),
+                     (weighted_logits - bias * weight_sum) / scale, weight_sum.reshape(bias.shape)]
+            grads = [g if n else None for g, n in zip(grads, need)]
+        ctx.save_for_backward(*grads)
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        x, y, image_log_std, text_log_std, scale, bias = ctx.saved_tensors
-        grad_x, grad_y = torch.zeros_like(x), torch.zeros_like(y)
-        grad_lx, grad_ly = torch.zeros_like(image_log_std), torch.zeros_like(text_log_std)
-        grad_scale, grad_bias = scale.new_zeros(()), bias.new_zeros(())
-        for rows, cols in _tiles(x.shape[0], y.shape[0], ctx.block):
-            x_tile, y_tile, lx_tile, ly_tile = x[rows], y[cols], image_log_std[rows], text_log_std[cols]
-            inner, sq_dist, inv_var, unclamped = pair_terms(x_tile, y_tile, lx_tile, ly_tile)
-            weight = torch.sigmoid(scale * inner + bias) * grad  # d softplus(l) / dl
-            grad_bias += weight.sum()
-            grad_scale += (weight * inner).sum()
-            weight_inv_var = weight * inv_var
-            # through d: dl/dd = -t / v, and dd/dx_i = 2 (x_i - y_j) where d was not clamped
-            weight_dist = (-scale * weight_inv_var) * unclamped
-            grad_x[rows] += 2 * (x_tile * weight_dist.sum(1, keepdim=True) - weight_dist @ y_tile)
-            grad_y[cols] += 2 * (y_tile * weight_dist.sum(0)[:, None] - weight_dist.T @ x_tile)
-            # through v: dl/dv = t (d / v - 1 / 2) / v, and dv/d(ln sigma) = 2 sigma^2
-            weight_var = scale * weight_inv_var * (sq_dist * inv_var - 0.5)
-            grad_lx[rows] += weight_var.sum(1) * 2 * torch.exp(2 * lx_tile)
-            grad_ly[cols] += weight_var.sum(0) * 2 * torch.exp(2 * ly_tile)
-        return grad_x, grad_y, grad_lx, grad_ly, grad_scale, grad_bias, None
+        grads = [None if g is None else g * grad for g in ctx.saved_tensors]
+        return (*grads, None, None)
 
 
 def var_softplus_pair_sum(x, y, image_log_std, text_log_std, scale, bias, block=None):
-    """``sum_ij softplus(pair_logits_ij)``: dense autograd (``block=None``) or tiled with recomputation."""
+    """``sum_ij softplus(pair_logits_ij)``: dense autograd (``block=None``) or tiled in a single pass."""
     if block is None:
         return F.softplus(pair_logits(x, y, image_log_std, text_log_std, scale, bias)).sum()
-    return _VarSoftplusPairSum.apply(x, y, image_log_std, text_log_std, scale, bias, block)
+    return _VarSoftplusPairSum.apply(x, y, image_log_std, text_log_std, scale, bias, block, torch.is_grad_enabled())
 
 
 @probloss.register_loss("sigmoid_var")

@@ -1,12 +1,20 @@
-"""Memory-tiled kernels: pairwise loss terms computed block by block, recomputed in backward.
+"""Memory-tiled kernels: pairwise loss terms computed block by block, in O((B + N) x D + block^2) memory.
 
 A dense ``(B, N)`` logit matrix, kept alive for backward by autograd, dominates a contrastive loss's memory
 (several B x B matrices for a softmax loss: logits, softmax, its gradient). The autograd functions here walk
-over ``(block, block)`` tiles of the pair matrix, keep only O(B + N) statistics, save only their inputs, and
-recompute every tile once in backward. Memory is O((B + N) x D + block^2); time is one extra matrix product
-over the dense loss (forward 1, backward 3: recompute, grad of rows, grad of columns). This is the Inf-CL idea
+over ``(block, block)`` tiles of the pair matrix and keep only O(B + N) statistics. This is the Inf-CL idea
 (Cheng et al., "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive Loss", 2024),
 extended to the sigmoid loss and the Gaussian log-std loss, and written for any device (no custom kernels).
+
+Two kinds, by what a tile's gradient needs:
+
+- Pairwise sums (:func:`softplus_pair_sum`; sigmoid_var's kernel in losses/sigmoid_var.py): a pair term's
+  gradient needs only its own logit, so one sweep sums the loss and accumulates the gradients for an incoming
+  gradient of 1 (saved, O((B + N) x D)); backward only scales them. Three tile products in all (the logits,
+  the gradient of the rows, of the columns): the count of the matrix-product floor ``(X @ Y.T).sum()``.
+- Softmax log-sum-exps (:func:`pair_lse`, :func:`dist_pair_lse`): a tile's softmax weights need the row and
+  column log-sum-exps of the whole matrix, known only after a full sweep, so backward recomputes every tile:
+  four products (forward 1, backward 3), the two-pass limit of a softmax loss.
 
 Kernels:
 
@@ -51,7 +59,8 @@ def use_tiled(impl: str, size: int, block_size: int) -> bool:
     return impl == "tiled" or (impl == "auto" and size > block_size)
 
 
-def _tiles(n: int, block: int):
+def tiles(n: int, block: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each block of ``n`` rows."""
     return [(start, min(start + block, n)) for start in range(0, n, block)]
 
 
@@ -105,9 +114,9 @@ class _PairLSE(torch.autograd.Function):
             row_max, row_sum = q.new_full((m,), float("-inf")), q.new_zeros(m)
         if want_cols:
             col_max, col_sum = q.new_full((n,), float("-inf")), q.new_zeros(n)
-        for i0, i1 in _tiles(m, block):
+        for i0, i1 in tiles(m, block):
             q_block = q[i0:i1] if scale is None else q[i0:i1] * scale  # (bm, D)
-            for j0, j1 in _tiles(n, block):
+            for j0, j1 in tiles(n, block):
                 raw = _raw_tile(q_block, k[j0:j1], row_add, col_add, i0, i1, j0, j1)  # (bm, bn)
                 if distance:
                     raw.clamp_min_(0)  # cancellation in |q|^2 + |k|^2 - 2 q.k can dip just below zero
@@ -160,9 +169,9 @@ class _PairLSE(torch.autograd.Function):
             row_shift, row_factor = _softmax_shift(row_lse, grad_row)
         if cols:
             col_shift, col_factor = _softmax_shift(col_lse, grad_col)
-        for i0, i1 in _tiles(q.shape[0], block):
+        for i0, i1 in tiles(q.shape[0], block):
             q_block = q[i0:i1] if scale is None else q[i0:i1] * scale
-            for j0, j1 in _tiles(k.shape[0], block):
+            for j0, j1 in tiles(k.shape[0], block):
                 raw = _raw_tile(q_block, k[j0:j1], row_add, col_add, i0, i1, j0, j1)  # (bm, bn), recomputed
                 sign = 1.0
                 if not ctx.distance:
@@ -357,53 +366,58 @@ def offset_features(x: Tensor, y: Tensor, row_offset: Tensor, col_offset: Tensor
 
 
 class _SoftplusPairSum(torch.autograd.Function):
-    """sum_ij softplus(l_ij) - w * sum_ij c_ij l_ij, l = t * x_i . y_j + b, tile by tile (see softplus_pair_sum)."""
+    """sum_ij softplus(l_ij) - w * sum_ij c_ij l_ij, l = t * x_i . y_j + b, in one pass over the tiles.
+
+    A pair term's gradient needs nothing but its own logit (d/dl = sigmoid(l) - w c), so the forward sweep also
+    accumulates the gradients for an incoming gradient of 1 -- three tile products, the count of the
+    matrix-product floor -- and saves them (O((B + N) x D)); backward only scales them. (A softmax's gradient
+    needs the row and column sums first: pair_lse takes two passes.) ``with_grad=False`` (no grad mode, e.g.
+    evaluation) skips the two gradient products.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: int, row_threshold: Tensor | None,
-                col_threshold: Tensor | None, threshold_weight: float) -> Tensor:
+                col_threshold: Tensor | None, threshold_weight: float, with_grad: bool) -> Tensor:
+        need_x, need_y, need_scale, need_bias = (with_grad and n for n in ctx.needs_input_grad[:4])
         total = x.new_zeros(())
-        for i0, i1 in _tiles(x.shape[0], block):
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_y = torch.zeros_like(y) if need_y else None
+        weighted_logits, weight_sum = x.new_zeros(()), x.new_zeros(())  # sum_ij g_ij l_ij and sum_ij g_ij
+        for i0, i1 in tiles(x.shape[0], block):
             x_block = x[i0:i1] * scale  # (bm, D): the scale costs a row block, not a pass over every tile
-            for j0, j1 in _tiles(y.shape[0], block):
+            for j0, j1 in tiles(y.shape[0], block):
                 logits = torch.addmm(bias, x_block, y[j0:j1].T)  # (bm, bn) = t x_i . y_j + b
                 total += F.softplus(logits).sum()
+                counts = None
                 if threshold_weight:
                     counts = _threshold_counts(logits, row_threshold, col_threshold, i0, i1, j0, j1)
                     total -= threshold_weight * torch.dot(counts.reshape(-1), logits.reshape(-1))
-        ctx.save_for_backward(x, y, scale, bias, row_threshold, col_threshold)
-        ctx.block, ctx.threshold_weight = block, threshold_weight
+                if not (need_x or need_y or need_scale or need_bias):
+                    continue
+                weight = torch.sigmoid(logits)  # g_ij = d softplus(l) / dl
+                if counts is not None:  # the counts are constants: d (c l) / dl = c
+                    weight.sub_(counts, alpha=threshold_weight)
+                if need_scale or need_bias:
+                    weight_sum += weight.sum()
+                if need_scale:
+                    weighted_logits += torch.dot(weight.reshape(-1), logits.reshape(-1))
+                if need_x:
+                    grad_x[i0:i1].addmm_(weight, y[j0:j1])  # dl/dx_i = t y_j, t applied once at the end
+                if need_y:
+                    grad_y[j0:j1].addmm_(weight.T, x_block)  # dl/dy_j = t x_i (x_block holds the t)
+        if need_x:
+            grad_x.mul_(scale)
+        # dl/dt = x_i . y_j = (l - b) / t, summed without keeping the unscaled products
+        grad_scale = (weighted_logits - bias * weight_sum) / scale if need_scale else None
+        grad_bias = weight_sum.reshape(bias.shape) if need_bias else None
+        ctx.save_for_backward(grad_x, grad_y, grad_scale, grad_bias)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, y, scale, bias, row_threshold, col_threshold = ctx.saved_tensors
-        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_y = torch.zeros_like(y) if need_y else None
-        grad_scale = scale.new_zeros(()) if need_scale else None
-        grad_bias = bias.new_zeros(()) if need_bias else None
-        for i0, i1 in _tiles(x.shape[0], ctx.block):
-            x_block = x[i0:i1]
-            for j0, j1 in _tiles(y.shape[0], ctx.block):
-                similarity = x_block @ y[j0:j1].T  # (bm, bn)
-                logits = similarity * scale + bias
-                weight = torch.sigmoid(logits)  # d softplus(l) / dl = sigmoid(l)
-                if ctx.threshold_weight:  # the counts are constants: d (c l) / dl = c
-                    counts = _threshold_counts(logits, row_threshold, col_threshold, i0, i1, j0, j1)
-                    weight.sub_(counts, alpha=ctx.threshold_weight)
-                weight.mul_(grad)
-                if need_scale:
-                    grad_scale += torch.dot(weight.reshape(-1), similarity.reshape(-1))
-                if need_bias:
-                    grad_bias += weight.sum()
-                weight.mul_(scale)
-                if need_x:
-                    grad_x[i0:i1].addmm_(weight, y[j0:j1])
-                if need_y:
-                    grad_y[j0:j1].addmm_(weight.T, x_block)
-        return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None
+        grads = [None if g is None else g * grad for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None)
 
 
 def _threshold_counts(logits: Tensor, row_threshold: Tensor | None, col_threshold: Tensor | None,
@@ -428,7 +442,8 @@ def softplus_pair_sum(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: 
     ``(B,)`` / per-column ``(N,)`` threshold (PCME++'s pseudo-positives: the positive's logit); the counts are
     constants for the gradient (``d/dl = sigmoid(l) - threshold_weight * c``), thresholds get no gradient, and
     ``+inf`` never counts. With ``block=None`` it is the plain dense expression; otherwise ``(block, block)``
-    tiles are processed one at a time and recomputed in backward, so no ``(B, N)`` matrix is kept.
+    tiles are processed one at a time and the gradients accumulated in the same pass (single pass: the
+    floor's three products), so no ``(B, N)`` matrix is kept.
     """
     if threshold_weight:
         row_threshold = None if row_threshold is None else row_threshold.detach()
@@ -441,4 +456,5 @@ def softplus_pair_sum(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: 
                 counts = _threshold_counts(logits, row_threshold, col_threshold, 0, x.shape[0], 0, y.shape[0])
             total = total - threshold_weight * (counts * logits).sum()
         return total
-    return _SoftplusPairSum.apply(x, y, scale, bias, block, row_threshold, col_threshold, threshold_weight)
+    return _SoftplusPairSum.apply(x, y, scale, bias, block, row_threshold, col_threshold, threshold_weight,
+                                  torch.is_grad_enabled())

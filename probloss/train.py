@@ -102,15 +102,20 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     """
     run = RunSettings.from_config(cfg)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.get_num_threads())
+                torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory)
     _set_threads(fabric, run.trainer.num_threads)
     torch.use_deterministic_algorithms(run.trainer.deterministic, warn_only=True)
+    # Deterministic mode also fills every new uninitialised tensor with NaN, a debugging aid for kernels that
+    # read memory they never wrote; no kernel here does, and the fills were 15% of a tiny-model step on CPU
+    # (~490 per step, scripts/profile_step.py). The algorithms stay deterministic; results are bit-identical.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         with contextlib.ExitStack() as stack:  # the run's out.log, once its folder is known
             return _train(fabric, cfg, run, on_eval, stack)
     finally:  # a library call must not leave the caller's process changed (tests, sweeps, notebooks)
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.set_num_threads(previous[2])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[3]
 
 
 def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.ExitStack) -> dict[str, Any]:
@@ -162,7 +167,8 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     try:
         while pos.step < t.max_steps:
             timer.start()  # throughput includes reading the data
-            batch = next(batches)
+            with phase("data"):
+                batch = next(batches)
             torch.manual_seed(step_seed(run.seed, pos.step, fabric.global_rank))  # dropout etc.: a function of the step
             out = train_step(fabric, trainee, optimizer, batch, t.grad_clip, t.accum_steps)
             scheduler.step()
@@ -177,18 +183,22 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
                 _handle_nonfinite(fabric, t, pos, out, run_dir, tracker, run.loss_name)
 
             if logger is not None and (pos.step % t.log_every == 0 or pos.step == 1):
-                logger.log_metrics(_train_scalars(trainee, optimizer, out, timer, pos, tracker), step=pos.step)
+                with phase("logging"):
+                    logger.log_metrics(_train_scalars(trainee, optimizer, out, timer, pos, tracker), step=pos.step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out.loss:.4f}", samples_s=f"{timer.samples_per_s:.0f}", refresh=False)
             last = pos.step == t.max_steps
             if t.eval_every and pos.step % t.eval_every == 0 and not last:
-                metrics = run_evaluation()
+                with phase("evaluation"):
+                    metrics = run_evaluation()
                 if on_eval is not None:
                     on_eval(pos.step, {**metrics, **tracker.summary()})
             if (t.ckpt_every and pos.step % t.ckpt_every == 0) or last:
-                _save(fabric, run_dir, pos, state, t.keep_last)
-        val_metrics = run_evaluation(final=True)
+                with phase("checkpoint"):
+                    _save(fabric, run_dir, pos, state, t.keep_last)
+        with phase("evaluation"):
+            val_metrics = run_evaluation(final=True)
         if logger is not None and run.eval.projector_samples:
             log_projector(trainee.module.model, eval_set, logger, pos.step, run.eval.projector_samples)
     except BaseException:
@@ -250,30 +260,34 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
         texts = with_negatives(tokens, negatives)
         if partial is not None:  # encoded in the same forward (one DDP forward per step), split off after it
             texts = torch.cat([texts, fabric.to_device(partial)])
-        emb = trainee(images, texts)
-        if partial is not None:
-            emb, views = _split_partial_views(emb, partial.shape[0])
-        loss = trainee.loss(*emb.loss_args())
-        if partial is not None:
-            n = images.shape[0]
-            loss = loss + trainee.loss.partial_view_loss(
-                emb.text_emb[:n], None if emb.text_log_std is None else emb.text_log_std[:n], *views,
-                fabric.to_device(batch["partial_mask"]))
-        value, finite = dist.global_mean(fabric, loss)
+        with phase("forward"):
+            emb = trainee(images, texts)
+        with phase("loss"):
+            if partial is not None:
+                emb, views = _split_partial_views(emb, partial.shape[0])
+            loss = trainee.loss(*emb.loss_args())
+            if partial is not None:
+                n = images.shape[0]
+                loss = loss + trainee.loss.partial_view_loss(
+                    emb.text_emb[:n], None if emb.text_log_std is None else emb.text_log_std[:n], *views,
+                    fabric.to_device(batch["partial_mask"]))
+            value, finite = dist.global_mean(fabric, loss)
         emb = detach(emb, texts=images.shape[0])  # positives: diagnostics comparable with and without extras
         if finite:
-            fabric.backward(loss)
+            with phase("backward"):
+                fabric.backward(loss)
     else:
         value, finite, emb = grad_cache_backward(fabric, trainee, images, tokens, accum_steps, negatives)
     if not finite:
         return StepOutput(value, float("nan"), False, emb, "loss")
-    max_norm = grad_clip or float("inf")  # inf: no clipping, but the norm is still measured
-    grad_norm = float(fabric.clip_gradients(trainee, optimizer, max_norm=max_norm, error_if_nonfinite=False))
-    if not math.isfinite(grad_norm):
+    with phase("optimizer"):
+        max_norm = grad_clip or float("inf")  # inf: no clipping, but the norm is still measured
+        grad_norm = float(fabric.clip_gradients(trainee, optimizer, max_norm=max_norm, error_if_nonfinite=False))
+        if not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return StepOutput(value, grad_norm, False, emb, "gradient")
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return StepOutput(value, grad_norm, False, emb, "gradient")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return StepOutput(value, grad_norm, True, emb)
 
 
@@ -282,6 +296,12 @@ def _split_partial_views(emb, b: int):
     log_std = emb.text_log_std
     rest = type(emb)(emb.image_emb, emb.text_emb[:-b], emb.image_log_std, None if log_std is None else log_std[:-b])
     return rest, (emb.text_emb[-b:], None if log_std is None else log_std[-b:])
+
+
+def phase(name: str):
+    """A named range of the training loop (``probloss/<name>``) that torch.profiler reports as one row
+    (scripts/profile_step.py); without a profiler it costs about a microsecond."""
+    return torch.profiler.record_function(f"probloss/{name}")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -242,6 +242,17 @@ def test_kernels_respect_needs_input_grad():
     want = torch.autograd.grad(_dense_dist_lse(q, k, pen, None, None, None, True, False)[0].sum(), [pen])[0]
     torch.testing.assert_close(grad_pen, want, rtol=RTOL, atol=0)
 
+    # the single-pass pair sum: only y needs a gradient; and in no grad mode only the value is computed
+    scale, bias = torch.tensor(1.5, dtype=F64), torch.tensor(-0.5, dtype=F64)
+    y_grad = y.clone().requires_grad_()
+    (grad_y,) = torch.autograd.grad(3.0 * softplus_pair_sum(x.detach(), y_grad, scale, bias, block=2), [y_grad])
+    want = torch.autograd.grad(3.0 * softplus_pair_sum(x.detach(), y_grad, scale, bias, block=None), [y_grad])[0]
+    torch.testing.assert_close(grad_y, want, rtol=RTOL, atol=0)
+    with torch.no_grad():
+        value = softplus_pair_sum(x, y_grad, scale, bias, block=2)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, softplus_pair_sum(x, y_grad, scale, bias, block=None).detach(), rtol=RTOL, atol=0)
+
 
 def test_kernels_are_stable_for_large_logits():
     """Logits in the hundreds (t = 100 on unit vectors, far-apart Gaussians) stay finite in float32."""

@@ -504,3 +504,22 @@ def test_unreadable_test_split_is_a_warning_and_the_run_keeps_its_summary(tmp_pa
     assert summary["status"] == "finished" and "val/i2t_r@1" in summary and "test/i2t_r@1" not in summary
     assert "no readable sample" in summary["test/error"] and "write them again" in summary["test/error"]
     assert "warning: test split skipped" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_profile_step_reports_every_phase_of_a_run(tmp_path, cache_dir):
+    """scripts/profile_step.py: a real run under torch.profiler, its wall time split into the loop's marked
+    phases (every one of them seen in a run that evaluates, checkpoints and logs) plus the rest."""
+    out = tmp_path / "profile.json"
+    overrides = [o for o in small(tmp_path / "runs", cache_dir) if not o.startswith("trainer.max_steps")]
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_step.py"), "--steps", "6", "--out", str(out),
+                           *overrides], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    phases = result["phases_s"]
+    assert set(phases) == {"data", "forward", "loss", "backward", "optimizer", "logging", "evaluation", "checkpoint",
+                           "other"}
+    assert all(phases[p] > 0 for p in ("data", "forward", "loss", "backward", "optimizer", "logging", "evaluation",
+                                       "checkpoint"))  # every phase of this run happened and was seen
+    assert sum(phases.values()) == pytest.approx(result["wall_s"], rel=0.05)
+    assert result["steps"] == 6 and result["top_ops"] and "| forward |" in done.stdout
