@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "logging", "evaluation", "checkpoint")
 
