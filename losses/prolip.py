@@ -2,7 +2,9 @@
 
 Chun, Kim, Park and Yun, "Probabilistic Language-Image Pre-Training", 2024 (arXiv 2410.18857); released code
 naver-ai/prolip, src/prolip/loss.py (``ProLIPLoss``). It puts PCME++'s closed-form sampled distance
-(losses/pcmepp.py) inside SigLIP's loss (losses/sigmoid.py).
+(losses/pcmepp.py) inside SigLIP's loss (losses/sigmoid.py). The terms below carry the names the release's
+loss.py gives them (PPCL, inclusion loss, VIB); the release cites no equation numbers, and the paper's could not
+be checked against a readable copy here, so none are given.
 
 Each sample is a Gaussian N(mu, diag sigma^2), mu the L2-normalised embedding. The loss contract passes
 ln sigma (the papers' networks output log sigma^2 = 2 ln sigma): per-sample log-stds ``(B,)`` make the Gaussian
