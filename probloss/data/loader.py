@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import glob
 import io
 import itertools
@@ -354,13 +355,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             reported = handler.count
 
 
-def _die_with_parent(parent_pid: int, worker_id: int) -> None:
-    """DataLoader worker init: die with the training process. A worker whose parent is SIGKILLed otherwise
-    hangs for ever at exit, its feeder thread blocked on the full result pipe (~300 MB resident each)."""
+def _init_worker(parent_pid: int, worker_id: int) -> None:
+    """DataLoader worker init.
+
+    - Die with the training process: a worker whose parent is SIGKILLed otherwise hangs for ever at exit, its
+      feeder thread blocked on the full result pipe (~300 MB resident each).
+    - ``gc.freeze()``: everything imported so far (torch alone is ~10^5 objects) lives as long as the worker;
+      out of the collector's sight, the worker's full collections (which stalled a batch every ~50) get cheap
+      (about 2 ms per training step on the default run).
+    """
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    gc.freeze()
 
 
 class TrainLoader:
@@ -379,7 +387,7 @@ class TrainLoader:
         else:
             yield from torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                                    prefetch_factor=4,
-                                                   worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
+                                                   worker_init_fn=functools.partial(_init_worker, os.getpid()))
         self.dataset.epoch += 1
 
 
