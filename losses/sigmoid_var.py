@@ -48,19 +48,11 @@ from probloss.tiled import DEFAULT_BLOCK, IMPLS, tiles, use_tiled
 SIGLIP_MATCHED_BIAS = -10.0 + 10.0 * (1.0 + 0.5 * math.log(2.0))
 
 
-def pair_terms(x, y, image_log_std, text_log_std):
-    """Per-pair pieces, each ``(B, N)``: the unscaled logit ``-ln sqrt(v) - d / v``, ``d``, ``1 / v``, and where
-    ``d`` was not clamped (its gradient is zero there)."""
-    sq_dist_raw = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1) - 2 * x @ y.T
-    sq_dist = sq_dist_raw.clamp_min(0)  # cancellation can dip just below zero
-    var = torch.exp(2 * image_log_std)[:, None] + torch.exp(2 * text_log_std)[None, :]
-    inv_var = var.reciprocal()
-    return -0.5 * torch.log(var) - sq_dist * inv_var, sq_dist, inv_var, sq_dist_raw > 0
-
-
 def pair_logits(x, y, image_log_std, text_log_std, scale, bias):
-    """``(B, N)`` logits ``t * (-ln sqrt(v_ij) - d_ij / v_ij) + b``."""
-    return scale * pair_terms(x, y, image_log_std, text_log_std)[0] + bias
+    """``(B, N)`` logits ``t * (-ln sqrt(v_ij) - d_ij / v_ij) + b`` (dense; the tiled kernel's reference)."""
+    sq_dist = (x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1) - 2 * x @ y.T).clamp_min(0)  # cancellation dips < 0
+    var = torch.exp(2 * image_log_std)[:, None] + torch.exp(2 * text_log_std)[None, :]
+    return scale * (-0.5 * torch.log(var) - sq_dist * var.reciprocal()) + bias
 
 
 class _VarSoftplusPairSum(torch.autograd.Function):

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
                              for e in ops[:args.top]]
         print("\n| operator | self CPU (s) | calls | us per call |\n|---|---:|---:|---:|")
         for e in ops[:args.top]:
-            print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {e.count} | {e.self_cpu_time_total / e.count:.1f} |")
+            seconds = e.self_cpu_time_total / 1e6
+            print(f"| `{e.key}` | {seconds:.2f} | {e.count} | {1e6 * seconds / e.count:.1f} |")
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")
     return result
