@@ -36,13 +36,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
 from probloss.loss import positive_texts
-from probloss.tiled import DEFAULT_BLOCK, IMPLS, tiles, use_tiled
+from probloss.tiled import DEFAULT_BLOCK, IMPLS, SinglePassSum, tiles, use_tiled
 
 # SigLIP's starting logits t * cos - 10 at t = 10 and sigma = 1 (see the module docstring).
 SIGLIP_MATCHED_BIAS = -10.0 + 10.0 * (1.0 + 0.5 * math.log(2.0))
@@ -55,7 +54,7 @@ def pair_logits(x, y, image_log_std, text_log_std, scale, bias):
     return scale * (-0.5 * torch.log(var) - sq_dist * var.reciprocal()) + bias
 
 
-class _VarSoftplusPairSum(torch.autograd.Function):
+class _VarSoftplusPairSum(SinglePassSum):
     """sum_ij softplus(pair_logits_ij), tile by tile, the gradients accumulated in the same pass.
 
     A pair term's gradient needs only its own logit, so the forward sweep computes every tile once and adds its
@@ -119,12 +118,6 @@ class _VarSoftplusPairSum(torch.autograd.Function):
             grads = [g if n else None for g, n in zip(grads, need)]
         ctx.save_for_backward(*grads)
         return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        grads = [None if g is None else g * grad for g in ctx.saved_tensors]
-        return (*grads, None, None)
 
 
 def var_softplus_pair_sum(x, y, image_log_std, text_log_std, scale, bias, block=None):

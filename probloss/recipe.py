@@ -84,8 +84,6 @@ def baselines(exp: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def run_recipe(argv: Sequence[str], log=print) -> Path:
     """Train every arm x seed not trained yet, run the extra evaluations, and write the report."""
-    from probloss.checkpoint import newest_checkpoint
-    from probloss.eval.runtime import evaluate_checkpoint
     from probloss.train import NonFiniteLossError
     from probloss.train import main as train_main
 
@@ -114,11 +112,8 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
                 summary.setdefault("wall_time_s", trained_for)  # a stopped run's summary has no time of its own
             finished = summary.get("status", "finished") == "finished"
             for evaluation, eval_overrides in (exp.get("evaluations") or {}).items() if finished else ():
-                cached = run_dir / f"eval-{_slug(evaluation)}.json"
-                if not cached.is_file():
-                    metrics = evaluate_checkpoint(newest_checkpoint(run_dir), eval_overrides)
-                    cached.write_text(json.dumps({k: v for k, v in metrics.items() if _is_number(v)}, indent=1))
-                summary.update({f"{evaluation}/{k}": v for k, v in json.loads(cached.read_text()).items()})
+                metrics = cached_evaluation(run_dir, evaluation, eval_overrides)
+                summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
             if finished:
                 backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
             results.append({"arm": arm, "seed": seed, "run_dir": str(run_dir), **summary})
@@ -149,9 +144,22 @@ def render_recipe(exp_dir: str | Path) -> Path:
     return write_recipe_report(exp, Path(exp_dir).name, results, Path(exp_dir))
 
 
+def cached_evaluation(run_dir: Path, name: str, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """The numbers of one evaluation of the run's newest checkpoint with ``overrides``, computed once and kept
+    as ``<run>/eval-<name>.json``."""
+    from probloss.checkpoint import newest_checkpoint
+    from probloss.eval.runtime import evaluate_checkpoint
+
+    cached = run_dir / f"eval-{_slug(name)}.json"
+    if not cached.is_file():
+        metrics = evaluate_checkpoint(newest_checkpoint(run_dir), overrides)
+        cached.write_text(json.dumps({k: v for k, v in metrics.items() if _is_number(v)}, indent=1))
+    return json.loads(cached.read_text())
+
+
 def backfill_metrics(run_dir: Path, summary: dict[str, Any], metrics: Sequence[str], log=print) -> list[str]:
     """Fill the reported ``metrics`` a finished run's summary lacks (the instruments gained a key after the run
-    was trained) from one evaluation of its final checkpoint, cached as ``eval-final.json``; returns the keys
+    was trained) from one evaluation of its final checkpoint (``cached_evaluation`` "final"); returns the keys
     filled, also listed in the row's ``backfilled``.
 
     The evaluation is trusted only if it reproduces the summary's own test numbers: a checkpoint that is not the
@@ -159,22 +167,18 @@ def backfill_metrics(run_dir: Path, summary: dict[str, Any], metrics: Sequence[s
     evaluation too (e.g. sigma metrics of a loss without sigma) stay absent.
     """
     from probloss.checkpoint import newest_checkpoint
-    from probloss.eval.runtime import evaluate_checkpoint
 
     missing = [k for k in metrics if k not in summary]
     ckpt = newest_checkpoint(run_dir) if missing else None
     if ckpt is None:
         return []
-    cached = run_dir / "eval-final.json"
-    if not cached.is_file():
+    if not (run_dir / "eval-final.json").is_file():
         if ckpt.name != f"step-{int(summary.get('steps', -1)):08d}.ckpt":
             log(f"warning: {run_dir} lacks {missing}, but its newest checkpoint {ckpt.name} is not of its final "
                 f"step {summary.get('steps')}: not filled", flush=True)
             return []
         log(f"re-evaluating {ckpt} for {missing}", flush=True)
-        evaluated = evaluate_checkpoint(ckpt)
-        cached.write_text(json.dumps({k: v for k, v in evaluated.items() if _is_number(v)}, indent=1))
-    evaluated = json.loads(cached.read_text())
+    evaluated = cached_evaluation(run_dir, "final")
     shared = [k for k in ("test/zeroshot_top1", "test/i2t_r@1", "test/t2i_r@1") if k in summary and k in evaluated]
     if not shared or any(abs(summary[k] - evaluated[k]) > 1e-9 for k in shared):
         log(f"warning: re-evaluating {ckpt} does not reproduce its summary's {shared or 'test metrics'}: "

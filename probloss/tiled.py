@@ -8,7 +8,7 @@ extended to the sigmoid loss and the Gaussian log-std loss, and written for any 
 
 Two kinds, by what a tile's gradient needs:
 
-- Pairwise sums (:func:`softplus_pair_sum`; sigmoid_var's kernel in losses/sigmoid_var.py): a pair term's
+- Pairwise sums (:class:`SinglePassSum`: :func:`softplus_pair_sum`, sigmoid_var's kernel): a pair term's
   gradient needs only its own logit, so one sweep sums the loss and accumulates the gradients for an incoming
   gradient of 1 (saved, O((B + N) x D)); backward only scales them. Three tile products in all (the logits,
   the gradient of the rows, of the columns): the count of the matrix-product floor ``(X @ Y.T).sum()``.
@@ -365,7 +365,19 @@ def offset_features(x: Tensor, y: Tensor, row_offset: Tensor, col_offset: Tensor
     return torch.cat([x, row_offset[:, None], ones_x], dim=1), torch.cat([y, ones_y, col_offset[:, None]], dim=1)
 
 
-class _SoftplusPairSum(torch.autograd.Function):
+class SinglePassSum(torch.autograd.Function):
+    """Base of the single-pass kernels (module docstring): ``forward`` returns a scalar sum and saves, with
+    ``save_for_backward``, the gradients of its leading inputs for an incoming gradient of 1 (``None`` where one
+    is not needed); ``backward`` only scales them. Later inputs (options) get no gradient."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        grads = [None if g is None else g * grad for g in ctx.saved_tensors]
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
+
+
+class _SoftplusPairSum(SinglePassSum):
     """sum_ij softplus(l_ij) - w * sum_ij c_ij l_ij, l = t * x_i . y_j + b, in one pass over the tiles.
 
     A pair term's gradient needs nothing but its own logit (d/dl = sigmoid(l) - w c), so the forward sweep also
@@ -379,6 +391,7 @@ class _SoftplusPairSum(torch.autograd.Function):
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, block: int, row_threshold: Tensor | None,
                 col_threshold: Tensor | None, threshold_weight: float, with_grad: bool) -> Tensor:
         need_x, need_y, need_scale, need_bias = (with_grad and n for n in ctx.needs_input_grad[:4])
+        with_grad = need_x or need_y or need_scale or need_bias
         total = x.new_zeros(())
         grad_x = torch.zeros_like(x) if need_x else None
         grad_y = torch.zeros_like(y) if need_y else None
@@ -392,7 +405,7 @@ class _SoftplusPairSum(torch.autograd.Function):
                 if threshold_weight:
                     counts = _threshold_counts(logits, row_threshold, col_threshold, i0, i1, j0, j1)
                     total -= threshold_weight * torch.dot(counts.reshape(-1), logits.reshape(-1))
-                if not (need_x or need_y or need_scale or need_bias):
+                if not with_grad:
                     continue
                 weight = torch.sigmoid(logits)  # g_ij = d softplus(l) / dl
                 if counts is not None:  # the counts are constants: d (c l) / dl = c
@@ -412,12 +425,6 @@ class _SoftplusPairSum(torch.autograd.Function):
         grad_bias = weight_sum.reshape(bias.shape) if need_bias else None
         ctx.save_for_backward(grad_x, grad_y, grad_scale, grad_bias)
         return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        grads = [None if g is None else g * grad for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None)
 
 
 def _threshold_counts(logits: Tensor, row_threshold: Tensor | None, col_threshold: Tensor | None,

@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=15, help="operators listed by self CPU time")
     parser.add_argument("--no-profiler", action="store_true", help="time the run without torch.profiler")
     parser.add_argument("--out", default="profile_step.json", help="JSON output path")
-    args, overrides = parser.parse_known_args(argv)
+    args, user_overrides = parser.parse_known_args(argv)
     from probloss.train import main as train_main
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"trainer.max_steps={args.steps}", "trainer.progress=false", "eval.projector_samples=0",
-                     f"out_dir={tmp}", *overrides]  # later overrides win: out_dir= on the command line keeps the run
+                     f"out_dir={tmp}", *user_overrides]  # later overrides win: out_dir= keeps the run
         started = time.perf_counter()
         if args.no_profiler:
             summary = train_main(overrides)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
                 summary = train_main(overrides)
         wall = time.perf_counter() - started
     steps = int(summary["steps"])
-    result = {"overrides": overrides[4:], "steps": steps, "wall_s": wall, "samples_per_s": summary["samples_per_s"],
+    result = {"overrides": user_overrides, "steps": steps, "wall_s": wall, "samples_per_s": summary["samples_per_s"],
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "profiler": prof is not None}
     print(f"{steps} steps in {wall:.1f} s wall; samples/s (training loop, data included): "
