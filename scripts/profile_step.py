@@ -4,6 +4,9 @@
     python scripts/profile_step.py loss=gaussian_var --steps 500 --out profile.json
     python scripts/profile_step.py --no-profiler trainer.num_threads=2   # wall time and samples/s alone
 
+Options: --steps (300), --top (operators listed, 15), --no-profiler, --out (profile_step.json); every other
+argument is a training override, checked like ``probloss train``'s (an unknown key: one line, exit 2).
+
 Runs ``probloss.train.main`` with the given overrides (a throwaway run folder under a temporary out_dir unless
 ``out_dir=`` is given; ``trainer.eval_every`` and ``ckpt_every`` as configured, so evaluation and checkpoints
 cost what they cost in a real run) and reports the time inside each range the loop marks with
@@ -37,7 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-profiler", action="store_true", help="time the run without torch.profiler")
     parser.add_argument("--out", default="profile_step.json", help="JSON output path")
     args, user_overrides = parser.parse_known_args(argv)
+    from probloss.config import compose_config
     from probloss.train import main as train_main
+
+    compose_config(user_overrides)  # every key checked before the profiler starts
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"trainer.max_steps={args.steps}", "trainer.progress=false", "eval.projector_samples=0",
@@ -79,4 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from probloss.cli import run_command
+
+    run_command(main, "train", __doc__, sys.argv[1:])  # the commands' --help, one-line errors and exit codes

@@ -523,3 +523,12 @@ def test_profile_step_reports_every_phase_of_a_run(tmp_path, cache_dir):
                                        "checkpoint"))  # every phase of this run happened and was seen
     assert sum(phases.values()) == pytest.approx(result["wall_s"], rel=0.05)
     assert result["steps"] == 6 and result["top_ops"] and "| forward |" in done.stdout
+
+
+@pytest.mark.slow
+def test_profile_step_rejects_an_unknown_key_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_step.py"), "--out", str(tmp_path / "p.json"),
+                           "trainer.max_step=5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "unknown config key 'trainer.max_step'" in done.stderr and "max_steps" in done.stderr
+    assert not (tmp_path / "p.json").exists()
