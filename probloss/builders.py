@@ -3,7 +3,7 @@
 ::
 
     run = RunSettings.from_config(cfg)
-    tokenizer = make_tokenizer(run.data)
+    tokenizer = make_tokenizer(run)
     trainee = make_trainee(run, tokenizer)           # Trainee(model, loss); log-std heads if the loss needs them
     optimizer = make_optimizer(trainee, run.trainer)
 """
@@ -67,11 +67,17 @@ def check_partial_views(loss, data: DataSettings, accum_steps: int) -> None:
                           "trainer.accum_steps=1")
 
 
-def make_tokenizer(data: DataSettings):
+def make_tokenizer(run: RunSettings):
+    """The data's tokenizer (``data.tokenizer``; with an ``hf:`` text tower, the tower's own)."""
     from probloss.models import build_tokenizer, shapes_vocab
 
+    data = run.data
     vocab = shapes_vocab() if data.tokenizer == "word" else None
-    return build_tokenizer(data.tokenizer, max_len=data.max_len, vocab=vocab)
+    try:
+        return build_tokenizer(data.tokenizer, max_len=data.max_len, vocab=vocab,
+                               allow_download=bool(run.model.get("allow_download", False)))
+    except ValueError as err:
+        raise ConfigError(f"data.tokenizer={data.tokenizer}: {err}") from None
 
 
 def make_trainee(run: RunSettings, tokenizer) -> Trainee:
@@ -84,7 +90,8 @@ def make_trainee(run: RunSettings, tokenizer) -> Trainee:
         model_cfg["init_log_std"] = loss.init_log_std
     try:
         model = build_dual_encoder(model_cfg, vocab_size=tokenizer.vocab_size, max_len=tokenizer.max_len,
-                                   image_size=run.data.image_size, log_std=loss.needs_log_std)
+                                   image_size=run.data.image_size, log_std=loss.needs_log_std,
+                                   cache_size=run.trainer.accum_steps)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model config {run.model.get('name', '?')!r}: {err}") from None
     return Trainee(model, loss)

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import probloss
 
@@ -156,8 +156,28 @@ def compose_config(
         raise ConfigError(f"cannot resolve the config: {err}") from None
     if "loss" in cfg:
         check_loss_kwargs(cfg)
+    _resolve_towers(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _resolve_towers(cfg: DictConfig) -> None:
+    """Write the preprocessing of a ``timm:``/``hf:`` tower into the config (its input size, mean, std,
+    interpolation; its tokenizer and length), so that config.yaml says what the run used (models/towers.py)."""
+    if "model" not in cfg or "data" not in cfg:
+        return
+    model, data = OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data)
+    named = [str(model.get(f"{m}_tower", "")) for m in ("image", "text")] + [str(data.get("tokenizer", ""))]
+    if not any(spec.startswith(("timm:", "hf:")) for spec in named):
+        return  # the built-in towers: nothing to resolve, and timm/transformers are not imported
+    from probloss.models.towers import resolve_tower_config
+
+    try:
+        model, data = resolve_tower_config(model, data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    with open_dict(cfg):
+        cfg.model, cfg.data = model, data
 
 
 def _is_new_loss_kwarg(schema: DictConfig, key: str) -> bool:
@@ -335,6 +355,7 @@ def apply_overrides(saved: Mapping, overrides: Sequence[str], what: str) -> Dict
         _check_key(schema, o.key_or_group)
         OmegaConf.update(cfg, o.key_or_group, o.value(), merge=False)
     _check_types(schema, cfg, prefix="")
+    _resolve_towers(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

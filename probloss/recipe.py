@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from probloss.config import ConfigError, compose_config
+from probloss.config import ConfigError, compose_config, config_groups
 from probloss.report import (CI, diff_range, error_bars, fmt_ci, mean_ci, metric_range, row_value, run_stopped,
                              report_lines, save_figure, summarise, sweep_studies, verdict)
 from probloss.run_folder import run_base
@@ -53,14 +53,19 @@ def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
     ``argv`` is composed with configs/recipe.yaml (the training config plus ``recipe=<name>``), so every key is
     checked like a training run's; the training overrides are ``argv`` minus the ``recipe`` ones.
     """
-    cfg = compose_config(argv, config_name="recipe")
+    own = [a for a in argv if a.split("=", 1)[0].lstrip("+~").startswith("recipe")]
+    # The recipe's own group choices (model=lit, data=webdataset) come first, so that the command line's keys
+    # are checked against the model and data the runs will use.
+    groups = config_groups("train")
+    shared = compose_config(own, config_name="recipe").recipe.get("overrides") or []
+    choices = [o for o in shared if o.split("=", 1)[0] in groups]
+    cfg = compose_config([*choices, *argv], config_name="recipe")
     recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
     name = next(a.split("=", 1)[1] for a in argv if a.startswith("recipe="))
     if not recipe.get("arms"):
         raise ConfigError(f"recipe {name!r} has no arms (arm name -> training overrides)")
     baselines(recipe)  # a misspelt baseline fails now, not after hours of training
-    train_overrides = [a for a in argv if not a.split("=", 1)[0].lstrip("+~").startswith("recipe")]
-    return name, recipe, train_overrides
+    return name, recipe, [a for a in argv if a not in own]
 
 
 def baselines(exp: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -89,7 +94,7 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
 
     started = time.perf_counter()
     name, exp, train_overrides = load_recipe(argv)
-    exp_dir = Path(os.path.expanduser(compose_config(train_overrides)["out_dir"])) / name
+    exp_dir = Path(os.path.expanduser(compose_config([*exp.get("overrides", []), *train_overrides])["out_dir"])) / name
     results = []
     for arm, arm_overrides in exp["arms"].items():
         for seed in exp.get("seeds", [0]):

@@ -91,7 +91,7 @@ class DataSettings:
     classnames: tuple[str, ...] | None
     templates: tuple[str, ...] | None
     tokenizer: str
-    max_len: int
+    max_len: int | None  # null: an hf: tokenizer's own maximum (resolved when the config is composed)
     num_workers: int
     batches_per_epoch: int | None
     image_noise: float | None

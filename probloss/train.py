@@ -129,7 +129,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     if fabric.is_global_zero:
         stack.enter_context(tee_output(run_dir / "out.log"))
     spec = prepare_data(run.data, t.batch_size, fabric)
-    tokenizer = make_tokenizer(run.data)
+    tokenizer = make_tokenizer(run)
     if resume_from is not None:
         check_resume_config(resume_from, cfg, announce=fabric.is_global_zero)
 

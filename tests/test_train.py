@@ -308,7 +308,7 @@ def test_train_step_adds_the_partial_view_term():
 
     torch.manual_seed(0)
     run = RunSettings.from_config(compose_config(["loss=prolip", "loss.partial_alpha=0.5", "model=tiny"]))
-    trainee = make_trainee(run, make_tokenizer(run.data))
+    trainee = make_trainee(run, make_tokenizer(run))
     fabric = Fabric(accelerator="cpu", devices=1)
     images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 20, (4, 16))
     partial = torch.randint(1, 20, (4, 16))

@@ -177,7 +177,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     raw = ckpt.read_checkpoint(path)
     cfg = apply_overrides(raw["config"], overrides, what=f"the config saved in {path}")
     run = RunSettings.from_config(cfg)
-    tokenizer = make_tokenizer(run.data)
+    tokenizer = make_tokenizer(run)
     trainee = make_trainee(run, tokenizer)
     trainee.load_state_dict(raw["model"])
     fabric = Fabric(accelerator="auto", devices=1, precision="32-true")

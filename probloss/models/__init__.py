@@ -1,5 +1,6 @@
-"""Encoders: image towers ("vit", "resnet") and text towers ("transformer", "cbow") registered in
-``probloss.ENCODERS``, the tokenizers, and the dual encoder with optional log-std heads.
+"""Encoders: image towers ("vit", "resnet", "timm:<name>") and text towers ("transformer", "cbow",
+"hf:<name or folder>") registered in ``probloss.ENCODERS``, the tokenizers, and the dual encoder with optional
+log-std heads and tower locking.
 
     from probloss.models import build_tokenizer, build_dual_encoder
     tok = build_tokenizer("word", max_len=16)

@@ -67,6 +67,28 @@ class LogStdHead(nn.Module):
         return out if self.per_dim else out.squeeze(-1)
 
 
+class FeatureCache:
+    """The outputs of a locked (fixed) tower for its last ``size`` inputs, found by equal input (an exact,
+    element-wise comparison, far cheaper than a forward pass). Inputs are copied: a loader may reuse buffers."""
+
+    def __init__(self, size: int = 1):
+        self.size, self.entries = max(1, int(size)), []
+
+    def get(self, inputs: Tensor) -> Tensor | None:
+        for key, value in self.entries:
+            if key.shape == inputs.shape and key.dtype == inputs.dtype and key.device == inputs.device \
+                    and torch.equal(key, inputs):
+                return value
+        return None
+
+    def put(self, inputs: Tensor, value: Tensor) -> Tensor:
+        self.entries = [*self.entries, (inputs.detach().clone(), value)][-self.size:]
+        return value
+
+    def clear(self) -> None:
+        self.entries = []
+
+
 class DualEncoder(nn.Module):
     """Image and text towers with projections to ``embed_dim`` and optional log-std heads.
 
@@ -93,15 +115,62 @@ class DualEncoder(nn.Module):
             out = embed_dim if log_std_per_dim else None
             self.image_log_std = LogStdHead(image_tower.width, out, init_log_std, log_std_hidden)
             self.text_log_std = LogStdHead(text_tower.width, out, init_log_std, log_std_hidden)
+        self._locked_modules: list[nn.Module] = []  # modules whose every parameter is locked: always in eval mode
+        self._feature_caches: dict[str, FeatureCache] = {}  # fully locked towers' features, by modality
+
+    def lock(self, modality: str, unlocked_groups: int = 0, cache_size: int = 1) -> None:
+        """Lock a tower (LiT, Zhai et al. 2022): no gradients, eval mode, so the optimiser and weight decay never
+        see its parameters; or all but its last ``unlocked_groups`` parameter groups (``tower.param_groups()``).
+
+        A fully locked tower runs under no_grad, and its features of the last ``cache_size`` batches are kept:
+        GradCache encodes every micro-batch twice, and the second time the locked tower is not run again.
+        """
+        tower = getattr(self, f"{modality}_tower")
+        frozen = {name for name, _ in tower.named_parameters()}
+        if unlocked_groups:
+            if not hasattr(tower, "param_groups"):
+                raise ValueError(f"{type(tower).__name__} has no param_groups(), so it can only be locked whole "
+                                 f"(lock_{modality}_unlocked_* = 0)")
+            groups = tower.param_groups()
+            if not 0 < unlocked_groups < len(groups):
+                raise ValueError(f"the {modality} tower has {len(groups)} parameter groups; unlock between 1 and "
+                                 f"{len(groups) - 1} of them (got {unlocked_groups})")
+            frozen -= {name for group in groups[-unlocked_groups:] for name in group}
+        for name, param in tower.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+        self._locked_modules += [m for m in tower.modules()
+                                 if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+        if not unlocked_groups:
+            self._feature_caches[modality] = FeatureCache(cache_size)
+            tower.register_load_state_dict_post_hook(lambda *_: self._feature_caches[modality].clear())
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        super().train(mode)
+        for module in self._locked_modules:  # no dropout, no BatchNorm statistics in what does not learn
+            module.eval()
+        return self
+
+    def _pooled(self, modality: str, inputs: Tensor) -> Tensor:
+        tower = getattr(self, f"{modality}_tower")
+        cache = self._feature_caches.get(modality)
+        if cache is None:
+            return tower(inputs)
+        found = cache.get(inputs)
+        if found is None:
+            with torch.no_grad():
+                found = cache.put(inputs, tower(inputs))
+        return found
 
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """images (B, 3, H, W) -> (embedding (B, D), log-std (B,) / (B, D) / None)."""
-        pooled = self.image_tower(images)
+        pooled = self._pooled("image", images)
         return self.image_proj(pooled), None if self.image_log_std is None else self.image_log_std(pooled)
 
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """tokens (B, L) long, pad 0 -> (embedding (B, D), log-std (B,) / (B, D) / None)."""
-        pooled = self.text_tower(tokens)
+        """tokens (B, L) long, padded as the tokenizer pads -> (embedding (B, D), log-std (B,) / (B, D) / None)."""
+        pooled = self._pooled("text", tokens)
         return self.text_proj(pooled), None if self.text_log_std is None else self.text_log_std(pooled)
 
     def forward(self, images: Tensor, tokens: Tensor) -> Embeddings:
@@ -112,13 +181,16 @@ class DualEncoder(nn.Module):
 
 
 # Flat model-config keys that are not tower arguments; tower arguments are spelled image_<arg> / text_<arg>.
-_GLOBAL_KEYS = {"name", "image_tower", "text_tower", "embed_dim", "log_std_per_dim", "init_log_std", "log_std_hidden"}
+_GLOBAL_KEYS = {"name", "image_tower", "text_tower", "embed_dim", "log_std_per_dim", "init_log_std", "log_std_hidden",
+                "lock_image", "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_layers", "allow_download"}
 # The constructor keywords every tower of a modality takes from the data and the tokenizer.
 DATA_KWARGS = {"image": ("image_size",), "text": ("vocab_size", "max_len")}
 
 
-def _tower_class(name: str, modality: str) -> Any:
-    """The registered tower ``name``, checked to declare the tower contract (module docstring) for ``modality``."""
+def _tower_class(spec: str, modality: str) -> tuple[Any, str | None]:
+    """(the registered tower class, the name after ``<tower>:`` or None) of ``spec``, e.g. ``vit`` or
+    ``timm:resnet18``; the class is checked to declare the tower contract (module docstring) for ``modality``."""
+    name, _, arg = str(spec).partition(":")
     cls = ENCODERS.get(name)
     # A third-party encoder may not know the contract: say what is missing rather than fail on it later.
     if getattr(cls, "modality", None) not in DATA_KWARGS or not isinstance(getattr(cls, "config_keys", None), tuple):
@@ -126,7 +198,12 @@ def _tower_class(name: str, modality: str) -> Any:
                         "`config_keys` (a tuple of the constructor keywords a model config may set)")
     if cls.modality != modality:
         raise ValueError(f"{cls.__name__} is a {cls.modality} tower and cannot be the {modality} tower")
-    return cls
+    takes_name = getattr(cls, "takes_name", False)
+    if takes_name and not arg:
+        raise ValueError(f"say which model the {name} tower is: {modality}_tower={name}:<name>")
+    if arg and not takes_name:
+        raise ValueError(f"the {name} tower takes no name ({spec!r}); write {modality}_tower={name}")
+    return cls, arg or None
 
 
 def _tower_kwargs(cls: Any, cfg: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,26 +224,39 @@ def _tower_kwargs(cls: Any, cfg: Mapping[str, Any], data: Mapping[str, Any]) -> 
 
 
 def build_dual_encoder(model_cfg: Mapping[str, Any], *, vocab_size: int, max_len: int, image_size: int,
-                       log_std: bool) -> DualEncoder:
+                       log_std: bool, cache_size: int = 1) -> DualEncoder:
     """Build the dual encoder of a flat model config (configs/model/<name>.yaml).
 
-    Keys: ``image_tower``, ``text_tower`` (registered encoder names), ``embed_dim``, ``log_std_per_dim``,
-    ``init_log_std``, ``log_std_hidden``, ``name`` (ignored), and tower arguments ``image_<arg>`` /
-    ``text_<arg>`` (e.g. ``image_patch_size``, ``text_depth``). ``image_size``, ``vocab_size`` and ``max_len``
-    come from the data and tokenizer. An unknown key is an error naming what is accepted.
+    Keys: ``image_tower``, ``text_tower`` (registered encoder names; ``timm:<name>``, ``hf:<name or folder>``:
+    probloss/models/towers.py), ``embed_dim``, ``log_std_per_dim``, ``init_log_std``, ``log_std_hidden``,
+    ``lock_image``, ``lock_image_unlocked_groups``, ``lock_text``, ``lock_text_unlocked_layers`` (LiT:
+    :meth:`DualEncoder.lock`), ``allow_download`` (towers by name), ``name`` (ignored), and tower arguments
+    ``image_<arg>`` / ``text_<arg>`` (e.g. ``image_patch_size``, ``text_depth``). ``image_size``, ``vocab_size``
+    and ``max_len`` come from the data and tokenizer. An unknown key is an error naming what is accepted.
 
     Args:
         log_std: grow log-std heads (``loss.needs_log_std``).
+        cache_size: batches of features a fully locked tower keeps (GradCache: its micro-batches per step).
     """
     cfg = dict(model_cfg)
     unknown = [k for k in cfg if k not in _GLOBAL_KEYS and not k.startswith(("image_", "text_"))]
     if unknown:
         raise ValueError(f"unknown model keys {unknown}; accepted: {sorted(_GLOBAL_KEYS)} and image_<arg>/text_<arg>")
-    image_cls = _tower_class(cfg.get("image_tower", "vit"), "image")
-    text_cls = _tower_class(cfg.get("text_tower", "transformer"), "text")
     data = {"image_size": image_size, "vocab_size": vocab_size, "max_len": max_len}
-    image_tower, text_tower = (cls(**_tower_kwargs(cls, cfg, data)) for cls in (image_cls, text_cls))
-    return DualEncoder(image_tower, text_tower, int(cfg.get("embed_dim", 64)), log_std=log_std,
-                       log_std_per_dim=bool(cfg.get("log_std_per_dim", False)),
-                       init_log_std=float(cfg.get("init_log_std") or 0.0),  # null: 0 (training uses the loss's)
-                       log_std_hidden=int(cfg.get("log_std_hidden", 0)))
+    towers = []
+    for modality, default in (("image", "vit"), ("text", "transformer")):
+        cls, name = _tower_class(cfg.get(f"{modality}_tower", default), modality)
+        kwargs = _tower_kwargs(cls, cfg, data)
+        if name is not None:
+            kwargs.update(name=name, allow_download=bool(cfg.get("allow_download", False)))
+        towers.append(cls(**kwargs))
+    model = DualEncoder(*towers, int(cfg.get("embed_dim", 64)), log_std=log_std,
+                        log_std_per_dim=bool(cfg.get("log_std_per_dim", False)),
+                        init_log_std=float(cfg.get("init_log_std") or 0.0),  # null: 0 (training uses the loss's)
+                        log_std_hidden=int(cfg.get("log_std_hidden", 0)))
+    for modality, unlocked in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+        if cfg.get(f"lock_{modality}"):
+            model.lock(modality, int(cfg.get(unlocked) or 0), cache_size)
+        elif cfg.get(unlocked):
+            raise ValueError(f"{unlocked}={cfg[unlocked]} unlocks part of a locked tower: set lock_{modality}=true")
+    return model

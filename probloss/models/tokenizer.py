@@ -81,19 +81,28 @@ def shapes_vocab() -> list[str]:
     return caption_words()
 
 
-def build_tokenizer(kind: str = "byte", max_len: int = 16, vocab: Sequence[str] | None = None) -> Tokenizer:
+def build_tokenizer(kind: str = "byte", max_len: int | None = 16, vocab: Sequence[str] | None = None,
+                    allow_download: bool = False) -> Tokenizer:
     """A tokenizer by kind.
 
     Args:
-        kind: "byte" (any UTF-8 text; a shapes L3 caption needs max_len ~ 80) or "word" (fixed vocabulary;
-            every shapes caption fits in 16 tokens).
-        max_len: tokens per text including the EOS (SigLIP uses 16).
+        kind: "byte" (any UTF-8 text; a shapes L3 caption needs max_len ~ 80), "word" (fixed vocabulary;
+            every shapes caption fits in 16 tokens) or "hf:<name or folder>" (a Hugging Face text tower's own,
+            probloss/models/towers.py).
+        max_len: tokens per text including the EOS (SigLIP uses 16); None only for "hf:" (its own maximum).
         vocab: word list for "word"; default :func:`shapes_vocab`.
+        allow_download: "hf:" names that are not in the local cache may be downloaded.
     """
+    if kind.startswith("hf:"):
+        from probloss.models.towers import HFTokenizer
+
+        return HFTokenizer(kind[len("hf:"):], max_len, allow_download)
+    if max_len is None:
+        raise ValueError(f"the {kind} tokenizer needs data.max_len (null is for hf: tokenizers)")
     if kind == "byte":
         if vocab is not None:
             raise ValueError("the byte tokenizer takes no vocab")
         return ByteTokenizer(max_len)
     if kind == "word":
         return WordTokenizer(shapes_vocab() if vocab is None else vocab, max_len)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; choose 'byte' or 'word'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; choose 'byte', 'word' or 'hf:<name or folder>'")

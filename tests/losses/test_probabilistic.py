@@ -133,7 +133,7 @@ def test_prolip_partial_view_term_matches_the_reference_over_the_masked_rows(log
 def test_towers_start_where_the_loss_says_unless_the_model_config_says(loss_name, override, expected):
     cfg = compose_config([f"loss={loss_name}"] + ([override] if override else []))
     run = RunSettings.from_config(cfg)
-    trainee = make_trainee(run, make_tokenizer(run.data))
+    trainee = make_trainee(run, make_tokenizer(run))
     for head in (trainee.model.image_log_std, trainee.model.text_log_std):
         assert head.net[-1].bias.item() == expected
 
