@@ -22,9 +22,12 @@ def test_every_recipe_file_loads():
     assert {"batch_size", "bias_init", "neg_masking", "robustness", "proposal", "relations"} <= set(
         group_options("recipe"))
     for name in group_options("recipe"):
-        _, recipe, _ = load_recipe([f"recipe={name}"])
+        user = USER_SUPPLIED.get(name, [])
+        _, recipe, _ = load_recipe([f"recipe={name}", *user])
         for arm_overrides in recipe["arms"].values():  # every arm composes: no typo in a key waits for its turn
-            compose_config([*recipe["overrides"], *arm_overrides, *USER_SUPPLIED.get(name, [])])
+            compose_config([*recipe["overrides"], *arm_overrides, *user])
+    with pytest.raises(ConfigError, match="missing.*data.train_shards"):  # its group choices apply first
+        load_recipe(["recipe=lit"])
 
 
 # What a recipe on the user's own data leaves for its command line (its file's Run line): stand-ins here.

@@ -224,11 +224,11 @@ def _from_pretrained(factory, source: str, allow_download: bool, what: str):
                          "(model.allow_download=true)") from None
 
 
-def hf_max_len(name: str, allow_download: bool = False) -> int:
+def hf_max_len(name: str, allow_download: bool = False, tokenizer=None) -> int:
     """The most tokens the named text model takes: its tokenizer's ``model_max_length``, capped by the model's
     position table (tokenizers without a limit say 1e30)."""
     transformers = import_transformers(f"hf:{name}")
-    tokenizer = _from_pretrained(transformers.AutoTokenizer, name, allow_download, "tokenizer")
+    tokenizer = tokenizer or _from_pretrained(transformers.AutoTokenizer, name, allow_download, "tokenizer")
     config = _text_config(_from_pretrained(transformers.AutoConfig, name, allow_download, "config"))
     limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 1e6 else []
     limits += [int(config.max_position_embeddings)] if getattr(config, "max_position_embeddings", None) else []
@@ -335,12 +335,12 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, name: str, max_len: int | None = None, allow_download: bool = False):
         transformers = import_transformers(f"hf:{name}")
-        own = hf_max_len(name, allow_download)
+        self.tokenizer = _from_pretrained(transformers.AutoTokenizer, name, allow_download, "tokenizer")
+        own = hf_max_len(name, allow_download, self.tokenizer)
         if max_len is not None and max_len > own:
             raise ValueError(f"data.max_len={max_len} is longer than the {own} tokens of hf:{name} (null: its own)")
         super().__init__(int(max_len or own))
         self.name = name
-        self.tokenizer = _from_pretrained(transformers.AutoTokenizer, name, allow_download, "tokenizer")
         self.vocab_size = len(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
