@@ -80,14 +80,20 @@ def make_tokenizer(run: RunSettings):
         raise ConfigError(f"data.tokenizer={data.tokenizer}: {err}") from None
 
 
-def make_trainee(run: RunSettings, tokenizer) -> Trainee:
-    """The run's loss and a dual encoder with log-std heads where the loss needs them."""
+def make_trainee(run: RunSettings, tokenizer, from_checkpoint: bool = False) -> Trainee:
+    """The run's loss and a dual encoder with log-std heads where the loss needs them.
+
+    ``from_checkpoint``: a checkpoint's weights are loaded next (resume, evaluation), so pretrained tower
+    weights are not read: the run's weights file need not exist any more.
+    """
     from probloss.models import build_dual_encoder
 
     loss = probloss.build_loss(run.loss_name, **run.loss_kwargs)
     model_cfg = dict(run.model)
     if model_cfg.get("init_log_std") is None:  # null: where the loss's paper starts its log-std heads
         model_cfg["init_log_std"] = loss.init_log_std
+    if from_checkpoint:
+        model_cfg.update({key: False for key in ("image_pretrained", "text_pretrained") if key in model_cfg})
     try:
         model = build_dual_encoder(model_cfg, vocab_size=tokenizer.vocab_size, max_len=tokenizer.max_len,
                                    image_size=run.data.image_size, log_std=loss.needs_log_std,

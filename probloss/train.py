@@ -133,7 +133,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     if resume_from is not None:
         check_resume_config(resume_from, cfg, announce=fabric.is_global_zero)
 
-    trainee = make_trainee(run, tokenizer)
+    trainee = make_trainee(run, tokenizer, from_checkpoint=resume_from is not None)
     check_partial_views(trainee.loss, run.data, t.accum_steps)
     trainee, optimizer = fabric.setup(trainee, make_optimizer(trainee, t))
     scheduler = make_scheduler(optimizer, t)

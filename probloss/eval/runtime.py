@@ -178,7 +178,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     cfg = apply_overrides(raw["config"], overrides, what=f"the config saved in {path}")
     run = RunSettings.from_config(cfg)
     tokenizer = make_tokenizer(run)
-    trainee = make_trainee(run, tokenizer)
+    trainee = make_trainee(run, tokenizer, from_checkpoint=True)
     trainee.load_state_dict(raw["model"])
     fabric = Fabric(accelerator="auto", devices=1, precision="32-true")
     trainee = fabric.setup_module(trainee)

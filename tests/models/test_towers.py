@@ -309,25 +309,35 @@ def test_grad_cache_runs_a_locked_tower_once_per_micro_batch_with_the_same_updat
 
 @pytest.mark.slow
 def test_short_lit_run_on_shapes_with_a_locked_timm_tower(tmp_path, cache_dir, timm_weights):
+    """A few steps; the locked tower ends as the file's weights; its config records the preprocessing; the
+    checkpoint evaluates and resumes without the weights file."""
+    import shutil
+
+    import yaml
     from safetensors.torch import load_file
 
     from probloss.checkpoint import newest_checkpoint, read_checkpoint
+    from probloss.eval.runtime import evaluate_checkpoint
 
-    summary = main([*LIT_SHAPES, f"model.image_pretrained={timm_weights}", "loss=sigmoid", f"out_dir={tmp_path}",
-                    f"data.cache_dir={cache_dir}", "data.train_size=512", "data.val_size=64", "data.test_size=64",
-                    "trainer.batch_size=32", "trainer.max_steps=6", "trainer.eval_every=0", "trainer.progress=false",
-                    "eval.projector_samples=0"])
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(timm_weights, weights)
+    overrides = [*LIT_SHAPES, f"model.image_pretrained={weights}", "loss=sigmoid", f"out_dir={tmp_path}",
+                 f"data.cache_dir={cache_dir}", "data.train_size=512", "data.val_size=64", "data.test_size=64",
+                 "trainer.batch_size=32", "trainer.eval_every=0", "trainer.progress=false", "eval.projector_samples=0",
+                 "run_name=lit"]
+    summary = main([*overrides, "trainer.max_steps=6"])
     assert summary["status"] == "finished" and summary["steps"] == 6
     run_dir = Path(summary["run_dir"])
-    import yaml
-
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["image_input_size"] == 32 and config["model"]["image_interpolation"] == "bilinear"
     assert len(config["model"]["image_mean"]) == 3  # resolved from timm's pretrained config, recorded
     saved = read_checkpoint(newest_checkpoint(run_dir))["model"]
-    for name, value in load_file(str(timm_weights)).items():  # the locked tower is the file's, after training
+    for name, value in load_file(str(weights)).items():  # the locked tower is the file's, after training
         torch.testing.assert_close(saved[f"model.image_tower.model.{name}"], value, rtol=0, atol=0, msg=name)
-    assert json.loads((run_dir / "summary.json").read_text())["test/i2t_r@1"] >= 0
+    weights.unlink()  # the checkpoint holds the tower: evaluating it needs no weights file
+    metrics = evaluate_checkpoint(newest_checkpoint(run_dir))
+    assert metrics["val/i2t_r@1"] == pytest.approx(summary["val/i2t_r@1"], abs=1e-9)
+    assert main([*overrides, "trainer.max_steps=8", "resume=auto"])["steps"] == 8
 
 
 @pytest.mark.slow
