@@ -9,8 +9,8 @@ are imported only when a model config names such a tower.
 
 - ``image_tower=timm:<name>``: ``timm.create_model(name, num_classes=0)``, i.e. the model's own pooled features
   (B, num_features), which the dual encoder projects to the joint space. ``image_pretrained``: null (random
-  weights), a local weights file (.safetensors, .pth, .bin: loaded by timm with ``weights_only``), or true (the
-  name's own pretrained weights from the local Hugging Face cache).
+  weights), a local weights file (.safetensors, .pth, .bin: read by timm's reader with ``weights_only``; every
+  tensor must fit), or true (the name's own pretrained weights from the local Hugging Face cache).
 - ``text_tower=hf:<name or local folder>``: ``AutoModel`` (the encoder of an encoder-decoder, the text model of
   CLIP/SigLIP) and ``AutoTokenizer`` of that name. ``text_pretrained``: false (random weights from its config),
   true (its weights) or a local folder of weights for the same architecture. ``text_pool``: null pools as the
@@ -119,8 +119,9 @@ def _cached_weights(timm, name: str) -> str:
     """The local file of the name's own pretrained weights (the Hugging Face cache), or a clear error."""
     from huggingface_hub import try_to_load_from_cache
 
-    hub_id = _pretrained_cfg(timm, name).get("hf_hub_id")
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+    cfg = _pretrained_cfg(timm, name)
+    hub_id = cfg.get("hf_hub_id")
+    for filename in filter(None, (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin")):
         path = try_to_load_from_cache(hub_id, filename) if hub_id else None
         if isinstance(path, str):
             return path

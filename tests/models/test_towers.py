@@ -146,13 +146,25 @@ def test_weights_of_another_architecture_are_refused(timm_weights):
         build([*LIT_SHAPES, "model.image_tower=timm:test_vit", f"model.image_pretrained={timm_weights}"])
 
 
-def test_nothing_is_downloaded_unless_allowed(tmp_path, monkeypatch):
-    """A name whose weights are not in the local cache is an error that names both ways out; no network call."""
+def test_nothing_is_downloaded_unless_allowed(tmp_path, monkeypatch, timm_weights):
+    """A name whose weights are not in the local cache is an error that names both ways out; no network call.
+    Weights that are in the cache load from it."""
     import huggingface_hub
+    from safetensors.torch import load_file
 
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)  # an empty cache
+    asked = []
+
+    def cache(repo_id, filename, **kwargs):  # a cache holding timm's test_resnet weights only
+        asked.append((repo_id, filename))
+        return str(timm_weights) if repo_id == "timm/test_resnet.r160_in1k" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache)
+    _, _, trainee = build([*LIT_SHAPES, "model.image_pretrained=true"])
+    torch.testing.assert_close(trainee.model.image_tower.model.state_dict()["conv1.0.weight"],
+                               load_file(str(timm_weights))["conv1.0.weight"], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="not in the local Hugging Face cache.*allow_download=true"):
-        build([*LIT_SHAPES, "model.image_pretrained=true"])
+        build([*LIT_SHAPES, "model.image_tower=timm:test_vit", "model.image_pretrained=true"])
+    assert ("timm/test_vit.r160_in1k", "model.safetensors") in asked
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # belt and braces: a request would fail loudly, not hang
     with pytest.raises(ConfigError, match="hf:probloss-test/no-such-model.*allow_download=true"):
         compose_config(["model=lit", "model.image_pretrained=null", "model.text_tower=hf:probloss-test/no-such-model"])
