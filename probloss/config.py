@@ -166,18 +166,16 @@ def _resolve_towers(cfg: DictConfig) -> None:
     interpolation; its tokenizer and length), so that config.yaml says what the run used (models/towers.py)."""
     if "model" not in cfg or "data" not in cfg:
         return
-    model, data = OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data)
-    named = [str(model.get(f"{m}_tower", "")) for m in ("image", "text")] + [str(data.get("tokenizer", ""))]
-    if not any(spec.startswith(("timm:", "hf:")) for spec in named):
-        return  # the built-in towers: nothing to resolve, and timm/transformers are not imported
-    from probloss.models.towers import resolve_tower_config
+    from probloss.models.towers import resolve_tower_config  # imports timm/transformers only for their towers
 
+    before = OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data)
     try:
-        model, data = resolve_tower_config(model, data)
+        after = resolve_tower_config(*before)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    with open_dict(cfg):
-        cfg.model, cfg.data = model, data
+    if after != before:
+        with open_dict(cfg):
+            cfg.model, cfg.data = after
 
 
 def _is_new_loss_kwarg(schema: DictConfig, key: str) -> bool:

@@ -71,8 +71,8 @@ class FeatureCache:
     """The outputs of a locked (fixed) tower for its last ``size`` inputs, found by equal input (an exact,
     element-wise comparison, far cheaper than a forward pass). Inputs are copied: a loader may reuse buffers."""
 
-    def __init__(self, size: int = 1):
-        self.size, self.entries = max(1, int(size)), []
+    def __init__(self, size: int):
+        self.size, self.entries = int(size), []
 
     def get(self, inputs: Tensor) -> Tensor | None:
         for key, value in self.entries:
@@ -81,9 +81,8 @@ class FeatureCache:
                 return value
         return None
 
-    def put(self, inputs: Tensor, value: Tensor) -> Tensor:
+    def put(self, inputs: Tensor, value: Tensor) -> None:
         self.entries = [*self.entries, (inputs.detach().clone(), value)][-self.size:]
-        return value
 
     def clear(self) -> None:
         self.entries = []
@@ -116,14 +115,16 @@ class DualEncoder(nn.Module):
             self.image_log_std = LogStdHead(image_tower.width, out, init_log_std, log_std_hidden)
             self.text_log_std = LogStdHead(text_tower.width, out, init_log_std, log_std_hidden)
         self._locked_modules: list[nn.Module] = []  # modules whose every parameter is locked: always in eval mode
-        self._feature_caches: dict[str, FeatureCache] = {}  # fully locked towers' features, by modality
+        self._locked_towers: set[str] = set()  # fully locked towers ("image", "text"): run under no_grad
+        self._feature_caches: dict[str, FeatureCache] = {}  # their features under GradCache, by modality
 
     def lock(self, modality: str, unlocked_groups: int = 0, cache_size: int = 1) -> None:
         """Lock a tower (LiT, Zhai et al. 2022): no gradients, eval mode, so the optimiser and weight decay never
         see its parameters; or all but its last ``unlocked_groups`` parameter groups (``tower.param_groups()``).
 
-        A fully locked tower runs under no_grad, and its features of the last ``cache_size`` batches are kept:
-        GradCache encodes every micro-batch twice, and the second time the locked tower is not run again.
+        A fully locked tower runs under no_grad. With ``cache_size`` > 1 (GradCache's micro-batches per step) its
+        features of the last ``cache_size`` batches are kept in training: GradCache encodes every micro-batch
+        twice, and the second time the locked tower is not run again. (With one batch per step nothing could hit.)
         """
         tower = getattr(self, f"{modality}_tower")
         frozen = {name for name, _ in tower.named_parameters()}
@@ -142,8 +143,10 @@ class DualEncoder(nn.Module):
         self._locked_modules += [m for m in tower.modules()
                                  if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
         if not unlocked_groups:
-            self._feature_caches[modality] = FeatureCache(cache_size)
-            tower.register_load_state_dict_post_hook(lambda *_: self._feature_caches[modality].clear())
+            self._locked_towers.add(modality)
+            if cache_size > 1:
+                self._feature_caches[modality] = FeatureCache(cache_size)
+                tower.register_load_state_dict_post_hook(lambda *_: self._feature_caches[modality].clear())
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "DualEncoder":
@@ -154,13 +157,15 @@ class DualEncoder(nn.Module):
 
     def _pooled(self, modality: str, inputs: Tensor) -> Tensor:
         tower = getattr(self, f"{modality}_tower")
-        cache = self._feature_caches.get(modality)
-        if cache is None:
+        if modality not in self._locked_towers:
             return tower(inputs)
-        found = cache.get(inputs)
+        cache = self._feature_caches.get(modality) if self.training else None
+        found = None if cache is None else cache.get(inputs)
         if found is None:
             with torch.no_grad():
-                found = cache.put(inputs, tower(inputs))
+                found = tower(inputs)
+            if cache is not None:
+                cache.put(inputs, found)
         return found
 
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -12,7 +12,7 @@ from probloss.registry import ENCODERS
 PAD_ID = 0
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x (B, L, W), mask (B, L) bool -> (B, W) mean over real tokens (an all-pad row gives zeros)."""
     m = mask.unsqueeze(-1).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -53,7 +53,7 @@ class TextTransformer(nn.Module):
             x = block(x, mask)
         x = self.norm(x)
         if self.pool == "mean":
-            return _masked_mean(x, mask)
+            return masked_mean(x, mask)
         last = mask.long().cumsum(1).argmax(1)  # (B,) index of the last real token (the EOS)
         return x[torch.arange(len(x)), last]
 
@@ -77,4 +77,4 @@ class CBOW(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.norm(_masked_mean(self.embed(tokens), tokens != PAD_ID))
+        return self.norm(masked_mean(self.embed(tokens), tokens != PAD_ID))

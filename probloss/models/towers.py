@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probloss.models.text import masked_mean
 from probloss.models.tokenizer import Tokenizer
 from probloss.registry import ENCODERS
 
@@ -303,10 +304,7 @@ class HFTextTower(nn.Module):
         if self.pool == "pooler":
             return out.pooler_output
         hidden = out.last_hidden_state  # (B, L, width)
-        if self.pool == "cls":
-            return hidden[:, 0]
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return hidden[:, 0] if self.pool == "cls" else masked_mean(hidden, mask)
 
     def param_groups(self) -> list[list[str]]:
         """Parameter names: everything before the first layer (embeddings), then one group per layer, with what
@@ -368,12 +366,11 @@ def resolve_tower_config(model: dict, data: dict) -> tuple[dict, dict]:
             if model.get(f"image_{key}") is None:
                 model[f"image_{key}"] = value
     tokenizer = str(data.get("tokenizer", ""))
+    if tokenizer.startswith("hf:") and not text.startswith("hf:"):
+        raise ValueError(f"data.tokenizer={tokenizer} goes with its own text tower: model.text_tower={tokenizer}")
     if text.startswith("hf:"):
         data["tokenizer"] = text  # the tower's own tokenizer
-    elif tokenizer.startswith("hf:"):
-        raise ValueError(f"data.tokenizer={tokenizer} goes with its own text tower: model.text_tower={tokenizer}")
-    if data["tokenizer"].startswith("hf:"):
-        name = data["tokenizer"][len("hf:"):]
+        name = text[len("hf:"):]
         own = hf_max_len(name, bool(model.get("allow_download", False)))
         if data.get("max_len") is None:
             data["max_len"] = own
