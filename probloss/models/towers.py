@@ -137,7 +137,12 @@ def _load_weights(timm, model: nn.Module, name: str, path: str) -> None:
     timm's own loader loads non-strictly whenever the classifier is dropped (num_classes=0), so weights of
     another architecture would load nothing and only be logged; here every parameter must be matched.
     """
-    state = timm.models.load_state_dict(path)  # safetensors, or torch.load(weights_only=True); unwraps "model" etc.
+    try:  # safetensors, or torch.load(weights_only=True); unwraps "model", "state_dict" etc.
+        state = timm.models.load_state_dict(path)
+    except Exception as err:  # a cut download, another file: the reader's own error says little
+        raise ValueError(f"cannot read {path} as a state dict of timm:{name} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no message'}); give a .safetensors, .pth or "
+                         ".bin file of its weights") from None
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:  # the model's own conversion: original formats, a ViT's resampled position table
         state = filter_fn(state, model)
@@ -219,10 +224,12 @@ class TimmImageTower(nn.Module):
 def _from_pretrained(factory, source: str, allow_download: bool, what: str):
     try:
         return factory.from_pretrained(source, local_files_only=not allow_download)
-    except (OSError, ValueError) as err:
-        where = "no such folder and not" if not Path(source).expanduser().exists() else "a folder, but not"
-        raise ValueError(f"cannot load the {what} of hf:{source} ({where} in the local Hugging Face cache: "
-                         f"{str(err).splitlines()[0]}); give a local folder, or allow the download "
+    except Exception as err:  # not found (OSError, ValueError), or a damaged file (SafetensorError, ...)
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}"
+        if Path(source).expanduser().exists():
+            raise ValueError(f"cannot load the {what} of hf:{source} from that folder ({reason})") from None
+        raise ValueError(f"cannot load the {what} of hf:{source} (no such folder and not in the local Hugging Face "
+                         f"cache: {reason}); give a local folder, or allow the download "
                          "(model.allow_download=true)") from None
 
 

@@ -140,6 +140,14 @@ def test_vit_weights_load_at_another_input_size_through_timms_own_conversion(tmp
             torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("damage", ["cut", "junk"])
+def test_an_unreadable_weights_file_is_a_config_error(damage, tmp_path, timm_weights):
+    path = tmp_path / ("weights.safetensors" if damage == "cut" else "weights.pth")
+    path.write_bytes(timm_weights.read_bytes()[:5000] if damage == "cut" else b"not a checkpoint\n")
+    with pytest.raises(ConfigError, match=f"cannot read {path} as a state dict of timm:test_resnet"):
+        build([*LIT_SHAPES, f"model.image_pretrained={path}"])
+
+
 def test_weights_of_another_architecture_are_refused(timm_weights):
     """timm alone would load them non-strictly (the class head is dropped) and only log that nothing fit."""
     with pytest.raises(ConfigError, match="does not fit timm:test_vit"):
@@ -225,6 +233,17 @@ def test_gradients_reach_every_parameter_of_a_tower_by_name(tower, hf_folder):
     (out * torch.randn_like(out)).sum().backward()
     for name, p in module.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_damaged_hf_folder_is_a_config_error(tmp_path, hf_folder):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(hf_folder, damaged)
+    (damaged / "model.safetensors").write_bytes((hf_folder / "model.safetensors").read_bytes()[:3000])
+    with pytest.raises(ConfigError, match=f"cannot load the weights of hf:{damaged} from that folder"):
+        build(["model=lit", "model.image_tower=timm:test_resnet", "model.image_pretrained=null",
+               f"model.text_tower=hf:{damaged}"])
 
 
 def test_an_hf_tokenizer_without_its_tower_is_a_config_error(hf_folder):
