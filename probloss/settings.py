@@ -54,6 +54,15 @@ class TrainerSettings:
     deterministic: bool
     progress: bool
     num_threads: int | None
+    cpu_matmul: str | None  # None: a run saved before the key existed (trained on blas)
+
+    def __post_init__(self) -> None:
+        from probloss.models.linear import BACKENDS
+
+        if self.cpu_matmul is not None and self.cpu_matmul not in BACKENDS:
+            from probloss.config import ConfigError
+
+            raise ConfigError(f"trainer.cpu_matmul={self.cpu_matmul}: choose one of {'|'.join(BACKENDS)}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class DataSettings:
     tokenizer: str
     max_len: int | None  # null: an hf: tokenizer's own maximum (resolved when the config is composed)
     num_workers: int
+    decoded_cache_mb: float
     batches_per_epoch: int | None
     image_noise: float | None
     caption_noise: float | None

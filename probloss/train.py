@@ -27,6 +27,7 @@ folder, resume, summary), probloss/eval/runtime.py (evaluation, val/loss), probl
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import math
 import os
@@ -50,6 +51,7 @@ from probloss.data.prepare import load_eval, prepare_data, train_batches
 from probloss.eval.runtime import evaluate, log_projector
 from probloss.grad_cache import detach, grad_cache_backward, with_negatives
 from probloss.launch import launch, make_fabric
+from probloss.models.linear import cpu_matmul
 from probloss.run_folder import (
     check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, write_summary,
 )
@@ -104,6 +106,7 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory)
     _set_threads(fabric, run.trainer.num_threads)
+    _reuse_freed_memory()
     torch.use_deterministic_algorithms(run.trainer.deterministic, warn_only=True)
     # Deterministic mode also fills every new uninitialised tensor with NaN, a debugging aid for kernels that
     # read memory they never wrote; no kernel here does, and the fills were 15% of a tiny-model step on CPU
@@ -111,6 +114,7 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         with contextlib.ExitStack() as stack:  # the run's out.log, once its folder is known
+            stack.enter_context(cpu_matmul(run.trainer.cpu_matmul or "blas"))
             return _train(fabric, cfg, run, on_eval, stack)
     finally:  # a library call must not leave the caller's process changed (tests, sweeps, notebooks)
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
@@ -378,6 +382,23 @@ def _train_scalars(trainee, optimizer, out: StepOutput, timer: Timer, pos: Posit
         scalars.update({f"train/{k}": float(v) for k, v in values.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return scalars
+
+
+def _reuse_freed_memory() -> None:
+    """glibc: serve tensors below 64 MiB from freed heap memory instead of fresh ``mmap`` pages, and keep freed
+    memory (up to 1 GiB at the heap's top) for the next step.
+
+    glibc's defaults hand every block above a (self-raising) threshold back to the kernel when it is freed, so a
+    step that allocates the same activations again page-faults on fresh zeroed pages. The default model's
+    training step alone (forward, loss, backward, AdamW; batch 128, one thread) took 47 ms without and 34 ms
+    with these settings. Process-wide and result-neutral; a no-op where the C library has no ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD (also stops glibc from moving it)
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
 def _set_threads(fabric, threads: int | None) -> None:

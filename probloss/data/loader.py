@@ -25,11 +25,15 @@ launchers need no process group). If there are fewer shards than ranks x workers
 and keeps every n-th sample instead. Each reader cycles through its part for as long as needed and stops after
 exactly its share of ``batches_per_epoch``, so every rank yields the same number of batches (uneven shards would
 otherwise hang DDP; docs/design.md pitfalls). Everything random is seeded from (seed, epoch, rank, world_size,
-worker).
+worker). With ``cache_mb`` a reader keeps the decoded samples of the shards it has read to the end
+(:class:`DecodedCache`) and serves later passes from memory; the noise is drawn after the cache, so the batches
+are the same with or without it. ``TrainLoader.stream()`` runs epoch after epoch through the same workers (and
+caches); a training run reads through it.
 
 Bad input. A truncated or corrupt tar, a sample without an image or caption, an undecodable image, an empty
 caption or unparsable json is skipped through webdataset's ``handler`` mechanism: logged (first few per
-worker) and counted, never raised mid-epoch. A pattern that matches no file raises FileNotFoundError before any
+worker) and counted, never raised mid-epoch; counted on every pass that reads it, so once where a cache keeps its
+shard. A pattern that matches no file raises FileNotFoundError before any
 reading starts.
 """
 
@@ -201,6 +205,11 @@ def decode_sample(sample: dict[str, Any], image_size: int, *, image_noise: float
     image is quantised to 8 bits again, as if saved); the noise is seeded by (noise_seed, key), so an eval set
     is corrupted the same way every time.
     """
+    return add_image_noise(decode_clean(sample, image_size, image_blur=image_blur), image_noise, noise_seed)
+
+
+def decode_clean(sample: dict[str, Any], image_size: int, *, image_blur: float = 0.0) -> dict[str, Any]:
+    """:func:`decode_sample` without the noise: the part that is the same in every epoch (and so cached)."""
     key = sample.get("__key__", "?")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -218,11 +227,40 @@ def decode_sample(sample: dict[str, Any], image_size: int, *, image_noise: float
     if image_blur > 0:
         img = img.filter(ImageFilter.GaussianBlur(image_blur))
     pixels = np.asarray(img)  # (H, W, 3) uint8
-    if image_noise > 0:
-        rng = np.random.default_rng([noise_seed, zlib.crc32(key.encode())])
-        noisy = pixels / 255.0 + rng.normal(0.0, image_noise, pixels.shape)
-        pixels = np.round(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8)
-    return {"image": pixels, "caption": caption, "json": meta, "key": key, "url": sample.get("__url__", "?")}
+    return {"image": pixels, "caption": caption, "json": meta, "key": key, "url": sample.get("__url__", "?"),
+            "nbytes": pixels.nbytes + 8 * (len(sample.get("json", b"")) + len(sample["txt"])) + 400}
+
+
+def add_image_noise(decoded: dict[str, Any], image_noise: float, noise_seed: int) -> dict[str, Any]:
+    """The decoded sample with Gaussian pixel noise (see :func:`decode_sample`); a new dict, ``decoded`` (which
+    a cache may hold) is left as it is."""
+    if image_noise <= 0:
+        return decoded
+    pixels = decoded["image"]
+    rng = np.random.default_rng([noise_seed, zlib.crc32(decoded["key"].encode())])
+    noisy = pixels / 255.0 + rng.normal(0.0, image_noise, pixels.shape)
+    return {**decoded, "image": np.round(np.clip(noisy, 0.0, 1.0) * 255).astype(np.uint8)}
+
+
+class DecodedCache:
+    """Decoded samples (:func:`decode_clean`) of whole shards, by url, up to ``budget_mb`` (an estimate: pixels
+    plus 8 bytes per byte of caption and json, for the parsed objects). A reader keeps one for its lifetime, so
+    from the second pass over a shard on, nothing is read or decoded again: reading and decoding were most of
+    a batch's cost on the default run (28 ms per batch of 128; scripts/profile_step.py)."""
+
+    def __init__(self, budget_mb: float):
+        self.budget, self.used, self.shards = float(budget_mb) * 2**20, 0.0, {}
+
+    def get(self, url: str) -> list[dict] | None:
+        return self.shards.get(url)
+
+    def has_room(self) -> bool:
+        return self.used < self.budget
+
+    def put(self, url: str, samples: list[dict]) -> None:
+        size = sum(s["nbytes"] for s in samples)
+        if self.used + size <= self.budget:
+            self.shards[url], self.used = samples, self.used + size
 
 
 def _to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
@@ -287,26 +325,30 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[str], tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int, *,
                  image_size: int, rank: int, world_size: int, seed: int, epoch: int, num_workers: int,
                  batches_per_epoch: int, shuffle_buffer: int, image_noise: float, image_blur: float,
-                 caption_noise: float, hard_negatives: str = "none", partial_captions: bool = False):
+                 caption_noise: float, hard_negatives: str = "none", partial_captions: bool = False,
+                 cache_mb: float = 0.0):
         super().__init__()
         self.shards, self.tokenizer, self.batch_size = shards, tokenizer, batch_size
         self.image_size, self.rank, self.world_size, self.seed, self.epoch = image_size, rank, world_size, seed, epoch
         self.num_workers, self.batches_per_epoch, self.shuffle_buffer = max(1, num_workers), batches_per_epoch, shuffle_buffer
         self.image_noise, self.image_blur, self.caption_noise = image_noise, image_blur, caption_noise
         self.hard_negatives, self.partial_captions = hard_negatives, partial_captions
+        self.cache_mb, self._cache = cache_mb, None  # the cache is made by the reader that fills it (a worker)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _raw_samples(self, slot: int, n_slots: int, handler: SkipCounter, rng: random.Random) -> Iterator[dict]:
-        """This reader's raw samples, shuffled, pass after pass over its part of the shards (endless). The
-        shuffle buffer is flushed at the end of each pass so a sample comes back only in the next pass."""
+    def _clean_samples(self, slot: int, n_slots: int, handler: SkipCounter, rng: random.Random,
+                       epoch: int) -> Iterator[dict]:
+        """This reader's decoded samples (no noise yet), shuffled, pass after pass over its part of the shards
+        (endless). The shuffle buffer is flushed at the end of each pass so a sample comes back only in the next
+        pass."""
         by_shard = len(self.shards) >= n_slots
         for p in itertools.count():
             order = list(self.shards)
-            random.Random(f"shards-{self.seed}-{self.epoch}-{p}").shuffle(order)  # the same order on every rank
+            random.Random(f"shards-{self.seed}-{epoch}-{p}").shuffle(order)  # the same order on every rank
             mine = order[slot::n_slots] if by_shard else order
-            samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": u} for u in mine]))
+            samples = self._decoded(mine, handler)
             if not by_shard:
                 samples = (s for i, s in enumerate(samples) if i % n_slots == slot)
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
@@ -317,24 +359,51 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"no readable sample in shards {mine[:3]}... for rank {self.rank} "
                                    f"(reader {slot} of {n_slots}); {handler.count} errors were skipped")
 
+    def _decoded(self, urls: list[str], handler: SkipCounter) -> Iterator[dict]:
+        """The shards' samples in order, decoded (corrupt ones skipped by ``handler``), from the cache where it
+        holds the shard; a shard read to its end is cached while the budget allows."""
+        if self._cache is None:
+            self._cache = DecodedCache(self.cache_mb)
+        decode = functools.partial(decode_clean, image_size=self.image_size, image_blur=self.image_blur)
+        for url in urls:
+            cached = self._cache.get(url)
+            if cached is not None:
+                yield from cached
+                continue
+            keep = [] if self._cache.has_room() else None
+            samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+            for sample in wds.map(decode, handler=handler)(samples):
+                if keep is not None:
+                    keep.append(sample)
+                yield sample
+            if keep is not None:
+                self._cache.put(url, keep)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch (``self.epoch``): exactly ``len(self)`` batches over all of this rank's readers."""
+        return self._epoch_batches(self.epoch)
+
+    def epochs(self) -> Iterator[dict[str, Any]]:
+        """Epoch ``self.epoch``, then the next, for ever: each epoch's batches as :meth:`__iter__` gives them."""
+        for epoch in itertools.count(self.epoch):
+            yield from self._epoch_batches(epoch)
+
+    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         workers = info.num_workers if info is not None else 1
         # Rank-major like split_by_node then split_by_worker: rank r, worker w reads part r + W * w.
         slot, n_slots = self.rank + self.world_size * worker, self.world_size * workers
         n_batches = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        tag = f"{self.seed}-{self.epoch}-{self.rank}-{self.world_size}-{worker}"
+        tag = f"{self.seed}-{epoch}-{self.rank}-{self.world_size}-{worker}"
         handler = SkipCounter()
-        noise_seed = zlib.crc32(f"image-noise-{self.seed}-{self.epoch}".encode())
-        decode = lambda s: decode_sample(s, self.image_size, image_noise=self.image_noise,  # noqa: E731
-                                         image_blur=self.image_blur, noise_seed=noise_seed)
-        stream = self._raw_samples(slot, n_slots, handler, random.Random(f"shuffle-{tag}"))
-        stream = wds.map(decode, handler=handler)(stream)
+        noise_seed = zlib.crc32(f"image-noise-{self.seed}-{epoch}".encode())
+        stream = self._clean_samples(slot, n_slots, handler, random.Random(f"shuffle-{tag}"), epoch)
         caption_rng = np.random.default_rng(zlib.crc32(f"captions-{tag}".encode()))
         reported = 0
         for _ in range(n_batches):
-            samples = list(itertools.islice(stream, self.batch_size))
+            samples = [add_image_noise(s, self.image_noise, noise_seed)
+                       for s in itertools.islice(stream, self.batch_size)]
             captions, noisy = _noisy_captions([s["caption"] for s in samples], self.caption_noise, caption_rng)
             batch = {
                 "image": _to_tensor([s["image"] for s in samples]),
@@ -353,6 +422,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                 batch["partial_tokens"], batch["partial_mask"] = self.tokenizer(partial), torch.from_numpy(mask)
             yield batch
             reported = handler.count
+
+
+class _Epochs(torch.utils.data.IterableDataset):
+    """A stream's epochs one after another (:meth:`ShardStream.epochs`), for one DataLoader that keeps its
+    workers, and their decoded-sample caches, for the whole run."""
+
+    def __init__(self, stream: ShardStream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.stream.epochs()
 
 
 def _init_worker(parent_pid: int, worker_id: int) -> None:
@@ -382,20 +463,37 @@ class TrainLoader:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.num_workers == 0:
-            yield from self.dataset
-        else:
-            yield from torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                                   prefetch_factor=4,
-                                                   worker_init_fn=functools.partial(_init_worker, os.getpid()))
+        yield from (self.dataset if self.num_workers == 0 else self._data_loader(self.dataset))
         self.dataset.epoch += 1
+
+    def stream(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """``(epoch, index in the epoch, batch)`` from ``dataset.epoch`` on, for ever; the batches of
+        ``for batch in loader`` pass after pass, but read by workers that live for the whole stream (with their
+        decoded-sample caches). Where workers' shares of an epoch differ (``len(self)`` not a multiple of
+        ``num_workers``) a persistent DataLoader's round-robin would shift between epochs, so each epoch gets
+        its own DataLoader there, as in ``for batch in loader``."""
+        n = len(self)
+        if self.num_workers == 0 or n % self.num_workers == 0:
+            epochs = self.dataset.epochs() if self.num_workers == 0 else self._data_loader(_Epochs(self.dataset))
+            for k, batch in enumerate(epochs):
+                yield self.dataset.epoch + k // n, k % n, batch
+        else:
+            while True:
+                epoch = self.dataset.epoch
+                for i, batch in enumerate(self):
+                    yield epoch, i, batch
+
+    def _data_loader(self, dataset: torch.utils.data.IterableDataset) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
+                                           worker_init_fn=functools.partial(_init_worker, os.getpid()))
 
 
 def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int,
                       *, image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
                       num_workers: int = 0, batches_per_epoch: int | None = None, shuffle_buffer: int = 2000,
                       image_noise: float = 0.0, image_blur: float = 0.0, caption_noise: float = 0.0,
-                      hard_negatives: str = "none", partial_captions: bool = False) -> TrainLoader:
+                      hard_negatives: str = "none", partial_captions: bool = False,
+                      cache_mb: float = 0.0) -> TrainLoader:
     """Training batches for one rank (see the module docstring for the batch dict).
 
     Args:
@@ -413,6 +511,8 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
         caption_noise: fraction of pairs whose caption is replaced by another sample's in the batch.
         hard_negatives: "none", "relation", "binding", "control" or "all": add ``negative_tokens`` (B, k, L).
         partial_captions: add ``partial_tokens`` (B, L) and ``partial_mask`` (B,) (losses with partial views).
+        cache_mb: each reader keeps up to this many MiB of decoded samples (whole shards), so later passes over
+            them skip reading and decoding (:class:`DecodedCache`); 0: none. The batches are the same either way.
 
     Raises:
         FileNotFoundError: the pattern matches no shard (before any reading).
@@ -432,7 +532,7 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
                           seed=seed, epoch=epoch, num_workers=num_workers, batches_per_epoch=int(batches_per_epoch),
                           shuffle_buffer=shuffle_buffer, image_noise=image_noise, image_blur=image_blur,
                           caption_noise=caption_noise, hard_negatives=hard_negatives,
-                          partial_captions=partial_captions)
+                          partial_captions=partial_captions, cache_mb=cache_mb)
     return TrainLoader(dataset, num_workers)
 
 

@@ -151,29 +151,27 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
                   seed: int, pos) -> Iterator[dict]:
     """This rank's batches from the saved position on, forever (epoch after epoch).
 
-    Each epoch's loader is rebuilt from (seed, epoch, rank, world size) and the batches already consumed are
-    skipped, so the stream after a resume is the one an uninterrupted run would have seen. ``pos.epoch`` and
-    ``pos.batch`` advance as batches are handed out; ``pos.skipped`` sums the loaders' corrupt-sample counts.
+    Each epoch's batches are a function of (seed, epoch, rank, world size) alone, and the batches already
+    consumed are skipped, so the stream after a resume is the one an uninterrupted run would have seen. The
+    loader's workers (and their decoded-sample caches, ``data.decoded_cache_mb``) live for the whole stream.
+    ``pos.epoch`` and ``pos.batch`` advance as batches are handed out; ``pos.skipped`` sums the loaders'
+    corrupt-sample counts.
     """
     from probloss.data import make_train_loader
 
-    while True:
-        # Seeded from its arguments only (the loader draws nothing from torch's global RNG).
-        loader = make_train_loader(
-            spec.train, tokenizer, per_rank, image_size=data.image_size, rank=rank, world_size=world_size,
-            seed=seed, epoch=pos.epoch, num_workers=data.num_workers, batches_per_epoch=spec.steps_per_epoch,
-            hard_negatives=data.hard_negatives, partial_captions=data.partial_captions, **data.loader_noise())
-        iterator = iter(loader)
-        for i, batch in enumerate(iterator):
-            if i >= spec.steps_per_epoch:
-                break
-            if i < pos.batch:
-                continue  # consumed before the checkpoint (its skipped samples were counted then)
-            pos.skipped += int(batch.get("skipped", 0))  # corrupt samples skipped since the worker's last batch
-            pos.batch = i + 1
-            yield batch
-        del iterator, loader
-        pos.epoch, pos.batch = pos.epoch + 1, 0
+    # Seeded from its arguments only (the loader draws nothing from torch's global RNG).
+    loader = make_train_loader(
+        spec.train, tokenizer, per_rank, image_size=data.image_size, rank=rank, world_size=world_size,
+        seed=seed, epoch=pos.epoch, num_workers=data.num_workers, batches_per_epoch=spec.steps_per_epoch,
+        hard_negatives=data.hard_negatives, partial_captions=data.partial_captions,
+        cache_mb=data.decoded_cache_mb or 0, **data.loader_noise())
+    first_epoch = pos.epoch
+    for epoch, i, batch in loader.stream():
+        if epoch == first_epoch and i < pos.batch:
+            continue  # consumed before the checkpoint (its skipped samples were counted then)
+        pos.skipped += int(batch.get("skipped", 0))  # corrupt samples skipped since the worker's last batch
+        pos.epoch, pos.batch = epoch, i + 1
+        yield batch
 
 
 def load_eval(spec: DataSpec, data: DataSettings, tokenizer, *, split: str = "val", seed: int,

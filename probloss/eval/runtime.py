@@ -19,6 +19,7 @@ import torch
 from probloss import dist
 from probloss.console import say
 from probloss.data.prepare import DataSpec, load_eval, prepare_data
+from probloss.models.linear import cpu_matmul
 from probloss.run_folder import finite_scalars, print_summary, write_json
 from probloss.settings import RunSettings
 
@@ -168,15 +169,21 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     ``overrides`` change the config saved in the checkpoint and are checked against it like any command line
     (an unknown key is an error that lists the keys there).
     """
-    from lightning_fabric import Fabric
-
     from probloss import checkpoint as ckpt
-    from probloss.builders import make_tokenizer, make_trainee
     from probloss.config import apply_overrides
 
     raw = ckpt.read_checkpoint(path)
     cfg = apply_overrides(raw["config"], overrides, what=f"the config saved in {path}")
     run = RunSettings.from_config(cfg)
+    with cpu_matmul(run.trainer.cpu_matmul or "blas"):  # the products the run was trained and evaluated with
+        return _evaluate_checkpoint(path, raw, run)
+
+
+def _evaluate_checkpoint(path: str | Path, raw: dict, run: RunSettings) -> dict[str, Any]:
+    from lightning_fabric import Fabric
+
+    from probloss.builders import make_tokenizer, make_trainee
+
     tokenizer = make_tokenizer(run)
     trainee = make_trainee(run, tokenizer, from_checkpoint=True)
     trainee.load_state_dict(raw["model"])

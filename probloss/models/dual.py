@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from probloss.models.linear import Linear
 from probloss.registry import ENCODERS
 
 Tensor = torch.Tensor
@@ -56,8 +57,8 @@ class LogStdHead(nn.Module):
         self.per_dim = out_dim is not None
         layers: list[nn.Module] = []
         if hidden > 0:
-            layers += [nn.Linear(width, hidden), nn.GELU()]
-        last = nn.Linear(hidden if hidden > 0 else width, out_dim or 1)
+            layers += [Linear(width, hidden), nn.GELU()]
+        last = Linear(hidden if hidden > 0 else width, out_dim or 1)
         nn.init.normal_(last.weight, std=1e-3)
         nn.init.constant_(last.bias, float(init_log_std))
         self.net = nn.Sequential(*layers, last)
@@ -105,8 +106,8 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.image_tower, self.text_tower = image_tower, text_tower
         self.embed_dim = embed_dim
-        self.image_proj = nn.Linear(image_tower.width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_tower.width, embed_dim, bias=False)
+        self.image_proj = Linear(image_tower.width, embed_dim, bias=False)
+        self.text_proj = Linear(text_tower.width, embed_dim, bias=False)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
         self.image_log_std = self.text_log_std = None

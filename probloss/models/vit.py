@@ -7,6 +7,7 @@ from einops import rearrange
 from torch import nn
 
 from probloss.models._blocks import Block, init_weights
+from probloss.models.linear import Linear
 from probloss.registry import ENCODERS
 
 
@@ -38,7 +39,7 @@ class ViT(nn.Module):
             raise ValueError(f"ViT pool must be 'cls' or 'mean', got {pool!r}")
         self.patch_size, self.pool, self.width = patch_size, pool, width
         n_patches = (image_size // patch_size) ** 2
-        self.patch_embed = nn.Linear(3 * patch_size**2, width)
+        self.patch_embed = Linear(3 * patch_size**2, width)
         self.cls = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
         self.pos = nn.Parameter(torch.zeros(1, n_patches + (pool == "cls"), width))
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))

@@ -231,3 +231,51 @@ def test_partial_captions_are_the_same_scene_one_level_less_specific(shapes):
         assert torch.equal(batch["partial_tokens"][i], TOK([want])[0])
     assert batch["partial_mask"].any() and not batch["partial_mask"].all()
     assert "partial_tokens" not in _epoch(shapes[0], batches_per_epoch=1)[0]
+
+
+def _batch_digest(batches):
+    return [(m["index"], c) for b in batches for m, c in zip(b["json"], b["caption"])], \
+        [b["image"] for b in batches], [b["tokens"] for b in batches]
+
+
+def test_decoded_cache_gives_the_same_batches_and_later_passes_read_nothing(shapes, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(Path(shapes[0]).parent, folder)
+    pattern = str(folder / Path(shapes[0]).name)
+    noise = {"image_noise": 0.2, "caption_noise": 0.3}  # drawn per epoch, after the cache
+    plain = make_train_loader(pattern, TOK, 16, image_size=32, seed=0, **noise)
+    cached = make_train_loader(pattern, TOK, 16, image_size=32, seed=0, cache_mb=64, **noise)
+    first = [list(plain), list(cached)]
+    for a, b in zip(_batch_digest(first[0]), _batch_digest(first[1])):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a[0], torch.Tensor) else a == b
+    assert len(cached.dataset._cache.shards) == 8  # every shard was read to its end and kept
+
+    for shard in folder.glob("*.tar"):
+        shard.unlink()  # the next epoch comes from memory or not at all
+    second = list(cached)
+    assert len(second) == len(first[1]) and sum(b["skipped"] for b in second) == 0
+    reference = list(make_train_loader(shapes[0], TOK, 16, image_size=32, seed=0, epoch=1, **noise))
+    for a, b in zip(_batch_digest(reference), _batch_digest(second)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a[0], torch.Tensor) else a == b
+    assert _keys(second) != _keys(first[1])  # another epoch: another order and noise
+
+
+def test_a_cache_over_budget_keeps_nothing_and_changes_nothing(shapes):
+    small = make_train_loader(shapes[0], TOK, 16, image_size=32, seed=0, cache_mb=0.01)
+    assert _keys(small) == _keys(_epoch(shapes[0])) and small.dataset._cache.shards == {}
+
+
+@pytest.mark.parametrize("num_workers,batches_per_epoch", [(0, 5), (1, 5), (2, 6), (2, 5)])
+def test_the_stream_is_the_epochs_one_after_another(shapes, num_workers, batches_per_epoch):
+    """One persistent DataLoader (2 workers: 6 batches per epoch split evenly) or, where workers' shares differ
+    (5 over 2), a DataLoader per epoch: the same batches as epoch-by-epoch passes, numbered by epoch."""
+    kw = {"image_size": 32, "seed": 0, "batches_per_epoch": batches_per_epoch, "num_workers": num_workers,
+          "cache_mb": 64, "rank": 1, "world_size": 2}
+    stream = make_train_loader(shapes[0], TOK, 8, epoch=2, **kw).stream()
+    got = [next(stream) for _ in range(3 * batches_per_epoch)]
+    assert [(e, i) for e, i, _ in got] == [(e, i) for e in (2, 3, 4) for i in range(batches_per_epoch)]
+    expect = [b for e in (2, 3, 4) for b in make_train_loader(shapes[0], TOK, 8, epoch=e, **kw)]
+    assert _keys([b for _, _, b in got]) == _keys(expect)
+    assert all(torch.equal(a["image"], b["image"]) for (_, _, a), b in zip(got, expect))
