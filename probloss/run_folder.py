@@ -78,8 +78,9 @@ def resolve_run_dir(run: RunSettings) -> tuple[str, str | None]:
         return str(run_dir), None
 
 
-def check_resume_config(path: str | Path, cfg: Mapping, announce: bool) -> None:
-    """Refuse to resume a checkpoint whose parameter shapes come from another config; report other changes."""
+def check_resume_config(path: str | Path, cfg: Mapping, announce: bool) -> dict:
+    """Refuse to resume a checkpoint whose parameter shapes come from another config; report other changes.
+    Returns the checkpoint's config."""
     saved = ckpt.read_checkpoint(path).get("config", {})
     current = to_dict(cfg)
     shape = ckpt.shape_differences(saved, current)
@@ -90,6 +91,7 @@ def check_resume_config(path: str | Path, cfg: Mapping, announce: bool) -> None:
     other = ckpt.other_differences(saved, current)
     if other and announce:
         print(f"note: resuming {path} with a changed config: {'; '.join(other)}", file=sys.stderr)
+    return saved
 
 
 def make_logger(run_dir: Path, purge_step: int | None = None):

@@ -114,7 +114,6 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         with contextlib.ExitStack() as stack:  # the run's out.log, once its folder is known
-            stack.enter_context(cpu_matmul(run.trainer.cpu_matmul or "blas"))
             return _train(fabric, cfg, run, on_eval, stack)
     finally:  # a library call must not leave the caller's process changed (tests, sweeps, notebooks)
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
@@ -134,8 +133,12 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
         stack.enter_context(tee_output(run_dir / "out.log"))
     spec = prepare_data(run.data, t.batch_size, fabric)
     tokenizer = make_tokenizer(run)
+    matmul = run.trainer.cpu_matmul
     if resume_from is not None:
-        check_resume_config(resume_from, cfg, announce=fabric.is_global_zero)
+        saved = check_resume_config(resume_from, cfg, announce=fabric.is_global_zero)
+        if "cpu_matmul" not in saved.get("trainer", {}):
+            matmul = None  # trained before the key existed: resumed on the products it was trained with
+    stack.enter_context(cpu_matmul(matmul or "blas"))
 
     trainee = make_trainee(run, tokenizer, from_checkpoint=resume_from is not None)
     check_partial_views(trainee.loss, run.data, t.accum_steps)

@@ -226,6 +226,29 @@ def test_resume_refuses_a_different_model_shape(tmp_path, cache_dir):
         main(args)
 
 
+@pytest.mark.slow
+def test_a_run_uses_its_own_cpu_matmul_and_one_from_before_the_key_resumes_on_blas(tmp_path, cache_dir, monkeypatch):
+    import probloss.train as train_module
+    from probloss.models.linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    used, real = [], train_module.cpu_matmul
+    monkeypatch.setattr(train_module, "cpu_matmul", lambda backend: used.append(backend) or real(backend))
+    args = small(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.eval_every=0", "eval.projector_samples=0",
+                 "run_name=r")
+    main([*args, "trainer.cpu_matmul=onednn"])
+    main([*args, "trainer.cpu_matmul=onednn", "trainer.max_steps=4", "resume=auto"])
+    assert used == ["onednn", "onednn"]
+    run_dir = only_run(tmp_path, "infonce")
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    saved = ckpt.read_checkpoint(newest)
+    del saved["config"]["trainer"]["cpu_matmul"]  # as written before the key existed
+    torch.save(saved, newest)
+    main([*args, "trainer.max_steps=5", "resume=auto"])  # the default (auto) asks for oneDNN; the run was on BLAS
+    assert used[-1] == "blas"
+
+
 # --- two ranks ----------------------------------------------------------------------------------------------------
 
 
