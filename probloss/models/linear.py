@@ -2,7 +2,7 @@
 
 Why: torch's CPU wheels send float32 ``mm``/``addmm`` to Intel MKL, and MKL takes its AVX2 code path on
 non-Intel CPUs. On this project's AMD EPYC (AVX-512) MKL reaches about 107 GFLOP/s at any size, oneDNN
-(also inside torch, the library behind its CPU convolutions) 220-245 GFLOP/s on the same products
+(also inside torch, the library behind its CPU convolutions) 200-245 GFLOP/s on the same products
 (``scripts/bench_linear.py``). The tiny default model spends about half its step in these products.
 
 Backends (:func:`cpu_matmul`, the config key ``trainer.cpu_matmul``):
