@@ -106,7 +106,7 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory)
     _set_threads(fabric, run.trainer.num_threads)
-    _reuse_freed_memory()
+    reuse_freed_memory()
     torch.use_deterministic_algorithms(run.trainer.deterministic, warn_only=True)
     # Deterministic mode also fills every new uninitialised tensor with NaN, a debugging aid for kernels that
     # read memory they never wrote; no kernel here does, and the fills were 15% of a tiny-model step on CPU
@@ -387,7 +387,7 @@ def _train_scalars(trainee, optimizer, out: StepOutput, timer: Timer, pos: Posit
     return scalars
 
 
-def _reuse_freed_memory() -> None:
+def reuse_freed_memory() -> None:
     """glibc: serve tensors below 64 MiB from freed heap memory instead of fresh ``mmap`` pages, and keep freed
     memory (up to 1 GiB at the heap's top) for the next step.
 

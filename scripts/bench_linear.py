@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from probloss.models.linear import _OneDNNLinear, onednn_available
-from probloss.train import _reuse_freed_memory
+from probloss.train import reuse_freed_memory
 
 # (rows = batch 128 x tokens 17, in, out): the tiny ViT's qkv, attention output, MLP in and out; then one large.
 SHAPES = [(2176, 64, 192), (2176, 64, 64), (2176, 64, 256), (2176, 256, 64), (4096, 1024, 1024)]
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not onednn_available():
         raise SystemExit("this torch build has no oneDNN linear op: nothing to compare")
     torch.set_num_threads(args.threads)
-    _reuse_freed_memory()  # as in training: outputs come from freed memory, not fresh pages
+    reuse_freed_memory()  # as in training: outputs come from freed memory, not fresh pages
     torch.manual_seed(0)
     rows = []
     for m, k, n in SHAPES:

@@ -169,21 +169,15 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     ``overrides`` change the config saved in the checkpoint and are checked against it like any command line
     (an unknown key is an error that lists the keys there).
     """
+    from lightning_fabric import Fabric
+
     from probloss import checkpoint as ckpt
+    from probloss.builders import make_tokenizer, make_trainee
     from probloss.config import apply_overrides
 
     raw = ckpt.read_checkpoint(path)
     cfg = apply_overrides(raw["config"], overrides, what=f"the config saved in {path}")
     run = RunSettings.from_config(cfg)
-    with cpu_matmul(run.trainer.cpu_matmul or "blas"):  # the products the run was trained and evaluated with
-        return _evaluate_checkpoint(path, raw, run)
-
-
-def _evaluate_checkpoint(path: str | Path, raw: dict, run: RunSettings) -> dict[str, Any]:
-    from lightning_fabric import Fabric
-
-    from probloss.builders import make_tokenizer, make_trainee
-
     tokenizer = make_tokenizer(run)
     trainee = make_trainee(run, tokenizer, from_checkpoint=True)
     trainee.load_state_dict(raw["model"])
@@ -192,7 +186,8 @@ def _evaluate_checkpoint(path: str | Path, raw: dict, run: RunSettings) -> dict[
     spec = prepare_data(run.data, run.trainer.batch_size)
     eval_set = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
                          image_noise=float(run.eval.image_noise or 0.0))
-    metrics = evaluate(fabric, run, trainee, eval_set, spec, tokenizer, logger=None, step=0, final=True)
+    with cpu_matmul(run.trainer.cpu_matmul or "blas"):  # the products the run was trained and evaluated with
+        metrics = evaluate(fabric, run, trainee, eval_set, spec, tokenizer, logger=None, step=0, final=True)
     step = int(raw.get("position", {}).get("step", 0))
     metrics["steps"] = step
     run_dir = Path(path).resolve().parent.parent
