@@ -41,8 +41,9 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from probloss.config import ConfigError, compose_config, config_groups
-from probloss.report import (CI, diff_range, error_bars, fmt_ci, mean_ci, metric_range, row_value, run_stopped,
-                             report_lines, save_figure, summarise, sweep_studies, verdict)
+from probloss.report import (CI, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range,
+                             paired_p, report_lines, row_value, run_stopped, save_figure, summarise, sweep_studies,
+                             verdict)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
 
@@ -64,7 +65,8 @@ def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
     name = next(a.split("=", 1)[1] for a in argv if a.startswith("recipe="))
     if not recipe.get("arms"):
         raise ConfigError(f"recipe {name!r} has no arms (arm name -> training overrides)")
-    baselines(recipe)  # a misspelt baseline fails now, not after hours of training
+    baselines(recipe)  # a misspelt baseline or primary comparison fails now, not after hours of training
+    primaries(recipe)
     return name, recipe, [a for a in argv if a not in own]
 
 
@@ -87,6 +89,37 @@ def baselines(exp: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(arm, base) for arm in arms for base in pairs.get(arm, [])]
 
 
+MAX_PRIMARY = 8
+
+
+def primaries(exp: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    """The recipe's declared primary comparisons as (arm, baseline, metric), checked against its comparisons.
+
+    ``primary`` is a list of at most ``MAX_PRIMARY`` mappings {arm, baseline, metric}: the few comparisons a
+    recipe is run to answer, declared before it runs. They keep the interval's verdict; every other row of
+    comparisons.json is Holm-adjusted (``compare``). Missing (old recipe folders) or empty: none.
+    """
+    entries = exp.get("primary") or []
+    if len(entries) > MAX_PRIMARY:
+        raise ConfigError(f"recipe primary lists {len(entries)} comparisons; at most {MAX_PRIMARY}: a primary "
+                          "comparison is one the recipe is run to answer, the rest are Holm-adjusted")
+    pairs, metrics = baselines(exp), report_metrics(exp)
+    declared = set()
+    for entry in entries:
+        if not isinstance(entry, Mapping) or set(entry) != {"arm", "baseline", "metric"}:
+            raise ConfigError(f"recipe primary entry {entry!r} is not a mapping with exactly the keys arm, baseline "
+                              "and metric")
+        arm, base, metric = (str(entry[k]) for k in ("arm", "baseline", "metric"))
+        if (arm, base) not in pairs:
+            raise ConfigError(f"recipe primary compares {arm!r} with {base!r}, not a comparison of the recipe; "
+                              f"(arm, baseline) pairs: {pairs}")
+        if metric not in metrics:
+            raise ConfigError(f"recipe primary names metric {metric!r}, not a reported metric of the recipe; "
+                              f"metrics: {metrics}")
+        declared.add((arm, base, metric))
+    return declared
+
+
 def run_recipe(argv: Sequence[str], log=print) -> Path:
     """Train every arm x seed not trained yet, run the extra evaluations, and write the report."""
     from probloss.train import NonFiniteLossError
@@ -95,33 +128,42 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     started = time.perf_counter()
     name, exp, train_overrides = load_recipe(argv)
     exp_dir = Path(os.path.expanduser(compose_config([*exp.get("overrides", []), *train_overrides])["out_dir"])) / name
-    results = []
+    plan = []  # every run's overrides, config and folder, checked before any training
     for arm, arm_overrides in exp["arms"].items():
         for seed in exp.get("seeds", [0]):
             overrides = [*exp.get("overrides", []), *arm_overrides, *train_overrides, f"experiment={name}",
                          f"seed={seed}", f"run_name={_slug(arm)}-seed{seed}"]
             cfg = compose_config(overrides)  # checks every key before any training
+            draw = data_draw(exp, overrides, seed, cfg)
+            if draw:
+                overrides.extend(draw)
+                cfg = compose_config(overrides)
             run_dir = run_base(RunSettings.from_config(cfg)) / f"{_slug(arm)}-seed{seed}"  # as training names it
-            summary_path = run_dir / "summary.json"
-            trained_for = None
-            if not summary_path.is_file():
-                log(f"[{name}] training {arm} seed {seed}", flush=True)
-                t0 = time.perf_counter()
-                try:
-                    train_main(overrides)
-                except NonFiniteLossError as err:  # diverged: a result to count and show, not a crash
-                    log(f"[{name}] {arm} seed {seed} diverged: {err}", flush=True)
-                trained_for = time.perf_counter() - t0
-            summary = json.loads(summary_path.read_text())  # a stopped run wrote its status and error
-            if trained_for is not None:
-                summary.setdefault("wall_time_s", trained_for)  # a stopped run's summary has no time of its own
-            finished = summary.get("status", "finished") == "finished"
-            for evaluation, eval_overrides in (exp.get("evaluations") or {}).items() if finished else ():
-                metrics = cached_evaluation(run_dir, evaluation, eval_overrides)
-                summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
-            if finished:
-                backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
-            results.append({"arm": arm, "seed": seed, "run_dir": str(run_dir), **summary})
+            gen_seed = cfg.data.get("gen_seed")
+            _check_reused_draw(run_dir, gen_seed)
+            plan.append((arm, seed, overrides, run_dir, gen_seed))
+    results = []
+    for arm, seed, overrides, run_dir, gen_seed in plan:
+        summary_path = run_dir / "summary.json"
+        trained_for = None
+        if not summary_path.is_file():
+            log(f"[{name}] training {arm} seed {seed}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                train_main(overrides)
+            except NonFiniteLossError as err:  # diverged: a result to count and show, not a crash
+                log(f"[{name}] {arm} seed {seed} diverged: {err}", flush=True)
+            trained_for = time.perf_counter() - t0
+        summary = json.loads(summary_path.read_text())  # a stopped run wrote its status and error
+        if trained_for is not None:
+            summary.setdefault("wall_time_s", trained_for)  # a stopped run's summary has no time of its own
+        finished = summary.get("status", "finished") == "finished"
+        for evaluation, eval_overrides in (exp.get("evaluations") or {}).items() if finished else ():
+            metrics = cached_evaluation(run_dir, evaluation, eval_overrides)
+            summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
+        if finished:
+            backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
+        results.append({"arm": arm, "seed": seed, "gen_seed": gen_seed, "run_dir": str(run_dir), **summary})
     times = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
     exp = {**exp, "timing": {"runs_wall_time_s": sum(times), "runs_timed": len(times),
                              "invocation_wall_time_s": time.perf_counter() - started}}
@@ -130,6 +172,37 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     report = write_recipe_report(exp, name, results, exp_dir)
     log(f"[{name}] wrote {report}", flush=True)
     return report
+
+
+def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any, cfg) -> list[str]:
+    """The override that gives a run the data draw of its seed: ``data.gen_seed=<seed>``, or nothing.
+
+    With ``vary_data`` (the default) every run generates the shapes data from its own seed (samples, val and test
+    sets and the held-out colour x shape combinations: probloss.data.shards), so the intervals over seeds include
+    data sampling; arms stay paired, since seed s gives every arm the same draw. Nothing is added when
+    ``vary_data`` is false, when the recipe, the arm or the command line sets data.gen_seed itself, or when the
+    data has no generator (webdataset shards: ``cfg``, the run's config without it, has no data.gen_seed).
+    """
+    if not exp.get("vary_data", True) or any(_key(o) == "data.gen_seed" for o in overrides):
+        return []
+    return [f"data.gen_seed={seed}"] if "gen_seed" in cfg.data else []
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _check_reused_draw(run_dir: Path, gen_seed: Any) -> None:
+    """Refuse to reuse a finished run trained on another data draw than the one the recipe now asks for (e.g. a
+    folder of a recipe run before ``vary_data``): its row would silently pair different draws."""
+    config = run_dir / "config.yaml"
+    if not (run_dir / "summary.json").is_file() or not config.is_file():
+        return
+    trained = OmegaConf.load(config).get("data", {}).get("gen_seed")
+    if trained != gen_seed:
+        raise ConfigError(f"{run_dir} was trained with data.gen_seed={trained}, this recipe asks for {gen_seed}: "
+                          "use another out_dir, or recipe.vary_data=false (or data.gen_seed=...) to continue a "
+                          "study with one data draw")
 
 
 def read_recipe_folder(exp_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -224,9 +297,15 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
     luck cancels); mean and paired Student t interval (n - 1 dof) over the seeds finite in both arms, clipped to
     the metric's possible differences. A seed where either side is missing or non-finite is left out and
     counted in ``n_dropped``; a seed where the metric applies to neither arm is not a seed of this metric.
+
+    Multiplicity: ``p`` is the two-sided p of the same paired t (None below two seeds); ``primary`` marks the
+    recipe's declared comparisons (``primaries``), whose ``p_adjusted`` is their ``p`` and whose verdict is the
+    interval's; every other row's ``p_adjusted`` is Holm's over all non-primary rows with a p, and its verdict
+    says better / worse only when that is below 0.05 (probloss.report.adjusted_verdict).
     """
     by_run = {(r["arm"], r["seed"]): r for r in results}
-    rows = []
+    declared = primaries(exp)
+    rows, diffs_of = [], []
     for arm, base in baselines(exp):
         seeds = sorted({seed for a, seed in by_run if a in (arm, base)}, key=str)
         for metric in metrics:
@@ -237,10 +316,41 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
                     continue
                 diffs.append(math.nan if a is None or b is None else a - b)  # nan (also from nan - x): left out
             diff = mean_ci(diffs, diff_range(metric))
+            diffs_of.append(diff)
             rows.append({"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
                          "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n,
-                         "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff)})
+                         "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff), "p": paired_p(diffs),
+                         "p_adjusted": None, "primary": (arm, base, metric) in declared})
+    others = [row for row in rows if not row["primary"]]
+    for row, adjusted in zip(others, holm([row["p"] for row in others])):
+        row["p_adjusted"] = adjusted
+    for row, diff in zip(rows, diffs_of):
+        if row["primary"]:
+            row["p_adjusted"] = row["p"]
+        else:
+            row["verdict"] = adjusted_verdict(row["metric"], diff, row["p_adjusted"])
     return rows
+
+
+SURVIVING = ("better", "worse", "higher", "lower")
+
+
+def multiplicity_counts(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many comparisons a table holds and how many survive: ``primary`` / ``others`` rows with a p (an
+    interval), and of those ``primary_survive`` (by their interval) / ``others_survive`` (after Holm)."""
+    counted = [c for c in comparisons if c.get("p") is not None]
+    primary = [c for c in counted if c.get("primary")]
+    others = [c for c in counted if not c.get("primary")]
+    return {"primary": len(primary), "primary_survive": sum(c["verdict"] in SURVIVING for c in primary),
+            "others": len(others), "others_survive": sum(c["verdict"] in SURVIVING for c in others)}
+
+
+def multiplicity_line(counts: Mapping[str, int]) -> str:
+    """One sentence: comparisons held and surviving, primary and others."""
+    total = counts["primary"] + counts["others"]
+    return (f"{total} comparison(s) with an interval: {counts['primary']} primary, of which "
+            f"{counts['primary_survive']} exclude 0; {counts['others']} others, of which {counts['others_survive']} "
+            "survive Holm's adjustment (p_adjusted < 0.05).")
 
 
 def _finite(value: float) -> float | None:
@@ -254,10 +364,13 @@ ARMS_NOTE = ("Mean ± 95% interval (Student t over seeds), or mean [low, high] w
 DIFF_NOTE = ("Paired per seed (the same seed: same data order, same initial weights of shared layers): mean of "
              "arm - baseline with its 95% interval (paired Student t, n - 1 dof) over the seeds finite in both arms, "
              "clipped to the metric's possible differences; left out: seeds missing or non-finite in either arm. "
-             "Verdict: better / worse only when the interval excludes 0 (lower is better for losses, stability "
-             "counts, uniformity and the specificity statistics, where more negative is the stronger effect); "
-             "higher / lower for metrics without a better direction (modality gap, alignment, ...); inside noise "
-             "when the interval holds 0; one seed (no data) when one (no) seed pairs.")
+             "p: two-sided, of the same paired t. Primary comparisons (declared by the recipe before it ran, marked "
+             "*) are judged by their interval: better / worse only when it excludes 0. Every other row is one of "
+             "many: its p is Holm-adjusted over the recipe's non-primary rows (p adj.), and it is better / worse "
+             "only when its interval excludes 0 and p adj. < 0.05. Lower is better for losses, stability counts, "
+             "uniformity and the specificity statistics (more negative is the stronger effect); higher / lower "
+             "for metrics without a better direction (modality gap, alignment, ...) under the same rule; inside "
+             "noise otherwise; one seed (no data) when one (no) seed pairs.")
 
 
 def recipe_sections(exp: Mapping[str, Any], results: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping],
@@ -277,13 +390,21 @@ def recipe_sections(exp: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
         lines.append(f"| {arm} | {_seeds_cell([r for r in results if r['arm'] == arm])} | "
                      + " | ".join(fmt_ci(table[arm][m]) for m in metrics) + " |")
     lines += ["", f"{heading} Paired differences against the baseline", "", DIFF_NOTE, "",
-              "| arm | baseline | metric | difference [95% interval] | seeds paired | verdict |",
-              "|---|---|---|---|---|---|"]
+              multiplicity_line(multiplicity_counts(comparisons)), "",
+              "| arm | baseline | metric | difference [95% interval] | seeds paired | p | p adj. | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         left_out = f" ({c['n_dropped']} left out)" if c["n_dropped"] else ""
-        lines.append(f"| {c['arm']} | {c['baseline']} | {c['metric']} | {_diff_cell(c)} | {c['n']}{left_out} | "
-                     f"{c['verdict']} |")
+        star = " *" if c.get("primary") else ""
+        lines.append(f"| {c['arm']}{star} | {c['baseline']} | {c['metric']} | {_diff_cell(c)} | {c['n']}{left_out} | "
+                     f"{_p_cell(c.get('p'))} | {_p_cell(c.get('p_adjusted'))} | {c['verdict']} |")
     return lines
+
+
+def _p_cell(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _seeds_cell(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -355,14 +476,30 @@ def findings(runs_dir: str | Path) -> str:
              f"Generated by `python scripts/report.py --findings {runs_dir}` from the results files below: every "
              "number and verdict word is computed from them (docs/design.md, \"Measurements and claims\"). "
              f"{len(folders)} recipe folder(s), {len(journals)} sweep(s).", ""]
+    body, counted = [], []
     for folder in folders:
-        lines += [f"## {folder.name}", "", f"Source: `{folder / 'results.json'}`.", ""]
+        body += [f"## {folder.name}", "", f"Source: `{folder / 'results.json'}`.", ""]
         try:
             exp, results = read_recipe_folder(folder)
         except FileNotFoundError as err:
-            lines += [f"Not summarised: {err}", ""]
+            body += [f"Not summarised: {err}", ""]
             continue
-        lines += recipe_sections(exp, results, compare(results, exp, report_metrics(exp)), heading="###") + [""]
+        comparisons = compare(results, exp, report_metrics(exp))
+        counted.append((folder.name, multiplicity_counts(comparisons)))
+        body += recipe_sections(exp, results, comparisons, heading="###") + [""]
+    if counted:
+        lines += ["Multiplicity. Each recipe's primary comparisons (declared before it ran) are judged by their 95% "
+                  "interval; all its other comparisons by p-values Holm-adjusted within the recipe (the rule under "
+                  "each comparison table). The sweeps' width differences (bootstrap intervals, no p) are not counted "
+                  "here.", "", "| recipe | comparisons | primary | primary surviving | others | others surviving "
+                  "Holm |", "|---|---|---|---|---|---|"]
+        for recipe, c in counted:
+            lines.append(f"| {recipe} | {c['primary'] + c['others']} | {c['primary']} | {c['primary_survive']} | "
+                         f"{c['others']} | {c['others_survive']} |")
+        total = {k: sum(c[k] for _, c in counted) for k in counted[0][1]}
+        lines += [f"| total | {total['primary'] + total['others']} | {total['primary']} | {total['primary_survive']} "
+                  f"| {total['others']} | {total['others_survive']} |", ""]
+    lines += body
     for journal in journals:
         lines += [f"## {journal.stem} (sweep)", "", f"Source: `{journal}` (Optuna journal storage).", ""]
         try:

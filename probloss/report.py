@@ -15,7 +15,9 @@ specificity level.
 
 Shared statistics: ``mean_ci`` (mean, 95% Student t interval clipped to a range, non-finite values counted),
 ``metric_range`` / ``metric_direction`` (which values a metric can take, which way is better), ``verdict`` (the
-word a paired-difference interval earns) and ``fmt_ci`` (the table cell).
+word a paired-difference interval earns), ``paired_p`` / ``holm`` / ``adjusted_verdict`` (the p-value of the
+same paired t, Holm's step-down adjustment, the verdict of a comparison that is not primary) and ``fmt_ci`` (the
+table cell).
 """
 
 from __future__ import annotations
@@ -157,6 +159,94 @@ def verdict(metric: str, diff: CI) -> str:
     if direction == 0:
         return "higher" if up else "lower"
     return "better" if up == (direction > 0) else "worse"
+
+
+# --- Multiplicity: p-values of the paired t and Holm's step-down adjustment ---------------------------------------
+#
+# A recipe's comparisons.json holds many rows (arms x baselines x metrics); at 5% each, about one in twenty rows of
+# a recipe where nothing differs would earn better / worse by chance. A recipe declares its few primary comparisons
+# before it runs (configs/recipe/<name>.yaml ``primary``): those keep the interval's verdict; every other row is
+# judged on its p-value Holm-adjusted over the recipe's other rows (``adjusted_verdict``). scipy is a dev
+# dependency only, so the t distribution's tail is computed here (``t_two_sided_p``) and tested against it.
+
+ALPHA = 0.05
+
+
+def incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) = B(x; a, b) / B(a, b), for 0 <= x <= 1 and a, b > 0.
+
+    Lentz's continued fraction (Numerical Recipes, betacf), which converges fast for x < (a + 1) / (a + b + 2);
+    beyond it the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) keeps it there.
+    """
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - incomplete_beta(1.0 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10_000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),              # even step d_{2m}
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step d_{2m+1}
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < eps:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def t_two_sided_p(t: float, dof: int) -> float:
+    """P(|T| >= |t|) for Student's T with ``dof`` degrees of freedom: I_{dof / (dof + t^2)}(dof / 2, 1 / 2)."""
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0
+    return min(1.0, incomplete_beta(dof / (dof + t * t), dof / 2.0, 0.5))
+
+
+def paired_p(diffs: Sequence[float | None]) -> float | None:
+    """Two-sided p of the paired Student t test (H0: mean difference 0) over the finite differences, the same t
+    as ``mean_ci``'s interval: t = mean / (sd / sqrt(n)), n - 1 dof. None with fewer than two finite values; a
+    zero spread gives p = 1 for a zero mean (nothing differs) and p = 0 otherwise (every seed moved alike)."""
+    finite = [float(v) for v in diffs if v is not None and math.isfinite(v)]
+    if len(finite) < 2:
+        return None
+    mean, sd = statistics.fmean(finite), statistics.stdev(finite)
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    return t_two_sided_p(mean / (sd / math.sqrt(len(finite))), len(finite) - 1)
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (None stays None and does not count towards m).
+
+    With the m present p-values sorted, p_(1) <= ... <= p_(m): adjusted p_(i) = max over j <= i of
+    min(1, (m - j + 1) p_(j)). Rejecting where the adjusted p < alpha controls the family-wise error rate at
+    alpha under any dependence between the comparisons (Holm 1979).
+    """
+    order = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def adjusted_verdict(metric: str, diff: CI, p_adjusted: float | None) -> str:
+    """``verdict`` of a non-primary comparison: better / worse (higher / lower) only when its interval excludes 0
+    and its Holm-adjusted p is below ``ALPHA``; inside noise otherwise."""
+    word = verdict(metric, diff)
+    if word in ("no data", "one seed") or (p_adjusted is not None and p_adjusted < ALPHA):
+        return word
+    return "inside noise"
 
 
 def fmt_ci(ci: CI) -> str:

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from probloss.config import ConfigError
-from probloss.recipe import baselines, findings, render_recipe
+from probloss.recipe import baselines, findings, primaries, render_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ["test/zeroshot_top1", "test/i2t_r@1", "test/embed/modality_gap", "stability/loss_spikes",
            "test/unc/specificity_spearman"]
 RECIPE = {"description": "A hand-made recipe with a known answer.", "seeds": [0, 1, 2], "overrides": [],
           "arms": {"base": ["loss=infonce"], "new": ["loss=gaussian_var"], "single": ["loss=sigmoid"]},
-          "evaluations": {}, "metrics": METRICS, "baseline": "base", "x": None, "x_label": None}
+          "evaluations": {}, "metrics": METRICS, "baseline": "base", "x": None, "x_label": None,
+          "primary": [{"arm": "new", "baseline": "base", "metric": "test/zeroshot_top1"}]}
 
 
 def _run(arm, seed, zs, r1, gap, spikes, spearman=None):
@@ -57,13 +58,15 @@ def test_comparisons_json_rows_and_values(folder):
     report = render_recipe(folder)
     rows = json.loads((folder / "comparisons.json").read_text())
     assert {tuple(sorted(r)) for r in rows} == {tuple(sorted(
-        ["arm", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "n", "n_dropped", "verdict"]))}
+        ["arm", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "n", "n_dropped", "verdict", "p",
+         "p_adjusted", "primary"]))}
     assert [(r["arm"], r["metric"]) for r in rows] == [(a, m) for a in ("new", "single") for m in METRICS]
     assert all(r["baseline"] == "base" for r in rows)
 
     zs = _row(rows, "new", "test/zeroshot_top1")  # diffs 0.10, 0.11; seed 2 diverged: left out, counted
     half = 12.706 * math.sqrt(0.00005) / math.sqrt(2)
-    assert (zs["n"], zs["n_dropped"], zs["verdict"]) == (2, 1, "better")
+    assert (zs["n"], zs["n_dropped"], zs["verdict"], zs["primary"]) == (2, 1, "better", True)
+    assert zs["p_adjusted"] == zs["p"] == pytest.approx(_t_p([0.10, 0.11]))  # primary: not adjusted
     assert zs["mean_diff"] == pytest.approx(0.105)
     assert (zs["ci_low"], zs["ci_high"]) == pytest.approx((0.105 - half, 0.105 + half))
     r1 = _row(rows, "new", "test/i2t_r@1")  # diffs -0.47, -0.48
@@ -72,10 +75,18 @@ def test_comparisons_json_rows_and_values(folder):
     assert gap["verdict"] == "higher"
     spikes = _row(rows, "new", "stability/loss_spikes")  # lower is better; the stopped seed has this number
     assert (spikes["n"], spikes["n_dropped"], spikes["mean_diff"], spikes["verdict"]) == (3, 0, -4.0, "better")
+    # the three other rows with a p: Holm over them (m = 3), by hand
+    p_r1, p_gap, p_spikes = _t_p([-0.47, -0.48]), _t_p([0.30, 0.32]), _t_p([-4.0, -3.0, -5.0])
+    assert p_r1 < p_spikes < p_gap
+    assert [r1["p_adjusted"], spikes["p_adjusted"], gap["p_adjusted"]] == pytest.approx(
+        [3 * p_r1, 2 * p_spikes, max(2 * p_spikes, p_gap)])
+    assert not any(r["primary"] for r in rows if (r["arm"], r["metric"]) != ("new", "test/zeroshot_top1"))
     unc = _row(rows, "new", "test/unc/specificity_spearman")  # the baseline has no sigma: nothing pairs
     assert (unc["n"], unc["n_dropped"], unc["mean_diff"], unc["verdict"]) == (0, 3, None, "no data")
+    assert unc["p"] is None and unc["p_adjusted"] is None
     single = _row(rows, "single", "test/zeroshot_top1")
     assert (single["n"], single["n_dropped"], single["ci_low"], single["verdict"]) == (1, 2, None, "one seed")
+    assert single["p"] is None and single["p_adjusted"] is None
     assert single["mean_diff"] == pytest.approx(-0.10)
 
     text = report.read_text()
@@ -83,11 +94,58 @@ def test_comparisons_json_rows_and_values(folder):
     assert "(1 of 3 seeds diverged)" in new_line  # the diverged seed is shown, not dropped
     base_r1 = (0.97 + 1.00 + 0.99) / 3
     assert "| base | 3 | 0.510 ± " in text and f"{base_r1:.3f} [" in text and ", 1.000] |" in text  # clipped at 1
-    assert f"| new | base | test/zeroshot_top1 | +0.105 [{0.105 - half:+.3f}, {0.105 + half:+.3f}] | 2 (1 left out) | better |" in text
-    assert "| single | base | test/zeroshot_top1 | -0.100 | 1 (2 left out) | one seed |" in text  # 2 never run
-    assert "| new | base | test/unc/specificity_spearman | - | 0 (3 left out) | no data |" in text
+    assert (f"| new * | base | test/zeroshot_top1 | +0.105 [{0.105 - half:+.3f}, {0.105 + half:+.3f}] | 2 (1 left out) "
+            f"| {zs['p']:.3f} | {zs['p']:.3f} | better |") in text
+    assert "| single | base | test/zeroshot_top1 | -0.100 | 1 (2 left out) | - | - | one seed |" in text  # 2 never run
+    assert "| new | base | test/unc/specificity_spearman | - | 0 (3 left out) | - | - | no data |" in text
+    assert "4 comparison(s) with an interval: 1 primary, of which 1 exclude 0; 3 others, of which 3 survive" in text
     assert "A hand-made recipe with a known answer." in text and "6.2 min of training" in text
     assert (folder / "test_zeroshot_top1.png").is_file()
+
+
+def _t_p(diffs):
+    """scipy's two-sided one-sample t test of the paired differences (the reference for ``p``)."""
+    stats = pytest.importorskip("scipy.stats")
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def test_without_primaries_every_row_is_holm_adjusted(folder):
+    """The same results with no primary declared: the zero-shot row (its interval excludes 0) joins the Holm
+    family of four and no longer survives; the r@1 row (smallest p) still does."""
+    (folder / "recipe.json").write_text(json.dumps({**RECIPE, "primary": []}))
+    report = render_recipe(folder)
+    rows = json.loads((folder / "comparisons.json").read_text())
+    zs, r1, gap, spikes = (_row(rows, "new", m) for m in ("test/zeroshot_top1", "test/i2t_r@1",
+                                                          "test/embed/modality_gap", "stability/loss_spikes"))
+    assert zs["ci_low"] > 0 and not zs["primary"]
+    ps = [_t_p([0.10, 0.11]), _t_p([-0.47, -0.48]), _t_p([0.30, 0.32]), _t_p([-4.0, -3.0, -5.0])]
+    for row, p in zip((zs, r1, gap, spikes), ps):
+        assert row["p"] == pytest.approx(p, rel=1e-6)
+    assert r1["p_adjusted"] == pytest.approx(4 * ps[1]) and r1["verdict"] == "worse"  # 4 x 0.0067 < 0.05
+    assert zs["p_adjusted"] >= 0.05 and zs["verdict"] == "inside noise"
+    assert (gap["verdict"], spikes["verdict"]) == ("inside noise", "inside noise")
+    assert "4 comparison(s) with an interval: 0 primary, of which 0 exclude 0; 4 others, of which 1 survive" in (
+        report.read_text())
+    # an old recipe folder without the key reads the same
+    (folder / "recipe.json").write_text(json.dumps({k: v for k, v in RECIPE.items() if k != "primary"}))
+    render_recipe(folder)
+    assert json.loads((folder / "comparisons.json").read_text()) == rows
+
+
+def test_primary_entries_are_checked_against_the_recipe():
+    ok = {"arm": "new", "baseline": "base", "metric": "test/i2t_r@1"}
+    assert primaries({**RECIPE, "primary": [ok]}) == {("new", "base", "test/i2t_r@1")}
+    assert primaries({**RECIPE, "primary": None}) == set()
+    with pytest.raises(ConfigError, match=r"compares 'base' with 'new', not a comparison of the recipe; \(arm, "
+                                          r"baseline\) pairs: \[\('new', 'base'\), \('single', 'base'\)\]"):
+        primaries({**RECIPE, "primary": [{**ok, "arm": "base", "baseline": "new"}]})
+    with pytest.raises(ConfigError, match=r"names metric 'test/t2i_r@1', not a reported metric of the recipe; "
+                                          r"metrics: \['test/zeroshot_top1'"):
+        primaries({**RECIPE, "primary": [{**ok, "metric": "test/t2i_r@1"}]})
+    with pytest.raises(ConfigError, match="exactly the keys arm, baseline and metric"):
+        primaries({**RECIPE, "primary": [{"arm": "new", "metric": "test/i2t_r@1"}]})
+    with pytest.raises(ConfigError, match="lists 9 comparisons; at most 8"):
+        primaries({**RECIPE, "primary": [ok] * 9})
 
 
 @pytest.mark.slow
@@ -100,7 +158,8 @@ def test_findings_page_from_results_files_alone(folder, tmp_path):
     page = done.stdout
     assert page.startswith("# Findings") and "## handmade" in page and "### Arms" in page
     assert "A hand-made recipe with a known answer." in page
-    assert "(1 of 3 seeds diverged)" in page and "| 2 (1 left out) | better |" in page
+    assert "(1 of 3 seeds diverged)" in page and "| 2 (1 left out) | 0.030 | 0.030 | better |" in page
+    assert "| handmade | 4 | 1 | 1 | 3 | 3 |" in page and "| total | 4 | 1 | 1 | 3 | 3 |" in page
     assert "| new | base | test/embed/modality_gap |" in page and "| higher |" in page
     assert sorted(p.name for p in folder.iterdir()) == before  # prints, writes nothing
     assert page == findings(tmp_path) + "\n"

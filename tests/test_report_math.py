@@ -1,11 +1,13 @@
 """The report's statistics: 95% intervals (clipped, non-finite values counted), paired verdicts, LR-robust width."""
 
 import math
+import random
 
 import pytest
 
-from probloss.report import (T_975, diff_range, draw_means, fmt_ci, fmt_width, lr_robust_width, lr_robustness, mean_ci,
-                             metric_direction, metric_range, row_value, score_table, verdict, width_verdict)
+from probloss.report import (T_975, adjusted_verdict, diff_range, draw_means, fmt_ci, fmt_width, holm, incomplete_beta,
+                             lr_robust_width, lr_robustness, mean_ci, metric_direction, metric_range, paired_p,
+                             row_value, score_table, t_two_sided_p, verdict, width_verdict)
 
 NAN = float("nan")
 
@@ -98,6 +100,99 @@ def test_paired_interval_matches_scipy():
 ])
 def test_verdict_words(metric, diffs, word):
     assert verdict(metric, mean_ci(diffs, diff_range(metric))) == word
+
+
+def test_incomplete_beta_and_t_tail_match_scipy():
+    stats, special = pytest.importorskip("scipy.stats"), pytest.importorskip("scipy.special")
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b, x = rng.uniform(0.05, 60.0), rng.uniform(0.05, 60.0), rng.random()
+        assert incomplete_beta(x, a, b) == pytest.approx(float(special.betainc(a, b, x)), rel=1e-7, abs=1e-12)
+    for dof in (1, 2, 3, 4, 5, 7, 11, 29, 30, 31, 100, 1000):
+        for t in (0.0, 0.01, 0.5, 1.0, 1.96, 2.0, 3.5, 10.0, 50.0, -2.5, -40.0):
+            want = float(2 * stats.t.sf(abs(t), dof))
+            assert t_two_sided_p(t, dof) == pytest.approx(want, rel=1e-7, abs=1e-14), (t, dof)
+    assert t_two_sided_p(0.0, 3) == 1.0 and t_two_sided_p(math.inf, 3) == 0.0 and math.isnan(t_two_sided_p(NAN, 3))
+    for dof in range(1, 31):  # the interval's quantile is where p crosses 0.05 (T_975 has 3 decimals)
+        assert t_two_sided_p(T_975[dof - 1], dof) == pytest.approx(0.05, abs=1e-4)
+
+
+def test_paired_p_matches_scipy_ttest():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(1)
+    for n in (2, 3, 5, 12, 40):
+        for _ in range(20):
+            base = [rng.gauss(0.3, 0.05) for _ in range(n)]
+            arm = [b + rng.gauss(0.01, 0.03) for b in base]
+            want = float(stats.ttest_rel(arm, base).pvalue)
+            assert paired_p([a - b for a, b in zip(arm, base)]) == pytest.approx(want, rel=1e-7)
+            assert paired_p([a - b for a, b in zip(arm, base)] + [NAN, None]) == pytest.approx(want, rel=1e-7)
+    assert paired_p([0.3]) is None and paired_p([0.3, NAN]) is None and paired_p([]) is None
+    assert paired_p([0.0, 0.0, 0.0]) == 1.0 and paired_p([2.0, 2.0]) == 0.0  # no spread: nothing moved / all alike
+
+
+def _holm_reference(pvalues):
+    """Holm's procedure as a rejection rule, written independently: step through the sorted p-values, reject
+    while p_(i) <= alpha / (m - i + 1); the adjusted p of a test is the smallest alpha at which it is rejected
+    (searched over the candidate levels (m - j + 1) p_(j))."""
+    present = [p for p in pvalues if p is not None]
+    m = len(present)
+
+    def rejected(alpha):
+        out = set()
+        for i, p in enumerate(sorted(present)):
+            if p > alpha / (m - i):
+                break
+            out.add(i)
+        return out
+
+    order = sorted(range(m), key=lambda i: present[i])
+    rank = {idx: r for r, idx in enumerate(order)}
+    levels = sorted({min(1.0, (m - i) * p) for i, p in enumerate(sorted(present))} | {1.0})
+    # never rejected at any level <= 1: adjusted p 1 (the adjustment is capped there)
+    adjusted = [min((level for level in levels if rank[k] in rejected(level * (1 + 1e-12))), default=1.0)
+                for k in range(m)]
+    it = iter(adjusted)
+    return [None if p is None else next(it) for p in pvalues]
+
+
+def test_holm_matches_an_independent_step_down_reference():
+    rng = random.Random(2)
+    for m in (1, 2, 3, 7, 20, 60):
+        for _ in range(30):
+            ps = [rng.random() ** rng.choice((1, 3, 8)) for _ in range(m)]
+            ps = [None if rng.random() < 0.1 else p for p in ps]
+            got, want = holm(ps), _holm_reference(ps)
+            assert [g is None for g in got] == [w is None for w in want]
+            assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], abs=1e-12)
+            present = [(p, g) for p, g in zip(ps, got) if p is not None]
+            assert all(p <= g <= 1.0 for p, g in present)  # never below p, never above 1
+            for (p1, g1), (p2, g2) in zip(sorted(present), sorted(present)[1:]):
+                assert g1 <= g2  # monotone in p
+
+
+def test_holm_known_cases():
+    assert holm([]) == [] and holm([None]) == [None]
+    assert holm([0.03]) == [0.03]  # one comparison: nothing to adjust
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.01, None, 0.04, 0.03, 0.005]) == pytest.approx([0.03, None, 0.06, 0.06, 0.02])
+    assert holm([0.2, 0.9]) == pytest.approx([0.4, 0.9])
+    assert holm([0.04, 0.01, 0.045]) == pytest.approx([0.08, 0.03, 0.08])  # 0.045 x 1 < 0.04 x 2: the running max
+    assert holm([0.4, 0.4, 0.4]) == pytest.approx([1.0, 1.0, 1.0])  # capped at 1
+
+
+@pytest.mark.parametrize("metric, diffs, p_adjusted, word", [
+    ("test/zeroshot_top1", [0.05, 0.06, 0.07], 0.01, "better"),
+    ("test/zeroshot_top1", [0.05, 0.06, 0.07], 0.2, "inside noise"),  # its interval excludes 0, Holm does not
+    ("test/zeroshot_top1", [-0.05, -0.06, -0.07], 0.049, "worse"),
+    ("test/zeroshot_top1", [0.05, -0.01, 0.02], 0.01, "inside noise"),  # never more than the interval says
+    ("test/embed/modality_gap", [0.2, 0.3, 0.25], 0.01, "higher"),
+    ("test/embed/modality_gap", [0.2, 0.3, 0.25], 0.05, "inside noise"),  # < 0.05, strictly
+    ("test/zeroshot_top1", [0.30], None, "one seed"),
+    ("test/zeroshot_top1", [NAN, NAN], None, "no data"),
+])
+def test_verdict_of_a_comparison_that_is_not_primary(metric, diffs, p_adjusted, word):
+    assert adjusted_verdict(metric, mean_ci(diffs, diff_range(metric)), p_adjusted) == word
 
 
 def test_lr_robust_width_is_the_widest_contiguous_good_range():
