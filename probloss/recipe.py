@@ -112,10 +112,10 @@ def primaries(exp: Mapping[str, Any]) -> set[tuple[str, str, str]]:
         arm, base, metric = (str(entry[k]) for k in ("arm", "baseline", "metric"))
         if (arm, base) not in pairs:
             raise ConfigError(f"recipe primary compares {arm!r} with {base!r}, not a comparison of the recipe; "
-                              f"(arm, baseline) pairs: {pairs}")
+                              f"(arm, baseline) pairs: {pairs} (recipe.primary=[...] declares others, [] none)")
         if metric not in metrics:
             raise ConfigError(f"recipe primary names metric {metric!r}, not a reported metric of the recipe; "
-                              f"metrics: {metrics}")
+                              f"metrics: {metrics} (recipe.primary=[...] declares others, [] none)")
         declared.add((arm, base, metric))
     return declared
 

@@ -39,7 +39,8 @@ USER_SUPPLIED = {"lit": ["data.train_shards=/data/train.tar", "data.val_shards=/
 def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
     args = ["recipe=robustness", "recipe.seeds=[0,1]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
             *TINY, "recipe.arms={infonce: ['loss=infonce'], sigmoid_30: ['loss=sigmoid', 'data.caption_noise=0.3']}",
-            "recipe.baseline=null"]  # the file's baseline mapping names arms this test replaces
+            "recipe.baseline=null",  # the file's baseline mapping and primaries name arms this test replaces
+            "recipe.primary=[{arm: sigmoid_30, baseline: infonce, metric: test/i2t_r@1}]"]
     lines = []
     report = run_recipe(args, log=lambda *a, **k: lines.append(a[0]))
     assert sum("training" in line for line in lines) == 4
@@ -47,6 +48,15 @@ def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
     assert {(r["arm"], r["seed"]) for r in results} == {(a, s) for a in ("infonce", "sigmoid_30") for s in (0, 1)}
     assert all("image_noise_0.3/test/i2t_r@1" in r for r in results)  # the extra noisy evaluation
     assert all(r["wall_time_s"] > 0 for r in results)
+    # each seed its own data draw, the same in both arms (recipe.vary_data, the default)
+    assert all(r["gen_seed"] == r["seed"] for r in results)
+    for r in results:
+        saved = (Path(r["run_dir"]) / "config.yaml").read_text()
+        assert f"gen_seed: {r['seed']}" in saved
+    draws = [p for p in (tmp_path / "cache").glob("shapes-*") if p.is_dir()]
+    assert len(draws) == 2  # two draws generated, shared by the arms
+    held_out = sorted(tuple(json.loads((d / "splits.json").read_text())["heldout_combos"]) for d in draws)
+    assert held_out[0] != held_out[1]  # the held-out combinations follow the draw too
     timing = json.loads((tmp_path / "robustness" / "recipe.json").read_text())["timing"]
     assert timing["runs_timed"] == 4 and timing["runs_wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in results))
     # the paired comparison: sigmoid_30 against the first arm, per metric (and per metric of the noisy evaluation)
@@ -56,8 +66,12 @@ def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
     assert [(c["arm"], c["baseline"], c["metric"]) for c in comparisons] == [
         ("sigmoid_30", "infonce", m) for m in metrics + [f"image_noise_0.3/{m}" for m in metrics]]
     for c in comparisons:
-        assert set(c) == {"arm", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "n", "n_dropped", "verdict"}
+        assert set(c) == {"arm", "baseline", "metric", "mean_diff", "ci_low", "ci_high", "n", "n_dropped", "verdict",
+                          "p", "p_adjusted", "primary"}
         assert c["n"] + c["n_dropped"] == 2 and c["verdict"] in ("better", "worse", "inside noise", "one seed")
+        assert c["primary"] == (c["metric"] == "test/i2t_r@1")  # the command line's primary
+        if c["primary"]:
+            assert c["p_adjusted"] == c["p"]
         if c["n"] == 2:
             assert -1.0 <= c["ci_low"] <= c["mean_diff"] <= c["ci_high"] <= 1.0
     text = report.read_text()
@@ -78,12 +92,31 @@ def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
     assert report.read_text() == text
     assert json.loads(comparisons_path.read_text()) == comparisons
 
+    # the same folder asked for one data draw: seed 1's finished runs were trained on another; refused, not reused
+    with pytest.raises(ConfigError, match=r"infonce-seed0 was trained with data.gen_seed=0, this recipe asks for 7"):
+        run_recipe([*args, "data.gen_seed=7"], log=lambda *a, **k: None)
+    with pytest.raises(ConfigError, match=r"infonce-seed1 was trained with data.gen_seed=1, this recipe asks for 0"):
+        run_recipe([*args, "recipe.vary_data=false"], log=lambda *a, **k: None)
+
+
+def test_the_data_draw_follows_the_seed_unless_set():
+    from probloss.config import compose_config
+    from probloss.recipe import data_draw
+
+    cfg = compose_config([])
+    assert data_draw({}, ["loss=infonce"], 3, cfg) == ["data.gen_seed=3"]  # vary_data defaults to true
+    assert data_draw({"vary_data": True}, [], 3, cfg) == ["data.gen_seed=3"]
+    assert data_draw({"vary_data": False}, [], 3, cfg) == []
+    assert data_draw({"vary_data": True}, ["loss=infonce", "data.gen_seed=5"], 3, cfg) == []  # set by the recipe/arm
+    assert data_draw({"vary_data": True}, ["+data.gen_seed=5"], 3, cfg) == []
+    web = compose_config(["data=webdataset", "data.train_shards=/data/train.tar", "data.val_shards=/data/val.tar"])
+    assert data_draw({"vary_data": True}, ["data=webdataset"], 3, web) == []  # no generator, no gen_seed key
 
 def test_a_diverged_run_is_a_result_counted_in_the_report(tmp_path):
     boom = "['loss=gaussian_var', 'trainer.lr=1e30', 'trainer.grad_clip=null', 'trainer.on_nonfinite=stop']"
     args = ["recipe=proposal", "recipe.seeds=[0]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
             *TINY, "trainer.warmup_steps=0", f"recipe.arms={{ok: ['loss=gaussian_var'], boom: {boom}}}",
-            "recipe.metrics=[test/zeroshot_top1]", "recipe.baseline=ok"]
+            "recipe.metrics=[test/zeroshot_top1]", "recipe.baseline=ok", "recipe.primary=[]"]
     lines = []
     report = run_recipe(args, log=lambda *a, **k: lines.append(a[0]))  # does not raise
     assert any("boom seed 0 diverged" in line for line in lines)
@@ -92,7 +125,7 @@ def test_a_diverged_run_is_a_result_counted_in_the_report(tmp_path):
     text = report.read_text()
     assert "| boom | 1 (1 stopped) | - (1 of 1 seeds diverged) |" in text
     (row,) = json.loads((tmp_path / "proposal" / "comparisons.json").read_text())
-    assert (row["arm"], row["n"], row["n_dropped"], row["verdict"]) == ("boom", 0, 1, "no data")
+    assert (row["arm"], row["n"], row["n_dropped"], row["verdict"], row["p"]) == ("boom", 0, 1, "no data", None)
 
 
 def test_unknown_recipe_and_keys_are_errors():
@@ -102,13 +135,17 @@ def test_unknown_recipe_and_keys_are_errors():
         load_recipe(["recipe=bias_init", "recipe.seed_list=[1]"])
     with pytest.raises(ConfigError, match=r"baseline names \['b=5'\], not arms"):
         load_recipe(["recipe=bias_init", "recipe.baseline='b=5'"])
+    with pytest.raises(ConfigError, match=r"primary compares 'b=-10' with 'b=0', not a comparison of the recipe"):
+        load_recipe(["recipe=bias_init", "recipe.primary=[{arm: 'b=-10', baseline: 'b=0', metric: test/i2t_r@1}]"])
+    with pytest.raises(ConfigError, match=r"primary names metric 'test/loss', not a reported metric"):
+        load_recipe(["recipe=bias_init", "recipe.primary=[{arm: 'b=0', baseline: 'b=-10', metric: test/loss}]"])
     with pytest.raises(ConfigError, match="say which recipe to use"):
         load_recipe([])
 
 
 def test_a_metric_added_after_training_is_filled_from_the_final_checkpoint(tmp_path):
     args = ["recipe=proposal", "recipe.seeds=[0]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
-            *TINY, "recipe.arms={gaussian_var: ['loss=gaussian_var']}", "recipe.baseline=null"]
+            *TINY, "recipe.arms={gaussian_var: ['loss=gaussian_var']}", "recipe.baseline=null", "recipe.primary=[]"]
     run_recipe(args, log=lambda *a, **k: None)
     summary_path = next(tmp_path.glob("proposal/gaussian_var/*/summary.json"))
     trained = json.loads(summary_path.read_text())

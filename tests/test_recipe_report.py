@@ -137,7 +137,8 @@ def test_primary_entries_are_checked_against_the_recipe():
     assert primaries({**RECIPE, "primary": [ok]}) == {("new", "base", "test/i2t_r@1")}
     assert primaries({**RECIPE, "primary": None}) == set()
     with pytest.raises(ConfigError, match=r"compares 'base' with 'new', not a comparison of the recipe; \(arm, "
-                                          r"baseline\) pairs: \[\('new', 'base'\), \('single', 'base'\)\]"):
+                                          r"baseline\) pairs: \[\('new', 'base'\), \('single', 'base'\)\] "
+                                          r"\(recipe.primary=\[...\] declares others"):
         primaries({**RECIPE, "primary": [{**ok, "arm": "base", "baseline": "new"}]})
     with pytest.raises(ConfigError, match=r"names metric 'test/t2i_r@1', not a reported metric of the recipe; "
                                           r"metrics: \['test/zeroshot_top1'"):
