@@ -67,6 +67,7 @@ No training: it reads a finished sweep's storage or an experiment's results file
     probloss report runs/compare_losses [--storage postgresql://...]   # sweep -> report.md
     probloss report runs/batch_size            # recipe -> recipe.md + comparisons.json
     probloss report --findings runs            # every recipe under runs/ -> a Findings page on stdout
+    probloss report --multiplicity docs/findings.md   # how many of a page's comparisons survive Holm
 
 A folder with results.json is a recipe (probloss/recipe.py); any other is a sweep, read from its Optuna
 storage (probloss/report.py). --findings reads only results.json + recipe.json of each recipe folder."""),
@@ -132,17 +133,26 @@ def report_command(argv: Sequence[str]) -> None:
     from pathlib import Path
 
     from probloss.config import ConfigError
-    from probloss.recipe import findings, render_recipe
+    from probloss.recipe import findings, page_multiplicity, render_recipe
     from probloss.report import write_report
 
     parser = argparse.ArgumentParser(prog="probloss report", description=COMMANDS["report"][2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="<out_dir>/<recipe or sweep name>, or with --findings <out_dir>")
+    parser.add_argument("folder", help="<out_dir>/<recipe or sweep name>, or with --findings <out_dir>, or with "
+                                       "--multiplicity a rendered page")
     parser.add_argument("--storage", default=None, help="a sweep's storage (default: <out_dir>/sweeps/<name>.journal)")
     parser.add_argument("--findings", action="store_true",
                         help="print a markdown Findings page of every recipe folder under the folder")
+    parser.add_argument("--multiplicity", action="store_true",
+                        help="the folder is a rendered page (findings.md, recipe.md): print how many of its "
+                             "comparisons survive Holm's adjustment, p derived from each printed interval")
     args = parser.parse_args(list(argv))
     try:
+        if args.multiplicity:
+            if not Path(args.folder).is_file():
+                raise FileNotFoundError(f"{args.folder} is not a file (a rendered findings page or recipe.md)")
+            print(page_multiplicity(Path(args.folder).read_text()))
+            return
         if args.findings:
             if not Path(args.folder).is_dir():
                 raise FileNotFoundError(f"{args.folder} is not a folder")

@@ -34,16 +34,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from probloss.config import ConfigError, compose_config, config_groups
-from probloss.report import (CI, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range,
+from probloss.config import ConfigError, compose_config, config_dir, config_groups
+from probloss.report import (ALPHA, CI, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range,
                              paired_p, report_lines, row_value, run_stopped, save_figure, summarise, sweep_studies,
-                             verdict)
+                             t_975, t_two_sided_p, verdict)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
 
@@ -509,3 +510,95 @@ def findings(runs_dir: str | Path) -> str:
             continue
         lines += report_lines(journal.stem, rows)[1:] + [""]  # its title is the section heading above
     return "\n".join(lines)
+
+
+# --- Multiplicity of a rendered findings page ---------------------------------------------------------------------
+#
+# Pages rendered before comparisons.json had p-values (docs/findings.md as committed) print only each comparison's
+# mean, 95% interval and seeds paired. The p of the paired t is recovered from them: the unclipped half-width is
+# h = t_975(n - 1) * sd / sqrt(n), so t = mean / (h / t_975(n - 1)) with n - 1 dof. Clipping to the metric's range
+# cuts one side and never past the mean, so h is the larger of mean - low and high - mean (the brief's
+# (high - low) / 2 equals it for an unclipped interval, and understates it for a clipped one). The page rounds
+# to 3 decimals, so a derived p is approximate; a zero-width interval gives p = 1 for a zero mean, else 0.
+
+_ROW = re.compile(r"^\| (?P<arm>.+?)(?P<star> \*)? \| (?P<base>.+?) \| (?P<metric>\S+) \| "
+                  r"(?P<mean>[-+]\d+\.\d+) \[(?P<low>[-+]\d+\.\d+), (?P<high>[-+]\d+\.\d+)\] \| "
+                  r"(?P<n>\d+)(?: \(\d+ left out\))? \|(?:.*\|)? (?P<verdict>[a-z ]+) \|$")
+
+
+def page_comparisons(text: str) -> list[dict[str, Any]]:
+    """The comparisons with an interval on a findings page (or recipe.md): recipe (the ``## `` section), arm,
+    baseline, metric, mean, low, high, n, verdict as printed, and ``p`` derived from them (see above)."""
+    rows, recipe = [], None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            recipe = line[3:].strip()
+        match = _ROW.match(line)
+        if not match:
+            continue
+        mean, low, high, n = (float(match[k]) for k in ("mean", "low", "high", "n"))
+        half = max(mean - low, high - mean)
+        dof = int(n) - 1
+        p = (1.0 if mean == 0 else 0.0) if half <= 0 else t_two_sided_p(mean * t_975(dof) / half, dof)
+        rows.append({"recipe": recipe, "arm": match["arm"], "baseline": match["base"], "metric": match["metric"],
+                     "mean": mean, "low": low, "high": high, "n": int(n), "verdict": match["verdict"], "p": p,
+                     "primary": bool(match["star"]),
+                     "clipped": abs((mean - low) - (high - mean)) > 0.0015})  # beyond the page's rounding
+    return rows
+
+
+def declared_primaries(recipe: str) -> set[tuple[str, str, str]]:
+    """The primary comparisons configs/recipe/<recipe>.yaml declares now (empty for an unknown recipe)."""
+    path = config_dir() / "recipe" / f"{recipe}.yaml"
+    if not path.is_file():
+        return set()
+    entries = OmegaConf.to_container(OmegaConf.load(path)).get("primary") or []
+    return {(str(e["arm"]), str(e["baseline"]), str(e["metric"])) for e in entries}
+
+
+def page_multiplicity(text: str) -> str:
+    """A markdown summary of how many comparisons a rendered findings page holds and how many survive: as printed
+    (interval excludes 0), Holm within each recipe over all its comparisons (no primaries), and with primaries
+    (those by their interval, the others Holm-adjusted within the recipe); and, for reference, Holm over the whole
+    page at once. Primaries: the rows the page marks (*), or for a recipe without marks (pages rendered before
+    primaries existed) those its recipe file declares now."""
+    rows = page_comparisons(text)
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+
+    def survives(row, p_adjusted):  # the interval excludes 0, and the adjusted p is below 0.05
+        return row["verdict"] in SURVIVING and p_adjusted < ALPHA
+
+    table = ["| recipe | comparisons with an interval | printed better/worse/higher/lower | expected by chance "
+             "(5%) | surviving Holm, no primaries | primaries declared (on the page) | primaries surviving | "
+             "others surviving Holm |", "|---|---|---|---|---|---|---|---|"]
+    totals = [0] * 7
+    for recipe in recipes:
+        mine = [r for r in rows if r["recipe"] == recipe]
+        plain = sum(survives(r, q) for r, q in zip(mine, holm([r["p"] for r in mine])))
+        marked = {(r["arm"], r["baseline"], r["metric"]) for r in mine if r["primary"]}
+        declared = marked or declared_primaries(recipe)
+        first = [r for r in mine if (r["arm"], r["baseline"], r["metric"]) in declared]
+        others = [r for r in mine if (r["arm"], r["baseline"], r["metric"]) not in declared]
+        counts = [len(mine), sum(r["verdict"] in SURVIVING for r in mine), 0, plain,
+                  len(first), sum(r["verdict"] in SURVIVING for r in first),
+                  sum(survives(r, q) for r, q in zip(others, holm([r["p"] for r in others])))]
+        totals = [t + c for t, c in zip(totals, counts)]
+        table.append(f"| {recipe} | {counts[0]} | {counts[1]} | {ALPHA * counts[0]:.1f} | {counts[3]} | "
+                     f"{counts[4]} of {len(declared)} | {counts[5]} | {counts[6]} |")
+    table.append(f"| total | {totals[0]} | {totals[1]} | {ALPHA * totals[0]:.1f} | {totals[3]} | {totals[4]} | "
+                 f"{totals[5]} | {totals[6]} |")
+    page_wide = sum(survives(r, q) for r, q in zip(rows, holm([r["p"] for r in rows])))
+    n_clipped = sum(r["clipped"] for r in rows)
+    n_flat = sum(r["low"] == r["high"] == r["mean"] for r in rows)
+    return "\n".join([
+        "# Multiplicity of a findings page", "",
+        f"{len(rows)} comparisons with a 95% interval in {len(recipes)} recipe(s); every one prints its seeds paired "
+        f"(n), so each gets a p. p: the paired t recovered from the printed mean, interval and n, t = mean / (h / "
+        f"t_975(n - 1)), h = max(mean - low, high - mean) ({n_clipped} intervals are clipped to the metric's range, "
+        "where (high - low) / 2 would understate h), two-sided with n - 1 dof; the page rounds to 3 decimals. A "
+        "comparison survives when its interval excludes 0 and its Holm-adjusted p < 0.05; primaries (those the "
+        "page marks, else those the recipe files declare now) survive by their interval alone. Rows without an "
+        "interval (no data, one seed) and the sweeps' width differences (bootstrap, no p) are not counted; "
+        f"{n_flat} of the {len(rows)} have a zero-width interval at 0 (every seed equal in both arms, p = 1) and "
+        "are counted in their recipe's family.", "", *table, "",
+        f"Holm over the whole page at once (one family of {len(rows)}): {page_wide} survive.", ""])

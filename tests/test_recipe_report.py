@@ -3,6 +3,7 @@ comparisons.json, and the --findings page."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,30 @@ def test_findings_page_includes_sweeps_from_their_journal(tmp_path):
     assert "1 sweep(s)" in page and "## lrdemo (sweep)" in page and "# lrdemo: loss comparison" not in page
     assert "| sigmoid | 2 |" in page and "| loss - infonce |" in page
     assert not (tmp_path / "lrdemo").exists()
+
+
+def test_multiplicity_of_a_rendered_page_from_its_printed_intervals(folder, tmp_path):
+    """p recovered from a page's printed mean, interval and n matches the p of comparisons.json (up to the page's
+    3 decimals); primaries come from the page's marks; on a page without marks or p columns (as rendered before
+    multiplicity existed) every row joins the Holm family."""
+    from probloss.recipe import page_comparisons, page_multiplicity
+
+    render_recipe(folder)
+    page = findings(tmp_path)
+    rows = json.loads((folder / "comparisons.json").read_text())
+    parsed = page_comparisons(page)
+    assert [(r["recipe"], r["arm"], r["metric"], r["n"], r["primary"]) for r in parsed] == [
+        ("handmade", c["arm"], c["metric"], c["n"], c["primary"]) for c in rows if c["p"] is not None]
+    for r in parsed:
+        (c,) = [c for c in rows if (c["arm"], c["metric"]) == (r["arm"], r["metric"])]
+        assert r["p"] == pytest.approx(c["p"], rel=0.05, abs=1e-4)
+    summary = page_multiplicity(page)
+    # 4 rows; printed 4 surviving; Holm over all 4: only r@1; 1 primary (marked) survives, 3 others survive
+    assert "| handmade | 4 | 4 | 0.2 | 1 | 1 of 1 | 1 | 3 |" in summary
+    assert "one family of 4): 1 survive" in summary
+    old = "\n".join(line.replace("new * |", "new |").replace(" | 0.030 | 0.030 |", " |") for line in page.splitlines())
+    old = "\n".join(re.sub(r" \| (<0\.001|\d\.\d{3}|-) \| (<0\.001|\d\.\d{3}|-) \| ([a-z ]+) \|$", r" | \3 |", line)
+                    for line in old.splitlines())
+    assert "| 0.030 |" not in old and "| new * |" not in old
+    assert [r["p"] for r in page_comparisons(old)] == [r["p"] for r in parsed]
+    assert "| handmade | 4 | 4 | 0.2 | 1 | 0 of 0 | 0 | 1 |" in page_multiplicity(old)  # no recipe file, no marks
