@@ -3,10 +3,12 @@
     python scripts/run_recipe.py recipe=bias_init [recipe.seeds=[0,1,2]] [training overrides]
     python scripts/report.py runs/bias_init              # re-render recipe.md + comparisons.json, no training
     python scripts/report.py --findings runs             # every recipe folder's tables as one markdown page
+    python scripts/report.py --multiplicity docs/findings.md   # a rendered page's comparisons under Holm
 
 A recipe names its ``arms`` (arm -> training overrides), the ``seeds``, ``overrides`` shared by every run,
 optional extra ``evaluations`` of each final checkpoint (name -> overrides, e.g. image noise), the ``metrics`` to
-report and the ``baseline`` arm the others are compared with (configs/recipe/_base.yaml documents every key).
+report, the ``baseline`` arm the others are compared with, its few ``primary`` comparisons (declared before it
+runs) and ``vary_data`` (each seed its own data draw; configs/recipe/_base.yaml documents every key).
 Each run is an ordinary run folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` (the recipe's name is the runs'
 ``experiment``); a run whose summary.json exists is not trained again, so an interrupted recipe continues where
 it stopped. A run that stops on a non-finite loss (diverged) is a result, not a crash: its row is kept.
@@ -14,19 +16,24 @@ it stopped. A run that stops on a non-finite loss (diverged) is a result, not a 
 The recipe folder ``<out_dir>/<recipe>/`` holds:
 
 - ``recipe.json``: the recipe as run (with overrides) plus ``timing`` (summed run wall time, this invocation's).
-- ``results.json``: one row per arm x seed: ``arm``, ``seed``, ``run_dir``, ``wall_time_s``, ``status`` and every
+- ``results.json``: one row per arm x seed: ``arm``, ``seed``, ``gen_seed`` (the run's data draw; null for data
+  without a generator), ``run_dir``, ``wall_time_s``, ``status`` and every
   number of the run's summary.json (and of its extra evaluations, as ``<evaluation>/<key>``). A reported metric
   that a run's summary lacks (added to the instruments after the run) is filled from its final checkpoint and
   named in ``backfilled`` (``backfill_metrics``).
-- ``comparisons.json``: one row per compared arm x metric (``compare``): the paired difference against the
-  baseline over seeds, its 95% interval and the verdict word (probloss.report.verdict).
+- ``comparisons.json``: one row per compared arm x metric (``compare``): ``arm``, ``baseline``, ``metric``, the
+  paired difference against the baseline over seeds (``mean_diff``, ``n``, ``n_dropped``), its 95% interval
+  (``ci_low``, ``ci_high``), ``p`` (two-sided, of the same paired t; null below two seeds), ``primary``,
+  ``p_adjusted`` (Holm over the recipe's non-primary rows; ``p`` on primary rows) and the verdict word (the
+  interval's on primary rows, probloss.report.verdict; else also p_adjusted < 0.05, adjusted_verdict).
 - ``recipe.md`` + one PNG per metric, rendered from the two files above: the arms x metrics table (mean ± 95%
   interval, clipped to the metric's range, diverged seeds counted) and the paired comparison table.
 
 Paired design: seed s gives every arm the same data order (the loader is seeded by seed, epoch, rank and world
 size) and the same initial weights of the layers the arms share (the towers and projections are built first,
-from the same seed; log-std heads come after them) -- as long as the arm keeps the batch size and data
-options; arms that change those still pair by seed, but the pairing then removes less noise.
+from the same seed; log-std heads come after them) and the same data draw (``data.gen_seed=<seed>`` with
+``vary_data``: training samples, val and test sets and held-out combinations) -- as long as the arm keeps the
+batch size and data options; arms that change those still pair by seed, but the pairing then removes less noise.
 """
 
 from __future__ import annotations
