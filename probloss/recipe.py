@@ -356,9 +356,9 @@ def multiplicity_counts(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, i
 def multiplicity_line(counts: Mapping[str, int]) -> str:
     """One sentence: comparisons held and surviving, primary and others."""
     total = counts["primary"] + counts["others"]
-    return (f"{total} comparison(s) with an interval: {counts['primary']} primary, of which "
-            f"{counts['primary_survive']} exclude 0; {counts['others']} others, of which {counts['others_survive']} "
-            "survive Holm's adjustment (p_adjusted < 0.05).")
+    return (f"{total} comparison(s) with an interval: {counts['primary']} primary ({counts['primary_survive']} "
+            f"survive: interval excludes 0), {counts['others']} others ({counts['others_survive']} survive Holm: "
+            "p adj. < 0.05).")
 
 
 def _finite(value: float) -> float | None:

@@ -99,7 +99,7 @@ def test_comparisons_json_rows_and_values(folder):
             f"| {zs['p']:.3f} | {zs['p']:.3f} | better |") in text
     assert "| single | base | test/zeroshot_top1 | -0.100 | 1 (2 left out) | - | - | one seed |" in text  # 2 never run
     assert "| new | base | test/unc/specificity_spearman | - | 0 (3 left out) | - | - | no data |" in text
-    assert "4 comparison(s) with an interval: 1 primary, of which 1 exclude 0; 3 others, of which 3 survive" in text
+    assert "4 comparison(s) with an interval: 1 primary (1 survive: interval excludes 0), 3 others (3 survive Holm" in text
     assert "A hand-made recipe with a known answer." in text and "6.2 min of training" in text
     assert (folder / "test_zeroshot_top1.png").is_file()
 
@@ -125,7 +125,7 @@ def test_without_primaries_every_row_is_holm_adjusted(folder):
     assert r1["p_adjusted"] == pytest.approx(4 * ps[1]) and r1["verdict"] == "worse"  # 4 x 0.0067 < 0.05
     assert zs["p_adjusted"] >= 0.05 and zs["verdict"] == "inside noise"
     assert (gap["verdict"], spikes["verdict"]) == ("inside noise", "inside noise")
-    assert "4 comparison(s) with an interval: 0 primary, of which 0 exclude 0; 4 others, of which 1 survive" in (
+    assert "4 comparison(s) with an interval: 0 primary (0 survive: interval excludes 0), 4 others (1 survive Holm" in (
         report.read_text())
     # an old recipe folder without the key reads the same
     (folder / "recipe.json").write_text(json.dumps({k: v for k, v in RECIPE.items() if k != "primary"}))
