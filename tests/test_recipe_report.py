@@ -99,7 +99,8 @@ def test_comparisons_json_rows_and_values(folder):
             f"| {zs['p']:.3f} | {zs['p']:.3f} | better |") in text
     assert "| single | base | test/zeroshot_top1 | -0.100 | 1 (2 left out) | - | - | one seed |" in text  # 2 never run
     assert "| new | base | test/unc/specificity_spearman | - | 0 (3 left out) | - | - | no data |" in text
-    assert "4 comparison(s) with an interval: 1 primary (1 survive: interval excludes 0), 3 others (3 survive Holm" in text
+    assert ("4 comparison(s) with an interval: 1 primary (1 survive: interval excludes 0), 3 others (3 survive "
+            "Holm") in text
     assert "A hand-made recipe with a known answer." in text and "6.2 min of training" in text
     assert (folder / "test_zeroshot_top1.png").is_file()
 
