@@ -9,9 +9,11 @@ specificity effect beyond length), image 0.1 * n_objects + mean |channel 1|. A t
 makes a model blind to them.
 """
 
+import importlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,8 @@ import probloss
 from probloss.eval import evaluate, fill_template, image_sigma_vs_noise
 from probloss.eval import metrics
 from probloss.eval.evaluate import _images_fit
+
+evaluate_module = importlib.import_module("probloss.eval.evaluate")  # the module (the package exports the function)
 
 CLASSNAMES = ["red circle", "blue square", "orange cross", "green triangle", "white diamond", "cyan circle"]
 SHAPE_WORDS = {"circle", "square", "cross", "triangle", "diamond"}
@@ -127,25 +131,29 @@ def make_eval_set(tokenizer, n=18, level=lambda i: 3):
 
 
 RETRIEVAL = {f"val/{d}_r@{k}{s}" for d in ("i2t", "t2i") for k in (1, 5, 10) for s in ("", "_strict")}
+GEOMETRY = {f"{n}{m}" for n in ("effective_rank", "uniformity", "participation_ratio", "participation_ratio_frac")
+            for m in ("", "_image", "_text")} | {"alignment", "modality_gap"}
 BASE_KEYS = RETRIEVAL | {"val/r@1_chance", "val/i2t_r@1_L3", "val/t2i_r@1_L3", "val/r@1_chance_L3",
                          "val/zeroshot_top1", "val/zeroshot_top5", "val/zeroshot_n_labelled",
                          "val/relation_probe_acc", "val/binding_probe_acc", "val/control_probe_acc",
-                         "embed/effective_rank", "embed/uniformity", "embed/alignment", "embed/modality_gap",
-                         "embed/participation_ratio", "embed/participation_ratio_frac"}
-UNC_KEYS = {"unc/specificity_spearman", "unc/specificity_partial_spearman", "unc/specificity_matched_acc",
-            "unc/specificity_matched_log_ratio", "unc/baseline_wordcount_specificity_spearman",
-            "unc/baseline_wordcount_partial_spearman", "unc/baseline_wordcount_matched_acc",
-            "unc/sigma_text_ratio_L0_L3", "unc/image_sigma_vs_objects", "unc/sigma_image_mean",
-            "unc/sigma_text_mean", "unc/sigma_text_image_log_ratio", "unc/sigma_vs_images_fit_spearman",
-            "unc/sigma_vs_images_fit_partial_spearman"} | {f"unc/sigma_text_rank_L{lv}" for lv in range(4)} | {
-    f"unc/{d}_r1_sigma_decile_{b}" for d in ("i2t", "t2i") for b in range(10)} | {
-    "unc/i2t_r1_sigma_spearman", "unc/t2i_r1_sigma_spearman"}
-RAW_KEYS = {f"embed/raw/{name}{m}" for name in ("effective_rank", "participation_ratio", "participation_ratio_frac")
-            for m in ("", "_image", "_text")} | {"embed/raw/norm_mean_image", "embed/raw/norm_mean_text",
-                                                 "embed/raw/alignment_ratio"}
+                         "val/relation_probe_n", "val/binding_probe_n", "val/control_probe_n"} | {
+    f"embed/{k}" for k in GEOMETRY} | {f"embed/scored/{k}" for k in GEOMETRY | {"alignment_ratio"}}
+CURVES = {f"{d}_{k}" for d in ("i2t", "t2i") for k in [
+    *(f"bin_{b}_{m}" for b in range(10) for m in ("r@1", "rprecision")), "bin_r@1_spearman",
+    "bin_rprecision_spearman", "aurc", "aurc_oracle", "aurc_random"]}
+FREE_KEYS = {f"unc/free/{src}/{c}" for src in ("top1", "margin") for c in CURVES}
+SIGMA_STATS = {"specificity_spearman", "specificity_partial_spearman", "specificity_matched_acc",
+               "specificity_matched_log_ratio", "sigma_text_ratio_L0_L3", "sigma_vs_images_fit_spearman",
+               "sigma_vs_images_fit_partial_spearman", "specificity_level_coef", "specificity_level_se",
+               "specificity_level_t", "specificity_within_scene_acc", "specificity_within_scene_same_words_acc"} | {
+    f"sigma_text_rank_L{lv}" for lv in range(4)}
+CUE_KEYS = {f"unc/cue/{c}/{k}" for c in ("words", "objects", "token") for k in SIGMA_STATS}  # no training stats
+UNC_KEYS = {f"unc/{k}" for k in SIGMA_STATS | CURVES} | {
+    "unc/image_sigma_vs_objects", "unc/sigma_image_mean", "unc/sigma_text_mean", "unc/sigma_text_image_log_ratio",
+    "unc/specificity_within_scene_n", "unc/specificity_within_scene_same_words_n"}
 UNIT_INTERVAL = ("val/i2t", "val/t2i", "val/r@1", "val/zeroshot_top", "val/zeroshot_seen", "val/zeroshot_unseen",
-                 "val/relation", "val/binding", "val/control", "unc/sigma_text_rank", "unc/specificity_matched_acc",
-                 "unc/baseline_wordcount_matched_acc")
+                 "val/relation_probe_acc", "val/binding_probe_acc", "val/control_probe_acc", "unc/sigma_text_rank",
+                 "unc/specificity_matched_acc", "unc/cue/words/specificity_matched_acc")
 
 
 @pytest.mark.parametrize("loss_name", probloss.list_losses())
@@ -157,25 +165,30 @@ def test_evaluate_keys_and_known_answers(loss_name):
     model.train()
     out = evaluate(model, loss, eval_set, tok, batch_size=7, classnames=CLASSNAMES)
     assert model.training  # mode restored
-    expected = BASE_KEYS | (UNC_KEYS if loss.needs_log_std else set()) | (
-        RAW_KEYS if loss.scores_raw_embeddings else set())
-    assert expected <= set(out), expected - set(out)
-    assert not any(k.startswith("embed/raw/") for k in set(out) - expected)
+    expected = BASE_KEYS | FREE_KEYS | CUE_KEYS | (UNC_KEYS if loss.needs_log_std else set())
+    assert expected == set(out), (expected - set(out), set(out) - expected)
     assert "unc/sigma_text_mean_L0" not in out  # replaced by the within-model ranks
     if not loss.needs_log_std:
-        assert not any(k.startswith("unc/") for k in out)
+        assert not any(k.startswith("unc/") and not k.startswith(("unc/free/", "unc/cue/")) for k in out)
     for key, value in out.items():
         assert isinstance(value, float), key
-        if key.startswith(UNIT_INTERVAL) or "decile" in key:
+        if key.startswith(UNIT_INTERVAL) or "_bin_" in key and "spearman" not in key or "aurc" in key:
             assert 0.0 <= value <= 1.0, key
     # Known answers of the fake model (no duplicate captions: strict = multi-positive = 1).
     for key in BASE_KEYS:
-        if key.startswith(("val/i2t", "val/t2i", "val/zeroshot_top", "val/relation", "val/binding", "val/control")):
+        if key.startswith(("val/i2t", "val/t2i", "val/zeroshot_top")) or key.endswith("_probe_acc"):
             assert out[key] == 1.0, key
     assert out["val/r@1_chance"] == pytest.approx(1 / 18)
     assert out["val/zeroshot_n_labelled"] == 6.0
-    assert out["embed/alignment"] == pytest.approx(0.0, abs=1e-9)
-    assert out["embed/modality_gap"] == pytest.approx(0.0, abs=1e-9)
+    assert out["val/relation_probe_n"] == out["val/binding_probe_n"] == 12.0 == out["val/control_probe_n"]  # list form: no control
+    for view in ("embed", "embed/scored"):
+        assert out[f"{view}/alignment"] == pytest.approx(0.0, abs=1e-9)
+        assert out[f"{view}/modality_gap"] == pytest.approx(0.0, abs=1e-9)
+    assert out["embed/scored/alignment_ratio"] == pytest.approx(0.0, abs=1e-9)
+    for src in ("unc/free/top1/", "unc/free/margin/") + (("unc/",) if loss.needs_log_std else ()):
+        for d in ("i2t", "t2i"):  # every query a hit (no plausible matrix: exact-string positives)
+            assert all(out[f"{src}{d}_bin_{b}_r@1"] == 1.0 == out[f"{src}{d}_bin_{b}_rprecision"] for b in range(10))
+            assert out[f"{src}{d}_aurc"] == out[f"{src}{d}_aurc_oracle"] == out[f"{src}{d}_aurc_random"] == 0.0
     assert 1.0 <= out["embed/effective_rank"] <= D
     assert -4.0 <= out["embed/uniformity"] <= 0.0
     assert 1.0 <= out["embed/participation_ratio"] <= D
@@ -185,7 +198,7 @@ def test_evaluate_keys_and_known_answers(loss_name):
         assert out["unc/sigma_text_rank_L0"] > out["unc/sigma_text_rank_L3"]
         assert out["unc/sigma_text_ratio_L0_L3"] > 1.0
         assert out["unc/image_sigma_vs_objects"] == pytest.approx(1.0)
-        assert all(out[f"unc/i2t_r1_sigma_decile_{b}"] == 1.0 for b in range(10))
+
 
 
 @pytest.mark.parametrize("loss_name", probloss.list_losses())
@@ -205,7 +218,7 @@ def test_oracle_with_duplicate_captions_has_multi_positive_recall_one(loss_name)
     assert out["val/r@1_chance"] > 1 / n
     assert out["val/r@1_chance_L0"] > out["val/r@1_chance_L3"] == pytest.approx(1 / n)
     if loss.needs_log_std:
-        assert all(out[f"unc/{d}_r1_sigma_decile_{b}"] == 1.0 for d in ("i2t", "t2i") for b in range(10))
+        assert all(out[f"unc/{d}_bin_{b}_r@1"] == 1.0 for d in ("i2t", "t2i") for b in range(10))
 
 
 def test_per_level_recall_counts_only_that_levels_queries():
@@ -232,24 +245,104 @@ def test_control_probe_sees_the_replaced_attribute_or_is_at_chance(loss_name):
     assert out["val/control_probe_acc"] == 0.5  # every pair ties: half credit each
 
 
-def test_specificity_beyond_caption_length():
+def _same(a, b, abs=1e-9):
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=abs)
+
+
+def test_specificity_beyond_caption_length_and_the_cues():
     loss = probloss.build_loss("gaussian_var")
     tok = FakeTokenizer()
     eval_set = make_eval_set(tok, n=18)
-    # Sigma a function of length only: no effect once length is controlled, exactly the baseline.
+    # Sigma a function of length only (log sigma = -0.1 n_words): every rank statistic is exactly the word-count
+    # cue's, and nothing is left once length is controlled.
     out = evaluate(FakeDualEncoder(True), loss, eval_set, tok)
-    assert out["unc/specificity_matched_acc"] == 0.5 == out["unc/baseline_wordcount_matched_acc"]
+    for stat in SIGMA_STATS - {"specificity_matched_log_ratio", "sigma_text_ratio_L0_L3"}:
+        assert _same(out[f"unc/{stat}"], out[f"unc/cue/words/{stat}"], abs=1e-6), stat
+    assert out["unc/specificity_matched_acc"] == 0.5 == out["unc/cue/words/specificity_matched_acc"]
     assert out["unc/specificity_matched_log_ratio"] == pytest.approx(0.0, abs=1e-6)
-    assert out["unc/specificity_partial_spearman"] == 0.0 == out["unc/baseline_wordcount_partial_spearman"]
-    assert out["unc/specificity_spearman"] == pytest.approx(out["unc/baseline_wordcount_specificity_spearman"])
+    assert out["unc/specificity_partial_spearman"] == 0.0 == out["unc/cue/words/specificity_partial_spearman"]
+    assert out["unc/specificity_within_scene_same_words_acc"] == 0.5  # equal lengths: ties
+    assert out["unc/specificity_level_coef"] == pytest.approx(0.0, abs=1e-6)  # word count explains it all
+    assert math.isnan(out["unc/specificity_level_t"]) and out["unc/specificity_level_se"] == 0.0
+    # The object-count cue ties within every scene; the word-count cue wins every within-scene pair of unequal
+    # length (strata with a word-count difference) and ties the rest.
+    assert out["unc/cue/objects/specificity_within_scene_acc"] == 0.5
+    assert out["unc/cue/objects/specificity_matched_acc"] == 0.5
     # Sigma also shrinks with each shape word (the L2 form names shapes, the matched L1 form does not).
     out = evaluate(FakeDualEncoder(True, specific=True), loss, eval_set, tok)
     assert out["unc/specificity_matched_acc"] == 1.0
     # one-object pairs (6): one shape word, log ratio -0.5; multi-object pairs (12): two shape words, -1.0
     assert out["unc/specificity_matched_log_ratio"] == pytest.approx((6 * -0.5 + 12 * -1.0) / 18, abs=1e-5)
     assert out["unc/specificity_partial_spearman"] < -0.3
-    assert out["unc/baseline_wordcount_matched_acc"] == 0.5
+    assert out["unc/specificity_within_scene_same_words_acc"] == 1.0
+    # Here "object" marks exactly the captions without shape words, so the placeholder count absorbs the effect;
+    # without that covariate it shows as a level effect.
+    assert abs(out["unc/specificity_level_t"]) < 1
+    bare = evaluate(FakeDualEncoder(True, specific=True), loss, eval_set, tok, placeholder_words=())
+    assert bare["unc/specificity_level_coef"] < 0 and bare["unc/specificity_level_t"] < -2
+    assert out["unc/cue/words/specificity_matched_acc"] == 0.5
     assert out["unc/sigma_text_ratio_L0_L3"] > 1.0
+    # The training frequency of the exact string, when known: frequent (general) captions as the larger sigma.
+    stats = {m["captions"][lv]: (10 ** (3 - lv), lv) for m in eval_set.json for lv in range(4)}
+    out = evaluate(FakeDualEncoder(True), loss, eval_set, tok, train_caption_stats=stats)
+    assert out["unc/cue/frequency/specificity_matched_acc"] == 1.0
+    assert out["unc/cue/frequency/specificity_spearman"] < -0.9  # (one-object L2 = L3 strings tie)
+    assert out["unc/cue/frequency/specificity_within_scene_acc"] == 1.0
+    assert "unc/cue/frequency/specificity_spearman" not in evaluate(FakeDualEncoder(True), loss, eval_set, tok)
+
+
+def test_matched_pair_as_a_list_of_pairs():
+    loss = probloss.build_loss("gaussian_var")
+    tok = FakeTokenizer()
+    eval_set = make_eval_set(tok, n=12)
+    one = evaluate(FakeDualEncoder(True, specific=True), loss, eval_set, tok)
+    for m in eval_set.json:
+        m["matched_pair"] = [m["matched_pair"], [m["captions"][0], m["captions"][2]]]  # a second, longer pair
+    two = evaluate(FakeDualEncoder(True, specific=True), loss, eval_set, tok)
+    assert one["unc/specificity_matched_acc"] == 1.0 == two["unc/specificity_matched_acc"]
+    assert two["unc/specificity_matched_log_ratio"] < one["unc/specificity_matched_log_ratio"]  # + length effect
+
+
+def test_level_token_is_the_best_single_token_signed_towards_less_specific():
+    # "object" (L0, L1) and "circle" (L2, L3) predict level equally well (|r| = 0.894): alphabetical tie-break.
+    stats = {"an object": (10, 0), "a red object": (10, 1), "a red circle": (10, 2), "a small red circle": (10, 3)}
+    assert evaluate_module.level_token(stats) == ("circle", -1)  # present = more specific: log-sigma -1
+    # Against a brute-force weighted correlation over every token.
+    stats = {"object": (30, 0), "red object": (10, 1), "red circle": (4, 2), "blue circle": (6, 2),
+             "small blue circle top": (2, 3), "red": (5, 1)}
+    w = np.array([c for c, _ in stats.values()], dtype=float)
+    lv = np.array([v for _, v in stats.values()], dtype=float)
+
+    def corr(token):  # weighted Pearson correlation of the token's indicator with level
+        ind = np.array([token in c.split() for c in stats], dtype=float)
+        cov = np.cov(ind, lv, aweights=w)
+        return cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]) if cov[0, 0] > 0 else 0.0
+
+    best = max(sorted({t for c in stats for t in c.split()}), key=lambda t: round(abs(corr(t)), 9))
+    assert evaluate_module.level_token(stats) == (best, 1 if corr(best) < 0 else -1)
+    assert evaluate_module.level_token({"a": (3, 1)}) is None
+
+
+def test_level_regression_matches_numpy_lstsq():
+    gen = torch.Generator().manual_seed(0)
+    n = 200
+    level = torch.randint(0, 4, (n,), generator=gen).double()
+    words = 2 + level + torch.randint(0, 3, (n,), generator=gen).double()
+    objects = torch.randint(1, 4, (n,), generator=gen).double()
+    y = -0.7 * level + 0.3 * words + 0.2 * objects + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    out = evaluate_module.level_regression(y, level, [words, objects, 2 * words])  # 2 * words: collinear, dropped
+    x = np.stack([np.ones(n), level.numpy(), words.numpy(), objects.numpy()], 1)
+    z = ((y - y.mean()) / y.std(unbiased=False)).numpy()
+    coef, rss, *_ = np.linalg.lstsq(x, z, rcond=None)
+    se = np.sqrt(rss[0] / (n - 4) * np.linalg.inv(x.T @ x)[1, 1])
+    assert out["specificity_level_coef"] == pytest.approx(coef[1], rel=1e-10)
+    assert out["specificity_level_se"] == pytest.approx(se, rel=1e-10)
+    assert out["specificity_level_t"] == pytest.approx(coef[1] / se, rel=1e-10)
+    # Known answer: y exactly linear in level alone -> coefficient 1 / sd(level) in sd units, se 0
+    exact = evaluate_module.level_regression(3 * level, level, [objects])
+    assert exact["specificity_level_coef"] == pytest.approx(1 / level.std(unbiased=False).item())
+    assert exact["specificity_level_se"] == 0.0 and math.isnan(exact["specificity_level_t"])
+    assert math.isnan(evaluate_module.level_regression(y, torch.ones(n), [words])["specificity_level_coef"])
 
 
 def test_zeroshot_seen_and_unseen_classes():
@@ -271,24 +364,38 @@ def test_zeroshot_seen_and_unseen_classes():
                  heldout_classnames=["purple circle"])
 
 
-def test_raw_geometry_only_for_losses_that_score_raw_embeddings():
-    tok = FakeTokenizer()
-    eval_set = make_eval_set(tok, n=12)
-    model = FakeDualEncoder(False)
-    out = evaluate(model, FakeLoss(raw=True), eval_set, tok)
-    assert RAW_KEYS <= set(out)
-    assert out["embed/raw/alignment_ratio"] == pytest.approx(0.0, abs=1e-9)  # the pairs coincide
-    norms = model.table[eval_set.tokens[:, 0]].norm(dim=-1).mean().item()
-    assert out["embed/raw/norm_mean_image"] == pytest.approx(norms) == out["embed/raw/norm_mean_text"]
-    # Scale-invariant raw metrics are unchanged by scaling the embeddings, norms scale with them.
-    with torch.no_grad():
-        model.table.mul_(3.0)
-    scaled = evaluate(model, FakeLoss(raw=True), eval_set, tok)
-    assert scaled["embed/raw/effective_rank"] == pytest.approx(out["embed/raw/effective_rank"])
-    assert scaled["embed/raw/participation_ratio"] == pytest.approx(out["embed/raw/participation_ratio"])
-    assert scaled["embed/raw/norm_mean_text"] == pytest.approx(3 * out["embed/raw/norm_mean_text"])
-    out = evaluate(model, FakeLoss(raw=False), eval_set, tok)
-    assert not any(k.startswith("embed/raw/") for k in out) and "embed/effective_rank" in out
+def test_geometry_views_known_answers():
+    """embed/scored/* on the loss's own representation (centred and RMS-scaled as its invariances allow);
+    embed/* on the common view (that, jointly centred, then on the unit sphere)."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=gen) + 2.0, torch.randn(40, 6, generator=gen) - 1.0
+    for loss, view in ((probloss.build_loss("gaussian_var"), "centred_rms"), (probloss.build_loss("infonce"), "unit"),
+                       (probloss.build_loss("gaussian_var", freeze_log_std=True), "centred"),
+                       (FakeLoss(raw=True), "raw")):
+        out = evaluate_module._embedding_space(loss, x, y)
+        sx, sy = x.double(), y.double()
+        if view == "unit":
+            sx, sy = nn.functional.normalize(sx, dim=-1), nn.functional.normalize(sy, dim=-1)
+        if view.startswith("centred"):
+            mean = torch.cat([sx, sy]).mean(0)
+            sx, sy = sx - mean, sy - mean
+        if view == "centred_rms":
+            rms = torch.cat([sx, sy]).pow(2).sum(-1).mean().sqrt()
+            sx, sy = sx / rms, sy / rms
+        assert out["embed/scored/modality_gap"] == pytest.approx((sx.mean(0) - sy.mean(0)).norm().item()), view
+        assert out["embed/scored/alignment"] == pytest.approx((sx - sy).pow(2).sum(-1).mean().item()), view
+        pairs = torch.cdist(sx, sy).pow(2)
+        assert out["embed/scored/alignment_ratio"] == pytest.approx((pairs.diagonal().mean() / pairs.mean()).item())
+        assert out["embed/scored/effective_rank_image"] == pytest.approx(metrics.effective_rank(sx)), view
+        sq = torch.pdist(sx).pow(2)
+        assert out["embed/scored/uniformity_image"] == pytest.approx(
+            (torch.logsumexp(-2 * sq, 0) - math.log(sq.numel())).item()), view
+        mean = torch.cat([sx, sy]).mean(0)
+        cx, cy = nn.functional.normalize(sx - mean, dim=-1), nn.functional.normalize(sy - mean, dim=-1)
+        assert out["embed/modality_gap"] == pytest.approx((cx.mean(0) - cy.mean(0)).norm().item()), view
+        assert out["embed/alignment"] == pytest.approx((cx - cy).pow(2).sum(-1).mean().item()), view
+        assert out["embed/effective_rank_text"] == pytest.approx(metrics.effective_rank(cy)), view
+        assert out["embed/uniformity_text"] == pytest.approx(metrics.uniformity(cy)), view
 
 
 def test_prefix_test_moves_every_key_and_keeps_values():
