@@ -6,7 +6,8 @@ shown for "val" and as ``test/embed/...``, ``test/unc/...`` for "test", so both 
 N = number of eval pairs; "chance" = the value for random scores (or random sigma). A key whose inputs are missing
 (no json, no ``level``, no labelled sample, ...) is left out.
 
-Retrieval (image i with its own caption, ``eval_set.captions[i]``). Multi-positive (COCO style): a text whose caption
+Retrieval by exact strings (secondary since issue 27: see plausible-match retrieval below; image i with its own
+caption, ``eval_set.captions[i]``). Multi-positive (COCO style): a text whose caption
 string equals the query image's caption is a hit, and an image whose own caption equals the query text is a hit;
 rank = 1 + #{non-positives scoring >= the best positive} (ties among positives are free, identical captions embed
 identically; ties with a non-positive count against), so a perfect model scores 1.0 with duplicated captions:
@@ -19,6 +20,19 @@ identically; ties with a non-positive count against), so a perfect model scores 
   level k (json ``level``); chance ``{p}/r@1_chance_L{k}`` (high for L0: "an object" repeats a lot).
 - ``{p}/r@1_chance_L{0..3}``: ``{p}/r@1_chance`` over the level-k queries.
 
+Plausible-match retrieval (PCME, Chun et al. 2021; ECCV Caption, Chun et al. 2022): a caption is a positive of an
+image when its facts hold for the image's scene (``plausible``: ``probloss.data.shapes.plausible_matrix``, about 490
+true captions per test image among 5000), exact-string positives included; a caption query's positives are the
+images it holds for. Only with a plausible matrix (shapes metadata, or the ``plausible`` argument). Ranks with
+pessimistic ties (every non-positive tied with a positive ranks first); R = the query's number of positives;
+a scorer that ranks every true caption above every false one scores 1.0 on each. These are the primary retrieval
+numbers (an exact-string R@1 depends on which specificity the model prefers among many true captions):
+
+- ``{p}/i2t_r@{1,5}_plausible``, ``{p}/t2i_r@{1,5}_plausible``: a positive in the top K; chance about K R / N.
+- ``{p}/i2t_rprecision``, ``{p}/t2i_rprecision``: precision in the top R; chance R / N.
+- ``{p}/i2t_map@r``, ``{p}/t2i_map@r``: mAP@R (Musgrave et al. 2020), mean over the top R of precision@k at each
+  hit, divided by R; chance about R / (2N).
+
 Zero-shot (json ``label`` not null; prompts ``classnames`` x ``templates``, scores averaged over templates; every
 image ranked against all C classes; C = 40 on shapes):
 
@@ -28,56 +42,105 @@ image ranked against all C classes; C = 40 on shapes):
   classes not held out / held out of training (still against all C); chance 1/C.
 - ``{p}/zeroshot_n_unseen`` (with ``heldout_classnames``): the number of labelled images of held-out classes.
 
-Probes (image vs its true L3 caption and a hard negative from json ``negatives``; ties count half; chance 0.5):
+Probes (image vs its true L3 caption and a hard negative from json ``negatives``; ties count half; chance 0.5).
+With json ``heldout_mentions`` (whether the L3 caption and each negative mention a held-out colour x shape
+combination) only pairs balanced for familiarity count (both captions seen in training, or both held out), so a
+probe cannot be passed by preferring the familiar caption; without it every pair counts:
 
 - ``{p}/relation_probe_acc``: relation reversed (subject and object swapped; multi-object scenes).
 - ``{p}/binding_probe_acc``: colours of objects 0 and 1 swapped (multi-object scenes).
 - ``{p}/control_probe_acc``: one object's shape or colour replaced by one absent from the image; a bag-of-words
   model can pass it, so it shows the probe pipeline works and the attribute words are grounded at all.
+- ``{p}/{relation,binding,control}_probe_n``: the number of pairs each accuracy is over.
 
-Embedding space (the first 4096 pairs; no chance level, ranges given):
+Embedding space (the first 4096 pairs). Two views; x, y = image and text vectors:
 
-- ``embed/effective_rank``, ``embed/uniformity``, ``embed/participation_ratio``, ``embed/participation_ratio_frac``:
-  mean of the two modalities, each also as ``..._image`` and ``..._text``; on L2-normalised embeddings. Effective
-  rank in [1, D], uniformity in [-4t, 0] (lower = more uniform), participation ratio in [1, D], ``_frac`` = / D.
-- ``embed/alignment`` (mean squared distance of the pairs, [0, 4]), ``embed/modality_gap`` (distance of the
-  modality centroids, [0, 2]): on L2-normalised embeddings.
-- ``embed/raw/effective_rank``, ``embed/raw/participation_ratio``, ``embed/raw/participation_ratio_frac`` (each
-  also ``_image``, ``_text``), only when ``loss.scores_raw_embeddings``: the same on the raw embeddings the loss
-  scores; scale-invariant (comparable across runs).
-- ``embed/raw/norm_mean_image``, ``embed/raw/norm_mean_text``: mean L2 norm; scale-dependent (diagnostic).
-- ``embed/raw/alignment_ratio``: mean ||x_i - y_i||^2 over pairs / mean ||x_i - y_j||^2 over all (i, j);
-  scale-invariant; about 1 for unrelated embeddings, 0 for perfectly aligned pairs.
+- the scored view, ``embed/scored/...``: the representation the loss scores (``loss.embed`` where the loss has
+  one, else the L2-normalised vectors of a cosine loss), jointly centred (the mean of both modalities together
+  removed) when the loss is shift-invariant and divided by the joint RMS norm when it is scale-invariant
+  (``loss.invariances_in_use()``), so a transformation that leaves the loss unchanged leaves these unchanged.
+  Keys: ``effective_rank``, ``participation_ratio``, ``participation_ratio_frac``, ``uniformity`` (Wang & Isola
+  on the vectors as they are, not re-normalised: <= 0, lower = more uniform), each with ``_image`` / ``_text`` and
+  their mean; ``alignment`` (mean ||x_i - y_i||^2), ``modality_gap`` (||mean x - mean y||), ``alignment_ratio``
+  (mean ||x_i - y_i||^2 / mean over all (i, j) of ||x_i - y_j||^2; about 1 for unrelated pairs, 0 for aligned).
+  Values are in the loss's own units (comparable within one loss, e.g. learned vs frozen sigma, not across
+  losses).
+- the common view, ``embed/...`` (same key names without ``scored/``): the scored view, centred on the joint mean,
+  then each vector L2-normalised; invariant for every loss, the view for cross-loss tables. Effective rank in
+  [1, D], uniformity in [-4t, 0] (t = 2), participation ratio in [1, D] (``_frac`` = / D), alignment in [0, 4],
+  modality gap in [0, 2]. A deliberate break: before issue 27 these were on uncentred L2-normalised raw
+  embeddings, which a distance loss does not control (a shift of both modalities changed them at equal loss).
+  ``embed/raw/*`` is gone: ``embed/scored/*`` measures the same representation the right way.
 
-Uncertainty (``loss.needs_log_std`` and log-stds from the model); sigma = exp(log_std), for per-dimension log-stds
-exp(mean_d log_std_d). Absolute sigma is not comparable across runs (gaussian_var's loss is unchanged when the
-embeddings and sigma are scaled together): compare ranks, ratios and correlations. Captions below are the four
-levels L0..L3 of every sample with json ``captions``; n_words = whitespace-separated words:
+Specificity of the text sigma, with trivial-cue baselines. Captions are the four levels L0..L3 of every sample with
+json ``captions``; n_words = whitespace-separated words; a statistic "of a log-sigma" is computed for the
+model's text log-sigma (``unc/<stat>``, with log-stds) and for every trivial cue c used as if it were the
+log-sigma (``unc/cue/<c>/<stat>``, every loss: they do not depend on the model), c in
 
-- ``unc/sigma_image_mean``, ``unc/sigma_text_mean``: mean sigma of the eval images / own captions (diagnostics).
+- ``words``: -n_words (shorter = more uncertain);
+- ``frequency``: log(1 + count of the exact string in training) (frequent = general); only with
+  ``train_caption_stats``;
+- ``objects``: -(object count of the caption's scene) (json ``objects``);
+- ``token``: sign x [the token is in the caption], the single token whose indicator correlates most with level
+  over the training captions weighted by their counts (:func:`level_token`; sign +1 when it marks less specific
+  captions). Without ``train_caption_stats`` the token is chosen on the eval captions' levels instead.
+
+Rank statistics use average ranks and pair accuracies count ties half, so a discrete cue is scored fairly. <stat>:
+
+- ``specificity_spearman``: Spearman of caption level with log-sigma; < 0 when specific captions get smaller
+  sigma (the proposal's prediction); chance 0. Confounded with caption length: see the next keys.
+- ``specificity_partial_spearman``: partial Spearman of level with log-sigma controlling for n_words; chance 0.
+- ``specificity_level_coef``, ``specificity_level_se``, ``specificity_level_t``: OLS of the log-sigma,
+  standardised within the run (so the coefficient is in units of the run's log-sigma standard deviation and
+  comparable across runs), on level with an intercept, n_words, object count, log(1 + training frequency) (with
+  ``train_caption_stats``) and the count of placeholder words ("object", ...: ``placeholder_words``); the level
+  coefficient, its classical standard error and t (:func:`level_regression`). < 0 = the effect beyond those cues.
+- ``specificity_within_scene_acc``: pairs of different captions of one scene at different levels, in strata of
+  (object count, word-count difference); per stratum the fraction with sigma(more specific) < sigma(less
+  specific), ties half; the mean over strata (equal weight); 0.5 = no effect. ``..._same_words_acc``: the same
+  over the strata of equal word count. Object count is constant within a scene, so that cue scores 0.5.
+- ``specificity_matched_acc``: over json ``matched_pair`` (one pair [less, more specific] or a list of such
+  pairs), the fraction with sigma(more) < sigma(less), ties half; 0.5 = no effect.
+- ``specificity_matched_log_ratio``: mean log(sigma(more) / sigma(less)) over those pairs; < 0 = the effect.
+- ``sigma_text_rank_L{0..3}``: mean percentile rank (0 = smallest sigma, 1 = largest) of the level-k captions'
+  log-sigma among all captions'; chance 0.5 each.
+- ``sigma_text_ratio_L0_L3``: exp(mean log-sigma of L0 captions - that of L3 captions) (> 1 = the effect).
+- ``sigma_vs_images_fit_spearman``: Spearman of each eval caption's log-sigma with the number of eval images it
+  fits exactly (the images whose four caption levels contain that string); > 0 when more general captions get
+  larger sigma (PCME++'s and ProLIP's generality claim); chance 0. ``..._partial_spearman``: controlling n_words.
+
+and, once (not per cue): ``unc/specificity_within_scene_n``, ``unc/specificity_within_scene_same_words_n`` (pairs).
+Renamed: ``unc/baseline_wordcount_{specificity_spearman,partial_spearman,matched_acc}`` are now
+``unc/cue/words/{specificity_spearman,specificity_partial_spearman,specificity_matched_acc}``.
+
+Other sigma keys (with log-stds); sigma = exp(log_std), for per-dimension log-stds exp(mean_d log_std_d). Absolute
+sigma is not comparable across runs (gaussian_var's loss is unchanged when the embeddings and sigma are scaled
+together): compare ranks, ratios and correlations.
+
+- ``unc/sigma_image_mean``, ``unc/sigma_text_mean``: mean sigma of the eval images / own captions (diagnostics;
+  the only keys that change under a loss's declared scale invariance).
 - ``unc/sigma_text_image_log_ratio``: mean log sigma of the captions minus that of the images (PCME++ and ProLIP
   report captions as the more uncertain modality: > 0); comparable within one loss's runs, not across losses.
-- ``unc/sigma_vs_images_fit_spearman``: Spearman of each eval caption's sigma with the number of eval images it
-  fits exactly (the images whose four caption levels contain that string: "a red circle" fits every image it is
-  a level of); > 0 when more general captions get larger sigma (PCME++'s and ProLIP's generality claim); chance 0.
-- ``unc/sigma_vs_images_fit_partial_spearman``: the same controlling for n_words; chance 0.
-- ``unc/specificity_spearman``: Spearman of caption level with text sigma; < 0 when specific captions get smaller
-  sigma (the proposal's prediction); chance 0. Confounded with caption length: see the next keys.
-- ``unc/specificity_partial_spearman``: partial Spearman of level with text sigma controlling for n_words; chance 0.
-- ``unc/specificity_matched_acc``: over json ``matched_pair`` [less, more specific] (equal n_words), the fraction
-  with sigma(more) < sigma(less), ties half; 0.5 = no effect beyond length.
-- ``unc/specificity_matched_log_ratio``: mean log(sigma(more) / sigma(less)) over those pairs; < 0 = the effect.
-- ``unc/baseline_wordcount_specificity_spearman``, ``unc/baseline_wordcount_partial_spearman``,
-  ``unc/baseline_wordcount_matched_acc``: the same three for the length-only baseline sigma = -n_words (partial
-  Spearman 0 and matched_acc 0.5 by construction): what caption length alone gives.
-- ``unc/sigma_text_rank_L{0..3}``: mean percentile rank (0 = smallest sigma, 1 = largest) of the level-k captions'
-  sigma among all captions'; chance 0.5 each.
-- ``unc/sigma_text_ratio_L0_L3``: geometric-mean sigma of L0 captions / that of L3 captions (> 1 = the effect).
 - ``unc/image_sigma_vs_objects``: Spearman of image sigma with the number of objects (json ``objects``); chance 0.
-- ``unc/{i2t,t2i}_r1_sigma_decile_{0..n_sigma_bins-1}``: multi-positive R@1 per bin of the query's sigma,
-  lowest sigma first; falls across bins when sigma flags failures.
-- ``unc/{i2t,t2i}_r1_sigma_spearman``: Spearman of query sigma with the query's multi-positive R@1 hit; < 0 when
-  high sigma flags failures; chance 0.
+
+Uncertainty against retrieval (PCME++, arXiv 2305.18171; ProLIP, arXiv 2410.18857). For d = i2t (image queries,
+image sigma) and t2i (caption queries, text sigma); a query's hit = plausible R@1 and its R-Precision (exact-string
+positives where no plausible matrix is known); the uncertainty u of a query is its sigma (``unc/{d}_...``, with
+log-stds) or a training-free baseline that exists for every loss: ``unc/free/top1/{d}_...`` (u = minus the
+query's best score) and ``unc/free/margin/{d}_...`` (u = minus the best score's margin over the second best).
+Queries of equal u are averaged (the expectation over their order). Keys (after the prefix):
+
+- ``{d}_bin_{0..n_sigma_bins-1}_r@1``, ``{d}_bin_{b}_rprecision``: the mean over equal-count bins of the queries
+  sorted by u, most certain first; falls across bins when u flags failures.
+- ``{d}_bin_r@1_spearman``, ``{d}_bin_rprecision_spearman``: Spearman of bin index with the bin's value; < 0 when
+  u flags failures, chance 0.
+- ``{d}_aurc``: area under the risk-coverage curve (risk = 1 - hit rate of the kept queries, dropping the most
+  uncertain first; Geifman et al. 2019), lower is better; read against ``{d}_aurc_oracle`` (queries ordered by
+  their own hits: the best any u can do) and ``{d}_aurc_random`` (= 1 - hit rate: any u in expectation under a
+  random order).
+
+Renamed: ``unc/{i2t,t2i}_r1_sigma_decile_{b}`` -> ``unc/{i2t,t2i}_bin_{b}_r@1`` (plausible positives now) and
+``unc/{i2t,t2i}_r1_sigma_spearman`` (sigma vs hit) -> ``unc/{i2t,t2i}_bin_r@1_spearman`` (bin index vs bin R@1).
 
 ``val/loss`` is not computed here: probloss/eval/runtime.py computes it once, in the training batches of every
 rank, so it is comparable with ``train/loss`` for any world size.
