@@ -43,9 +43,10 @@ INF = math.inf
 # and evaluation prefixes share a rule; the first match wins). Intervals are clipped to it: a t interval knows
 # nothing of bounds and would otherwise claim e.g. an accuracy above 1. Unknown metrics are not clipped.
 RANGES = [
-    (r"\w*_frac(_image|_text)?|(i2t|t2i)_r@\d+(_strict|_plausible)?(_L\d)?|(i2t|t2i)_(rprecision|map@r)|r@1_chance(_L\d)?"
-     r"|zeroshot_(seen_|unseen_)?top\d+|\w+_probe_acc|unc/(cue/\w+/)?(specificity_(matched|within_scene\w*)_acc"
-     r"|sigma_text_rank_L\d)|unc/(free/\w+/)?(i2t|t2i)_(bin_\d+_(r@1|rprecision)|aurc\w*)|stability/diverged", (0.0, 1.0)),
+    (r"\w*_frac(_image|_text)?|(i2t|t2i)_r@\d+(_strict|_plausible)?(_L\d)?|(i2t|t2i)_(rprecision|map@r)"
+     r"|r@1_chance(_L\d)?|zeroshot_(seen_|unseen_)?top\d+|\w+_probe_acc"
+     r"|unc/(cue/\w+/)?(specificity_(matched|within_scene\w*)_acc|sigma_text_rank_L\d)"
+     r"|unc/(free/\w+/)?(i2t|t2i)_(bin_\d+_(r@1|rprecision)|aurc\w*)|stability/diverged", (0.0, 1.0)),
     (r"unc/(cue/\w+/|free/\w+/)?[\w@]*spearman|unc/image_sigma_vs_objects", (-1.0, 1.0)),
     (r"embed/(scored/)?effective_rank(_image|_text)?", (1.0, INF)),
     (r"embed/scored/uniformity(_image|_text)?", (-INF, 0.0)),  # unnormalised: no lower bound
@@ -66,7 +67,8 @@ LOWER_IS_BETTER = (r"loss|stability/(loss_spikes|grad_norm_ratio|nonfinite_steps
 # Descriptive metrics: a difference is "higher" or "lower", never "better" or "worse".
 NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/scored/(alignment\w*|modality_gap)|unc/sigma_\w+_mean"
                 r"|unc/sigma_text_image_log_ratio|unc/sigma_text_rank_L\d|unc/image_sigma_vs_objects"
-                r"|unc/cue/\w+/[\w@]+|unc/(free/\w+/)?(i2t|t2i)_aurc_(oracle|random)|\w+_probe_n|unc/specificity_within_scene\w*_n"
+                r"|unc/cue/\w+/[\w@]+|unc/(free/\w+/)?(i2t|t2i)_aurc_(oracle|random)|\w+_probe_n"
+                r"|unc/specificity_within_scene\w*_n"
                 r"|unc/specificity_level_se|r@1_chance(_L\d)?|zeroshot_n_\w+|steps")
 
 

@@ -17,8 +17,9 @@ from probloss.eval.metrics import (
 from probloss.eval.stability import StabilityTracker, params_finite
 
 __all__ = [
-    "StabilityTracker", "alignment", "average_ranks", "binned_means", "effective_rank", "encode_captions", "encode_images",
-    "encode_texts", "evaluate", "fill_template", "image_sigma_vs_noise", "modality_gap", "multi_positive_ranks", "ols",
+    "StabilityTracker", "alignment", "average_ranks", "binned_means", "effective_rank", "encode_captions",
+    "encode_images", "encode_texts", "evaluate", "fill_template", "image_sigma_vs_noise", "modality_gap",
+    "multi_positive_ranks", "ols",
     "pair_probe_accuracy", "paired_scores", "params_finite", "partial_spearman", "participation_ratio",
     "percentile_ranks", "plausible_ranking", "positive_ranks", "retrieval_recall", "risk_coverage",
     "same_group", "score_matrix", "sigma_of", "spearman", "tie_averaged", "uniformity", "zeroshot_accuracy",

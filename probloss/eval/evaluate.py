@@ -614,7 +614,8 @@ def _within_scene(log_sigma: Tensor, data: _SpecificityData) -> dict[str, float]
     return out
 
 
-def _text_sigma_stats(log_sigma_of: Callable[[Sequence[str], Tensor], Tensor], data: _SpecificityData) -> dict[str, float]:
+def _text_sigma_stats(log_sigma_of: Callable[[Sequence[str], Tensor], Tensor],
+                      data: _SpecificityData) -> dict[str, float]:
     """Every statistic of a text log-sigma (module docstring), for ``log_sigma_of(captions, scenes)``: the model's
     or a cue's. Rank statistics use average ranks and pair accuracies count ties half (cues are discrete)."""
     out = {}
@@ -704,7 +705,8 @@ def _uncertainty_vs_retrieval(scores: Tensor, per_query: dict[str, dict[str, Ten
         if log_std is not None:
             sources["unc/"] = sigma_of(log_std).cpu().double()[has]
         for src, u in sources.items():
-            out.update({f"{src}{d}_{k}": v for k, v in _curves(hits, rprec, u.nan_to_num(nan=math.inf), n_bins).items()})
+            curves = _curves(hits, rprec, u.nan_to_num(nan=math.inf), n_bins)
+            out.update({f"{src}{d}_{k}": v for k, v in curves.items()})
     return out
 
 
