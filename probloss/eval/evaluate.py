@@ -520,7 +520,8 @@ class _SpecificityData:
         self.token = level_token(source) if source else None
 
     def strings(self) -> list[str]:
-        return self.level_caps + self.pair_less + self.pair_more + self.own_caps
+        """Every caption a statistic reads (the eval captions only where the fit counts use them)."""
+        return self.level_caps + self.pair_less + self.pair_more + (self.own_caps if self.fits is not None else [])
 
     def cues(self) -> dict[str, Callable[[Sequence[str], Tensor], Tensor]]:
         """log-sigma surrogates of the trivial cues: ``(captions, scenes) -> (n,)`` float64 (module docstring)."""
@@ -699,7 +700,7 @@ def _uncertainty_vs_retrieval(scores: Tensor, per_query: dict[str, dict[str, Ten
         q = per_query[d]
         has = q["n_positive"] > 0
         hits, rprec = (q["rank"][has] <= 1).double(), q["rprecision"][has]
-        top2 = s[has].double().nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values
+        top2 = s[has].nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
         sources = {"unc/free/top1/": -top2[:, 0],  # a high best score = confident
                    "unc/free/margin/": -(top2[:, 0] - top2[:, -1])}  # a wide margin over the runner-up = confident
         if log_std is not None:

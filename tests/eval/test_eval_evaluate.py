@@ -585,3 +585,35 @@ def test_probes_keep_only_pairs_balanced_for_familiarity():
     eval_set.json[5]["heldout_mentions"].update(relation=True, binding=True, control=True)  # both held out: kept
     out = evaluate(FakeDualEncoder(False), loss, eval_set, tok)
     assert out["val/control_probe_n"] == base["val/control_probe_n"] and out["val/relation_probe_n"] == 6.0
+
+
+def test_within_scene_strata_weigh_equally():
+    """Two one-object scenes and one two-object scene; log-sigma chosen per caption: the accuracy is the mean of
+    the per-stratum accuracies (object count, word-count difference), not the mean over pairs."""
+    metas = [{"captions": ["an object", "a red object", "a red circle", "a small red circle at the top left"],
+              "objects": [{}]},
+             {"captions": ["an object", "a blue object", "a blue square", "a large blue square at the middle"],
+              "objects": [{}]},
+             {"captions": ["two objects", "a red object and a blue object", "a red circle and a blue square",
+                           "a small red circle left of a large blue square"], "objects": [{}, {}]}]
+    data = evaluate_module._SpecificityData(metas, [m["captions"][3] for m in metas], None, ("object", "objects"))
+    log_sigma = torch.tensor([4.0, 3, 2, 1,  # scene 0: every pair right
+                              1.0, 2, 3, 4,  # scene 1: every pair wrong
+                              4.0, 3, 3, 1], dtype=torch.float64)  # scene 2: L1 = L2 tie, the rest right
+    out = evaluate_module._within_scene(log_sigma, data)
+    words = [[len(c.split()) for c in m["captions"]] for m in metas]
+    strata: dict = {}
+    for s, m in enumerate(metas):
+        for a in range(4):
+            for b in range(a + 1, 4):
+                la, lb = log_sigma[4 * s + a].item(), log_sigma[4 * s + b].item()
+                key = (len(m["objects"]), words[s][b] - words[s][a])
+                strata.setdefault(key, []).append(1.0 if lb < la else 0.5 if lb == la else 0.0)
+    per_stratum = [sum(v) / len(v) for v in strata.values()]
+    per_pair = sum(sum(v) for v in strata.values()) / 18
+    assert abs(per_pair - sum(per_stratum) / len(per_stratum)) > 0.01  # the weighting matters here
+    assert out["specificity_within_scene_n"] == 18.0
+    assert out["specificity_within_scene_acc"] == pytest.approx(sum(per_stratum) / len(per_stratum))
+    same = [sum(v) / len(v) for k, v in strata.items() if k[1] == 0]
+    assert out["specificity_within_scene_same_words_acc"] == pytest.approx(sum(same) / len(same))
+    assert out["specificity_within_scene_same_words_acc"] == pytest.approx((0.5 + 0.5) / 2)  # (1, 0) and (2, 0)
