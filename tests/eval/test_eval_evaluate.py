@@ -270,7 +270,7 @@ def test_specificity_beyond_caption_length_and_the_cues():
     assert out["unc/cue/objects/specificity_within_scene_acc"] == 0.5
     assert out["unc/cue/objects/specificity_matched_acc"] == 0.5
     # Sigma also shrinks with each shape word (the L2 form names shapes, the matched L1 form does not).
-    out = evaluate(FakeDualEncoder(True, specific=True), loss, eval_set, tok)
+    out = evaluate(FakeDualEncoder(True, specific=True), loss, eval_set, tok, placeholder_words=("object", "objects"))
     assert out["unc/specificity_matched_acc"] == 1.0
     # one-object pairs (6): one shape word, log ratio -0.5; multi-object pairs (12): two shape words, -1.0
     assert out["unc/specificity_matched_log_ratio"] == pytest.approx((6 * -0.5 + 12 * -1.0) / 18, abs=1e-5)
