@@ -100,6 +100,22 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         block_size: tile side for the tiled kernel.
     """
 
+    invariances = ("shift", "scale")  # distances only; sigma scales with them (invariances_in_use: options)
+
+    def invariances_in_use(self):
+        """A common shift cancels in every distance; embeddings times c with log_std + ln c keep every
+        d / sigma^2 and add one constant (-t ln c, likelihood -t D ln c) to every logit, which a softmax ignores.
+        A frozen sigma cannot follow a scale; ``normalize`` scores unit vectors (scale with log-stds unmoved, no
+        shift); the KL to N(0, I) of raw embeddings pins both the origin and the unit."""
+        if self.normalize:
+            return ("scale",)
+        if self.kl_weight:
+            return ()
+        return ("shift",) if self.freeze_log_std else ("shift", "scale")
+
+    def log_std_under_scale(self, log_std, c):
+        return log_std if self.normalize else log_std + math.log(c)
+
     needs_log_std = True
     supports_diagonal_log_std = True
     # What probloss.testing.check_distributed checks across real processes.

@@ -54,6 +54,7 @@ class InfoNCE(probloss.ContrastiveLoss):
         block_size: tile side for the tiled kernel.
     """
 
+    invariances = ("scale",)  # cosines of L2-normalised embeddings
     # What probloss.testing.check_distributed checks across real processes.
     distributed_variants = [
         {"local_loss": local_loss, "impl": impl, "block_size": 2}

@@ -78,6 +78,13 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         block_size: rows per block for the tiled kernel.
     """
 
+    invariances = ("scale",)  # unit means; normalize=False: see invariances_in_use
+
+    def invariances_in_use(self):
+        """Unit means ignore a scale (S does not depend on it); raw means: CSD ignores a shift, the VIB term's
+        |mu|^2 does not."""
+        return ("scale",) if self.normalize else (() if self.vib_beta else ("shift",))
+
     needs_log_std = True
     supports_diagonal_log_std = True
     init_log_std = -5.0  # log sigma^2 = -10 (module docstring: sigma = 1 collapses a tower trained from scratch)

@@ -117,6 +117,13 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         block_size: rows per block for the tiled kernel.
     """
 
+    invariances = ("scale",)  # unit means; normalize=False: dot products, none (invariances_in_use)
+
+    def invariances_in_use(self):
+        """Unit means ignore a scale; raw means enter through dot products, which neither a shift nor a scale
+        leaves alone."""
+        return ("scale",) if self.normalize else ()
+
     needs_log_std = True
     supports_diagonal_log_std = True
     init_log_std = -5.0  # log sigma^2 = -10, the release's init_unc_bias

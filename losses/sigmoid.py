@@ -75,6 +75,7 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         mask_seed: seed of the random mask.
     """
 
+    invariances = ("scale",)  # cosines of L2-normalised embeddings
     # What probloss.testing.check_distributed checks across real processes (block 2: several blocks per rank).
     distributed_variants = [
         {"dist_impl": dist_impl, "impl": impl, "block_size": 2} for dist_impl in DIST_IMPLS for impl in ("dense", "tiled")

@@ -139,6 +139,13 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         block_size: rows per block for the tiled kernel.
     """
 
+    invariances = ("scale",)  # unit vectors; normalize=False: distances, shift only (invariances_in_use)
+
+    def invariances_in_use(self):
+        """Unit vectors ignore a scale; raw distances ignore a shift but not a scale (v_ij = sigma^2 + sigma^2
+        would have to grow by c^2, moving every logit by -t ln c, which a sigmoid with a bias does not ignore)."""
+        return ("scale",) if self.normalize else ("shift",)
+
     needs_log_std = True
     distributed_variants = [
         {"dist_impl": dist_impl, "impl": impl, "block_size": 2} for dist_impl in DIST_IMPLS for impl in ("dense", "tiled")

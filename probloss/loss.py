@@ -44,6 +44,12 @@ class ContrastiveLoss(nn.Module):
     - ``distributed_variants``: keyword dicts worth checking across real processes
       (:func:`probloss.testing.check_distributed`, the registry's distributed tests); ``({},)``: as built.
     - ``registered_name``: set by the registry, for messages.
+    - ``invariances``: the transformations of the embeddings that leave the loss value unchanged and change
+      :meth:`score` by at most one constant added to every score (so every ranking is unchanged), for the loss
+      built with its default options: ``"shift"`` (the same vector added to every image AND text embedding) and
+      ``"scale"`` (every embedding multiplied by one c > 0, log-stds moved by :meth:`log_std_under_scale`).
+      Options may narrow it: evaluators read :meth:`invariances_in_use`. Declare only what is true (every
+      registered loss's declaration is checked by tests/eval/test_eval_invariance.py); ``()`` by default.
 
     and with read-only properties:
 
@@ -61,11 +67,24 @@ class ContrastiveLoss(nn.Module):
     init_log_std: ClassVar[float] = 0.0
     distributed_variants: ClassVar[Sequence[dict[str, Any]]] = ({},)
     registered_name: ClassVar[str | None] = None
+    invariances: ClassVar[tuple[str, ...]] = ()
 
     @property
     def scores_raw_embeddings(self) -> bool:
         """Whether :meth:`score` and the loss use the raw, unnormalised embeddings (class docstring)."""
         return False
+
+    def invariances_in_use(self) -> tuple[str, ...]:
+        """The :attr:`invariances` of this instance (its options included); the class's declaration by default."""
+        return tuple(self.invariances)
+
+    def log_std_under_scale(self, log_std: Tensor, c: float) -> Tensor:
+        """How log-stds move when every embedding is multiplied by ``c > 0`` under the ``"scale"`` invariance.
+
+        Unchanged by default (a loss that L2-normalises ignores the scale); a loss whose sigma is a length in the
+        embedding space (gaussian_var) moves it by ``ln c``.
+        """
+        return log_std
 
     @property
     def uses_partial_views(self) -> bool:

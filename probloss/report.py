@@ -45,25 +45,33 @@ INF = math.inf
 # and evaluation prefixes share a rule; the first match wins). Intervals are clipped to it: a t interval knows
 # nothing of bounds and would otherwise claim e.g. an accuracy above 1. Unknown metrics are not clipped.
 RANGES = [
-    (r"\w*_frac(_image|_text)?|(i2t|t2i)_r@\d+(_strict)?(_L\d)?|r@1_chance(_L\d)?|zeroshot_(seen_|unseen_)?top\d+|\w+_probe_acc"
-     r"|unc/\w*matched_acc|unc/sigma_text_rank_L\d|unc/(i2t|t2i)_r1_sigma_decile_\d+|stability/diverged", (0.0, 1.0)),
-    (r"unc/\w*spearman|unc/image_sigma_vs_objects", (-1.0, 1.0)),
-    (r"embed/(raw/)?effective_rank(_image|_text)?", (1.0, INF)),
+    (r"\w*_frac(_image|_text)?|(i2t|t2i)_r@\d+(_strict|_plausible)?(_L\d)?|(i2t|t2i)_(rprecision|map@r)"
+     r"|r@1_chance(_L\d)?|zeroshot_(seen_|unseen_)?top\d+|\w+_probe_acc"
+     r"|unc/(cue/\w+/)?(specificity_(matched|within_scene\w*)_acc|sigma_text_rank_L\d)"
+     r"|unc/(free/\w+/)?(i2t|t2i)_(bin_\d+_(r@1|rprecision)|aurc\w*)|stability/diverged", (0.0, 1.0)),
+    (r"unc/(cue/\w+/|free/\w+/)?[\w@]*spearman|unc/image_sigma_vs_objects", (-1.0, 1.0)),
+    (r"embed/(scored/)?effective_rank(_image|_text)?", (1.0, INF)),
+    (r"embed/scored/uniformity(_image|_text)?", (-INF, 0.0)),  # unnormalised: no lower bound
     (r"embed/uniformity(_image|_text)?", (-8.0, 0.0)),  # [-4t, 0] with the evaluator's t = 2
     (r"embed/alignment", (0.0, 4.0)),
     (r"embed/modality_gap", (0.0, 2.0)),
     (r"stability/(loss_spikes|nonfinite_steps|grad_norm_ratio)|data/skipped|steps|\w*participation_ratio\w*"
-     r"|unc/sigma_text_ratio_L0_L3|unc/sigma_\w+_mean|embed/raw/\w+|wall_time_s|eval_test_s|samples_per_s", (0.0, INF)),
+     r"|unc/(cue/\w+/)?sigma_text_ratio_L0_L3|unc/sigma_\w+_mean|embed/scored/(alignment\w*|modality_gap)|\w+_probe_n"
+     r"|unc/specificity_within_scene\w*_n|unc/(cue/\w+/)?specificity_level_se|wall_time_s|eval_test_s|samples_per_s",
+     (0.0, INF)),
 ]
 # Which way is better (same matching). Anything else: higher is better. "Better" for the specificity statistics
 # means a stronger effect of the kind the proposal predicts (more negative Spearman, smaller sigma ratio).
 LOWER_IS_BETTER = (r"loss|stability/(loss_spikes|grad_norm_ratio|nonfinite_steps|diverged)|data/skipped"
-                   r"|embed/uniformity(_image|_text)?|unc/specificity_(partial_)?spearman|unc/specificity_matched_log_ratio"
-                   r"|unc/(i2t|t2i)_r1_sigma_spearman|wall_time_s|eval_test_s")
+                   r"|embed/(scored/)?uniformity(_image|_text)?|unc/specificity_(partial_)?spearman"
+                   r"|unc/specificity_matched_log_ratio|unc/specificity_level_(coef|t)"
+                   r"|unc/(free/\w+/)?(i2t|t2i)_(bin_[\w@]+_spearman|aurc)|wall_time_s|eval_test_s")
 # Descriptive metrics: a difference is "higher" or "lower", never "better" or "worse".
-NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/raw/(norm_mean\w*|alignment_ratio)|unc/sigma_\w+_mean"
+NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/scored/(alignment\w*|modality_gap)|unc/sigma_\w+_mean"
                 r"|unc/sigma_text_image_log_ratio|unc/sigma_text_rank_L\d|unc/image_sigma_vs_objects"
-                r"|unc/baseline_wordcount_\w+|r@1_chance(_L\d)?|zeroshot_n_\w+|steps")
+                r"|unc/cue/\w+/[\w@]+|unc/(free/\w+/)?(i2t|t2i)_aurc_(oracle|random)|\w+_probe_n"
+                r"|unc/specificity_within_scene\w*_n"
+                r"|unc/specificity_level_se|r@1_chance(_L\d)?|zeroshot_n_\w+|steps")
 
 
 def _matches(pattern: str, metric: str) -> bool:

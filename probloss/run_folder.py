@@ -26,10 +26,11 @@ from probloss.settings import RunSettings
 
 SUMMARY_KEYS = (  # docs/design.md: summary.json keys (those that apply), printed in this order
     "train/loss", "val/loss", "val/zeroshot_top1", "val/i2t_r@1", "test/zeroshot_top1", "test/zeroshot_seen_top1",
-    "test/zeroshot_unseen_top1", "test/i2t_r@1", "test/t2i_r@1", "test/i2t_r@1_strict", "test/relation_probe_acc",
-    "test/binding_probe_acc", "test/control_probe_acc", "test/embed/effective_rank", "test/embed/uniformity",
+    "test/zeroshot_unseen_top1", "test/i2t_r@1", "test/t2i_r@1", "test/i2t_r@1_strict", "test/i2t_rprecision",
+    "test/relation_probe_acc", "test/binding_probe_acc", "test/control_probe_acc", "test/embed/effective_rank",
+    "test/embed/uniformity",
     "test/unc/specificity_spearman", "test/unc/specificity_partial_spearman", "test/unc/specificity_matched_acc",
-    "test/unc/baseline_wordcount_matched_acc", "stability/loss_spikes", "stability/grad_norm_ratio",
+    "test/unc/cue/words/specificity_matched_acc", "stability/loss_spikes", "stability/grad_norm_ratio",
     "stability/nonfinite_steps", "stability/diverged", "steps", "samples_per_s", "eval_test_s",
 )
 
@@ -150,7 +151,7 @@ def print_summary(summary: Mapping[str, Any], run_dir: Path, title: str, out_dir
     """The end-of-run table."""
     keys = [k for k in SUMMARY_KEYS if k in summary]
     hidden = ("run_dir", "loss", "world_size", "status")
-    keys += sorted(k for k in summary if k not in keys and k not in hidden and "_decile_" not in k)
+    keys += sorted(k for k in summary if k not in keys and k not in hidden and not _curve_key(k))
     rows = [(k, _fmt(summary[k])) for k in keys]
     width = max(len(k) for k, _ in rows) if rows else 10
     vwidth = max(len(v) for _, v in rows) if rows else 10
@@ -160,9 +161,15 @@ def print_summary(summary: Mapping[str, Any], run_dir: Path, title: str, out_dir
     for k, v in rows:
         print(f"| {k:<{width}} | {v:>{vwidth}} |")
     print(line)
-    if any("_decile_" in k for k in summary):
-        print("(R@1 per sigma decile: unc/*_r1_sigma_decile_* in summary.json and TensorBoard)")
+    if any(_curve_key(k) for k in summary):
+        print("(per-bin curves unc/*_bin_*, cue baselines unc/cue/*, training-free baselines unc/free/*: in "
+              "summary.json and TensorBoard)")
     print(f"run folder: {run_dir}  (tensorboard --logdir {out_dir})", flush=True)
+
+
+def _curve_key(key: str) -> bool:
+    """Keys left out of the end-of-run table (too many to read there): per-bin curves and baselines."""
+    return "_bin_" in key or "/cue/" in key or "/free/" in key
 
 
 def _fmt(value: Any) -> str:

@@ -10,16 +10,17 @@ from probloss.eval.evaluate import (
     score_matrix, sigma_of,
 )
 from probloss.eval.metrics import (
-    alignment, average_ranks, effective_rank, modality_gap, multi_positive_ranks, pair_probe_accuracy,
-    partial_spearman, participation_ratio, percentile_ranks, positive_ranks, recall_by_sigma_decile,
-    retrieval_recall, same_group, spearman, uniformity, zeroshot_accuracy,
+    alignment, average_ranks, binned_means, effective_rank, modality_gap, multi_positive_ranks, ols,
+    pair_probe_accuracy, partial_spearman, participation_ratio, percentile_ranks, plausible_ranking, positive_ranks,
+    retrieval_recall, risk_coverage, same_group, spearman, tie_averaged, uniformity, zeroshot_accuracy,
 )
 from probloss.eval.stability import StabilityTracker, params_finite
 
 __all__ = [
-    "StabilityTracker", "alignment", "average_ranks", "effective_rank", "encode_captions", "encode_images",
-    "encode_texts", "evaluate", "fill_template", "image_sigma_vs_noise", "modality_gap", "multi_positive_ranks",
+    "StabilityTracker", "alignment", "average_ranks", "binned_means", "effective_rank", "encode_captions",
+    "encode_images", "encode_texts", "evaluate", "fill_template", "image_sigma_vs_noise", "modality_gap",
+    "multi_positive_ranks", "ols",
     "pair_probe_accuracy", "paired_scores", "params_finite", "partial_spearman", "participation_ratio",
-    "percentile_ranks", "positive_ranks", "recall_by_sigma_decile", "retrieval_recall", "same_group",
-    "score_matrix", "sigma_of", "spearman", "uniformity", "zeroshot_accuracy",
+    "percentile_ranks", "plausible_ranking", "positive_ranks", "retrieval_recall", "risk_coverage",
+    "same_group", "score_matrix", "sigma_of", "spearman", "tie_averaged", "uniformity", "zeroshot_accuracy",
 ]

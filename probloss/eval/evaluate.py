@@ -6,8 +6,9 @@ shown for "val" and as ``test/embed/...``, ``test/unc/...`` for "test", so both 
 N = number of eval pairs; "chance" = the value for random scores (or random sigma). A key whose inputs are missing
 (no json, no ``level``, no labelled sample, ...) is left out.
 
-Retrieval (image i with its own caption, ``eval_set.captions[i]``). Multi-positive (COCO style): a text whose caption
-string equals the query image's caption is a hit, and an image whose own caption equals the query text is a hit;
+Retrieval by exact strings (secondary since issue 27: see plausible-match retrieval below; image i with its own
+caption, ``eval_set.captions[i]``). Multi-positive (COCO style): a text whose caption string equals the query
+image's caption is a hit, and an image whose own caption equals the query text is a hit;
 rank = 1 + #{non-positives scoring >= the best positive} (ties among positives are free, identical captions embed
 identically; ties with a non-positive count against), so a perfect model scores 1.0 with duplicated captions:
 
@@ -19,6 +20,19 @@ identically; ties with a non-positive count against), so a perfect model scores 
   level k (json ``level``); chance ``{p}/r@1_chance_L{k}`` (high for L0: "an object" repeats a lot).
 - ``{p}/r@1_chance_L{0..3}``: ``{p}/r@1_chance`` over the level-k queries.
 
+Plausible-match retrieval (PCME, Chun et al. 2021; ECCV Caption, Chun et al. 2022): a caption is a positive of an
+image when its facts hold for the image's scene (``plausible``: ``probloss.data.shapes.plausible_matrix``, about 490
+true captions per test image among 5000), exact-string positives included; a caption query's positives are the
+images it holds for. Only with a plausible matrix (shapes metadata, or the ``plausible`` argument). Ranks with
+pessimistic ties (every non-positive tied with a positive ranks first); R = the query's number of positives;
+a scorer that ranks every true caption above every false one scores 1.0 on each. These are the primary retrieval
+numbers (an exact-string R@1 depends on which specificity the model prefers among many true captions):
+
+- ``{p}/i2t_r@{1,5}_plausible``, ``{p}/t2i_r@{1,5}_plausible``: a positive in the top K; chance about K R / N.
+- ``{p}/i2t_rprecision``, ``{p}/t2i_rprecision``: precision in the top R; chance R / N.
+- ``{p}/i2t_map@r``, ``{p}/t2i_map@r``: mAP@R (Musgrave et al. 2020), mean over the top R of precision@k at each
+  hit, divided by R; chance about (R/N) (R/N + ln(R)/R) (0.011 for R = 490, N = 5000: measured 0.011).
+
 Zero-shot (json ``label`` not null; prompts ``classnames`` x ``templates``, scores averaged over templates; every
 image ranked against all C classes; C = 40 on shapes):
 
@@ -28,56 +42,105 @@ image ranked against all C classes; C = 40 on shapes):
   classes not held out / held out of training (still against all C); chance 1/C.
 - ``{p}/zeroshot_n_unseen`` (with ``heldout_classnames``): the number of labelled images of held-out classes.
 
-Probes (image vs its true L3 caption and a hard negative from json ``negatives``; ties count half; chance 0.5):
+Probes (image vs its true L3 caption and a hard negative from json ``negatives``; ties count half; chance 0.5).
+With json ``heldout_mentions`` (whether the L3 caption and each negative mention a held-out colour x shape
+combination) only pairs balanced for familiarity count (both captions seen in training, or both held out), so a
+probe cannot be passed by preferring the familiar caption; without it every pair counts:
 
 - ``{p}/relation_probe_acc``: relation reversed (subject and object swapped; multi-object scenes).
 - ``{p}/binding_probe_acc``: colours of objects 0 and 1 swapped (multi-object scenes).
 - ``{p}/control_probe_acc``: one object's shape or colour replaced by one absent from the image; a bag-of-words
   model can pass it, so it shows the probe pipeline works and the attribute words are grounded at all.
+- ``{p}/{relation,binding,control}_probe_n``: the number of pairs each accuracy is over.
 
-Embedding space (the first 4096 pairs; no chance level, ranges given):
+Embedding space (the first 4096 pairs). Two views; x, y = image and text vectors:
 
-- ``embed/effective_rank``, ``embed/uniformity``, ``embed/participation_ratio``, ``embed/participation_ratio_frac``:
-  mean of the two modalities, each also as ``..._image`` and ``..._text``; on L2-normalised embeddings. Effective
-  rank in [1, D], uniformity in [-4t, 0] (lower = more uniform), participation ratio in [1, D], ``_frac`` = / D.
-- ``embed/alignment`` (mean squared distance of the pairs, [0, 4]), ``embed/modality_gap`` (distance of the
-  modality centroids, [0, 2]): on L2-normalised embeddings.
-- ``embed/raw/effective_rank``, ``embed/raw/participation_ratio``, ``embed/raw/participation_ratio_frac`` (each
-  also ``_image``, ``_text``), only when ``loss.scores_raw_embeddings``: the same on the raw embeddings the loss
-  scores; scale-invariant (comparable across runs).
-- ``embed/raw/norm_mean_image``, ``embed/raw/norm_mean_text``: mean L2 norm; scale-dependent (diagnostic).
-- ``embed/raw/alignment_ratio``: mean ||x_i - y_i||^2 over pairs / mean ||x_i - y_j||^2 over all (i, j);
-  scale-invariant; about 1 for unrelated embeddings, 0 for perfectly aligned pairs.
+- the scored view, ``embed/scored/...``: the representation the loss scores (``loss.embed`` where the loss has
+  one, else the L2-normalised vectors of a cosine loss), jointly centred (the mean of both modalities together
+  removed) when the loss is shift-invariant and divided by the joint RMS norm when it is scale-invariant
+  (``loss.invariances_in_use()``), so a transformation that leaves the loss unchanged leaves these unchanged.
+  Keys: ``effective_rank``, ``participation_ratio``, ``participation_ratio_frac``, ``uniformity`` (Wang & Isola
+  on the vectors as they are, not re-normalised: <= 0, lower = more uniform), each with ``_image`` / ``_text`` and
+  their mean; ``alignment`` (mean ||x_i - y_i||^2), ``modality_gap`` (||mean x - mean y||), ``alignment_ratio``
+  (mean ||x_i - y_i||^2 / mean over all (i, j) of ||x_i - y_j||^2; about 1 for unrelated pairs, 0 for aligned).
+  Values are in the loss's own units (comparable within one loss, e.g. learned vs frozen sigma, not across
+  losses).
+- the common view, ``embed/...`` (same key names without ``scored/``): the scored view, centred on the joint mean,
+  then each vector L2-normalised; invariant for every loss, the view for cross-loss tables. Effective rank in
+  [1, D], uniformity in [-4t, 0] (t = 2), participation ratio in [1, D] (``_frac`` = / D), alignment in [0, 4],
+  modality gap in [0, 2]. A deliberate break: before issue 27 these were on uncentred L2-normalised raw
+  embeddings, which a distance loss does not control (a shift of both modalities changed them at equal loss).
+  ``embed/raw/*`` is gone: ``embed/scored/*`` measures the same representation the right way.
 
-Uncertainty (``loss.needs_log_std`` and log-stds from the model); sigma = exp(log_std), for per-dimension log-stds
-exp(mean_d log_std_d). Absolute sigma is not comparable across runs (gaussian_var's loss is unchanged when the
-embeddings and sigma are scaled together): compare ranks, ratios and correlations. Captions below are the four
-levels L0..L3 of every sample with json ``captions``; n_words = whitespace-separated words:
+Specificity of the text sigma, with trivial-cue baselines. Captions are the four levels L0..L3 of every sample with
+json ``captions``; n_words = whitespace-separated words; a statistic "of a log-sigma" is computed for the
+model's text log-sigma (``unc/<stat>``, with log-stds) and for every trivial cue c used as if it were the
+log-sigma (``unc/cue/<c>/<stat>``, every loss: they do not depend on the model), c in
 
-- ``unc/sigma_image_mean``, ``unc/sigma_text_mean``: mean sigma of the eval images / own captions (diagnostics).
+- ``words``: -n_words (shorter = more uncertain);
+- ``frequency``: log(1 + count of the exact string in training) (frequent = general); only with
+  ``train_caption_stats``;
+- ``objects``: -(object count of the caption's scene) (json ``objects``);
+- ``token``: sign x [the token is in the caption], the single token whose indicator correlates most with level
+  over the training captions weighted by their counts (:func:`level_token`; sign +1 when it marks less specific
+  captions). Without ``train_caption_stats`` the token is chosen on the eval captions' levels instead.
+
+Rank statistics use average ranks and pair accuracies count ties half, so a discrete cue is scored fairly. <stat>:
+
+- ``specificity_spearman``: Spearman of caption level with log-sigma; < 0 when specific captions get smaller
+  sigma (the proposal's prediction); chance 0. Confounded with caption length: see the next keys.
+- ``specificity_partial_spearman``: partial Spearman of level with log-sigma controlling for n_words; chance 0.
+- ``specificity_level_coef``, ``specificity_level_se``, ``specificity_level_t``: OLS of the log-sigma,
+  standardised within the run (so the coefficient is in units of the run's log-sigma standard deviation and
+  comparable across runs), on level with an intercept, n_words, object count, log(1 + training frequency) (with
+  ``train_caption_stats``) and the count of placeholder words ("object", ...: ``placeholder_words``); the level
+  coefficient, its classical standard error and t (:func:`level_regression`). < 0 = the effect beyond those cues.
+- ``specificity_within_scene_acc``: pairs of different captions of one scene at different levels, in strata of
+  (object count, word-count difference); per stratum the fraction with sigma(more specific) < sigma(less
+  specific), ties half; the mean over strata (equal weight); 0.5 = no effect. ``..._same_words_acc``: the same
+  over the strata of equal word count. Object count is constant within a scene, so that cue scores 0.5.
+- ``specificity_matched_acc``: over json ``matched_pair`` (one pair [less, more specific] or a list of such
+  pairs), the fraction with sigma(more) < sigma(less), ties half; 0.5 = no effect.
+- ``specificity_matched_log_ratio``: mean log(sigma(more) / sigma(less)) over those pairs; < 0 = the effect.
+- ``sigma_text_rank_L{0..3}``: mean percentile rank (0 = smallest sigma, 1 = largest) of the level-k captions'
+  log-sigma among all captions'; chance 0.5 each.
+- ``sigma_text_ratio_L0_L3``: exp(mean log-sigma of L0 captions - that of L3 captions) (> 1 = the effect).
+- ``sigma_vs_images_fit_spearman``: Spearman of each eval caption's log-sigma with the number of eval images it
+  fits exactly (the images whose four caption levels contain that string); > 0 when more general captions get
+  larger sigma (PCME++'s and ProLIP's generality claim); chance 0. ``..._partial_spearman``: controlling n_words.
+
+and, once (not per cue): ``unc/specificity_within_scene_n``, ``unc/specificity_within_scene_same_words_n`` (pairs).
+Renamed: ``unc/baseline_wordcount_{specificity_spearman,partial_spearman,matched_acc}`` are now
+``unc/cue/words/{specificity_spearman,specificity_partial_spearman,specificity_matched_acc}``.
+
+Other sigma keys (with log-stds); sigma = exp(log_std), for per-dimension log-stds exp(mean_d log_std_d). Absolute
+sigma is not comparable across runs (gaussian_var's loss is unchanged when the embeddings and sigma are scaled
+together): compare ranks, ratios and correlations.
+
+- ``unc/sigma_image_mean``, ``unc/sigma_text_mean``: mean sigma of the eval images / own captions (diagnostics;
+  the only keys that change under a loss's declared scale invariance).
 - ``unc/sigma_text_image_log_ratio``: mean log sigma of the captions minus that of the images (PCME++ and ProLIP
   report captions as the more uncertain modality: > 0); comparable within one loss's runs, not across losses.
-- ``unc/sigma_vs_images_fit_spearman``: Spearman of each eval caption's sigma with the number of eval images it
-  fits exactly (the images whose four caption levels contain that string: "a red circle" fits every image it is
-  a level of); > 0 when more general captions get larger sigma (PCME++'s and ProLIP's generality claim); chance 0.
-- ``unc/sigma_vs_images_fit_partial_spearman``: the same controlling for n_words; chance 0.
-- ``unc/specificity_spearman``: Spearman of caption level with text sigma; < 0 when specific captions get smaller
-  sigma (the proposal's prediction); chance 0. Confounded with caption length: see the next keys.
-- ``unc/specificity_partial_spearman``: partial Spearman of level with text sigma controlling for n_words; chance 0.
-- ``unc/specificity_matched_acc``: over json ``matched_pair`` [less, more specific] (equal n_words), the fraction
-  with sigma(more) < sigma(less), ties half; 0.5 = no effect beyond length.
-- ``unc/specificity_matched_log_ratio``: mean log(sigma(more) / sigma(less)) over those pairs; < 0 = the effect.
-- ``unc/baseline_wordcount_specificity_spearman``, ``unc/baseline_wordcount_partial_spearman``,
-  ``unc/baseline_wordcount_matched_acc``: the same three for the length-only baseline sigma = -n_words (partial
-  Spearman 0 and matched_acc 0.5 by construction): what caption length alone gives.
-- ``unc/sigma_text_rank_L{0..3}``: mean percentile rank (0 = smallest sigma, 1 = largest) of the level-k captions'
-  sigma among all captions'; chance 0.5 each.
-- ``unc/sigma_text_ratio_L0_L3``: geometric-mean sigma of L0 captions / that of L3 captions (> 1 = the effect).
 - ``unc/image_sigma_vs_objects``: Spearman of image sigma with the number of objects (json ``objects``); chance 0.
-- ``unc/{i2t,t2i}_r1_sigma_decile_{0..n_sigma_bins-1}``: multi-positive R@1 per bin of the query's sigma,
-  lowest sigma first; falls across bins when sigma flags failures.
-- ``unc/{i2t,t2i}_r1_sigma_spearman``: Spearman of query sigma with the query's multi-positive R@1 hit; < 0 when
-  high sigma flags failures; chance 0.
+
+Uncertainty against retrieval (PCME++, arXiv 2305.18171; ProLIP, arXiv 2410.18857). For d = i2t (image queries,
+image sigma) and t2i (caption queries, text sigma); a query's hit = plausible R@1 and its R-Precision (exact-string
+positives where no plausible matrix is known); the uncertainty u of a query is its sigma (``unc/{d}_...``, with
+log-stds) or a training-free baseline that exists for every loss: ``unc/free/top1/{d}_...`` (u = minus the
+query's best score) and ``unc/free/margin/{d}_...`` (u = minus the best score's margin over the second best).
+Queries of equal u are averaged (the expectation over their order). Keys (after the prefix):
+
+- ``{d}_bin_{0..n_sigma_bins-1}_r@1``, ``{d}_bin_{b}_rprecision``: the mean over equal-count bins of the queries
+  sorted by u, most certain first; falls across bins when u flags failures.
+- ``{d}_bin_r@1_spearman``, ``{d}_bin_rprecision_spearman``: Spearman of bin index with the bin's value; < 0 when
+  u flags failures, chance 0.
+- ``{d}_aurc``: area under the risk-coverage curve (risk = 1 - hit rate of the kept queries, dropping the most
+  uncertain first; Geifman et al. 2019), lower is better; read against ``{d}_aurc_oracle`` (queries ordered by
+  their own hits: the best any u can do) and ``{d}_aurc_random`` (= 1 - hit rate: any u in expectation under a
+  random order).
+
+Renamed: ``unc/{i2t,t2i}_r1_sigma_decile_{b}`` -> ``unc/{i2t,t2i}_bin_{b}_r@1`` (plausible positives now) and
+``unc/{i2t,t2i}_r1_sigma_spearman`` (sigma vs hit) -> ``unc/{i2t,t2i}_bin_r@1_spearman`` (bin index vs bin R@1).
 
 ``val/loss`` is not computed here: probloss/eval/runtime.py computes it once, in the training batches of every
 rank, so it is comparable with ``train/loss`` for any world size.
@@ -85,10 +148,12 @@ rank, so it is comparable with ``train/loss`` for any world size.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from probloss.eval import metrics
@@ -233,10 +298,22 @@ def _negative(meta: dict, kind: str) -> str | None:
     return None
 
 
+def _familiar_alike(meta: dict, kind: str) -> bool:
+    """Whether a probe pair is balanced for familiarity: json ``heldout_mentions`` says whether the L3 caption and
+    each negative mention a held-out (colour, shape) combination; a pair counts only when both captions agree
+    (both seen in training or both held out), so a probe measures binding or relations, not familiarity. Data
+    without the key: every pair counts."""
+    mentions = meta.get("heldout_mentions")
+    if not isinstance(mentions, dict):
+        return True
+    return bool(mentions.get("caption")) == bool(mentions.get(kind))
+
+
 def _probes(model, loss, tokenizer, image_emb, image_log_std, metas, batch_size, device) -> dict[str, float]:
     out = {}
     for kind in PROBE_KINDS:
-        idx = [i for i, m in enumerate(metas) if _negative(m, kind) and len(m.get("captions") or []) >= 4]
+        idx = [i for i, m in enumerate(metas)
+               if _negative(m, kind) and len(m.get("captions") or []) >= 4 and _familiar_alike(m, kind)]
         if not idx:
             continue
         true_caps = [metas[i]["captions"][3] for i in idx]  # L3: the caption the negatives were built from
@@ -247,6 +324,7 @@ def _probes(model, loss, tokenizer, image_emb, image_log_std, metas, batch_size,
         s_true = paired_scores(loss, img, t_emb, img_ls, t_ls, block=batch_size)
         s_false = paired_scores(loss, img, f_emb, img_ls, f_ls, block=batch_size)
         out[f"{kind}_probe_acc"] = metrics.pair_probe_accuracy(s_true, s_false)
+        out[f"{kind}_probe_n"] = float(len(idx))
     return out
 
 
@@ -269,74 +347,316 @@ def _retrieval(scores: Tensor, groups: Tensor, levels: Tensor, ks: Sequence[int]
     return out
 
 
-_GEOMETRY = {
-    "effective_rank": metrics.effective_rank,
-    "participation_ratio": metrics.participation_ratio,
-    "participation_ratio_frac": lambda e: metrics.participation_ratio(e, normalized=True),
-    "uniformity": metrics.uniformity,  # L2-normalises itself: not repeated on raw embeddings
-}
+def _plausible_positives(captions: Sequence[str], metas: Sequence[dict]) -> Tensor | None:
+    """``(N_img, N_txt)`` bool from ``probloss.data.shapes.plausible_matrix`` (every fact of caption j holds for
+    scene i) when every sample's json describes its scene (``objects``, each with a ``shape`` and a ``colour``);
+    None otherwise (foreign data, or a data module without it)."""
+    if not metas or not all(isinstance(m.get("objects"), list) and m["objects"] and
+                            all(isinstance(o, dict) and "shape" in o and "colour" in o for o in m["objects"])
+                            for m in metas):
+        return None
+    from probloss.data import shapes  # lazily: only shapes metadata has scenes to check captions against
+
+    plausible_matrix = getattr(shapes, "plausible_matrix", None)
+    return None if plausible_matrix is None else torch.as_tensor(plausible_matrix(captions, metas), dtype=torch.bool)
 
 
-def _per_modality(x: Tensor, y: Tensor, names: Sequence[str], group: str) -> dict[str, float]:
+def _plausible_retrieval(scores: Tensor, positive: Tensor) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
+    """Plausible-match R@1, R@5, R-Precision and mAP@R per direction (module docstring); also the per-query
+    ranking of each direction, for the uncertainty curves."""
+    out, per_query = {}, {}
+    for d, s, pos in (("i2t", scores, positive), ("t2i", scores.T, positive.T)):
+        q = metrics.plausible_ranking(s, pos)
+        has = q["n_positive"] > 0
+        for k in (1, 5):
+            out[f"{d}_r@{k}_plausible"] = _mean(q["rank"][has] <= k)
+        out[f"{d}_rprecision"] = _mean(q["rprecision"][has])
+        out[f"{d}_map@r"] = _mean(q["map_at_r"][has])
+        per_query[d] = q
+    return out, per_query
+
+
+# --- embedding space --------------------------------------------------------------------------------------------
+
+
+def _scored(loss: nn.Module, emb: Tensor) -> Tensor:
+    """The representation ``loss`` scores: its ``embed`` where it has one, else the raw vectors for a loss that
+    scores them and the L2-normalised ones for a cosine loss."""
+    embed = getattr(loss, "embed", None)
+    if callable(embed):
+        return embed(emb)
+    return emb if getattr(loss, "scores_raw_embeddings", False) else F.normalize(emb, dim=-1)
+
+
+def invariances_of(loss: nn.Module) -> tuple[str, ...]:
+    """The loss instance's declared invariances (``invariances_in_use()``; a loss outside the contract: none)."""
+    in_use = getattr(loss, "invariances_in_use", None)
+    return tuple(in_use()) if callable(in_use) else tuple(getattr(loss, "invariances", ()))
+
+
+def _per_modality(x: Tensor, y: Tensor, fns: dict[str, Callable[[Tensor], float]], group: str) -> dict[str, float]:
     out = {}
-    for name in names:
-        vi, vt = _GEOMETRY[name](x), _GEOMETRY[name](y)
+    for name, fn in fns.items():
+        vi, vt = fn(x), fn(y)
         out[f"{group}/{name}_image"], out[f"{group}/{name}_text"], out[f"{group}/{name}"] = vi, vt, (vi + vt) / 2
     return out
 
 
-def _embedding_space(image_emb: Tensor, text_emb: Tensor, raw: bool, max_samples: int = 4096) -> dict[str, float]:
+def _embedding_space(loss: nn.Module, image_emb: Tensor, text_emb: Tensor, max_samples: int = 4096) -> dict[str, float]:
+    """``embed/*`` (the common view) and ``embed/scored/*`` (the loss's own view); module docstring."""
     # Subsample (the first max_samples, deterministic) to keep uniformity's O(N^2) pairs and the SVD bounded.
-    xr, yr = image_emb[:max_samples].double().cpu(), text_emb[:max_samples].double().cpu()
-    x, y = torch.nn.functional.normalize(xr, dim=-1), torch.nn.functional.normalize(yr, dim=-1)
-    out = {"embed/alignment": metrics.alignment(x, y), "embed/modality_gap": metrics.modality_gap(x, y),
-           **_per_modality(x, y, list(_GEOMETRY), "embed")}
-    if raw:
-        out.update(_per_modality(xr, yr, ["effective_rank", "participation_ratio", "participation_ratio_frac"],
-                                 "embed/raw"))
-        out["embed/raw/norm_mean_image"] = xr.norm(dim=-1).mean().item()
-        out["embed/raw/norm_mean_text"] = yr.norm(dim=-1).mean().item()
-        # mean_ij ||x_i - y_j||^2 = mean ||x||^2 + mean ||y||^2 - 2 mean(x) . mean(y), without the (N, N) matrix
-        all_pairs = xr.pow(2).sum(-1).mean() + yr.pow(2).sum(-1).mean() - 2 * xr.mean(0) @ yr.mean(0)
-        out["embed/raw/alignment_ratio"] = ((xr - yr).pow(2).sum(-1).mean() / all_pairs).item()
+    x, y = (_scored(loss, e[:max_samples].double().cpu()) for e in (image_emb, text_emb))
+    invariances = invariances_of(loss)
+    joint_mean = torch.cat([x, y]).mean(0)  # a shift of both modalities moves it by the same vector
+    if "shift" in invariances:
+        x, y = x - joint_mean, y - joint_mean
+    if "scale" in invariances:
+        rms = torch.cat([x, y]).pow(2).sum(-1).mean().sqrt()
+        if rms > 0:
+            x, y = x / rms, y / rms
+    shared = {"effective_rank": metrics.effective_rank, "participation_ratio": metrics.participation_ratio,
+              "participation_ratio_frac": lambda e: metrics.participation_ratio(e, normalized=True)}
+    # mean_ij ||x_i - y_j||^2 = mean ||x||^2 + mean ||y||^2 - 2 mean(x) . mean(y), without the (N, N) matrix
+    all_pairs = x.pow(2).sum(-1).mean() + y.pow(2).sum(-1).mean() - 2 * x.mean(0) @ y.mean(0)
+    out = {"embed/scored/alignment": metrics.alignment(x, y, normalize=False),
+           "embed/scored/modality_gap": metrics.modality_gap(x, y, normalize=False),
+           "embed/scored/alignment_ratio": ((x - y).pow(2).sum(-1).mean() / all_pairs).item() if all_pairs > 0
+           else math.nan,
+           **_per_modality(x, y, {**shared, "uniformity": lambda e: metrics.uniformity(e, normalize=False)},
+                           "embed/scored")}
+    # The common view: centred on the joint mean, then each vector on the unit sphere (invariant for every loss).
+    centre = torch.cat([x, y]).mean(0)
+    cx, cy = F.normalize(x - centre, dim=-1), F.normalize(y - centre, dim=-1)
+    out.update({"embed/alignment": metrics.alignment(cx, cy), "embed/modality_gap": metrics.modality_gap(cx, cy),
+                **_per_modality(cx, cy, {**shared, "uniformity": metrics.uniformity}, "embed")})
     return out
 
 
-def _text_sigma(model, tokenizer, captions: Sequence[str], batch_size: int, device) -> Tensor:
-    _, log_std = encode_captions(model, tokenizer, captions, batch_size=batch_size, device=device)
-    return sigma_of(log_std).cpu().double()
+# --- specificity of the text sigma, and what trivial cues score on it ---------------------------------------------
 
 
 def _n_words(captions: Sequence[str]) -> Tensor:
     return torch.tensor([len(c.split()) for c in captions], dtype=torch.float64)
 
 
-def _specificity(model, tokenizer, metas, batch_size, device) -> dict[str, float]:
-    """Text sigma vs caption level, with caption length controlled (module docstring)."""
-    out = {}
-    caps = [(level, c) for m in metas if len(m.get("captions") or []) >= 4 for level, c in enumerate(m["captions"][:4])]
-    if caps:
-        levels, captions = torch.tensor([lv for lv, _ in caps]), [c for _, c in caps]
-        sigma, words = _text_sigma(model, tokenizer, captions, batch_size, device), _n_words(captions)
-        out["unc/specificity_spearman"] = metrics.spearman(levels, sigma)
-        out["unc/specificity_partial_spearman"] = metrics.partial_spearman(levels, sigma, words)
-        out["unc/baseline_wordcount_specificity_spearman"] = metrics.spearman(levels, -words)
-        out["unc/baseline_wordcount_partial_spearman"] = metrics.partial_spearman(levels, -words, words)
-        pct = metrics.percentile_ranks(sigma)  # every level has one caption per sample: no empty selection
-        out.update({f"unc/sigma_text_rank_L{lv}": pct[levels == lv].mean().item() for lv in LEVELS})
-        log_sigma = sigma.log()  # ratio of geometric means = exp(difference of mean log sigma)
-        out["unc/sigma_text_ratio_L0_L3"] = (log_sigma[levels == 0].mean() - log_sigma[levels == 3].mean()).exp().item()
+def default_placeholder_words() -> tuple[str, ...]:
+    """``probloss.data.shapes.PLACEHOLDER_WORDS`` (words standing for an unnamed attribute), or the generator's
+    old ones ("object", "objects") where the data module has no such list."""
+    from probloss.data import shapes
 
-    pairs = [m["matched_pair"] for m in metas if isinstance(m.get("matched_pair"), (list, tuple))
-             and len(m["matched_pair"]) == 2]
-    if pairs:
-        n = len(pairs)
-        both = [p[0] for p in pairs] + [p[1] for p in pairs]  # less specific first, then more specific
-        sigma, words = _text_sigma(model, tokenizer, both, batch_size, device), _n_words(both)
+    return tuple(getattr(shapes, "PLACEHOLDER_WORDS", ("object", "objects")))
+
+
+def level_token(caption_stats: dict[str, tuple[int, int]]) -> tuple[str, int] | None:
+    """The single token whose presence best predicts caption level: ``(token, sign)``.
+
+    Over the captions of ``caption_stats`` {caption: (count, level)} weighted by count (the training
+    distribution), the token whose indicator has the largest absolute Pearson correlation with level (ties: the
+    alphabetically first). ``sign`` = +1 when the token marks a LESS specific caption (negative correlation), -1
+    otherwise, so ``sign * indicator`` is a log-sigma cue that predicts a less specific caption. None when no
+    token varies.
+    """
+    total = weighted_level = weighted_level_sq = 0.0
+    token_weight: dict[str, float] = {}
+    token_level: dict[str, float] = {}
+    for caption, (count, level) in caption_stats.items():
+        w, lv = float(count), float(level)
+        total, weighted_level, weighted_level_sq = total + w, weighted_level + w * lv, weighted_level_sq + w * lv * lv
+        for token in set(caption.split()):
+            token_weight[token] = token_weight.get(token, 0.0) + w
+            token_level[token] = token_level.get(token, 0.0) + w * lv
+    if total <= 0:
+        return None
+    mean_level = weighted_level / total
+    var_level = weighted_level_sq / total - mean_level ** 2
+    best = None
+    for token in sorted(token_weight):
+        p = token_weight[token] / total
+        if var_level <= 0 or not 0 < p < 1:
+            continue
+        corr = (token_level[token] / total - p * mean_level) / math.sqrt(p * (1 - p) * var_level)
+        if best is None or abs(corr) > abs(best[1]) + 1e-12:
+            best = (token, corr)
+    return None if best is None else (best[0], 1 if best[1] < 0 else -1)
+
+
+def _matched_pairs(meta: dict) -> list[tuple[str, str]]:
+    """json ``matched_pair``: one pair [less, more specific] or a list of such pairs."""
+    mp = meta.get("matched_pair")
+    if not isinstance(mp, (list, tuple)) or not mp:
+        return []
+    pairs = [mp] if all(isinstance(c, str) for c in mp) else list(mp)
+    return [(p[0], p[1]) for p in pairs if isinstance(p, (list, tuple)) and len(p) == 2
+            and all(isinstance(c, str) for c in p)]
+
+
+class _SpecificityData:
+    """The captions every text-sigma statistic reads, each with its scene (sample index):
+
+    - levels: the four captions L0..L3 of every sample with json ``captions`` (``level_caps``, ``level_scene``,
+      ``level``);
+    - pairs: every json matched pair (``pair_less``, ``pair_more``, ``pair_scene``);
+    - own: the eval captions (``own_caps``; scene i for caption i) with the number of eval images each fits.
+    """
+
+    def __init__(self, metas: Sequence[dict], captions: Sequence[str], train_caption_stats, placeholder_words):
+        rows = [(i, lv, c) for i, m in enumerate(metas) if len(m.get("captions") or []) >= 4
+                for lv, c in enumerate(m["captions"][:4])]
+        self.level_caps = [c for _, _, c in rows]
+        self.level_scene = torch.tensor([i for i, _, _ in rows], dtype=torch.long)
+        self.level = torch.tensor([lv for _, lv, _ in rows], dtype=torch.long)
+        pairs = [(i, less, more) for i, m in enumerate(metas) for less, more in _matched_pairs(m)]
+        self.pair_less, self.pair_more = [p[1] for p in pairs], [p[2] for p in pairs]
+        self.pair_scene = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        self.own_caps = list(captions)
+        self.fits = _images_fit(metas, captions)
+        objects = [len(m["objects"]) if isinstance(m.get("objects"), list) else None for m in metas]
+        self.objects = torch.tensor(objects, dtype=torch.float64) if objects and None not in objects else None
+        self.stats = train_caption_stats
+        self.placeholders = set(placeholder_words)
+        # the token cue: from the training captions, else (said in the module docstring) the eval captions
+        source = train_caption_stats if train_caption_stats is not None else {
+            c: (1, int(lv)) for c, lv in zip(self.level_caps, self.level.tolist())}
+        self.token = level_token(source) if source else None
+
+    def strings(self) -> list[str]:
+        """Every caption a statistic reads (the eval captions only where the fit counts use them)."""
+        return self.level_caps + self.pair_less + self.pair_more + (self.own_caps if self.fits is not None else [])
+
+    def cues(self) -> dict[str, Callable[[Sequence[str], Tensor], Tensor]]:
+        """log-sigma surrogates of the trivial cues: ``(captions, scenes) -> (n,)`` float64 (module docstring)."""
+        cues: dict[str, Callable[[Sequence[str], Tensor], Tensor]] = {"words": lambda caps, _: -_n_words(caps)}
+        if self.stats is not None:
+            cues["frequency"] = lambda caps, _: self.log_frequency(caps)
+        if self.objects is not None:
+            cues["objects"] = lambda _, scenes: -self.objects[scenes]
+        if self.token is not None:
+            token, sign = self.token
+            cues["token"] = lambda caps, _: sign * torch.tensor([float(token in c.split()) for c in caps],
+                                                                dtype=torch.float64)
+        return cues
+
+    def log_frequency(self, caps: Sequence[str]) -> Tensor:
+        return torch.tensor([math.log1p(self.stats.get(c, (0, 0))[0]) for c in caps], dtype=torch.float64)
+
+    def covariates(self) -> list[Tensor]:
+        """The regression's controls over the level captions, in order: word count, object count, log(1 + training
+        frequency), placeholder-token count (those that are known)."""
+        caps = self.level_caps
+        out = [_n_words(caps)]
+        if self.objects is not None:
+            out.append(self.objects[self.level_scene])
+        if self.stats is not None:
+            out.append(self.log_frequency(caps))
+        out.append(torch.tensor([sum(w in self.placeholders for w in c.split()) for c in caps], dtype=torch.float64))
+        return out
+
+
+def level_regression(log_sigma: Tensor, level: Tensor, covariates: Sequence[Tensor]) -> dict[str, float]:
+    """OLS of the standardised log-sigma on level and the covariates (with an intercept): the level coefficient
+    in units of the run's log-sigma standard deviation (comparable across runs), its standard error and t.
+
+    A covariate linearly dependent on the intercept, level and the covariates before it is dropped (it adds
+    nothing); when level itself is (constant level), or log-sigma is constant, every value is NaN. When the
+    covariates explain log-sigma exactly (a cue regressed on itself; residual RMS below 1e-6 standard deviations,
+    float32 rounding), se = 0 and t is NaN.
+    """
+    y = _as64(log_sigma)
+    sd = y.std(unbiased=False)
+    nan = {"specificity_level_coef": math.nan, "specificity_level_se": math.nan, "specificity_level_t": math.nan}
+    if y.numel() < 3 or not torch.isfinite(y).all() or sd <= 0:
+        return nan
+    columns = [torch.ones_like(y), _as64(level)]
+    if int(torch.linalg.matrix_rank(torch.stack(columns, 1))) < 2:
+        return nan
+    for cov in covariates:
+        trial = torch.stack([*columns, _as64(cov)], 1)
+        if int(torch.linalg.matrix_rank(trial)) == trial.shape[1]:
+            columns.append(_as64(cov))
+    x = torch.stack(columns, 1)
+    if x.shape[0] <= x.shape[1]:
+        return nan
+    z = (y - y.mean()) / sd  # unit variance
+    coef, se = metrics.ols(z, x)
+    # Residuals at float32 rounding (sigma comes from float32 towers): the covariates explain log-sigma exactly.
+    exact = (z - x @ coef).pow(2).mean().sqrt() < 1e-6
+    return {"specificity_level_coef": coef[1].item(), "specificity_level_se": 0.0 if exact else se[1].item(),
+            "specificity_level_t": math.nan if exact else (coef[1] / se[1]).item()}
+
+
+def _as64(x: Tensor) -> Tensor:
+    return torch.as_tensor(x).detach().to(torch.float64).cpu()
+
+
+def _within_scene(log_sigma: Tensor, data: _SpecificityData) -> dict[str, float]:
+    """Pairs of different captions of one scene at different levels, stratified by (object count, word-count
+    difference): per stratum the fraction with sigma(more specific) < sigma(less specific), ties half; the mean
+    over strata (equal weight), and the same over the strata of equal word count."""
+    scene, level, words = data.level_scene, data.level, _n_words(data.level_caps)
+    less, more = [], []
+    for a in range(len(data.level_caps)):  # rows of one scene are consecutive, L0..L3
+        for b in range(a + 1, min(a + 4, len(data.level_caps))):
+            if scene[a] == scene[b] and level[a] < level[b] and data.level_caps[a] != data.level_caps[b]:
+                less.append(a)
+                more.append(b)
+    if not less:
+        return {}
+    less_t, more_t = torch.tensor(less), torch.tensor(more)
+    score = ((log_sigma[more_t] < log_sigma[less_t]).double() + 0.5 * (log_sigma[more_t] == log_sigma[less_t]).double())
+    objects = data.objects[scene[less_t]] if data.objects is not None else torch.zeros(len(less), dtype=torch.float64)
+    diff = words[more_t] - words[less_t]
+    strata, inverse = torch.unique(torch.stack([objects, diff], 1), dim=0, return_inverse=True)
+    acc = torch.zeros(len(strata), dtype=torch.float64).index_add_(0, inverse, score) / torch.bincount(inverse)
+    out = {"specificity_within_scene_acc": acc.mean().item(), "specificity_within_scene_n": float(len(less))}
+    same = strata[:, 1] == 0
+    if same.any():
+        out["specificity_within_scene_same_words_acc"] = acc[same].mean().item()
+        out["specificity_within_scene_same_words_n"] = float(same[inverse].sum())
+    return out
+
+
+def _text_sigma_stats(log_sigma_of: Callable[[Sequence[str], Tensor], Tensor],
+                      data: _SpecificityData) -> dict[str, float]:
+    """Every statistic of a text log-sigma (module docstring), for ``log_sigma_of(captions, scenes)``: the model's
+    or a cue's. Rank statistics use average ranks and pair accuracies count ties half (cues are discrete)."""
+    out = {}
+    if data.level_caps:
+        levels, ls = data.level, log_sigma_of(data.level_caps, data.level_scene)
+        words = _n_words(data.level_caps)
+        out["specificity_spearman"] = metrics.spearman(levels, ls)
+        out["specificity_partial_spearman"] = metrics.partial_spearman(levels, ls, words)
+        pct = metrics.percentile_ranks(ls)  # every level has one caption per sample: no empty selection
+        out.update({f"sigma_text_rank_L{lv}": pct[levels == lv].mean().item() for lv in LEVELS})
+        out["sigma_text_ratio_L0_L3"] = (ls[levels == 0].mean() - ls[levels == 3].mean()).exp().item()
+        out.update(level_regression(ls, levels, data.covariates()))
+        out.update(_within_scene(ls, data))
+    if data.pair_less:
+        less, more = log_sigma_of(data.pair_less, data.pair_scene), log_sigma_of(data.pair_more, data.pair_scene)
         # pair_probe_accuracy(a, b) counts a > b (ties half): here sigma(less) > sigma(more).
-        out["unc/specificity_matched_acc"] = metrics.pair_probe_accuracy(sigma[:n], sigma[n:])
-        out["unc/specificity_matched_log_ratio"] = (sigma[n:].log() - sigma[:n].log()).mean().item()
-        out["unc/baseline_wordcount_matched_acc"] = metrics.pair_probe_accuracy(-words[:n], -words[n:])
+        out["specificity_matched_acc"] = metrics.pair_probe_accuracy(less, more)
+        out["specificity_matched_log_ratio"] = (more - less).mean().item()
+    if data.fits is not None:
+        ls = log_sigma_of(data.own_caps, torch.arange(len(data.own_caps)))
+        out["sigma_vs_images_fit_spearman"] = metrics.spearman(data.fits, ls)
+        out["sigma_vs_images_fit_partial_spearman"] = metrics.partial_spearman(data.fits, ls, _n_words(data.own_caps))
+    return out
+
+
+def _specificity(model, tokenizer, data: _SpecificityData, with_sigma: bool, batch_size, device) -> dict[str, float]:
+    """``unc/<stat>`` for the model's text sigma (``with_sigma``) and ``unc/cue/<c>/<stat>`` for every cue."""
+    out = {}
+    if with_sigma:
+        unique = list(dict.fromkeys(data.strings()))
+        if unique:
+            _, log_std = encode_captions(model, tokenizer, unique, batch_size=batch_size, device=device)
+            table = dict(zip(unique, sigma_of(log_std).double().log().cpu()))
+            model_stats = _text_sigma_stats(lambda caps, _: torch.stack([table[c] for c in caps]) if caps
+                                            else torch.empty(0, dtype=torch.float64), data)
+            out.update({f"unc/{k}": v for k, v in model_stats.items()})
+    no_sigma = ("_n",)  # sample sizes do not depend on the sigma: given once, for the model
+    for name, cue in data.cues().items():
+        out.update({f"unc/cue/{name}/{k}": v for k, v in _text_sigma_stats(cue, data).items()
+                    if not k.endswith(no_sigma)})
     return out
 
 
@@ -354,29 +674,51 @@ def _images_fit(metas, captions: Sequence[str]) -> Tensor | None:
     return torch.tensor([counts.get(c, 0) for c in captions], dtype=torch.float64)
 
 
-def _uncertainty(model, tokenizer, metas, captions, scores, groups, image_log_std, text_log_std, batch_size,
-                 device, n_bins: int = 10) -> dict[str, float]:
+# --- uncertainty against retrieval ----------------------------------------------------------------------------
+
+
+def _curves(hits: Tensor, rprecision: Tensor, uncertainty: Tensor, n_bins: int) -> dict[str, float]:
+    """Per-bin R@1 and R-Precision by uncertainty, their Spearman with the bin index, and AURC (module docstring)."""
+    out = {}
+    for name, values in (("r@1", hits), ("rprecision", rprecision)):
+        bins = metrics.binned_means(values, uncertainty, n_bins)
+        out.update({f"bin_{b}_{name}": v for b, v in enumerate(bins)})
+        ok = [b for b, v in enumerate(bins) if not math.isnan(v)]
+        out[f"bin_{name}_spearman"] = metrics.spearman(torch.tensor(ok), torch.tensor([bins[b] for b in ok]))
+    out["aurc"] = metrics.risk_coverage(hits, uncertainty).mean().item()
+    out["aurc_oracle"] = metrics.risk_coverage(hits, -hits).mean().item()
+    out["aurc_random"] = 1 - hits.mean().item()
+    return out
+
+
+def _uncertainty_vs_retrieval(scores: Tensor, per_query: dict[str, dict[str, Tensor]], image_log_std, text_log_std,
+                              n_bins: int) -> dict[str, float]:
+    """``unc/{d}_...`` with the query's sigma (when the model has log-stds) and ``unc/free/{top1,margin}/{d}_...``
+    with the training-free confidences, for d = i2t (image queries) and t2i (caption queries)."""
+    out = {}
+    for d, s, log_std in (("i2t", scores, image_log_std), ("t2i", scores.T, text_log_std)):
+        q = per_query[d]
+        has = q["n_positive"] > 0
+        hits, rprec = (q["rank"][has] <= 1).double(), q["rprecision"][has]
+        top2 = s[has].nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
+        sources = {"unc/free/top1/": -top2[:, 0],  # a high best score = confident
+                   "unc/free/margin/": -(top2[:, 0] - top2[:, -1])}  # a wide margin over the runner-up = confident
+        if log_std is not None:
+            sources["unc/"] = sigma_of(log_std).cpu().double()[has]
+        for src, u in sources.items():
+            curves = _curves(hits, rprec, u.nan_to_num(nan=math.inf), n_bins)
+            out.update({f"{src}{d}_{k}": v for k, v in curves.items()})
+    return out
+
+
+def _uncertainty(image_log_std, text_log_std, metas) -> dict[str, float]:
     img_sigma, txt_sigma = sigma_of(image_log_std).cpu(), sigma_of(text_log_std).cpu()
     out = {"unc/sigma_image_mean": img_sigma.mean().item(), "unc/sigma_text_mean": txt_sigma.mean().item(),
            "unc/sigma_text_image_log_ratio": (txt_sigma.double().log().mean() - img_sigma.double().log().mean()).item()}
-    out.update(_specificity(model, tokenizer, metas, batch_size, device))
-    fits = _images_fit(metas, captions)
-    if fits is not None:
-        sigma, words = txt_sigma.double(), _n_words(captions)
-        out["unc/sigma_vs_images_fit_spearman"] = metrics.spearman(fits, sigma)
-        out["unc/sigma_vs_images_fit_partial_spearman"] = metrics.partial_spearman(fits, sigma, words)
-
     n_obj = [(i, len(m["objects"])) for i, m in enumerate(metas) if m.get("objects") is not None]
     if n_obj:
         out["unc/image_sigma_vs_objects"] = metrics.spearman(torch.tensor([n for _, n in n_obj]),
                                                              img_sigma[[i for i, _ in n_obj]])
-
-    positive = metrics.same_group(groups)
-    for direction, s, sig in (("i2t", scores, img_sigma), ("t2i", scores.T, txt_sigma)):
-        recalls = metrics.recall_by_sigma_decile(s, sig, n_bins=n_bins, groups=groups)
-        out.update({f"unc/{direction}_r1_sigma_decile_{b}": r for b, r in enumerate(recalls)})
-        hits = (metrics.multi_positive_ranks(s, positive) <= 1).double()
-        out[f"unc/{direction}_r1_sigma_spearman"] = metrics.spearman(sig, hits)
     return out
 
 
@@ -388,17 +730,23 @@ def _with_prefix(out: dict[str, float], prefix: str) -> dict[str, float]:
 # --- the entry point ------------------------------------------------------------------------------------------
 
 
+_FROM_EVAL_SET = object()  # evaluate()'s default for train_caption_stats
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callable[[list[str]], Tensor], *,
              batch_size: int = 256, device=None, classnames: Sequence[str] | None = None,
              templates: Sequence[str] | None = None, n_sigma_bins: int = 10, prefix: str = "val",
-             heldout_classnames: Sequence[str] | None = None) -> dict[str, float]:
+             heldout_classnames: Sequence[str] | None = None, plausible: Tensor | None = None,
+             train_caption_stats: Any = _FROM_EVAL_SET,
+             placeholder_words: Sequence[str] | None = None) -> dict[str, float]:
     """Every evaluation metric (the module docstring lists the keys).
 
     Args:
         model: a DualEncoder (``encode_image``, ``encode_text`` -> (emb, log_std or None)); put in eval mode
             for the call and restored after. It should already be on ``device``.
-        loss: the run's ContrastiveLoss; its ``score`` ranks every match.
+        loss: the run's ContrastiveLoss; its ``score`` ranks every match, its ``embed`` and
+            ``invariances_in_use()`` say which geometry it controls.
         eval_set: has ``images`` (N, 3, H, W), ``tokens`` (N, L), ``captions`` and ``json`` (list of dicts,
             optional: without it only retrieval, embedding-space and sigma means are computed).
         tokenizer: list[str] -> LongTensor (B, L), for class prompts, probe captions and caption levels.
@@ -407,15 +755,24 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
         classnames: zero-shot class names indexed by json ``label`` (None: no zero-shot).
         templates: prompt templates with one "{}", scores averaged over them (the run's templates; None falls
             back to ``DEFAULT_TEMPLATES``).
-        n_sigma_bins: bins of the R@1-by-sigma curves.
+        n_sigma_bins: bins of the retrieval-by-uncertainty curves.
         prefix: "val" or "test" (module docstring: where it goes).
         heldout_classnames: classnames held out of training (adds the seen / unseen zero-shot split).
+        plausible: ``(N, N)`` bool, image i x caption j: caption j's facts hold for image i; default
+            ``probloss.data.shapes.plausible_matrix(captions, json)`` when every json has ``objects``, else no
+            plausible-match keys. Exact-string positives always count too.
+        train_caption_stats: {caption: (count in training, level)} of the training split; default
+            ``eval_set.train_caption_stats`` (None where unknown).
+        placeholder_words: words standing for an unnamed attribute (the regression's placeholder count);
+            default :func:`default_placeholder_words`.
 
     Returns:
         ``{key: float}``.
     """
     if not prefix or "/" in prefix:
         raise ValueError(f"evaluate: prefix must be a plain name such as 'val' or 'test', got {prefix!r}")
+    if train_caption_stats is _FROM_EVAL_SET:
+        train_caption_stats = getattr(eval_set, "train_caption_stats", None)
     device = _device_of(model, device)
     was_training = model.training
     model.eval()
@@ -423,7 +780,7 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
         image_emb, image_log_std = encode_images(model, eval_set.images, batch_size=batch_size, device=device)
         text_emb, text_log_std = encode_texts(model, eval_set.tokens, batch_size=batch_size, device=device)
         if not loss.needs_log_std:
-            image_log_std = text_log_std = None  # scores and loss ignore them; no unc/ keys
+            image_log_std = text_log_std = None  # scores and loss ignore them; no unc/ keys of the model's sigma
         # Shards without {key}.json give None (or no json list at all): treat as empty metadata.
         metas = [m if isinstance(m, dict) else {} for m in (getattr(eval_set, "json", None) or [None] * len(image_emb))]
         ids: dict[str, int] = {}
@@ -433,14 +790,31 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
         scores = score_matrix(loss, image_emb, text_emb, image_log_std, text_log_std, block=max(batch_size, 1024))
         scores = scores.float().cpu()  # (N, N)
         out = _retrieval(scores, groups, levels)
+        if plausible is None:
+            plausible = _plausible_positives(eval_set.captions, metas)
+        positive = metrics.same_group(groups)
+        if plausible is not None:
+            if tuple(plausible.shape) != tuple(scores.shape):
+                raise ValueError(f"evaluate: plausible {tuple(plausible.shape)} must be (N_img, N_txt) = "
+                                 f"{tuple(scores.shape)}")
+            positive = positive | torch.as_tensor(plausible, dtype=torch.bool).cpu()
+            plausible_out, per_query = _plausible_retrieval(scores, positive)
+            out.update(plausible_out)
+        else:  # the uncertainty curves fall back on the exact-string positives (module docstring)
+            per_query = {d: metrics.plausible_ranking(s, p) for d, s, p in (("i2t", scores, positive),
+                                                                             ("t2i", scores.T, positive.T))}
         if classnames is not None:
             out.update(_zeroshot(model, loss, tokenizer, image_emb, image_log_std, [m.get("label") for m in metas],
                                  list(classnames), templates, heldout_classnames, batch_size, device))
         out.update(_probes(model, loss, tokenizer, image_emb, image_log_std, metas, batch_size, device))
-        out.update(_embedding_space(image_emb, text_emb, raw=loss.scores_raw_embeddings))
-        if image_log_std is not None and text_log_std is not None:
-            out.update(_uncertainty(model, tokenizer, metas, eval_set.captions, scores, groups, image_log_std,
-                                    text_log_std, batch_size, device, n_bins=n_sigma_bins))
+        out.update(_embedding_space(loss, image_emb, text_emb))
+        with_sigma = image_log_std is not None and text_log_std is not None
+        if with_sigma:
+            out.update(_uncertainty(image_log_std, text_log_std, metas))
+        data = _SpecificityData(metas, eval_set.captions, train_caption_stats,
+                                default_placeholder_words() if placeholder_words is None else placeholder_words)
+        out.update(_specificity(model, tokenizer, data, with_sigma, batch_size, device))
+        out.update(_uncertainty_vs_retrieval(scores, per_query, image_log_std, text_log_std, n_sigma_bins))
         return _with_prefix(out, prefix)
     finally:
         model.train(was_training)

@@ -8,8 +8,14 @@ Conventions shared by every function here:
   positives per query (:func:`multi_positive_ranks`) ties *among positives* cost nothing (identical captions get
   identical embeddings, so a perfect model ties them), ties of a positive with a *non-positive* stay pessimistic.
 - Embedding-space metrics (:func:`uniformity`, :func:`alignment`, :func:`modality_gap`) L2-normalise their inputs
-  themselves, as in the papers; :func:`effective_rank` and :func:`participation_ratio` use the embeddings as
-  given (``probloss.eval.evaluate`` passes L2-normalised ones for ``embed/*`` and raw ones for ``embed/raw/*``).
+  themselves, as in the papers, unless ``normalize=False`` (then they measure the vectors as given: the view a
+  distance loss scores); :func:`effective_rank` and :func:`participation_ratio` use the embeddings as given
+  (``probloss.eval.evaluate`` chooses the view: its ``embed/*`` and ``embed/scored/*`` keys).
+- Plausible-match retrieval (:func:`plausible_ranking`): many positives per query, ranked with pessimistic ties
+  (every non-positive tied with a positive ranks first); R-Precision and mAP@R as in Musgrave et al. (2020).
+- Uncertainty curves (:func:`binned_means`, :func:`risk_coverage`) take an uncertainty per query (higher = less
+  certain) and average over tie groups, i.e. report the expectation over a random order of tied queries, so a
+  discrete uncertainty (a word count) is not credited with the order of the inputs.
 - Everything is computed in float64 on the input's device and returned as Python floats (or dicts of them).
 """
 
@@ -155,7 +161,7 @@ def effective_rank(emb: Tensor, rtol: float | None = None) -> float:
     return math.exp(-(p * p.log()).sum().item())
 
 
-def uniformity(emb: Tensor, t: float = 2.0) -> float:
+def uniformity(emb: Tensor, t: float = 2.0, normalize: bool = True) -> float:
     """Uniformity loss of Wang & Isola (2020) on L2-normalised embeddings (lower = more uniform).
 
     ``U = log mean_{i<j} exp(-t ||x_i - x_j||^2)``, ``x = emb / ||emb||``. In [-4t, 0]: 0 when all points
@@ -164,15 +170,16 @@ def uniformity(emb: Tensor, t: float = 2.0) -> float:
     Args:
         emb: ``(N, D)`` embeddings, N >= 2.
         t: the kernel's scale (the paper uses 2).
+        normalize: False uses ``x = emb`` as given (at most 0; no lower bound).
     """
-    x = F.normalize(_as_float64(emb), dim=-1)
+    x = F.normalize(_as_float64(emb), dim=-1) if normalize else _as_float64(emb)
     if x.shape[0] < 2:
         raise ValueError("uniformity: needs at least two embeddings")
     sq = torch.pdist(x).pow(2)  # (N (N-1) / 2,)
     return (torch.logsumexp(-t * sq, 0) - math.log(sq.numel())).item()
 
 
-def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
+def alignment(x: Tensor, y: Tensor, alpha: float = 2.0, normalize: bool = True) -> float:
     """Alignment loss of Wang & Isola (2020) on L2-normalised positive pairs (lower = better aligned).
 
     ``A = mean_i ||x_i - y_i||^alpha`` with ``x``, ``y`` L2-normalised; in [0, 2^alpha].
@@ -180,14 +187,17 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> float:
     Args:
         x, y: ``(N, D)`` embeddings, row i of each a positive pair (image i, caption i).
         alpha: the exponent (the paper uses 2).
+        normalize: False measures the vectors as given (in [0, inf)).
     """
     if x.shape != y.shape:
         raise ValueError(f"alignment: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
-    x, y = F.normalize(_as_float64(x), dim=-1), F.normalize(_as_float64(y), dim=-1)
+    x, y = _as_float64(x), _as_float64(y)
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     return (x - y).norm(dim=-1).pow(alpha).mean().item()
 
 
-def modality_gap(x: Tensor, y: Tensor) -> float:
+def modality_gap(x: Tensor, y: Tensor, normalize: bool = True) -> float:
     """Modality gap of Liang et al. (2022, "Mind the Gap"): distance between the modality centroids.
 
     ``gap = || mean_i x_i / ||x_i|| - mean_j y_j / ||y_j|| ||_2``, in [0, 2]. x and y need not be paired.
@@ -195,9 +205,12 @@ def modality_gap(x: Tensor, y: Tensor) -> float:
     Args:
         x: ``(N, D)`` image embeddings.
         y: ``(M, D)`` text embeddings.
+        normalize: False uses the vectors as given (in [0, inf)).
     """
-    cx = F.normalize(_as_float64(x), dim=-1).mean(0)
-    cy = F.normalize(_as_float64(y), dim=-1).mean(0)
+    x, y = _as_float64(x), _as_float64(y)
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    cx, cy = x.mean(0), y.mean(0)
     return (cx - cy).norm().item()
 
 
@@ -287,37 +300,144 @@ def partial_spearman(x: Tensor, y: Tensor, z: Tensor) -> float:
     return max(-1.0, min(1.0, r))
 
 
-def recall_by_sigma_decile(scores: Tensor, sigma: Tensor, n_bins: int = 10, k: int = 1,
-                           groups: Tensor | None = None) -> list[float]:
-    """R@K of the queries binned by their predicted sigma, lowest sigma first (PCME++, Chun 2024, Fig. 3).
+def plausible_ranking(scores: Tensor, positive: Tensor, block: int = 1024) -> dict[str, Tensor]:
+    """Per-query ranking metrics with many positives (plausible matches; PCME, Chun et al. 2021; ECCV Caption,
+    Chun et al. 2022).
 
-    Queries are the rows of ``scores`` (pass ``scores.T`` and text sigma for text-to-image). They are sorted by
-    sigma (stable, so ties keep index order) and split into ``n_bins`` near-equal bins (``torch.tensor_split``);
-    bin b holds the b-th tenth. A calibrated uncertainty gives a recall that falls from the first to the last
-    bin. Empty bins (fewer queries than bins) give NaN.
+    Candidates are ranked by score, highest first; among equal scores every non-positive ranks before every
+    positive (pessimistic ties, as :func:`positive_ranks`). With R = the number of positives of a query and
+    ``hit_k`` = whether the candidate at rank k is a positive (Musgrave et al. 2020, "A Metric Learning Reality
+    Check")::
+
+        rank        = 1 + #{non-positives scoring >= the best positive}       (R@K = [rank <= K])
+        rprecision  = (1 / R) sum_{k <= R} hit_k                               (precision in the top R)
+        map_at_r    = (1 / R) sum_{k <= R} hit_k * (sum_{j <= k} hit_j) / k   (mean precision@k at the hits)
+
+    A scorer that ranks every positive above every non-positive scores 1 on all three. A query without
+    positives gets rank C + 1 and NaN R-Precision and mAP@R (callers leave it out of means).
 
     Args:
-        scores: ``(N, N)`` scores, positives on the diagonal, rows = queries.
-        sigma: ``(N,)`` predicted sigma (or log sigma: only the order matters) of each query.
-        n_bins: number of quantile bins (10 = deciles).
-        k: the K of Recall@K.
-        groups: ``(N,)`` ids for multi-positive recall (:func:`retrieval_recall`); None: the diagonal only.
+        scores: ``(Q, C)`` higher = better; NaN counts as -inf.
+        positive: ``(Q, C)`` bool.
+        block: queries sorted at a time (bounds the ``(block, C)`` temporaries).
 
     Returns:
-        ``n_bins`` recalls in [0, 1] (or NaN).
+        ``{"rank": (Q,) long, "rprecision": (Q,) float64, "map_at_r": (Q,) float64, "n_positive": (Q,) long}``.
     """
-    n = scores.shape[0]
-    sigma = _as_float64(sigma).flatten()
-    if scores.dim() != 2 or scores.shape[1] != n or sigma.shape != (n,):
-        raise ValueError(f"recall_by_sigma_decile: need square scores (N, N) and sigma (N,), got "
-                         f"{tuple(scores.shape)} and {tuple(sigma.shape)}")
-    if groups is None:
-        ranks = positive_ranks(scores, torch.arange(n, device=scores.device))
-    else:
-        ranks = multi_positive_ranks(scores, same_group(groups).to(scores.device))
-    hits = (ranks <= k).double().cpu()
-    order = torch.argsort(sigma.cpu(), stable=True)
-    return [hits[b].mean().item() if b.numel() else float("nan") for b in torch.tensor_split(order, n_bins)]
+    scores = torch.as_tensor(scores)
+    positive = torch.as_tensor(positive, dtype=torch.bool, device=scores.device)
+    if scores.dim() != 2 or positive.shape != scores.shape:
+        raise ValueError(f"plausible_ranking: need scores (Q, C) and positive of the same shape, got "
+                         f"{tuple(scores.shape)} and {tuple(positive.shape)}")
+    q, c = scores.shape
+    n_pos = positive.sum(1)
+    rank = torch.empty(q, dtype=torch.long, device=scores.device)
+    rprecision = torch.empty(q, dtype=torch.float64, device=scores.device)
+    map_at_r = torch.empty_like(rprecision)
+    k = torch.arange(1, c + 1, device=scores.device, dtype=torch.float64)  # 1-based ranks
+    for start in range(0, q, block):
+        rows = slice(start, start + block)
+        sc, po, r = scores[rows].nan_to_num(nan=-math.inf), positive[rows], n_pos[rows]
+        # Pessimistic order with two stable sorts: non-positives first, then by score (descending), which keeps
+        # that order among equal scores. Sorting the scores in their own dtype keeps float32 matrices cheap.
+        by_flag = torch.argsort(po.to(torch.uint8), dim=1, stable=True)
+        by_score = torch.argsort(sc.gather(1, by_flag), dim=1, descending=True, stable=True)
+        hits = po.gather(1, by_flag.gather(1, by_score))  # (b, C) positive flag at each rank
+        cum = hits.cumsum(1, dtype=torch.float64)  # hits within the top k
+        has, rr = r > 0, r.clamp_min(1)
+        # the first hit's position is 1 + #{non-positives ranked above the best positive}
+        rank[rows] = torch.where(has, hits.to(torch.uint8).argmax(1) + 1, c + 1)
+        in_top_r = hits & (k[None, :] <= rr[:, None])
+        rprecision[rows] = torch.where(has, cum.gather(1, (rr - 1)[:, None]).squeeze(1) / rr, math.nan)
+        map_at_r[rows] = torch.where(has, torch.where(in_top_r, cum / k, 0.0).sum(1) / rr, math.nan)
+    return {"rank": rank, "rprecision": rprecision, "map_at_r": map_at_r, "n_positive": n_pos}
+
+
+def tie_averaged(values: Tensor, key: Tensor) -> Tensor:
+    """``values`` with each entry replaced by the mean over the entries of equal ``key`` (1-D, same length).
+
+    The expectation under a random order of tied keys: sorting by ``key`` and then reading ``values`` in that
+    order gives, at every position, the expected value over all orders of the ties.
+    """
+    values, key = _as_float64(values).flatten(), _as_float64(key).flatten()
+    _, inverse = torch.unique(key, return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, dtype=torch.float64,
+                       device=values.device).index_add_(0, inverse, values)
+    counts = torch.bincount(inverse).to(torch.float64)
+    return (sums / counts)[inverse]
+
+
+def binned_means(values: Tensor, uncertainty: Tensor, n_bins: int = 10) -> list[float]:
+    """Mean of ``values`` over ``n_bins`` equal-count bins of the queries sorted by ``uncertainty``, lowest first
+    (PCME++, Chun 2024; ProLIP, Chun et al. 2024: recall per uncertainty bin).
+
+    Bins come from ``torch.tensor_split`` of the sorted queries (sizes differ by at most one); values of queries
+    with tied uncertainty are averaged over their tie group first (module docstring), so a tie group that
+    straddles a bin edge counts its mean on both sides. A calibrated uncertainty gives values falling from the
+    first to the last bin. Empty bins (fewer queries than bins) give NaN.
+
+    Args:
+        values: ``(Q,)`` per-query score (a hit, an R-Precision).
+        uncertainty: ``(Q,)`` higher = less certain (sigma, or minus a confidence).
+        n_bins: number of bins (10 = deciles).
+    """
+    values, uncertainty = _as_float64(values).flatten(), _as_float64(uncertainty).flatten()
+    if values.shape != uncertainty.shape:
+        raise ValueError(f"binned_means: values {tuple(values.shape)} and uncertainty {tuple(uncertainty.shape)}")
+    order = torch.argsort(uncertainty, stable=True)
+    v = tie_averaged(values, uncertainty)[order]
+    return [b.mean().item() if b.numel() else math.nan for b in torch.tensor_split(v, n_bins)]
+
+
+def risk_coverage(hits: Tensor, uncertainty: Tensor) -> Tensor:
+    """Selective-prediction risk at every coverage (Geifman & El-Yaniv 2017): the queries are kept most certain
+    first, and ``risk[k - 1] = 1 - mean(hits of the k kept)``, k = 1..Q (tied uncertainties: the expectation over
+    their order). ``AURC = risk.mean()`` (Geifman et al. 2019; lower is better). For reading it: ordering by
+    the hits themselves gives the oracle AURC, and any order's expected AURC under random ordering is
+    ``1 - mean(hits)``.
+
+    Args:
+        hits: ``(Q,)`` 1 for a correct query, 0 for a miss (or a per-query score in [0, 1]).
+        uncertainty: ``(Q,)`` higher = less certain.
+
+    Returns:
+        ``(Q,)`` float64 risks.
+    """
+    hits, uncertainty = _as_float64(hits).flatten(), _as_float64(uncertainty).flatten()
+    if hits.shape != uncertainty.shape or hits.numel() == 0:
+        raise ValueError(f"risk_coverage: need hits and uncertainty of one non-empty length, got "
+                         f"{tuple(hits.shape)} and {tuple(uncertainty.shape)}")
+    order = torch.argsort(uncertainty, stable=True)
+    kept = tie_averaged(hits, uncertainty)[order].cumsum(0)
+    return 1 - kept / torch.arange(1, hits.numel() + 1, dtype=torch.float64, device=hits.device)
+
+
+def ols(y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Ordinary least squares ``y = x b + e`` with the classical standard errors.
+
+    ``b = argmin ||y - x b||^2``; ``se_k = sqrt(s^2 [(x^T x)^-1]_kk)`` with ``s^2 = RSS / (n - p)``. Include a
+    column of ones in ``x`` for an intercept. Float64 throughout.
+
+    Args:
+        y: ``(n,)`` response.
+        x: ``(n, p)`` design matrix of full column rank, n > p.
+
+    Returns:
+        ``(coef (p,), se (p,))``.
+
+    Raises:
+        ValueError: n <= p or ``x`` not of full column rank.
+    """
+    y, x = _as_float64(y).flatten(), _as_float64(x)
+    n, p = x.shape
+    if y.shape != (n,) or n <= p:
+        raise ValueError(f"ols: need y (n,) and x (n, p) with n > p, got {tuple(y.shape)} and {tuple(x.shape)}")
+    if int(torch.linalg.matrix_rank(x)) < p:
+        raise ValueError("ols: the design matrix is not of full column rank")
+    coef = torch.linalg.lstsq(x, y[:, None]).solution.squeeze(1)
+    rss = (y - x @ coef).pow(2).sum()
+    cov = rss / (n - p) * torch.linalg.inv(x.T @ x)
+    return coef, cov.diagonal().clamp_min(0).sqrt()
 
 
 def pair_probe_accuracy(score_true: Tensor, score_false: Tensor) -> float:

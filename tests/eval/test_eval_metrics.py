@@ -117,16 +117,105 @@ def test_spearman_known_values():
     assert math.isnan(M.spearman(torch.ones(5), torch.arange(5)))
 
 
-def test_recall_by_sigma_decile():
+def _brute_force_plausible(scores, positive):
+    """One query at a time, plain Python: the pessimistic order puts, among equal scores, non-positives first."""
+    rank, rp, ap = [], [], []
+    for s, p in zip(scores.tolist(), positive.tolist()):
+        order = sorted(range(len(s)), key=lambda c: (-s[c], p[c]))
+        hits = [p[c] for c in order]
+        r = sum(p)
+        if r == 0:
+            rank.append(len(s) + 1), rp.append(math.nan), ap.append(math.nan)
+            continue
+        rank.append(hits.index(True) + 1)
+        rp.append(sum(hits[:r]) / r)
+        ap.append(sum(sum(hits[:k + 1]) / (k + 1) for k in range(r) if hits[k]) / r)
+    return rank, rp, ap
+
+
+def test_plausible_ranking_against_brute_force_with_ties():
+    g = torch.Generator().manual_seed(3)
+    for q, c in ((7, 9), (12, 5), (30, 30)):
+        scores = torch.randint(0, 4, (q, c), generator=g).float()  # few values: many ties
+        positive = torch.rand(q, c, generator=g) < 0.3
+        positive[0] = False  # a query without positives
+        out = M.plausible_ranking(scores, positive, block=4)
+        rank, rp, ap = _brute_force_plausible(scores, positive)
+        assert out["rank"].tolist() == rank
+        assert out["rank"].tolist() == M.multi_positive_ranks(scores, positive).tolist()
+        np.testing.assert_allclose(out["rprecision"].numpy(), rp, equal_nan=True)
+        np.testing.assert_allclose(out["map_at_r"].numpy(), ap, equal_nan=True)
+        assert out["n_positive"].tolist() == positive.sum(1).tolist()
+        continuous = torch.randn(q, c, generator=g, dtype=torch.float64)
+        out = M.plausible_ranking(continuous, positive)
+        rank, rp, ap = _brute_force_plausible(continuous, positive)
+        np.testing.assert_allclose(out["map_at_r"].numpy(), ap, equal_nan=True)
+
+
+def test_plausible_ranking_oracle_and_known_answers():
+    g = torch.Generator().manual_seed(5)
+    positive = torch.rand(20, 30, generator=g) < 0.2
+    positive[:, 0] = True
+    oracle = positive.float() + 0.1 * torch.rand(20, 30, generator=g)  # every positive above every non-positive
+    out = M.plausible_ranking(oracle, positive)
+    assert (out["rank"] == 1).all() and (out["rprecision"] == 1).all() and (out["map_at_r"] == 1).all()
+    # one query, positives at ranks 1 and 3 of 4 (R = 2): R-Precision 1/2, mAP@R = (1/1) / 2 (rank 3 is past R)
+    out = M.plausible_ranking(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), torch.tensor([[True, False, True, False]]))
+    assert out["rprecision"].item() == 0.5 and out["map_at_r"].item() == 0.5 and out["rank"].item() == 1
+    # a collapsed scorer (every score equal) ranks every positive last
+    out = M.plausible_ranking(torch.zeros(1, 4), torch.tensor([[True, False, True, False]]))
+    assert out["rank"].item() == 3 and out["rprecision"].item() == 0.0 and out["map_at_r"].item() == 0.0
+
+
+def test_binned_means_and_ties():
     n = 20
-    scores = torch.eye(n)
-    scores[10:] = torch.eye(n)[10:].flip(1)  # queries 10..19 miss (positive scores 0, another text 1)
+    hits = torch.cat([torch.ones(10), torch.zeros(10)])
     sigma = torch.arange(n, dtype=torch.float)  # the failing queries have the largest sigma
-    r = M.recall_by_sigma_decile(scores, sigma, n_bins=10)
-    assert r == [1.0] * 5 + [0.0] * 5
-    r = M.recall_by_sigma_decile(scores, -sigma, n_bins=4)
-    assert r == [0.0, 0.0, 1.0, 1.0]
-    assert all(math.isnan(v) for v in M.recall_by_sigma_decile(torch.eye(3), torch.arange(3), n_bins=5)[3:])
+    assert M.binned_means(hits, sigma, 10) == [1.0] * 5 + [0.0] * 5
+    assert M.binned_means(hits, -sigma, 4) == [0.0, 0.0, 1.0, 1.0]
+    assert all(math.isnan(v) for v in M.binned_means(torch.ones(3), torch.arange(3), 5)[3:])
+    # a constant uncertainty says nothing: every bin gets the overall mean, whatever the input order
+    assert M.binned_means(hits, torch.zeros(n), 4) == [0.5] * 4
+    # tie groups are averaged: {0, 1} share a value, so each counts (1 + 0) / 2
+    assert M.binned_means(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 2.0]), 4) == [
+        0.5, 0.5, 1.0, 1.0]
+    assert M.tie_averaged(torch.tensor([1.0, 0.0, 4.0]), torch.tensor([2, 2, 1])).tolist() == [0.5, 0.5, 4.0]
+
+
+def test_risk_coverage_known_answers():
+    hits = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    # most certain first: hits at coverage 1/4 and 2/4, then misses: risks 0, 0, 1/3, 1/2
+    np.testing.assert_allclose(M.risk_coverage(hits, torch.tensor([0.0, 1, 2, 3])).numpy(), [0, 0, 1 / 3, 1 / 2])
+    # reversed: the misses kept first
+    np.testing.assert_allclose(M.risk_coverage(hits, torch.tensor([3.0, 2, 1, 0])).numpy(), [1, 1, 2 / 3, 1 / 2])
+    # all tied: the expectation over orders is the overall risk at every coverage (the random AURC)
+    np.testing.assert_allclose(M.risk_coverage(hits, torch.zeros(4)).numpy(), [0.5] * 4)
+    # brute force: the mean over every order of a tie group equals the tie-averaged curve
+    import itertools
+    h, u = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0])
+    curves = []
+    for perm in itertools.permutations([1, 2, 3]):
+        order = [0, *perm, 4]
+        curves.append([1 - sum(h[order[:k]].tolist()) / k for k in range(1, 6)])
+    np.testing.assert_allclose(M.risk_coverage(h, u).numpy(), np.mean(curves, 0))
+
+
+def test_ols_against_numpy_and_a_known_answer():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.ones(50, 1, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)], 1)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64) + torch.randn(50, generator=g, dtype=torch.float64)
+    coef, se = M.ols(y, x)
+    ref, rss, *_ = np.linalg.lstsq(x.numpy(), y.numpy(), rcond=None)
+    ref_se = np.sqrt(rss[0] / (50 - 4) * np.diag(np.linalg.inv(x.numpy().T @ x.numpy())))
+    np.testing.assert_allclose(coef.numpy(), ref, rtol=1e-10)
+    np.testing.assert_allclose(se.numpy(), ref_se, rtol=1e-10)
+    # y = 2 + 3 t exactly: coefficients (2, 3), standard errors 0
+    t = torch.arange(6, dtype=torch.float64)
+    coef, se = M.ols(2 + 3 * t, torch.stack([torch.ones(6, dtype=torch.float64), t], 1))
+    np.testing.assert_allclose(coef.numpy(), [2.0, 3.0], atol=1e-12)
+    np.testing.assert_allclose(se.numpy(), [0.0, 0.0], atol=1e-7)
+    with pytest.raises(ValueError, match="rank"):
+        M.ols(y, torch.cat([x, x[:, 1:2]], 1))
 
 
 def test_pair_probe_accuracy():
@@ -182,8 +271,8 @@ def test_oracle_with_duplicate_captions_scores_one_only_multi_positive():
     multi, strict = M.retrieval_recall(scores, ks=(1,), groups=groups), M.retrieval_recall(scores, ks=(1,))
     assert multi == {"i2t_r@1": 1.0, "t2i_r@1": 1.0}
     assert strict["i2t_r@1"] < 1.0 and strict["t2i_r@1"] < 1.0
-    assert M.recall_by_sigma_decile(scores, torch.arange(40), n_bins=4, groups=groups) == [1.0] * 4
-    assert M.recall_by_sigma_decile(scores, torch.arange(40), n_bins=4) != [1.0] * 4
+    same = M.same_group(groups)
+    assert (M.plausible_ranking(scores, same)["rank"] == 1).all()  # identical captions: ties among positives
 
 
 def test_percentile_ranks():
