@@ -229,10 +229,11 @@ def matched_pairs(objects: list[dict], rng: np.random.Generator) -> list[list[st
     if len(objects) == 3:
         shared = {order[2]: (("colour",), ("size",), ("shape",))[int(rng.integers(3))]}
     p, q, r = (names[int(k)] for k in rng.integers(len(names), size=3))
-    return [
+    sized_shape = ("size", "shape")
+    return [  # A, then D for (x, y) and for (y, x)
         [text({x: ("size",), y: ("colour",), **shared}, p), text({x: ("size",), y: ("colour", "shape"), **shared}, p)],
-        [text({x: ("size",), y: ("size", "shape"), **shared}, q), text({x: ("colour",), y: ("size", "shape"), **shared}, q)],
-        [text({y: ("size",), x: ("size", "shape"), **shared}, r), text({y: ("colour",), x: ("size", "shape"), **shared}, r)],
+        [text({x: ("size",), y: sized_shape, **shared}, q), text({x: ("colour",), y: sized_shape, **shared}, q)],
+        [text({y: ("size",), x: sized_shape, **shared}, r), text({y: ("colour",), x: sized_shape, **shared}, r)],
     ]
 
 
@@ -449,10 +450,11 @@ _PLURALS = {plural: singular for singular, plural in PLACEHOLDERS.items()}
 _COUNTS = {word: n for n, word in NUMBER_WORDS.items()}
 _SPLIT = re.compile(r", | and ")
 # One described object: article, optional size and colour, shape or placeholder, optional position.
-_OBJECT = re.compile(rf"(an?) (?:({'|'.join(SIZES)}) )?(?:({'|'.join(COLOURS)}) )?({'|'.join((*SHAPES, *PLACEHOLDERS))})"
+_OBJECT = re.compile(rf"(an?) (?:({'|'.join(SIZES)}) )?(?:({'|'.join(COLOURS)}) )?"
+                     rf"({'|'.join((*SHAPES, *PLACEHOLDERS))})"
                      rf"(?: at the ({'|'.join(sorted(_POSITIONS, key=len, reverse=True))}))?")
 _PART = re.compile(rf"({_OBJECT.pattern})(?: ({'|'.join(RELATIONS)}) ({_OBJECT.pattern}))?")
-Facts = tuple[tuple[tuple[int, int, int, int], ...], int]  # (per described object (colour, shape, size, cell), relation)
+Facts = tuple[tuple[tuple[int, int, int, int], ...], int]  # ((colour, shape, size, cell) per object, relation)
 
 
 def parse_caption(caption: str) -> Facts:

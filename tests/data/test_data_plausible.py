@@ -71,7 +71,8 @@ def test_hand_made_scenes_have_the_known_answers():
         # B: one large green triangle at the center
         _scene(("large", "green", "triangle", 1, 1)),
         # C: small red circle middle left, large blue square middle right, small green triangle top center
-        _scene(("small", "red", "circle", 1, 0), ("large", "blue", "square", 1, 2), ("small", "green", "triangle", 0, 1)),
+        _scene(("small", "red", "circle", 1, 0), ("large", "blue", "square", 1, 2),
+               ("small", "green", "triangle", 0, 1)),
     ]
     expected = {
         "two things": "A", "an object": "B", "three shapes": "C", "a shape": "B",
@@ -124,8 +125,9 @@ def _fits_slowly(facts, meta) -> bool:
             ok &= cell < 0 or (cell // 3, cell % 3) == (o["row"], o["col"])
         if ok and relation >= 0:
             s, t = scene[perm[0]], scene[perm[1]]
-            ok = {0: s["row"] == t["row"] and s["col"] < t["col"], 1: s["row"] == t["row"] and s["col"] > t["col"],
-                  2: s["col"] == t["col"] and s["row"] < t["row"], 3: s["col"] == t["col"] and s["row"] > t["row"]}[relation]
+            same_row, same_col = s["row"] == t["row"], s["col"] == t["col"]
+            ok = {0: same_row and s["col"] < t["col"], 1: same_row and s["col"] > t["col"],
+                  2: same_col and s["row"] < t["row"], 3: same_col and s["row"] > t["row"]}[relation]
         if ok:
             return True
     return False
@@ -192,10 +194,21 @@ def test_matched_pairs_defeat_every_trivial_cue_and_the_specific_member_fits_few
     print(f"scenes fitting the less / more specific member: median ratio {np.median(fit_less / fit_more):.2f}")
     # The former single pair ("a red object and a blue object" < "a red circle and a blue square") on the same
     # scenes: the token "object" orders every pair. The measurement can fail.
-    old = [[" and ".join(f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} object" for o in m["objects"]),
-            " and ".join(f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['shape']}" for o in m["objects"])]
-           for m in metas]
+    def article(word):
+        return "an" if word[0] in "aeiou" else "a"
+
+    old = [[" and ".join(f"{article(o['colour'])} {o['colour']} object" for o in m["objects"]),
+            " and ".join(f"{article(o['colour'])} {o['colour']} {o['shape']}" for o in m["objects"])] for m in metas]
     assert _best_token(old) == (1.0, "object")
+
+
+def test_every_word_of_every_eval_text_is_trained():
+    trained = {w for caption, _ in _train(3000) for w in _words(caption)}
+    texts = {t for m in _val(1000) for t in [*m["captions"], *(x for p in m["matched_pair"] for x in p),
+                                               *(x for x in m["negatives"].values() if x)]}
+    assert {w for t in texts for w in _words(t)} <= trained
+    assert set(caption_words()) - trained == {"middle"}  # a grid word position_name never emits
+    assert max(len(_words(t)) for t in texts) <= 15  # 16 word tokens with the EOS (SigLIP's text length)
 
 
 # --- held-out mentions -----------------------------------------------------------------------------------------------
@@ -215,4 +228,5 @@ def test_heldout_mentions_flag_the_texts_that_name_a_heldout_combination():
     for _, m in _train(500):  # training excludes the held-out combinations: nothing to flag
         assert not any(m["heldout_mentions"].values())
     plain = generate_sample(0, VAL_INDEX_OFFSET + 7)[2]  # no held-out set given: nothing is held out
-    assert set(plain["heldout_mentions"]) == {"caption", *NEGATIVE_KINDS} and not any(plain["heldout_mentions"].values())
+    assert set(plain["heldout_mentions"]) == {"caption", *NEGATIVE_KINDS}
+    assert not any(plain["heldout_mentions"].values())

@@ -62,7 +62,8 @@ def test_configured_shards_with_and_without_splits_json(tmp_path, capsys):
     assert spec.heldout is None and spec.classnames is None and spec.templates is None and spec.test == patterns["val"]
     assert load_eval(spec, _data(*shards), TOK, seed=0).train_caption_stats is not None  # beside the train split
     (tmp_path / "train_captions.json").unlink()  # e.g. webdataset data written elsewhere: unknown
-    assert load_eval(prepare_data(_data(*shards), global_batch=8), _data(*shards), TOK, seed=0).train_caption_stats is None
+    spec = prepare_data(_data(*shards), global_batch=8)
+    assert load_eval(spec, _data(*shards), TOK, seed=0).train_caption_stats is None
 
 
 def test_unknown_hard_negatives_is_a_config_error_listing_the_choices():

@@ -140,7 +140,8 @@ def test_level_probs_and_labels():
 
 def _texts(meta) -> list[str]:
     """Every text a sample carries: its four captions, its negatives and its matched pairs."""
-    return meta["captions"] + [t for t in meta["negatives"].values() if t] + [t for p in meta["matched_pair"] for t in p]
+    pairs = [t for pair in meta["matched_pair"] for t in pair]
+    return meta["captions"] + [t for t in meta["negatives"].values() if t] + pairs
 
 
 COMBO = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")  # "red circle", "small red circle"
