@@ -490,6 +490,9 @@ def parse_caption(caption: str) -> Facts:
 
 def _scene_array(meta: dict) -> np.ndarray:
     """(n, 4) colour, shape, size, cell indices of a sample's objects (json ``objects``)."""
+    if not meta.get("objects") or any(k not in o for o in meta["objects"] for k in ("colour", "shape", "size", "row")):
+        raise ValueError(f"sample {meta.get('index', '?')}: plausible matches need the json `objects` of the shapes "
+                         "data (colour, shape, size, row, col of every object)")
     return np.array([(list(COLOURS).index(o["colour"]), SHAPES.index(o["shape"]), list(SIZES).index(o["size"]),
                       3 * int(o["row"]) + int(o["col"])) for o in meta["objects"]], dtype=np.int64).reshape(-1, 4)
 
@@ -515,7 +518,7 @@ def plausible_matrix(captions: Sequence[str], metas: Sequence[dict], chunk: int 
         Bool tensor (N, M).
 
     Raises:
-        ValueError: naming the caption, for a caption outside the grammar.
+        ValueError: naming the caption, for a caption outside the grammar; a sample without ``objects``.
     """
     unique = list(dict.fromkeys(captions))
     facts = [parse_caption(c) for c in unique]

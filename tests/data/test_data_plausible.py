@@ -109,6 +109,11 @@ def test_text_outside_the_grammar_is_an_error_naming_it(text):
         plausible_matrix(["a red circle", text], [_scene(("small", "red", "circle", 0, 0))])
 
 
+def test_a_sample_without_scene_objects_is_an_error():
+    with pytest.raises(ValueError, match="json `objects`"):
+        plausible_matrix(["a thing"], [{"captions": ["a thing"], "label": 3}])  # e.g. webdataset metadata
+
+
 def _fits_slowly(facts, meta) -> bool:
     """One (caption, scene) by plain Python over the scene's json: the reference for the vectorised matrix."""
     objects, relation = facts
