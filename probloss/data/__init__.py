@@ -8,7 +8,7 @@
 
 from probloss.data.loader import (
     MEAN, STD, EvalSet, ShardStream, SkipCounter, TrainLoader, count_samples, decode_sample, expand_shards,
-    load_eval_set, make_train_loader,
+    load_eval_set, make_train_loader, read_train_captions,
 )
 from probloss.data.shapes import class_names, generate_sample, heldout_combos
 from probloss.data.shards import write_shapes_shards
@@ -16,5 +16,5 @@ from probloss.data.shards import write_shapes_shards
 __all__ = [
     "MEAN", "STD", "EvalSet", "ShardStream", "SkipCounter", "TrainLoader", "class_names", "count_samples",
     "decode_sample", "expand_shards", "generate_sample", "heldout_combos", "load_eval_set", "make_train_loader",
-    "write_shapes_shards",
+    "read_train_captions", "write_shapes_shards",
 ]

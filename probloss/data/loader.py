@@ -542,7 +542,9 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
 @dataclass
 class EvalSet:
     """A whole split in memory. images float (N, 3, H, W) normalised; tokens long (N, L); captions (training
-    captions, after caption noise); json (metadata dicts); skipped (corrupt samples skipped); keys."""
+    captions, after caption noise); json (metadata dicts); skipped (corrupt samples skipped); keys;
+    train_caption_stats ``{caption: (count in the training split, level)}`` for every exact caption string of the
+    TRAINING split (the shapes data's ``train_captions.json``, :func:`read_train_captions`), None when unknown."""
 
     images: torch.Tensor
     tokens: torch.Tensor
@@ -550,17 +552,28 @@ class EvalSet:
     json: list[dict]
     skipped: int = 0
     keys: list[str] = field(default_factory=list)
+    train_caption_stats: dict[str, tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
+def read_train_captions(path: str | os.PathLike | None) -> dict[str, tuple[int, int]] | None:
+    """``train_captions.json`` (written with the shapes shards: ``{caption: [count in train, level]}``) as
+    ``{caption: (count, level)}``; None for no path or a missing file (e.g. webdataset data without it)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    return {caption: (int(count), int(level)) for caption, (count, level) in json.loads(Path(path).read_text()).items()}
+
+
 def load_eval_set(pattern: str | Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor], *, image_size: int,
                   max_samples: int | None = None, image_noise: float = 0.0, image_blur: float = 0.0,
-                  caption_noise: float = 0.0, seed: int = 0) -> EvalSet:
+                  caption_noise: float = 0.0, seed: int = 0, train_captions: str | os.PathLike | None = None
+                  ) -> EvalSet:
     """Read shards in order (no shuffling, no splitting) into an :class:`EvalSet`; corrupt samples are skipped
     and counted. ``image_noise``, ``image_blur``, ``caption_noise`` corrupt the set for robustness studies,
-    deterministically given ``seed``.
+    deterministically given ``seed``. ``train_captions``: the training split's ``train_captions.json``, read into
+    ``train_caption_stats`` (None, or a missing file: None).
 
     Raises:
         FileNotFoundError: the pattern matches no shard.
@@ -578,4 +591,5 @@ def load_eval_set(pattern: str | Sequence[str], tokenizer: Callable[[list[str]],
                            "folder to regenerate it)")
     captions, _ = _noisy_captions([s["caption"] for s in samples], caption_noise, np.random.default_rng(seed))
     return EvalSet(images=_to_tensor([s["image"] for s in samples]), tokens=tokenizer(captions), captions=captions,
-                   json=[s["json"] for s in samples], skipped=handler.count, keys=[s["key"] for s in samples])
+                   json=[s["json"] for s in samples], skipped=handler.count, keys=[s["key"] for s in samples],
+                   train_caption_stats=read_train_captions(train_captions))

@@ -10,7 +10,8 @@
 The shapes cache is ``<cache_dir>/shapes-<hash of the generation parameters>/``, written by
 :func:`probloss.data.write_shapes_shards`, whose ``meta.json`` (written last) is the one completion marker:
 a folder without it is regenerated, one with it is reused. ``splits.json`` beside the split folders names the
-held-out colour x shape classes (``DataSpec.heldout``) and the dataset's zero-shot templates.
+held-out colour x shape classes (``DataSpec.heldout``) and the dataset's zero-shot templates; ``train_captions.json``
+there (shapes data) gives the eval sets ``train_caption_stats``, each training caption's count and level.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class DataSpec:
     test: str | None = None  # brace pattern of test shards (reporting); None: no test split
     heldout: tuple[str, ...] | None = None  # class names held out of training (splits.json); None: unknown
     truncated: tuple[str, ...] = ()  # shards that were cut short (read up to the cut; data/truncated_shards)
+    train_captions: str | None = None  # train_captions.json of the training split (EvalSet.train_caption_stats)
 
 
 def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec:
@@ -70,11 +72,21 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
 
         templates = DEFAULT_TEMPLATES  # prompts no caption equals (shards written before splits.json existed)
     truncated = check_shards({"train": train, "val": val, "test": test}, data.strict, cache, fabric)
+    train_captions = _train_captions(folder, str(train))
     steps = data.batches_per_epoch
     if steps is None:
         steps = max(1, _train_samples(data, str(train), fabric) // global_batch)
     return DataSpec(str(train), str(val), tuple(classnames) if classnames else None, templates, int(steps),
-                    test=None if test is None else str(test), heldout=heldout, truncated=truncated)
+                    test=None if test is None else str(test), heldout=heldout, truncated=truncated,
+                    train_captions=train_captions)
+
+
+def _train_captions(folder: Path, train: str) -> str | None:
+    """``<folder>/train_captions.json`` when it is there and describes these training shards (they lie in
+    ``<folder>/train/``): the counts of another training set would be wrong."""
+    path = folder / "train_captions.json"
+    first = Path(next(iter(braceexpand.braceexpand(train.split("::")[0]))))
+    return str(path) if path.is_file() and first.parent.resolve() == (folder / "train").resolve() else None
 
 
 def check_shards(patterns: Mapping[str, str | None], strict: bool, cache_folder: Path | None, fabric=None
@@ -190,4 +202,4 @@ def load_eval(spec: DataSpec, data: DataSettings, tokenizer, *, split: str = "va
     if patterns[split] is None:
         raise ValueError("this run has no test split: set data.test_shards (or use the built-in shapes data)")
     return load_eval_set(patterns[split], tokenizer, image_size=data.image_size, max_samples=max_samples,
-                         image_noise=image_noise, seed=seed)
+                         image_noise=image_noise, seed=seed, train_captions=spec.train_captions)

@@ -5,10 +5,13 @@
       splits.json               {"heldout_combos": ["red diamond", ...], "seed", "sizes": {"train", "val", "test"},
                                  "templates": [zero-shot prompts no caption equals]}
       meta.json                 the generation parameters, written last; a finished dataset is reused
+      train_captions.json       {caption: [count in train, level]} for every training caption string (what the
+                                train shards hold), for frequency baselines (EvalSet.train_caption_stats)
       train/00000.tar ...       {key}.png, {key}.txt (training caption), {key}.json (metadata, see shapes.py);
                                 no held-out colour x shape combination anywhere in train
       train/sizes.json          {"00000.tar": 1000, ...}  (samples per shard, as open_clip reads it)
-      val/00000.tar ...         for selection (natural distribution, held-out combinations included)
+      val/00000.tar ...         for selection (natural distribution, held-out combinations included; json
+                                heldout_mentions flags the texts that name one)
       test/00000.tar ...        for reporting (likewise)
 
 ``python scripts/make_data.py out=data/shapes train_size=50000 val_size=2000 test_size=5000`` calls :func:`main`
@@ -23,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -36,19 +40,23 @@ from probloss.data.shapes import (
 )
 
 
-def _write_shard(job: tuple) -> int:
-    """Write one shard; a pool task. job = (path, first index, count, seed, image_size, level_probs, exclude)."""
-    path, start, count, seed, image_size, level_probs, exclude = job
+def _write_shard(job: tuple) -> tuple[int, Counter]:
+    """Write one shard; a pool task. job = (path, first index, count, seed, image_size, level_probs, exclude,
+    heldout). Returns the sample count and a Counter of the (caption, level) written."""
+    path, start, count, seed, image_size, level_probs, exclude, heldout = job
     tmp = f"{path}.tmp"
+    captions = Counter()
     with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0) as sink:  # mtime=0: byte-identical reruns
         for index in range(start, start + count):
-            image, caption, meta = generate_sample(seed, index, image_size, level_probs, exclude=exclude)
+            image, caption, meta = generate_sample(seed, index, image_size, level_probs, exclude=exclude,
+                                                   heldout=heldout)
             png = io.BytesIO()
             image.save(png, format="PNG", compress_level=1)
             sink.write({"__key__": f"{index:010d}", "png": png.getvalue(), "txt": caption,
                         "json": json.dumps(meta).encode()})
+            captions[caption, meta["level"]] += 1
     os.replace(tmp, path)  # a crashed run never leaves a complete-looking shard behind
-    return count
+    return count, captions
 
 
 @contextlib.contextmanager
@@ -113,7 +121,7 @@ def write_shapes_shards(
     heldout = draw_heldout(int(seed), int(heldout_combos))
     params = dict(train_size=int(train_size), val_size=int(val_size), test_size=int(test_size), seed=int(seed),
                   image_size=int(image_size), heldout_combos=int(heldout_combos), shard_size=int(shard_size),
-                  level_probs=[float(p) for p in level_probs], format=2)
+                  level_probs=[float(p) for p in level_probs], format=3)  # 3: train_captions.json, heldout flags
     splits = {"train": (0, int(train_size)), "val": (VAL_INDEX_OFFSET, int(val_size)),
               "test": (TEST_INDEX_OFFSET, int(test_size))}
     if int(test_size) == 0:
@@ -129,7 +137,7 @@ def write_shapes_shards(
             meta_path.unlink()  # written last: its presence marks a complete dataset
         for old in (p for split in ("train", "val", "test") for p in (out / split).glob("*.tar")):
             old.unlink()  # shards of an earlier dataset
-        jobs, sizes = [], {}
+        jobs, job_splits, sizes = [], [], {}
         for split, (offset, n) in splits.items():
             folder = out / split
             folder.mkdir(parents=True, exist_ok=True)
@@ -139,23 +147,30 @@ def write_shapes_shards(
                 sizes[split][f"{k:05d}.tar"] = count
                 exclude = heldout if split == "train" else ()  # val and test keep the natural distribution
                 jobs.append((str(folder / f"{k:05d}.tar"), offset + k * shard_size, count, int(seed), int(image_size),
-                             tuple(level_probs), exclude))
+                             tuple(level_probs), exclude, heldout))  # heldout: only val/test flag mentions
+                job_splits.append(split)
         num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs)))
         total = sum(n for _, n in splits.values())
         start = time.perf_counter()
+        train_captions = Counter()  # (caption, level) -> count, over the training shards
         with tqdm(total=total, unit="sample", desc=f"shapes -> {out}", disable=not progress) as bar:
             if num_workers == 1:
-                for job in jobs:
-                    bar.update(_write_shard(job))
+                for split, job in zip(job_splits, jobs):
+                    count, captions = _write_shard(job)
+                    bar.update(count)
+                    train_captions.update(captions if split == "train" else {})
             else:
                 context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
                 with context.Pool(num_workers) as pool:
-                    for count in pool.imap_unordered(_write_shard, jobs):
+                    for split, (count, captions) in zip(job_splits, pool.imap(_write_shard, jobs)):
                         bar.update(count)
+                        train_captions.update(captions if split == "train" else {})
         elapsed = time.perf_counter() - start
         for split in splits:
             (out / split / "sizes.json").write_text(json.dumps(sizes[split], indent=0))
         (out / "classes.json").write_text(json.dumps(class_names(), indent=0))
+        (out / "train_captions.json").write_text(json.dumps(
+            {caption: [n, level] for (caption, level), n in sorted(train_captions.items())}, indent=0))
         (out / "splits.json").write_text(json.dumps({
             "heldout_combos": [f"{c} {s}" for c, s in heldout], "seed": int(seed),  # the names of classes.json
             "sizes": {k: splits.get(k, (0, 0))[1] for k in ("train", "val", "test")},

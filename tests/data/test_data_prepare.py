@@ -29,6 +29,8 @@ def test_shapes_cache_has_a_test_split_and_the_heldout_classes(tmp_path):
     assert spec.heldout == tuple(f"{c} {s}" for c, s in heldout_combos(3)) and set(spec.heldout) < set(spec.classnames)
     assert spec.templates == DEFAULT_TEMPLATES and spec.classnames == tuple(class_names())
     assert len(load_eval(spec, data, TOK, seed=0)) == 8 and len(load_eval(spec, data, TOK, split="test", seed=0)) == 6
+    stats = load_eval(spec, data, TOK, split="test", seed=0).train_caption_stats  # the training split's captions
+    assert sum(n for n, _ in stats.values()) == 40 and stats == load_eval(spec, data, TOK, seed=0).train_caption_stats
     with pytest.raises(ValueError, match="'val' or 'test'"):
         load_eval(spec, data, TOK, split="train", seed=0)
     # The cache key holds every generation parameter: another test size or held-out setting is another folder.
@@ -58,6 +60,10 @@ def test_configured_shards_with_and_without_splits_json(tmp_path, capsys):
         "no splits.json next to the shards: seen/unseen zero-shot keys are skipped"]
     spec = prepare_data(_data("data=webdataset", *shards, f"data.test_shards={patterns['val']}"), global_batch=8)
     assert spec.heldout is None and spec.classnames is None and spec.templates is None and spec.test == patterns["val"]
+    assert load_eval(spec, _data(*shards), TOK, seed=0).train_caption_stats is not None  # beside the train split
+    (tmp_path / "train_captions.json").unlink()  # e.g. webdataset data written elsewhere: unknown
+    spec = prepare_data(_data(*shards), global_batch=8)
+    assert load_eval(spec, _data(*shards), TOK, seed=0).train_caption_stats is None
 
 
 def test_unknown_hard_negatives_is_a_config_error_listing_the_choices():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from probloss.data.shapes import (
-    COLOURS, DEFAULT_TEMPLATES, RELATIONS, SHAPES, SIZES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, class_names,
-    generate_sample, heldout_combos,
+    COLOURS, DEFAULT_TEMPLATES, PLACEHOLDER_WORDS, PLACEHOLDERS, RELATIONS, SHAPES, SIZES, TEST_INDEX_OFFSET,
+    VAL_INDEX_OFFSET, caption_words, class_names, generate_sample, heldout_combos,
 )
 
 N = 150
@@ -68,10 +68,14 @@ def test_captions_are_true_of_the_pixels(size):
 
 
 def _facts(caption: str) -> set:
-    """The facts a caption states, parsed with the grammar's words."""
+    """The facts a caption states, parsed with the grammar's words (independently of shapes.parse_caption)."""
     words = caption.replace(",", "").split()
-    facts = {("count", {"an": 1, "two": 2, "three": 3}[words[0]] if words[-1] in ("object", "objects") and
-              words[0] in ("two", "three") or caption == "an object" else words.count("a") + words.count("an"))}
+    if len(words) == 2 and words[0] in ("two", "three"):
+        assert words[1] in PLACEHOLDER_WORDS[len(PLACEHOLDER_WORDS) // 2:], caption  # a plural placeholder
+        count = {"two": 2, "three": 3}[words[0]]
+    else:
+        count = words.count("a") + words.count("an")
+    facts = {("count", count)}
     facts |= {("colour", w) for w in words if w in COLOURS} | {("shape", w) for w in words if w in SHAPES}
     facts |= {("size", w) for w in words if w in SIZES}
     for rel in RELATIONS:
@@ -135,8 +139,9 @@ def test_level_probs_and_labels():
 
 
 def _texts(meta) -> list[str]:
-    """Every text a sample carries: its four captions, its negatives and its matched pair."""
-    return meta["captions"] + [t for t in meta["negatives"].values() if t] + meta["matched_pair"]
+    """Every text a sample carries: its four captions, its negatives and its matched pairs."""
+    pairs = [t for pair in meta["matched_pair"] for t in pair]
+    return meta["captions"] + [t for t in meta["negatives"].values() if t] + pairs
 
 
 COMBO = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")  # "red circle", "small red circle"
@@ -192,13 +197,21 @@ def test_control_negative_replaces_one_attribute_by_an_absent_one():
     assert kinds == {(a, n) for a in ("colour", "shape") for n in (1, 2, 3)}  # one-object scenes included
 
 
-def test_matched_pair_has_equal_word_counts_and_different_specificity():
+def test_matched_pairs_have_equal_word_counts_and_true_facts():
+    kinds = set()
     for index in range(300):
         _, _, meta = generate_sample(5, index)
-        less, more = meta["matched_pair"]
-        assert len(less.split()) == len(more.split()) and len(re.findall(r"\w+", less)) == len(re.findall(r"\w+", more))
-        assert more == meta["captions"][2] and _facts(less) < _facts(more), meta["matched_pair"]
-        assert all(f"{o['colour']} object" in less for o in meta["objects"]) and "circle" not in less
+        objs = meta["objects"]
+        truth = {("count", len(objs))} | {(k, o[k]) for o in objs for k in ("colour", "shape", "size")}
+        assert len(meta["matched_pair"]) == (2 if len(objs) == 1 else 3)
+        for less, more in meta["matched_pair"]:
+            assert len(re.findall(r"\w+", less)) == len(re.findall(r"\w+", more)) <= 16
+            assert _facts(less) <= truth and _facts(more) <= truth, (less, more, truth)
+            assert less not in meta["captions"] and more not in meta["captions"]
+            placeholders = [{w for w in _words(t) if w in PLACEHOLDER_WORDS} for t in (less, more)]
+            assert placeholders[1] <= placeholders[0] and len(placeholders[0]) <= 1  # one placeholder word a pair
+            kinds.add((len(objs), len(_words(less))))
+    assert {n for n, _ in kinds} == {1, 2, 3}
 
 
 def _words(text: str) -> tuple[str, ...]:

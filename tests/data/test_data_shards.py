@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from probloss.config import ConfigError
-from probloss.data import expand_shards, generate_sample, load_eval_set, make_train_loader, write_shapes_shards
+from probloss.data import (
+    expand_shards, generate_sample, load_eval_set, make_train_loader, read_train_captions, write_shapes_shards,
+)
 from probloss.data.shapes import DEFAULT_TEMPLATES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, class_names, heldout_combos
 from probloss.data.shards import main
 from probloss.models import build_tokenizer
@@ -38,7 +40,7 @@ def test_layout(shards):
         names = tar.getnames()
         assert sorted(names[:3]) == ["0000000000.json", "0000000000.png", "0000000000.txt"]
         meta = json.loads(tar.extractfile("0000000000.json").read())
-    for key in ("captions", "level", "objects", "relation", "negatives", "matched_pair", "label"):
+    for key in ("captions", "level", "objects", "relation", "negatives", "matched_pair", "heldout_mentions", "label"):
         assert key in meta
     assert len(meta["captions"]) == 4 and set(meta["negatives"]) == {"relation", "binding", "control"}
 
@@ -50,14 +52,42 @@ def test_round_trip(shards, split, offset, n):
     tok = build_tokenizer("word", max_len=16)
     ev = load_eval_set(patterns[split], tok, image_size=32)
     assert len(ev) == n and ev.skipped == 0 and ev.images.shape == (n, 3, 32, 32)
-    exclude = frozenset(heldout_combos(5)) if split == "train" else frozenset()  # val and test: all combinations
+    heldout = frozenset(heldout_combos(5))
+    exclude = heldout if split == "train" else frozenset()  # val and test: all combinations
     for i in range(n):
-        image, caption, meta = generate_sample(5, offset + i, exclude=exclude)
+        image, caption, meta = generate_sample(5, offset + i, exclude=exclude, heldout=heldout)
         pixels = np.round((ev.images[i].permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255)
         assert np.array_equal(pixels, np.asarray(image)), i  # PNG is lossless
         assert ev.captions[i] == caption and ev.json[i] == meta and ev.keys[i] == f"{offset + i:010d}"
     assert ev.tokens.equal(tok(ev.captions))
     assert len(load_eval_set(patterns[split], tok, image_size=32, max_samples=5)) == 5
+
+
+def test_train_captions_json_counts_what_the_training_shards_hold(shards):
+    out, patterns = shards
+    tok = build_tokenizer("word", max_len=16)
+    train = load_eval_set(patterns["train"], tok, image_size=32)
+    counted = {}
+    for caption, meta in zip(train.captions, train.json):
+        count, level = counted.get(caption, (0, meta["level"]))
+        assert level == meta["level"], caption  # one level per caption string
+        counted[caption] = (count + 1, level)
+    stats = read_train_captions(out / "train_captions.json")
+    assert stats == counted and sum(n for n, _ in stats.values()) == 50 and len(stats) > 10
+    assert {level for _, level in stats.values()} == {0, 1, 2, 3}
+    # The eval sets of this folder carry them when asked; absent file -> None.
+    assert load_eval_set(patterns["val"], tok, image_size=32, train_captions=out / "train_captions.json"
+                         ).train_caption_stats == stats
+    assert load_eval_set(patterns["val"], tok, image_size=32).train_caption_stats is None
+    assert read_train_captions(out / "missing.json") is None
+
+
+def test_val_and_test_flag_heldout_mentions_and_train_never_does(tmp_path):
+    write_shapes_shards(tmp_path, 300, 300, test_size=0, seed=2, shard_size=300, num_workers=1, progress=False)
+    tok = build_tokenizer("word", max_len=16)
+    flags = {split: [any(m["heldout_mentions"].values()) for m in load_eval_set(
+        str(tmp_path / split / "00000.tar"), tok, image_size=32).json] for split in ("train", "val")}
+    assert not any(flags["train"]) and sum(flags["val"]) > 30
 
 
 def test_existing_dataset_is_reused(shards):
