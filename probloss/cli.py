@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import sys
 from typing import Any, Callable, Sequence
 
@@ -68,6 +69,7 @@ No training: it reads a finished sweep's storage or an experiment's results file
     probloss report runs/batch_size            # recipe -> recipe.md + comparisons.json
     probloss report --findings runs            # every recipe under runs/ -> a Findings page on stdout
     probloss report --multiplicity docs/findings.md   # how many of a page's comparisons survive Holm
+    probloss report --instruments runs/instruments    # every run's instruments beside their trivial cues
 
 A folder with results.json is a recipe (probloss/recipe.py); any other is a sweep, read from its Optuna
 storage (probloss/report.py). --findings reads only results.json + recipe.json of each recipe folder."""),
@@ -134,7 +136,7 @@ def report_command(argv: Sequence[str]) -> None:
 
     from probloss.config import ConfigError
     from probloss.recipe import findings, page_multiplicity, render_recipe
-    from probloss.report import write_report
+    from probloss.report import instrument_tables, write_report
 
     parser = argparse.ArgumentParser(prog="probloss report", description=COMMANDS["report"][2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,8 +148,18 @@ def report_command(argv: Sequence[str]) -> None:
     parser.add_argument("--multiplicity", action="store_true",
                         help="the folder is a rendered page (findings.md, recipe.md): print how many of its "
                              "comparisons survive Holm's adjustment, p derived from each printed interval")
+    parser.add_argument("--instruments", action="store_true",
+                        help="print the specificity and uncertainty instruments of every summary.json under the "
+                             "folder beside what the trivial cues and training-free baselines score")
     args = parser.parse_args(list(argv))
     try:
+        if args.instruments:
+            summaries = {str(p.parent.relative_to(args.folder)): json.loads(p.read_text())
+                         for p in sorted(Path(args.folder).rglob("summary.json"))}
+            if not summaries:
+                raise FileNotFoundError(f"no summary.json under {args.folder}")
+            print(instrument_tables(summaries))
+            return
         if args.multiplicity:
             if not Path(args.folder).is_file():
                 raise FileNotFoundError(f"{args.folder} is not a file (a rendered findings page or recipe.md)")

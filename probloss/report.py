@@ -723,3 +723,53 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
     path = experiment_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# --- one run's instruments beside their trivial cues ------------------------------------------------------------
+
+CUES = ("words", "frequency", "objects", "token")  # probloss/eval/evaluate.py: unc/cue/<c>/<stat>
+SPECIFICITY_STATS = ("specificity_level_coef", "specificity_level_t", "specificity_within_scene_acc",
+                     "specificity_within_scene_same_words_acc", "specificity_matched_acc",
+                     "specificity_matched_log_ratio", "specificity_spearman", "specificity_partial_spearman",
+                     "sigma_text_ratio_L0_L3", "sigma_vs_images_fit_spearman", "sigma_vs_images_fit_partial_spearman")
+UNCERTAINTY_STATS = ("aurc", "aurc_oracle", "aurc_random", "bin_r@1_spearman", "bin_rprecision_spearman")
+
+
+def instrument_tables(summaries: Mapping[str, Mapping[str, Any]], prefix: str = "test") -> str:
+    """Markdown tables of the instruments of several runs (``{label: summary.json}``), each statistic beside what
+    the trivial cues and the training-free baselines score on it.
+
+    Cue values depend on the data only, so they are shown once, from the first run that has them (a note names
+    any run whose cue values differ, i.e. another data draw). Keys a run lacks print as "-".
+    """
+    runs = list(summaries)
+    unc = f"{prefix}/unc/"
+
+    def cell(summary: Mapping[str, Any], key: str) -> str:
+        return _fmt(as_value(summary.get(key)) if summary.get(key) is not None else float("nan"))
+
+    lines = [f"Specificity of the text sigma (`{unc}<stat>`), beside each cue used as sigma (`{unc}cue/<c>/<stat>`):",
+             "", "| stat | " + " | ".join(runs) + " | " + " | ".join(f"cue: {c}" for c in CUES) + " |",
+             "|---|" + "---|" * (len(runs) + len(CUES))]
+    differing = set()
+    for stat in SPECIFICITY_STATS:
+        cues = []
+        for c in CUES:
+            key = f"{unc}cue/{c}/{stat}"
+            values = [s[key] for s in summaries.values() if s.get(key) is not None]
+            differing |= {r for r, s in summaries.items() if s.get(key) is not None and values
+                          and not math.isclose(s[key], values[0], rel_tol=1e-9, abs_tol=1e-12)}
+            cues.append(_fmt(float(values[0])) if values else "-")
+        lines.append(f"| {stat} | " + " | ".join(cell(summaries[r], f"{unc}{stat}") for r in runs) + " | "
+                     + " | ".join(cues) + " |")
+    if differing:
+        lines += ["", f"Cue values differ in {sorted(differing)} (another data draw): the cue columns are the first run's."]
+    lines += ["", f"Uncertainty against plausible retrieval (`{unc}<d>_<stat>`; rows: sigma, then the training-free "
+              f"baselines `{unc}free/top1/...` and `{unc}free/margin/...`):", "",
+              "| direction, u | stat | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
+    for d in ("i2t", "t2i"):
+        for source, label in (("", "sigma"), ("free/top1/", "top-1 score"), ("free/margin/", "top-1 margin")):
+            for stat in UNCERTAINTY_STATS:
+                lines.append(f"| {d}, {label} | {stat} | "
+                             + " | ".join(cell(summaries[r], f"{unc}{source}{d}_{stat}") for r in runs) + " |")
+    return "\n".join(lines) + "\n"
