@@ -52,16 +52,20 @@ RANGES = [
     (r"embed/modality_gap", (0.0, 2.0)),
     (r"stability/(loss_spikes|nonfinite_steps|grad_norm_ratio)|data/skipped|steps|\w*participation_ratio\w*"
      r"|unc/sigma_text_ratio_L0_L3|unc/sigma_\w+_mean|embed/raw/\w+|wall_time_s|eval_test_s|samples_per_s", (0.0, INF)),
+    (r"stability/collapsed(_loss|_zeroshot)?|stability/zeroshot_p_above_chance", (0.0, 1.0)),  # eval/stability.py
+    (r"stability/(max_loss_jump|grad_norm_init|grad_norm_median)", (0.0, INF)),
 ]
 # Which way is better (same matching). Anything else: higher is better. "Better" for the specificity statistics
 # means a stronger effect of the kind the proposal predicts (more negative Spearman, smaller sigma ratio).
 LOWER_IS_BETTER = (r"loss|stability/(loss_spikes|grad_norm_ratio|nonfinite_steps|diverged)|data/skipped"
+                   r"|stability/(collapsed(_loss|_zeroshot)?|max_loss_jump)"
                    r"|embed/uniformity(_image|_text)?|unc/specificity_(partial_)?spearman|unc/specificity_matched_log_ratio"
                    r"|unc/(i2t|t2i)_r1_sigma_spearman|wall_time_s|eval_test_s")
 # Descriptive metrics: a difference is "higher" or "lower", never "better" or "worse".
 NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/raw/(norm_mean\w*|alignment_ratio)|unc/sigma_\w+_mean"
                 r"|unc/sigma_text_image_log_ratio|unc/sigma_text_rank_L\d|unc/image_sigma_vs_objects"
-                r"|unc/baseline_wordcount_\w+|r@1_chance(_L\d)?|zeroshot_n_\w+|steps")
+                r"|unc/baseline_wordcount_\w+|r@1_chance(_L\d)?|zeroshot_n_\w+|steps"
+                r"|stability/(grad_norm_init|grad_norm_median|reference_loss|zeroshot_p_above_chance|\w+_step)")
 
 
 def _matches(pattern: str, metric: str) -> bool:
