@@ -9,7 +9,9 @@ embedding-space and uncertainty metric as mean and 95% interval (Student t), cli
 the seeds whose value is missing or non-finite (diverged) counted in the cell, never silently dropped. For a
 grid over seeds, the LR-robust width against the loss's own best and against the best of all losses, each with a
 bootstrap interval over seeds, the paired width difference against a baseline with its verdict, and the test
-zero-shot accuracy at the learning rate chosen on val (``lr_robustness``, ``robustness_lines``). Plots:
+zero-shot accuracy at the learning rate chosen on val (``lr_robustness``, ``robustness_lines``), and the
+fraction of the best val score kept at 3x and 10x the best learning rate with the same bootstrap
+(``lr_retention``, ``retention_lines``; row key ``lr_retention``). Plots:
 accuracy vs learning rate, the best trials' loss curves, effective rank over training, and text sigma vs caption
 specificity level.
 
@@ -443,7 +445,8 @@ def retention_lines(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for loss, cells in have.items():
         first = cells[keys[0]]
         best = "-" if first["best_lr"] is None else format(first["best_lr"], "g")
-        lines.append(f"| {loss} | {first['n']} | {best} | " + " | ".join(fmt_retention(cells.get(k)) for k in keys) + " |")
+        cells_text = " | ".join(fmt_retention(cells.get(k)) for k in keys)
+        lines.append(f"| {loss} | {first['n']} | {best} | {cells_text} |")
     return lines
 
 

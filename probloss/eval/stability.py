@@ -31,12 +31,13 @@ Definitions (all counts over the whole run, resumed runs included):
   measure. For each finite step after ``warmup_steps`` with at least ``spike_min_window`` (10) previous finite
   losses, z = (loss - median(prev)) / (1.4826 MAD(prev)) over the previous ``spike_window`` (50) finite losses
   (MAD: median absolute deviation, 1.4826 MAD estimates a standard deviation for Gaussian noise); the measure
-  is the largest z of the run, floored at 0 (a run whose loss only falls has no upward jump). Why this form: it is unchanged by adding a constant to the loss or multiplying
-  it by a positive one, so it means the same for losses that are negative (the Gaussian log-std loss), near
-  zero or on different scales, which a ratio loss / median is not; and the median and MAD of the window are not
-  moved by the spike itself. Mini-batch noise alone gives a few units (the maximum of ~2000 near-Gaussian
-  draws is ~3.5); a spike gives tens. The MAD is floored at 1e-6 max(1, |median|) so a flat window gives a
-  large finite value, not a division by zero. 0 when no step qualifies.
+  is the largest z of the run, floored at 0 (a run whose loss only falls has no upward jump; 0 also when no
+  step qualifies). Why this form: it is unchanged by adding a constant to the loss or multiplying it by a
+  positive one, so it means the same for losses that are negative (the Gaussian log-std loss), near zero or on
+  different scales, which a ratio loss / median is not; and the median and MAD of the window are not moved by
+  the spike itself. Mini-batch noise alone gives a few units (the maximum of ~2000 Gaussian draws is ~3.5; a
+  trend inside the window adds to it); a spike gives tens. The MAD is floored at 1e-6 max(1, |median|), so a
+  flat window gives a large finite value, not a division by zero.
 - **gradient norms** (pre-clip, total over all parameters): ``stability/grad_norm_init`` the first step's,
   ``stability/grad_norm_median`` the median of all finite ones (warmup included), ``stability/median_grad_norm``
   and ``stability/max_grad_norm`` after warmup, and ``stability/grad_norm_ratio`` their max / median after

@@ -126,7 +126,8 @@ def test_loss_jump_known_value_and_affine_invariance():
         return t.summary()
 
     base = run(1.0, 0.0)
-    assert base["stability/max_loss_jump"] == pytest.approx(6.7449, rel=1e-4) and base["stability/max_loss_jump_step"] == 11
+    assert base["stability/max_loss_jump"] == pytest.approx(6.7449, rel=1e-4)
+    assert base["stability/max_loss_jump_step"] == 11
     for a, c in ((3.0, -10.0), (0.01, 0.0), (1.0, -5.0)):  # scaled, shifted, negative losses: the same measure
         assert run(a, c)["stability/max_loss_jump"] == pytest.approx(base["stability/max_loss_jump"], rel=1e-6)
 
@@ -304,8 +305,8 @@ def test_no_pairing_information_does_not_beat_the_reference(loss_name):
     ref = uninformative_loss(loss, b, d)
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
-        x, y = torch.randn(b, d, generator=gen, dtype=torch.float64), torch.randn(b, d, generator=gen, dtype=torch.float64)
-        sx, sy = 0.5 * torch.randn(b, generator=gen, dtype=torch.float64), 0.5 * torch.randn(b, generator=gen, dtype=torch.float64)
+        x, y = (torch.randn(b, d, generator=gen, dtype=torch.float64) for _ in range(2))
+        sx, sy = (0.5 * torch.randn(b, generator=gen, dtype=torch.float64) for _ in range(2))
         values = []
         with torch.no_grad():
             for perm in itertools.permutations(range(b)):
