@@ -334,3 +334,13 @@ def test_sweep_report_rows_and_table_carry_retention():
     json.dumps(cells)  # plain values: the rows are JSON
     text = "\n".join(report_lines("lr_grid", rows))
     assert "LR retention" in text and "| infonce | 3 | 0.001 | 0.50 [0.50, 0.50] at 0.003 (3 seeds < 5) |" in text
+
+
+def test_new_stability_keys_have_directions_and_ranges():
+    for key in ("stability/max_loss_jump", "stability/collapsed", "stability/collapsed_loss"):
+        assert metric_direction(key) == -1, key  # lower is better
+    for key in ("stability/grad_norm_init", "stability/grad_norm_median", "stability/reference_loss",
+                "stability/collapsed_step", "stability/max_loss_jump_step", "stability/zeroshot_p_above_chance"):
+        assert metric_direction(key) == 0, key  # descriptive
+    assert metric_range("stability/collapsed") == (0.0, 1.0) and metric_range("stability/max_loss_jump") == (0.0, math.inf)
+    assert verdict("stability/max_loss_jump", mean_ci([-3.0, -2.0, -2.5])) == "better"
