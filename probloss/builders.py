@@ -130,12 +130,24 @@ def make_scheduler(optimizer, trainer: TrainerSettings):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, max_steps, min_ratio))
 
 
-def make_stability_tracker(trainer: TrainerSettings):
-    """Loss spikes (> 2x the moving average), grad-norm ratio, non-finite steps; warmup steps never spike.
+def uninformative_reference(trainee: Trainee, run: RunSettings, batch_size: int) -> float:
+    """The run's loss at equal scores for a global batch of ``batch_size`` (probloss/eval/stability.py
+    ``uninformative_loss``), with the model's embedding size and log-std shape."""
+    from probloss.eval.stability import uninformative_loss
+
+    dim = int(getattr(trainee.model, "embed_dim", run.model.get("embed_dim", 64)))
+    return uninformative_loss(trainee.loss, batch_size, dim, bool(run.model.get("log_std_per_dim", False)))
+
+
+def make_stability_tracker(trainer: TrainerSettings, reference: float | None = None):
+    """The run's StabilityTracker: divergence and collapse against ``reference`` (the loss's uninformative value
+    at the training batch, :func:`uninformative_reference`), the rest as probloss/eval/stability.py defines.
 
     ``trainer.max_nonfinite`` is the one setting for "too many non-finite steps in a row": the tracker marks
-    the run diverged at the same count at which the loop stops it.
+    the run diverged at the same count at which the loop stops it. Warmup steps (``trainer.warmup_steps``) are
+    never spikes or jumps and never count towards divergence.
     """
     from probloss.eval.stability import StabilityTracker
 
-    return StabilityTracker(warmup_steps=trainer.warmup_steps, nonfinite_patience=trainer.max_nonfinite)
+    return StabilityTracker(reference=reference, warmup_steps=trainer.warmup_steps,
+                            nonfinite_patience=trainer.max_nonfinite)

@@ -9,7 +9,9 @@ embedding-space and uncertainty metric as mean and 95% interval (Student t), cli
 the seeds whose value is missing or non-finite (diverged) counted in the cell, never silently dropped. For a
 grid over seeds, the LR-robust width against the loss's own best and against the best of all losses, each with a
 bootstrap interval over seeds, the paired width difference against a baseline with its verdict, and the test
-zero-shot accuracy at the learning rate chosen on val (``lr_robustness``, ``robustness_lines``). Plots:
+zero-shot accuracy at the learning rate chosen on val (``lr_robustness``, ``robustness_lines``), and the
+fraction of the best val score kept at 3x and 10x the best learning rate with the same bootstrap
+(``lr_retention``, ``retention_lines``; row key ``lr_retention``). Plots:
 accuracy vs learning rate, the best trials' loss curves, effective rank over training, and text sigma vs caption
 specificity level.
 
@@ -34,10 +36,11 @@ import optuna
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 SEED_METRICS = [  # reported on test; the study selects (best learning rate, best trial) on val
-    "test/zeroshot_top1", "test/zeroshot_unseen_top1", "test/i2t_r@1", "test/t2i_r@1", "test/relation_probe_acc",
-    "test/binding_probe_acc", "test/control_probe_acc", "test/embed/effective_rank", "test/embed/uniformity",
-    "test/embed/alignment", "test/embed/modality_gap", "test/unc/specificity_spearman",
-    "test/unc/specificity_matched_acc", "stability/loss_spikes", "stability/grad_norm_ratio"]
+    "test/zeroshot_top1", "test/zeroshot_unseen_top1", "test/i2t_r@1_plausible", "test/t2i_r@1_plausible",
+    "test/i2t_map@r", "test/t2i_map@r", "test/relation_probe_acc", "test/binding_probe_acc", "test/control_probe_acc",
+    "test/embed/effective_rank", "test/embed/uniformity", "test/embed/alignment", "test/embed/modality_gap",
+    "test/unc/specificity_level_coef", "test/unc/specificity_matched_acc", "stability/max_loss_jump",
+    "stability/collapsed", "stability/grad_norm_ratio"]
 LR_KEY = "trainer.lr"
 INF = math.inf
 
@@ -59,10 +62,13 @@ RANGES = [
      r"|unc/(cue/\w+/)?sigma_text_ratio_L0_L3|unc/sigma_\w+_mean|embed/scored/(alignment\w*|modality_gap)|\w+_probe_n"
      r"|unc/specificity_within_scene\w*_n|unc/(cue/\w+/)?specificity_level_se|wall_time_s|eval_test_s|samples_per_s",
      (0.0, INF)),
+    (r"stability/collapsed(_loss|_zeroshot)?|stability/zeroshot_p_above_chance", (0.0, 1.0)),  # eval/stability.py
+    (r"stability/(max_loss_jump|grad_norm_init|grad_norm_median)", (0.0, INF)),
 ]
 # Which way is better (same matching). Anything else: higher is better. "Better" for the specificity statistics
 # means a stronger effect of the kind the proposal predicts (more negative Spearman, smaller sigma ratio).
 LOWER_IS_BETTER = (r"loss|stability/(loss_spikes|grad_norm_ratio|nonfinite_steps|diverged)|data/skipped"
+                   r"|stability/(collapsed(_loss|_zeroshot)?|max_loss_jump)"
                    r"|embed/(scored/)?uniformity(_image|_text)?|unc/specificity_(partial_)?spearman"
                    r"|unc/specificity_matched_log_ratio|unc/specificity_level_(coef|t)"
                    r"|unc/(free/\w+/)?(i2t|t2i)_(bin_[\w@]+_spearman|aurc)|wall_time_s|eval_test_s")
@@ -71,7 +77,8 @@ NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/scored/(alignment\w*|
                 r"|unc/sigma_text_image_log_ratio|unc/sigma_text_rank_L\d|unc/image_sigma_vs_objects"
                 r"|unc/cue/\w+/[\w@]+|unc/(free/\w+/)?(i2t|t2i)_aurc_(oracle|random)|\w+_probe_n"
                 r"|unc/specificity_within_scene\w*_n"
-                r"|unc/specificity_level_se|r@1_chance(_L\d)?|zeroshot_n_\w+|steps")
+                r"|unc/specificity_level_se|r@1_chance(_L\d)?|zeroshot_n_\w+|steps"
+                r"|stability/(grad_norm_init|grad_norm_median|reference_loss|zeroshot_p_above_chance|\w+_step)")
 
 
 def _matches(pattern: str, metric: str) -> bool:
@@ -412,6 +419,136 @@ def lr_robustness(tables: Mapping[str, Mapping[float, Mapping[Any, float]]], bas
     return out
 
 
+# --- LR retention: how much of its best score a loss keeps at a multiple of its best learning rate ---------------
+#
+# The width above is a step function of a few grid points; retention is a number per multiple. For one loss:
+# lr* = the grid learning rate with the best mean val score over seeds (selection on val, as everywhere; a
+# learning rate where a seed diverged cannot be lr*), and for m in RETENTION_MULTIPLES the retained fraction
+#     R_m = mean over seeds of score(m lr*) / mean over seeds of score(lr*)
+# where score(m lr*) is the grid point when m lr* is one (relative tolerance 1e-6) and otherwise linear
+# interpolation in log10(lr) between the two grid points around it (the half-decade grid 1e-4, 3e-4, 1e-3, ...
+# has 3 lr* on it only from 1e-3, 1e-2, ...: 3 x 3e-4 lies 0.05 decades below 1e-3); beyond the grid: not
+# measured (None). A seed that diverged at a learning rate scores 0 there (it retained nothing; scores are
+# non-negative accuracies, as for the width). Interval: the 2.5 / 97.5 percentiles of the same joint seed
+# bootstrap as the widths (seed ids drawn once per resample for every learning rate; lr* re-selected in each
+# resample, so the selection's own noise is inside the interval). Fewer than MIN_RETENTION_SEEDS seeds: the cell
+# says so (the bootstrap of 3 seeds knows 10 distinct resamples).
+
+RETENTION_MULTIPLES = (3, 10)
+MIN_RETENTION_SEEDS = 5
+
+
+def curve_at(by_lr: Mapping[float, float], lr: float) -> float | None:
+    """A per-learning-rate curve at ``lr``: the grid point (relative tolerance 1e-6), else linear in log10(lr)
+    between its two neighbours; None outside the grid or where a neighbour is not finite."""
+    grid = sorted(by_lr)
+    for point in grid:
+        if math.isclose(point, lr, rel_tol=1e-6):
+            return by_lr[point]
+    below, above = [g for g in grid if g < lr], [g for g in grid if g > lr]
+    if not below or not above:
+        return None
+    lo, hi = below[-1], above[0]
+    if not (math.isfinite(by_lr[lo]) and math.isfinite(by_lr[hi])):
+        return None
+    w = math.log10(lr / lo) / math.log10(hi / lo)
+    return (1 - w) * by_lr[lo] + w * by_lr[hi]
+
+
+def retention_at(table: Mapping[float, Mapping[Any, float]], draw: Sequence[Any], multiple: float) -> float | None:
+    """R_multiple for one loss on the drawn seeds (see above); None when not measured (beyond the grid, no
+    finite best)."""
+    selection = draw_means(table, draw)  # a diverged seed fails its learning rate
+    best = best_mean(selection)
+    if not math.isfinite(best) or best <= 0:
+        return None
+    lr_best = next(lr for lr, mean in selection.items() if mean == best)
+    floored = {}  # diverged seeds score 0: what the curve retains
+    for lr, row in table.items():
+        values = [row[seed] if math.isfinite(row[seed]) else 0.0 for seed in draw if seed in row]
+        floored[lr] = statistics.fmean(values) if values else math.nan
+    value = curve_at(floored, multiple * lr_best)
+    return None if value is None else value / best
+
+
+def lr_retention(table: Mapping[float, Mapping[Any, float]], seeds: Sequence[Any] | None = None,
+                 multiples: Sequence[float] = RETENTION_MULTIPLES, resamples: int = BOOTSTRAP_RESAMPLES,
+                 rng_seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, Any]]:
+    """{"x3": {...}, "x10": {...}} for one loss's score table: ``point`` (all seeds), ``median``, ``low``,
+    ``high`` (bootstrap percentiles over the resamples where it is measured), ``n`` seeds, ``best_lr``, ``lr``
+    (multiple x best_lr), ``interpolated`` (not a grid point), ``few_seeds`` (n < MIN_RETENTION_SEEDS).
+    Plain values (the report rows are JSON). ``seeds``: the seed ids to resample (default: the table's)."""
+    import numpy as np
+
+    seeds = list(seeds) if seeds is not None else table_seeds({"_": table})
+    out: dict[str, dict[str, Any]] = {}
+    if not seeds:
+        return out
+    selection = draw_means(table, seeds)
+    best = best_mean(selection)
+    lr_best = next((lr for lr, mean in selection.items() if mean == best), None) if math.isfinite(best) else None
+    draws = seed_draws(seeds, resamples, rng_seed)
+    for m in multiples:
+        point = retention_at(table, seeds, m)
+        samples = [r for r in (retention_at(table, draw, m) for draw in draws) if r is not None]
+        low = high = median = math.nan
+        if samples and point is not None:
+            low = float(np.percentile(samples, 2.5, method="lower"))
+            high = float(np.percentile(samples, 97.5, method="higher"))
+            median = float(np.median(samples))
+        target = None if lr_best is None else m * lr_best
+        out[f"x{m:g}"] = {
+            "point": math.nan if point is None else point, "median": median, "low": low, "high": high,
+            "n": len(seeds), "best_lr": lr_best, "lr": target,
+            "interpolated": target is not None and not any(math.isclose(g, target, rel_tol=1e-6) for g in table),
+            "few_seeds": len(seeds) < MIN_RETENTION_SEEDS}
+    return out
+
+
+def add_lr_retention(rows: Mapping[str, dict[str, Any]]) -> None:
+    """Add ``lr_retention`` (:func:`lr_retention`) to every row with a score table; the seeds resampled are
+    those of all rows together (the same draws as the widths)."""
+    tables = {loss: row["lr_seed_scores"] for loss, row in rows.items() if row.get("lr_seed_scores")}
+    seeds = table_seeds(tables)
+    for loss, table in tables.items():
+        rows[loss]["lr_retention"] = lr_retention(table, seeds)
+
+
+def fmt_retention(cell: Mapping[str, Any] | None) -> str:
+    """``point [low, high]`` of a retained fraction, with its learning rate; ``(n seeds < 5)`` when few."""
+    if not cell or not math.isfinite(cell["point"]):
+        return "- (beyond the grid)" if cell and cell["lr"] is not None else "-"
+    where = f" at {cell['lr']:.3g}{' (interp.)' if cell['interpolated'] else ''}"
+    if cell["n"] < 2:
+        return f"{cell['point']:.2f}{where} (one seed)"
+    text = f"{cell['point']:.2f} [{cell['low']:.2f}, {cell['high']:.2f}]{where}"
+    return text + (f" ({cell['n']} seeds < {MIN_RETENTION_SEEDS})" if cell["few_seeds"] else "")
+
+
+RETENTION_NOTE = ("LR retention: the fraction of its best mean val score (at its best learning rate on val, lr*) a "
+                  "loss keeps at 3 x and 10 x lr*, the grid point there or linear in log10(lr) between the two around "
+                  "it (interp.); a seed that diverged scores 0. Cells: fraction on all seeds [2.5, 97.5 percentiles "
+                  "of {n} bootstrap resamples of the seed ids, drawn jointly over learning rates, lr* re-selected in "
+                  "each]; fewer than {k} seeds are labelled.")
+
+
+def retention_lines(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The LR-retention table of the sweep report (empty without score tables)."""
+    have = {loss: row["lr_retention"] for loss, row in rows.items() if row.get("lr_retention")}
+    if not have:
+        return []
+    keys = [f"x{m:g}" for m in RETENTION_MULTIPLES]
+    lines = ["", RETENTION_NOTE.format(n=BOOTSTRAP_RESAMPLES, k=MIN_RETENTION_SEEDS), "",
+             "| loss | seeds | best lr (val) | " + " | ".join(f"retained at {k[1:]} x best lr" for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for loss, cells in have.items():
+        first = cells[keys[0]]
+        best = "-" if first["best_lr"] is None else format(first["best_lr"], "g")
+        cells_text = " | ".join(fmt_retention(cells.get(k)) for k in keys)
+        lines.append(f"| {loss} | {first['n']} | {best} | {cells_text} |")
+    return lines
+
+
 def width_ci(width: Width) -> CI:
     """A difference of widths as the CI that ``verdict`` reads (the bootstrap percentiles as its interval)."""
     return CI(width.point, math.nan, width.low, width.high, width.n, 0)
@@ -498,6 +635,7 @@ def summarise(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -
             row[metric] = mean_ci([row_value(t.user_attrs, metric) for t in source], metric_range(metric))
         rows[loss] = row
     add_lr_robustness(rows)
+    add_lr_retention(rows)
     return rows
 
 
@@ -708,6 +846,7 @@ def report_lines(experiment: str, rows: Mapping[str, Mapping[str, Any]]) -> list
         lines.append(f"| {loss} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")
     lines += lr_table(rows)
     lines += robustness_lines(rows)
+    lines += retention_lines(rows)
     lines += ["", "Best configurations:", ""]
     lines += [f"- {loss}: `{row['best_params']}`" for loss, row in rows.items()]
     return lines

@@ -25,13 +25,14 @@ from probloss.config import ConfigError, to_dict
 from probloss.settings import RunSettings
 
 SUMMARY_KEYS = (  # docs/design.md: summary.json keys (those that apply), printed in this order
-    "train/loss", "val/loss", "val/zeroshot_top1", "val/i2t_r@1", "test/zeroshot_top1", "test/zeroshot_seen_top1",
-    "test/zeroshot_unseen_top1", "test/i2t_r@1", "test/t2i_r@1", "test/i2t_r@1_strict", "test/i2t_rprecision",
-    "test/relation_probe_acc", "test/binding_probe_acc", "test/control_probe_acc", "test/embed/effective_rank",
-    "test/embed/uniformity",
-    "test/unc/specificity_spearman", "test/unc/specificity_partial_spearman", "test/unc/specificity_matched_acc",
-    "test/unc/cue/words/specificity_matched_acc", "stability/loss_spikes", "stability/grad_norm_ratio",
-    "stability/nonfinite_steps", "stability/diverged", "steps", "samples_per_s", "eval_test_s",
+    "train/loss", "val/loss", "val/zeroshot_top1", "val/i2t_r@1_plausible", "test/zeroshot_top1",
+    "test/zeroshot_seen_top1", "test/zeroshot_unseen_top1", "test/i2t_r@1_plausible", "test/t2i_r@1_plausible",
+    "test/i2t_map@r", "test/t2i_map@r", "test/i2t_r@1", "test/t2i_r@1", "test/relation_probe_acc",
+    "test/binding_probe_acc", "test/control_probe_acc", "test/embed/effective_rank", "test/embed/uniformity",
+    "test/unc/specificity_level_coef", "test/unc/specificity_level_t", "test/unc/specificity_within_scene_acc",
+    "test/unc/specificity_matched_acc", "test/unc/cue/token/specificity_matched_acc", "stability/collapsed",
+    "stability/diverged", "stability/max_loss_jump", "stability/loss_spikes", "stability/grad_norm_init",
+    "stability/grad_norm_ratio", "stability/nonfinite_steps", "steps", "samples_per_s", "eval_test_s",
 )
 
 

@@ -45,6 +45,7 @@ class TrainerSettings:
     betas: tuple[float, float]
     eps: float
     grad_clip: float | None
+    grad_clip_mode: str | None  # absolute | relative; None: a run saved before the key existed (absolute)
     eval_every: int
     ckpt_every: int
     keep_last: int
@@ -59,6 +60,10 @@ class TrainerSettings:
     def __post_init__(self) -> None:
         from probloss.models.linear import BACKENDS
 
+        if self.grad_clip_mode not in (None, "absolute", "relative"):
+            from probloss.config import ConfigError
+
+            raise ConfigError(f"trainer.grad_clip_mode={self.grad_clip_mode}: choose one of absolute|relative")
         if self.cpu_matmul is not None and self.cpu_matmul not in BACKENDS:
             from probloss.config import ConfigError
 

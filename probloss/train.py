@@ -43,7 +43,7 @@ from probloss import checkpoint as ckpt
 from probloss import dist
 from probloss.builders import (
     check_batch_sizes, check_partial_views, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer,
-    make_trainee,
+    make_trainee, uninformative_reference,
 )
 from probloss.config import compose_config, save_config, to_dict
 from probloss.console import say, tee_output
@@ -142,9 +142,11 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
 
     trainee = make_trainee(run, tokenizer, from_checkpoint=resume_from is not None)
     check_partial_views(trainee.loss, run.data, t.accum_steps)
+    # The loss's uninformative references (eval/stability.py), at the training batch and at val/loss's batch
+    # (eval/runtime.py val_loss), computed on the loss as built, before Fabric moves it.
+    tracker = make_stability_tracker(t, uninformative_reference(trainee, run, t.batch_size))
     trainee, optimizer = fabric.setup(trainee, make_optimizer(trainee, t))
     scheduler = make_scheduler(optimizer, t)
-    tracker = make_stability_tracker(t)
     state = {"model": trainee, "optimizer": optimizer, "scheduler": scheduler, "position": Position(),
              "stability": tracker, "rng": ckpt.rng_state(), "config": to_dict(cfg), "train_losses": []}
     if resume_from is not None:
@@ -162,9 +164,17 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
         logger = make_logger(run_dir, purge_step=pos.step + 1 if resume_from is not None else None)
     eval_set = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
                          image_noise=float(run.eval.image_noise or 0.0))
+    val_batch = min(t.batch_size, len(eval_set.captions) - len(eval_set.captions) % fabric.world_size)
+    val_reference = (tracker.reference if val_batch == t.batch_size else
+                     uninformative_reference(trainee.module, run, val_batch) if val_batch > 1 else None)
 
     def run_evaluation(final: bool = False) -> dict[str, Any]:
-        return evaluate(fabric, run, trainee, eval_set, spec, tokenizer, logger, pos.step, final=final)
+        metrics = evaluate(fabric, run, trainee, eval_set, spec, tokenizer, logger, pos.step, final=final)
+        if fabric.is_global_zero:  # collapse is judged on val (rank 0 holds the metrics)
+            n = metrics.get("val/zeroshot_n_labelled")
+            tracker.judge_collapse(pos.step, metrics.get("val/loss"), val_reference, metrics.get("val/zeroshot_top1"),
+                                   int(n) if n else None, len(spec.classnames) if spec.classnames else None)
+        return metrics
 
     batches = train_batches(spec, run.data, tokenizer, per_rank, fabric.global_rank, fabric.world_size, run.seed,
                             pos)
@@ -177,7 +187,8 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
             with phase("data"):
                 batch = next(batches)
             torch.manual_seed(step_seed(run.seed, pos.step, fabric.global_rank))  # dropout etc.: a function of the step
-            out = train_step(fabric, trainee, optimizer, batch, t.grad_clip, t.accum_steps)
+            out = train_step(fabric, trainee, optimizer, batch, t.grad_clip, t.accum_steps,
+                             relative_clip=tracker.clip_threshold if t.grad_clip_mode == "relative" else None)
             scheduler.step()
             timer.stop(t.batch_size)
             pos.step += 1
@@ -246,8 +257,12 @@ class StepOutput:
 
 
 def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: float | None,
-               accum_steps: int = 1) -> StepOutput:
+               accum_steps: int = 1, relative_clip: Callable[[float, float], float] | None = None) -> StepOutput:
     """One optimizer step on this rank's slice of the global batch (GradCache when ``accum_steps > 1``).
+
+    Clipping: at ``grad_clip`` (0 or None: none); with ``relative_clip`` (``trainer.grad_clip_mode=relative``:
+    the tracker's ``clip_threshold(norm, grad_clip)``) at the threshold it returns for this step's pre-clip norm.
+    The norm is identical on every rank (after DDP's all-reduce), so every rank clips alike.
 
     A non-finite loss on any rank skips the step on every rank before backward (so DDP stays in step); a
     non-finite gradient norm (identical on all ranks after DDP's all-reduce) skips it after backward.
@@ -289,13 +304,26 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
         return StepOutput(value, float("nan"), False, emb, "loss")
     with phase("optimizer"):
         max_norm = grad_clip or float("inf")  # inf: no clipping, but the norm is still measured
+        if relative_clip is not None:
+            max_norm = float("inf")  # measured first: the threshold depends on it
         grad_norm = float(fabric.clip_gradients(trainee, optimizer, max_norm=max_norm, error_if_nonfinite=False))
         if not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             return StepOutput(value, grad_norm, False, emb, "gradient")
+        if relative_clip is not None and grad_clip:
+            _clip_to(trainee, grad_norm, relative_clip(grad_norm, float(grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return StepOutput(value, grad_norm, True, emb)
+
+
+def _clip_to(trainee, grad_norm: float, max_norm: float) -> None:
+    """Scale every gradient by max_norm / (grad_norm + 1e-6) when that is < 1 (torch's clip_grad_norm_ rule)."""
+    coef = max_norm / (grad_norm + 1e-6)
+    if coef < 1:
+        for param in trainee.parameters():
+            if param.grad is not None:
+                param.grad.mul_(coef)
 
 
 def _split_partial_views(emb, b: int):

@@ -342,3 +342,100 @@ def test_sweep_report_widths_best_lr_on_val_and_test_at_it():
     assert "| sigmoid | 3 | 2.00 [2.00, 2.00] | 0.00 [0.00, 0.00] |" in text
     assert "| loss - infonce |" in text and "| sigmoid | 2.00 [2.00, 2.00] | better | 0.00 [0.00, 0.00] | inside noise |" in text
     assert "| 0.01 | 0.810 ± " in text and text.count("| - |") == 1  # infonce's test at 1e-2; sigmoid: none recorded
+
+
+# --- LR retention -------------------------------------------------------------------------------------------------
+
+HALF_DECADES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # configs/sweep/lr_grid.yaml
+
+
+def half_decade_grid(curve, seeds=5, noise=0.0):
+    """{lr: {seed: score}} on the half-decade grid; seed k adds k * noise at every learning rate."""
+    return {lr: {k: score + k * noise for k in range(seeds)} for lr, score in zip(HALF_DECADES, curve)}
+
+
+def test_retention_on_grid_points_and_interpolated_between_them():
+    from probloss.report import curve_at, lr_retention
+
+    # best at 1e-3 (0.8): 3x = 3e-3 is a grid point (0.6), 10x = 1e-2 too (0.2)
+    cells = lr_retention(half_decade_grid([0.1, 0.5, 0.8, 0.6, 0.2, 0.1, 0.0]), resamples=50)
+    assert cells["x3"]["point"] == pytest.approx(0.75) and cells["x10"]["point"] == pytest.approx(0.25)
+    assert cells["x3"]["best_lr"] == 1e-3 and cells["x3"]["lr"] == pytest.approx(3e-3)
+    assert not cells["x3"]["interpolated"] and not cells["x3"]["few_seeds"] and cells["x3"]["n"] == 5
+    # identical seeds: every resample gives the same value
+    assert cells["x3"]["low"] == cells["x3"]["high"] == pytest.approx(0.75)
+    # best at 3e-4 (1.0): 3x = 9e-4 lies between 3e-4 (1.0) and 1e-3 (0.5), w = log10(3) / log10(10/3)
+    cells = lr_retention(half_decade_grid([0.2, 1.0, 0.5, 0.4, 0.1, 0.0, 0.0]), resamples=50)
+    w = math.log10(3) / math.log10(10 / 3)
+    assert cells["x3"]["point"] == pytest.approx((1 - w) * 1.0 + w * 0.5) and cells["x3"]["interpolated"]
+    assert cells["x10"]["point"] == pytest.approx(0.4) and not cells["x10"]["interpolated"]  # 3e-3
+    assert curve_at({1e-3: 0.2, 1e-2: 0.6}, 10 ** -2.5) == pytest.approx(0.4)  # halfway in log-lr
+    assert curve_at({1e-3: 0.2, 1e-2: 0.6}, 2e-2) is None
+
+
+def test_retention_beyond_the_grid_is_not_measured():
+    from probloss.report import fmt_retention, lr_retention
+
+    cells = lr_retention(half_decade_grid([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9]), resamples=20)  # best at 1e-1
+    assert math.isnan(cells["x3"]["point"]) and cells["x3"]["lr"] == pytest.approx(0.3)
+    assert fmt_retention(cells["x3"]) == "- (beyond the grid)"
+
+
+def test_retention_interval_diverged_seeds_and_few_seed_label():
+    from probloss.report import fmt_retention, lr_retention
+
+    table = half_decade_grid([0.1, 0.5, 0.8, 0.6, 0.2, 0.1, 0.0])
+    table[3e-3][4] = -math.inf  # seed 4 diverged at 3x: it scores 0 there (and 3e-3 cannot be the best)
+    cells = lr_retention(table, resamples=400)
+    assert cells["x3"]["point"] == pytest.approx((4 * 0.6 + 0.0) / 5 / 0.8)
+    x3 = cells["x3"]
+    assert x3["low"] < x3["point"] < x3["high"] == pytest.approx(0.75)  # resamples without seed 4 keep 0.75
+    assert x3["low"] >= 0.0
+    few = lr_retention({lr: {k: v for k, v in row.items() if k < 3} for lr, row in table.items()}, resamples=50)
+    assert few["x3"]["few_seeds"] and "(3 seeds < 5)" in fmt_retention(few["x3"])
+    assert fmt_retention(cells["x3"]).startswith("0.60 [") and "at 0.003" in fmt_retention(cells["x3"])
+
+
+def test_retention_reselects_the_best_lr_in_each_resample():
+    from probloss.report import retention_at
+
+    # seed 0 peaks at 1e-3, seed 1 at 3e-3: each resample retains from its own best learning rate
+    table = {1e-3: {0: 1.0, 1: 0.2}, 3e-3: {0: 0.5, 1: 1.0}, 1e-2: {0: 0.1, 1: 0.9}, 3e-2: {0: 0.0, 1: 0.0}}
+    w = math.log10(3) / math.log10(10 / 3)  # 9e-3 between 3e-3 and 1e-2
+    assert retention_at(table, [0, 0], 3) == pytest.approx(0.5)  # 3e-3 from 1e-3
+    assert retention_at(table, [1, 1], 3) == pytest.approx((1 - w) * 1.0 + w * 0.9)  # 9e-3 from 3e-3
+    # both seeds: means 0.6, 0.75, 0.5, 0: best 3e-3 (0.75), 9e-3 interpolated
+    assert retention_at(table, [0, 1], 3) == pytest.approx(((1 - w) * 0.75 + w * 0.5) / 0.75)
+
+
+def test_sweep_report_rows_and_table_carry_retention():
+    optuna = pytest.importorskip("optuna")
+    import json
+
+    from probloss.report import report_lines, summarise
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    lrs = [1e-3, 3e-3, 1e-2]
+    dists = {"trainer.lr": optuna.distributions.CategoricalDistribution(lrs),
+             "seed": optuna.distributions.CategoricalDistribution([0, 1, 2])}
+    study = optuna.create_study(direction="maximize")
+    for lr, val in zip(lrs, (0.8, 0.4, 0.2)):
+        for seed in range(3):
+            study.add_trial(optuna.trial.create_trial(params={"trainer.lr": lr, "seed": seed}, distributions=dists,
+                                                      values=[val], state=optuna.trial.TrialState.COMPLETE))
+    rows = summarise({"infonce": (study, None)})
+    cells = rows["infonce"]["lr_retention"]
+    assert cells["x3"]["point"] == pytest.approx(0.5) and cells["x10"]["point"] == pytest.approx(0.25)
+    json.dumps(cells)  # plain values: the rows are JSON
+    text = "\n".join(report_lines("lr_grid", rows))
+    assert "LR retention" in text and "| infonce | 3 | 0.001 | 0.50 [0.50, 0.50] at 0.003 (3 seeds < 5) |" in text
+
+
+def test_new_stability_keys_have_directions_and_ranges():
+    for key in ("stability/max_loss_jump", "stability/collapsed", "stability/collapsed_loss"):
+        assert metric_direction(key) == -1, key  # lower is better
+    for key in ("stability/grad_norm_init", "stability/grad_norm_median", "stability/reference_loss",
+                "stability/collapsed_step", "stability/max_loss_jump_step", "stability/zeroshot_p_above_chance"):
+        assert metric_direction(key) == 0, key  # descriptive
+    assert metric_range("stability/collapsed") == (0.0, 1.0) and metric_range("stability/max_loss_jump") == (0.0, math.inf)
+    assert verdict("stability/max_loss_jump", mean_ci([-3.0, -2.0, -2.5])) == "better"

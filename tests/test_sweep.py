@@ -106,7 +106,7 @@ def test_grid_sampler_needs_categorical_parameters():
     from probloss.sweep import load_sweep, trial_budget
 
     grid, _ = load_sweep(["sweep=lr_grid"])
-    assert trial_budget(grid, "infonce") == 7 * 3
+    assert trial_budget(grid, "infonce") == 7 * 5
     with pytest.raises(ConfigError, match="categorical"):
         # sweep=lr searches trainer.lr on a float range: not a grid
         trial_budget(load_sweep(["sweep=lr", "sweep.sampler=grid", "sweep.n_trials=null"])[0], "infonce")

@@ -30,9 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {  # summary keys that apply to every loss (docs/design.md)
     "train/loss", "val/loss", "val/i2t_r@1", "val/t2i_r@1", "embed/effective_rank", "embed/uniformity",
     "embed/alignment", "embed/modality_gap", "stability/loss_spikes", "stability/grad_norm_ratio",
-    "stability/nonfinite_steps", "stability/diverged", "steps", "samples_per_s", "data/skipped",
+    "stability/nonfinite_steps", "stability/diverged", "stability/collapsed", "stability/collapsed_step",
+    "stability/max_loss_jump", "stability/reference_loss", "stability/grad_norm_init", "stability/grad_norm_median",
+    "steps", "samples_per_s", "data/skipped",
     "test/i2t_r@1", "test/t2i_r@1", "test/i2t_r@1_strict", "test/zeroshot_top1", "test/zeroshot_seen_top1",
     "test/zeroshot_unseen_top1", "test/control_probe_acc", "test/embed/effective_rank", "eval_test_s",
+    "test/i2t_r@1_plausible", "test/t2i_r@1_plausible", "test/i2t_map@r", "test/t2i_rprecision",
+    "test/unc/free/top1/t2i_aurc", "test/embed/scored/effective_rank",
 }
 TB_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/logit_pos_mean", "val/loss",
            "val/i2t_r@1"}
@@ -345,6 +349,51 @@ def test_train_step_adds_the_partial_view_term():
     out = train_step(fabric, trainee, optimizer, {"image": images, "tokens": tokens, "partial_tokens": partial,
                                                   "partial_mask": mask}, grad_clip=None)
     assert out.loss == pytest.approx(float(want), rel=1e-6) and out.embeddings.text_emb.shape[0] == 4
+
+
+def test_stability_keys_of_a_real_run_against_the_reference(tmp_path, cache_dir):
+    """40 steps of the proposal with relative clipping: the reference is ln B (its closed form), the first
+    gradient norm is recorded, a healthy short run is neither diverged nor without a jump measure."""
+    summary = main(small(tmp_path, cache_dir, "loss=gaussian_var", "trainer.max_steps=40", "trainer.warmup_steps=5",
+                         "trainer.eval_every=20", "trainer.ckpt_every=0", "eval.projector_samples=0",
+                         "trainer.grad_clip_mode=relative"))
+    assert summary["stability/reference_loss"] == pytest.approx(math.log(32), rel=1e-9)
+    assert summary["stability/diverged"] is False and summary["stability/diverged_step"] == -1
+    assert isinstance(summary["stability/collapsed"], bool)
+    assert summary["stability/collapsed_step"] in ((20, 40) if summary["stability/collapsed"] else (-1,))
+    assert summary["stability/collapsed_loss"] == (summary["val/loss"] >= 0.9 * math.log(32))
+    assert 0 <= summary["stability/zeroshot_p_above_chance"] <= 1
+    assert summary["stability/grad_norm_init"] > summary["stability/grad_norm_median"] > 0  # large at init
+    assert math.isfinite(summary["stability/max_loss_jump"]) and summary["stability/max_loss_jump"] >= 0
+    assert 5 < summary["stability/max_loss_jump_step"] <= 40 or summary["stability/max_loss_jump_step"] == -1
+
+
+def test_relative_clipping_scales_the_update_to_the_threshold():
+    """train_step with ``relative_clip``: the update equals the unclipped one times threshold / norm (SGD)."""
+    from lightning_fabric import Fabric
+
+    from probloss.models import build_dual_encoder
+
+    torch.manual_seed(0)
+    loss = probloss.build_loss("gaussian_var")
+    model = build_dual_encoder(dict(compose_config([])["model"]), vocab_size=40, max_len=8, image_size=32,
+                               log_std=True)
+    batch = {"image": torch.randn(8, 3, 32, 32), "tokens": torch.randint(1, 40, (8, 8))}
+    start = {n: p.detach().clone().double() for n, p in Trainee(model, loss).named_parameters()}
+    deltas, norms, asked = [], [], []
+    for clip in (None, lambda norm, factor: asked.append((norm, factor)) or 0.25 * norm):
+        fabric = Fabric(accelerator="cpu", devices=1, precision="64-true")
+        trainee = Trainee(copy.deepcopy(model), copy.deepcopy(loss))
+        optimizer = torch.optim.SGD(trainee.parameters(), lr=1e-3)
+        trainee, optimizer = fabric.setup(trainee, optimizer)
+        out = train_step(fabric, trainee, optimizer, batch, grad_clip=2.0 if clip else None, relative_clip=clip)
+        norms.append(out.grad_norm)
+        deltas.append({n: p.detach() - start[n] for n, p in trainee.module.named_parameters()})
+    assert norms[0] == pytest.approx(norms[1], rel=1e-12)  # the pre-clip norm is reported either way
+    assert asked == [(pytest.approx(norms[0], rel=1e-12), 2.0)]
+    coef = 0.25 * norms[0] / (norms[0] + 1e-6)
+    for name, full in deltas[0].items():
+        torch.testing.assert_close(deltas[1][name], coef * full, rtol=1e-9, atol=1e-15, msg=name)
 
 
 def test_batch_must_split_over_ranks():
