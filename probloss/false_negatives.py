@@ -178,3 +178,14 @@ def with_keys(blocks, key_blocks):
             yield block, None
         return
     yield from zip(blocks, key_blocks)
+
+
+def batch_groups(loss, texts: Tensor, metas: Sequence[Mapping] | None) -> dict[str, Tensor]:
+    """The loss call's group keywords for a training batch: ``{}`` when the loss keeps false negatives (no work at
+    all), else ``text_groups`` from the token rows ``texts`` ``(M, L)`` (positives then extras, as encoded) and
+    ``image_groups`` from the samples' json where it identifies scenes (:func:`scene_groups`), else None."""
+    if getattr(loss, "false_negatives", "keep") == "keep":
+        return {}
+    scenes = scene_groups(metas)
+    return {"text_groups": caption_groups(texts),
+            "image_groups": None if scenes is None else scenes.to(texts.device)}
