@@ -18,9 +18,11 @@ j != i, is a false negative when ``text_groups[j] == text_groups[i]`` or (``j < 
 group only. In the distributed setting "j != i" means "not i's own positive"; ids are compared over the global
 batch (they are gathered, or travel around the ring with the texts).
 
-Internally a side is described by integer keys, ``(R, 1)`` = [text group] or, with image groups, ``(R, 3)`` =
-[text group, image group, has image group]; :func:`key_match` compares two sides. Keys of a pair's two sides
-always match on the pair's own positive (same caption), which the losses treat apart.
+Internally a side is described by integer keys ``(R, K)``: K = 1, [caption group], or with image groups K = 2,
+[caption group, scene group]; :func:`key_match` says "same caption or same scene". Scene ids are compared on
+their low 63 bits (the sign bit is cleared), so a text without a scene (an extra text) can hold a negative id
+unique in the global batch, ``-(1 + its global text row)``, that matches nothing. The keys of a pair's two
+sides always match on the pair's own positive (same caption), which the losses treat apart.
 """
 
 from __future__ import annotations
@@ -31,59 +33,66 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from probloss import dist
+
 Tensor = torch.Tensor
 
 FALSE_NEGATIVES = ("keep", "mask", "positive")
-# Rows of a pair matrix compared per step of :func:`false_negative_pairs` (bounds its (rows, cols) bool temporary).
-PAIR_BLOCK = 1024
+_LOW_63_BITS = (1 << 63) - 1
 
 
 def group_keys(text_groups: Tensor, image_groups: Tensor | None, n_images: int) -> tuple[Tensor, Tensor]:
-    """``(image_keys (N, K), text_keys (M, K))`` for :func:`key_match` (module docstring).
+    """``(image_keys (N, K), text_keys (M, K))`` for :func:`key_match` (module docstring), on this rank.
 
-    Image i takes its own caption's group ``text_groups[i]``; an extra text (row >= N) has no image group.
+    Image i takes its own caption's group ``text_groups[i]`` and its scene; an extra text (row >= N) gets the
+    scene id ``-(1 + rank * M + row)``, unique over the global batch (every rank has the same M) and never equal
+    to a real scene id (those are >= 0 after clearing the sign bit).
     """
     text_groups = text_groups.long()
     if image_groups is None:
         return text_groups[:n_images, None], text_groups[:, None]
-    image_groups = image_groups.long().to(text_groups.device)
-    has = torch.zeros_like(text_groups)
-    has[:n_images] = 1
-    text_scene = torch.zeros_like(text_groups)
-    text_scene[:n_images] = image_groups
-    image_keys = torch.stack([text_groups[:n_images], image_groups, torch.ones_like(image_groups)], dim=1)
-    return image_keys, torch.stack([text_groups, text_scene, has], dim=1)
+    scenes = image_groups.long().to(text_groups.device) & _LOW_63_BITS
+    m = text_groups.shape[0]
+    rows = torch.arange(n_images, m, device=text_groups.device)
+    no_scene = -(1 + dist.get_rank() * m + rows)
+    image_keys = torch.stack([text_groups[:n_images], scenes], dim=1)
+    return image_keys, torch.stack([text_groups, torch.cat([scenes, no_scene])], dim=1)
 
 
 def key_match(row_keys: Tensor, col_keys: Tensor) -> Tensor:
-    """``(R, C)`` bool: same caption, or same scene where both sides have one. Symmetric in its arguments."""
+    """``(R, C)`` bool: same caption, or same scene. Symmetric in its arguments."""
     same = row_keys[:, None, 0] == col_keys[None, :, 0]
     if row_keys.shape[1] > 1:
-        both = (row_keys[:, None, 2] * col_keys[None, :, 2]).bool()
-        same |= (row_keys[:, None, 1] == col_keys[None, :, 1]) & both
+        same |= row_keys[:, None, 1] == col_keys[None, :, 1]
     return same
 
 
-def false_negative_pairs(row_keys: Tensor, col_keys: Tensor, positive_cols: Tensor | None = None,
-                         block: int = PAIR_BLOCK) -> tuple[Tensor, Tensor]:
-    """``(rows, cols)`` int64 of every matching pair except each row's own positive column ``positive_cols``
-    (``(R,)``, or None: no positive among these columns, e.g. another rank's texts).
+def _equal_pairs(row_ids: Tensor, col_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` of every pair with ``row_ids[r] == col_ids[c]``, by a sort join: O((R + C) log C + P)
+    time and O(R + C + P) memory for P pairs (no (R, C) matrix)."""
+    row_ids = row_ids.contiguous()
+    sorted_ids, order = col_ids.sort()
+    start = torch.searchsorted(sorted_ids, row_ids, side="left")
+    counts = torch.searchsorted(sorted_ids, row_ids, side="right") - start
+    rows = torch.repeat_interleave(torch.arange(row_ids.shape[0], device=row_ids.device), counts)
+    first = torch.repeat_interleave(start - (counts.cumsum(0) - counts), counts)  # start_r - (pairs before r)
+    return rows, order[first + torch.arange(rows.shape[0], device=row_ids.device)]
 
-    Computed ``block`` rows at a time, so the temporary is ``(block, C)`` bools whatever the batch.
-    """
-    rows, cols = [], []
-    for start in range(0, row_keys.shape[0], block):
-        match = key_match(row_keys[start:start + block], col_keys)
-        if positive_cols is not None:
-            here = torch.arange(match.shape[0], device=match.device)
-            match[here, positive_cols[start:start + block]] = False
-        r, c = match.nonzero(as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-    if not rows:
-        empty = torch.zeros(0, dtype=torch.long, device=row_keys.device)
-        return empty, empty
-    return torch.cat(rows), torch.cat(cols)
+
+def false_negative_pairs(row_keys: Tensor, col_keys: Tensor,
+                         positive_cols: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` int64 of every key-matching pair except each row's own positive column ``positive_cols``
+    (``(R,)``, or None: no positive among these columns, e.g. another rank's texts). Each pair once, in no
+    particular order; found by sort joins, so the cost grows with the number of pairs, not R x C."""
+    rows, cols = _equal_pairs(row_keys[:, 0], col_keys[:, 0])
+    if row_keys.shape[1] > 1:
+        scene_rows, scene_cols = _equal_pairs(row_keys[:, 1], col_keys[:, 1])
+        new = row_keys[scene_rows, 0] != col_keys[scene_cols, 0]  # same scene, not already same caption
+        rows, cols = torch.cat([rows, scene_rows[new]]), torch.cat([cols, scene_cols[new]])
+    if positive_cols is not None:
+        keep = cols != positive_cols[rows]
+        rows, cols = rows[keep], cols[keep]
+    return rows, cols
 
 
 def multi_positive_mean(positive: Tensor, pair_rows: Tensor, pair_logits: Tensor) -> Tensor:

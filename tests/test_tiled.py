@@ -124,12 +124,11 @@ def test_dist_pair_lse_matches_dense(m, n, block, rows, cols, form):
 
 def _keys(m, n, scenes):
     """Group keys (probloss/false_negatives.py) for m rows and n columns: captions repeat every 3 rows / 4 columns;
-    with scenes, a second id (every 2 rows / 5 columns) that counts only where both sides have one."""
+    with scenes, a second id (every 2 rows / 5 columns; the last 2 columns have none: unique negative ids)."""
     r, c = torch.arange(m), torch.arange(n)
     if not scenes:
         return (r % 3)[:, None], (c % 4)[:, None]
-    return (torch.stack([r % 3, r % 2, torch.ones_like(r)], 1),
-            torch.stack([c % 4, c % 5, (c < n - 2).long()], 1))
+    return torch.stack([r % 3, r % 2], 1), torch.stack([c % 4, torch.where(c < n - 2, c % 5, -1 - c)], 1)
 
 
 MASKED_SHAPES = [(7, 5, 3), (5, 9, 4), (8, 8, 8), (4, 6, 100), (9, 7, 2)]

@@ -330,12 +330,19 @@ def test_false_negative_pairs_match_the_loop_definition_in_blocks():
     image_groups = torch.tensor([5, 6, 7, 5, 8])
     image_keys, text_keys = group_keys(text_groups, image_groups, 5)
     want = fn_matrix(text_groups, image_groups, 5)
-    for block in (1, 2, 5, 100):
-        r, c = false_negative_pairs(image_keys, text_keys, torch.arange(5), block=block)
-        got = torch.zeros_like(want)
-        got[r, c] = True
-        assert torch.equal(got, want), block
+    r, c = false_negative_pairs(image_keys, text_keys, torch.arange(5))
+    got = torch.zeros_like(want)
+    got[r, c] = True
+    assert torch.equal(got, want) and r.numel() == int(want.sum())  # each pair once
+    match = key_match(image_keys, text_keys)
+    match[range(5), range(5)] = False
+    assert torch.equal(match, want)
     assert torch.equal(key_match(text_keys, image_keys), key_match(image_keys, text_keys).T)
+    big = torch.randint(-5, 5, (300,))  # no positive columns: every matching pair, as the dense match says
+    r, c = false_negative_pairs(big[:200, None], big[:, None])
+    got = torch.zeros(200, 300, dtype=torch.bool)
+    got[r, c] = True
+    assert torch.equal(got, key_match(big[:200, None], big[:, None])) and r.numel() == int(got.sum())
 
 
 def test_caption_groups_equal_rows_equal_ids_and_distinct_rows_distinct_ids():
