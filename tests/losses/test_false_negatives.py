@@ -360,3 +360,19 @@ def test_scene_groups_from_the_shapes_json_or_none():
     ids = scene_groups(metas)
     assert ids[0] == ids[2] and len(set(ids.tolist())) == 3
     assert scene_groups([{"seed": 0, "index": 1}, {}]) is None and scene_groups(None) is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("neg_mask", ["hard", "easy", "random"])
+def test_sigmoid_negative_masking_keeping_every_negative_equals_the_plain_loss(neg_mask, mode):
+    """sigmoid's neg_mask path (its own dense code) with neg_keep_ratio = 1 keeps every negative: with false
+    negatives left out (mask) or made positives, it must equal the chunked loss with the same option."""
+    (x, y, _, _), text_groups, image_groups = inputs(EXTRA, None)
+    groups = (text_groups, image_groups)
+    plain = loss_and_grads(build("sigmoid", mode), x, y, None, None, groups=groups)
+    masked = loss_and_grads(build("sigmoid", mode, neg_mask=neg_mask, neg_keep_ratio=1.0), x, y, None, None,
+                            groups=groups)
+    torch.testing.assert_close(masked[0], plain[0], rtol=1e-12, atol=1e-14)
+    for a, b in zip((plain[1], plain[2]), (masked[1], masked[2])):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-13, msg=k)
