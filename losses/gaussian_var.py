@@ -89,7 +89,7 @@ import torch.nn.functional as F
 import probloss
 from probloss import dist
 from probloss.false_negatives import (
-    dense_cross_entropy, false_negative_pairs, key_match, masked_ce, multi_positive_ce,
+    dense_cross_entropy, false_negative_pairs, key_match, masked_ce, multi_positive_ce, take,
 )
 from probloss.loss import positive_texts, unit_gaussian_kl
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, dist_pair_lse, sq_dist_features, use_tiled
@@ -282,9 +282,11 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         image_keys, text_keys, all_image_keys, all_text_keys = keys
         rows = torch.arange(n, device=x.device)
         r, c = false_negative_pairs(image_keys, all_text_keys, rows + rank * m)
-        ce_i2t = multi_positive_ce(lse_i2t, pos_i2t, r, self._positive_logits(x[r], all_y[c], pen_txt[c], w_txt[c]))
+        pair_logits = self._positive_logits(take(x, r), take(all_y, c), take(pen_txt, c), take(w_txt, c))
+        ce_i2t = multi_positive_ce(lse_i2t, pos_i2t, r, pair_logits)
         r, c = false_negative_pairs(text_keys, all_image_keys, rows + rank * n)
-        ce_t2i = multi_positive_ce(lse_t2i, pos_t2i, r, self._positive_logits(y_pos[r], all_x[c], pen_img[c], w_img[c]))
+        pair_logits = self._positive_logits(take(y_pos, r), take(all_x, c), take(pen_img, c), take(w_img, c))
+        ce_t2i = multi_positive_ce(lse_t2i, pos_t2i, r, pair_logits)
         return (ce_i2t.mean() + ce_t2i.mean()) / 2
 
     @property

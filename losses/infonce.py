@@ -49,7 +49,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.false_negatives import (
-    dense_cross_entropy, false_negative_pairs, key_match, masked_ce, multi_positive_ce,
+    dense_cross_entropy, false_negative_pairs, key_match, masked_ce, multi_positive_ce, take,
 )
 from probloss.loss import positive_columns, positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, pair_lse, use_tiled
@@ -168,9 +168,9 @@ class InfoNCE(probloss.ContrastiveLoss):
                 return (masked_ce(lse_i2t, positive).mean() + masked_ce(lse_t2i, positive).mean()) / 2
             rows, rank = torch.arange(n, device=x.device), dist.get_rank()
             r, c = false_negative_pairs(image_keys, all_text_keys, rows + rank * m)
-            ce_i2t = multi_positive_ce(lse_i2t, positive, r, t * (x[r] * all_y[c]).sum(-1))
+            ce_i2t = multi_positive_ce(lse_i2t, positive, r, t * (take(x, r) * take(all_y, c)).sum(-1))
             r, c = false_negative_pairs(text_keys, all_image_keys, rows + rank * n)
-            ce_t2i = multi_positive_ce(lse_t2i, positive, r, t * (y[r] * all_x[c]).sum(-1))
+            ce_t2i = multi_positive_ce(lse_t2i, positive, r, t * (take(y, r) * take(all_x, c)).sum(-1))
             return (ce_i2t.mean() + ce_t2i.mean()) / 2
         # One (W N, W M) matrix: image->text is its row LSE, text->image its column LSE.
         both_keys = {"row_keys": keys[2], "col_keys": keys[3]} if mask else {}
@@ -186,9 +186,9 @@ class InfoNCE(probloss.ContrastiveLoss):
             return (masked_ce(lse_i2t, positive).mean() + masked_ce(lse_t2i, positive).mean()) / 2
         all_image_keys, all_text_keys = keys[2], keys[3]
         r, c = false_negative_pairs(all_image_keys, all_text_keys, columns)
-        ce_i2t = multi_positive_ce(lse_i2t, positive, r, t * (all_x[r] * all_texts[c]).sum(-1))
+        ce_i2t = multi_positive_ce(lse_i2t, positive, r, t * (take(all_x, r) * take(all_texts, c)).sum(-1))
         r, c = false_negative_pairs(all_text_keys[columns], all_image_keys, torch.arange(len(columns), device=x.device))
-        ce_t2i = multi_positive_ce(lse_t2i, positive, r, t * (all_y[r] * all_x[c]).sum(-1))
+        ce_t2i = multi_positive_ce(lse_t2i, positive, r, t * (take(all_y, r) * take(all_x, c)).sum(-1))
         return (ce_i2t.mean() + ce_t2i.mean()) / 2
 
     def compute_scores(self, image_emb, text_emb, image_log_std=None, text_log_std=None):

@@ -64,7 +64,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
-from probloss.false_negatives import false_negative_pairs, with_keys
+from probloss.false_negatives import false_negative_pairs, take, with_keys
 from probloss.loss import positive_texts, sigma_sq_sum, unit_gaussian_kl
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, offset_features, softplus_pair_sum, use_tiled
 
@@ -148,7 +148,8 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         pairs = softplus_pair_sum(q, k, one, b, block, row_threshold, col_threshold, weight)
         if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
             r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
-            pairs = pairs - self._false_negative_terms(q[r], k[c], b, row_threshold, col_threshold, r, c, weight)
+            pairs = pairs - self._false_negative_terms(take(q, r), take(k, c), b, row_threshold, col_threshold, r, c,
+                                                       weight)
         if world > 1:
             # The other ranks' texts travel with their column thresholds (data, no gradient) as one more feature,
             # and with their group keys beside them.
@@ -160,8 +161,8 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
                 pairs = pairs + softplus_pair_sum(q, other_k, one, b, block, row_threshold, other_threshold, weight)
                 if key_block is not None:
                     r, c = false_negative_pairs(keys[0], key_block)
-                    pairs = pairs - self._false_negative_terms(q[r], other_k[c], b, row_threshold, other_threshold,
-                                                               r, c, weight)
+                    pairs = pairs - self._false_negative_terms(take(q, r), take(other_k, c), b, row_threshold,
+                                                               other_threshold, r, c, weight)
         total = (2 + 2 * alpha) * pairs - 2 * positive_logits.sum()
         loss = total / (n * world * n)
         if self.vib_beta:
@@ -184,7 +185,8 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         counts = torch.zeros_like(logits)
         if weight:
             with torch.no_grad():
-                counts = (logits >= row_threshold[rows]).to(logits.dtype) + (logits >= col_threshold[cols]).to(logits.dtype)
+                counts = (logits >= row_threshold[rows]).to(logits.dtype)
+                counts += (logits >= col_threshold[cols]).to(logits.dtype)
         if self.false_negatives == "mask":
             return (F.softplus(logits) - weight * counts * logits).sum()
         return ((1 - weight * counts) * logits).sum()

@@ -64,7 +64,7 @@ from torch.utils.checkpoint import checkpoint
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
-from probloss.false_negatives import false_negative_pairs, sigmoid_correction, with_keys
+from probloss.false_negatives import false_negative_pairs, sigmoid_correction, take, with_keys
 from probloss.loss import positive_texts, sigma_sq_sum, unit_gaussian_kl
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, offset_features, softplus_pair_sum, use_tiled
 
@@ -178,7 +178,7 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         total = softplus_pair_sum(q, k, one, b, block) - ((q * positive_texts(k, n)).sum(-1) + b).sum()
         if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
             r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
-            total = total - sigmoid_correction((q[r] * k[c]).sum(-1) + b, self.false_negatives)
+            total = total - sigmoid_correction((take(q, r) * take(k, c)).sum(-1) + b, self.false_negatives)
         # Negatives only; the texts' group keys travel around the ring with them.
         blocks = dist.other_rank_blocks(k, self.dist_impl, what="prolip loss")
         key_blocks = None if keys is None else dist.other_rank_blocks(keys[1], self.dist_impl, what="prolip loss")
@@ -186,7 +186,7 @@ class ProLIPLoss(probloss.ContrastiveLoss):
             total = total + softplus_pair_sum(q, other, one, b, block)
             if key_block is not None:
                 r, c = false_negative_pairs(keys[0], key_block)
-                total = total - sigmoid_correction((q[r] * other[c]).sum(-1) + b, self.false_negatives)
+                total = total - sigmoid_correction((take(q, r) * take(other, c)).sum(-1) + b, self.false_negatives)
         loss = total / n
         if self.vib_beta:
             dims = x.shape[1]

@@ -56,7 +56,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
-from probloss.false_negatives import false_negative_pairs, key_match, sigmoid_correction, with_keys
+from probloss.false_negatives import false_negative_pairs, key_match, sigmoid_correction, take, with_keys
 from probloss.loss import positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, softplus_pair_sum, use_tiled
 
@@ -130,7 +130,7 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         total = softplus_pair_sum(x, y, t, b, block) - (t * (x * positive_texts(y, n)).sum(-1) + b).sum()
         if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
             r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
-            total = total - sigmoid_correction(t * (x[r] * y[c]).sum(-1) + b, self.false_negatives)
+            total = total - sigmoid_correction(t * (take(x, r) * take(y, c)).sum(-1) + b, self.false_negatives)
         # Negatives only; the texts' group keys travel around the ring with them.
         blocks = dist.other_rank_blocks(y, self.dist_impl, what="sigmoid loss")
         key_blocks = None if keys is None else dist.other_rank_blocks(keys[1], self.dist_impl, what="sigmoid loss")
@@ -138,7 +138,8 @@ class SigmoidLoss(probloss.ContrastiveLoss):
             total = total + softplus_pair_sum(x, y_block, t, b, block)
             if key_block is not None:
                 r, c = false_negative_pairs(keys[0], key_block)
-                total = total - sigmoid_correction(t * (x[r] * y_block[c]).sum(-1) + b, self.false_negatives)
+                pair_logits = t * (take(x, r) * take(y_block, c)).sum(-1) + b
+                total = total - sigmoid_correction(pair_logits, self.false_negatives)
         return total / n
 
     def masked_loss(self, x, y, t, b, keys=None):

@@ -46,7 +46,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
-from probloss.false_negatives import false_negative_pairs, sigmoid_correction, with_keys
+from probloss.false_negatives import false_negative_pairs, sigmoid_correction, take, with_keys
 from probloss.loss import positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, SinglePassSum, tiles, use_tiled
 
@@ -194,7 +194,8 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
             r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
             total = total - sigmoid_correction(
-                row_pair_logits(x[r], y[c], image_log_std[r], text_log_std[c], t, b), self.false_negatives)
+                row_pair_logits(take(x, r), take(y, c), take(image_log_std, r), take(text_log_std, c), t, b),
+                self.false_negatives)
         # Texts travel with their log-std as one (M, D + 1) block, and their group keys beside it.
         texts = torch.cat([y, text_log_std[:, None]], dim=1)
         blocks = dist.other_rank_blocks(texts, self.dist_impl, what="sigmoid_var loss")  # negatives only
@@ -203,8 +204,9 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
             total = total + var_softplus_pair_sum(x, other[:, :-1], image_log_std, other[:, -1], t, b, block)
             if key_block is not None:
                 r, c = false_negative_pairs(keys[0], key_block)
-                total = total - sigmoid_correction(
-                    row_pair_logits(x[r], other[c, :-1], image_log_std[r], other[c, -1], t, b), self.false_negatives)
+                texts_c = take(other, c)  # (P, D + 1): embedding and log-std
+                pair_logits = row_pair_logits(take(x, r), texts_c[:, :-1], take(image_log_std, r), texts_c[:, -1], t, b)
+                total = total - sigmoid_correction(pair_logits, self.false_negatives)
         return total / x.shape[0]
 
     @property
