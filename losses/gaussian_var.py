@@ -106,8 +106,8 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         freeze_log_std: use log-std 0 (sigma = 1) for every sample whatever the towers predict (module docstring).
         inverse_temperature: fixed multiplier t of every logit (1.0: none; module docstring).
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered candidates).
-        block_size: tile side for the tiled kernel.
         false_negatives: "keep", "mask" or "positive" (module docstring).
+        block_size: tile side for the tiled kernel.
     """
 
     needs_log_std = True

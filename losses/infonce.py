@@ -63,8 +63,8 @@ class InfoNCE(probloss.ContrastiveLoss):
         learn_logit_scale: whether t is a learnable parameter.
         local_loss: distributed mode, see the module docstring.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered columns).
-        block_size: tile side for the tiled kernel.
         false_negatives: "keep", "mask" or "positive" (module docstring).
+        block_size: tile side for the tiled kernel.
     """
 
     # What probloss.testing.check_distributed checks across real processes.

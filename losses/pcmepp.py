@@ -84,8 +84,8 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         normalize: L2-normalise the means (the released config does).
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
-        block_size: rows per block for the tiled kernel.
         false_negatives: "keep", "mask" or "positive" (module docstring).
+        block_size: rows per block for the tiled kernel.
     """
 
     needs_log_std = True

@@ -81,8 +81,8 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         block_size: rows per block for the tiled kernel.
         neg_mask: "none", "random", "hard" or "easy" negative masking (see the module docstring).
         neg_keep_ratio: fraction of each row's negatives kept when masking.
-        mask_seed: seed of the random mask.
         false_negatives: "keep", "mask" or "positive" (module docstring).
+        mask_seed: seed of the random mask.
     """
 
     # What probloss.testing.check_distributed checks across real processes (block 2: several blocks per rank).

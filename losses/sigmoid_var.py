@@ -150,8 +150,8 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         normalize: L2-normalise embeddings before the distances.
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
-        block_size: rows per block for the tiled kernel.
         false_negatives: "keep", "mask" or "positive" (module docstring).
+        block_size: rows per block for the tiled kernel.
     """
 
     needs_log_std = True
