@@ -14,6 +14,11 @@ the loss and ``.backward()``; the results are compared with one process on the w
 positives (``M = N (1 + k)`` text rows), and the single process gets texts ordered [every rank's positives in
 rank order, then every rank's extras in rank order] (the contract of :class:`probloss.ContrastiveLoss`).
 
+``groups=True`` passes false-negative group ids with deliberate duplicates (:func:`make_groups`: identical
+captions on every rank and across ranks, repeated scenes, extras repeating their image's caption) to every call,
+each rank its slice and the single process all of them: with ``false_negatives`` in the variants, it checks
+that ids travel with the texts and every pair is judged over the global batch.
+
 A loss class lists the keyword variants worth checking (distributed modes, implementations) in its class
 attribute ``distributed_variants`` (:class:`probloss.ContrastiveLoss`; by default it is checked as built).
 """

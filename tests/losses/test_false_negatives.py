@@ -376,3 +376,24 @@ def test_sigmoid_negative_masking_keeping_every_negative_equals_the_plain_loss(n
     for a, b in zip((plain[1], plain[2]), (masked[1], masked[2])):
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-13, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["dense", "tiled"])
+@pytest.mark.parametrize("mode", ["mask", "positive"])
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_cuda_matches_cpu(name, mode, impl):
+    """The same float64 values and gradients on a GPU (group ids on the device, hashing and sort joins there)."""
+    (x, y, lx, ly), text_groups, image_groups = inputs(EXTRA, shapes_of(name)[0])
+    lx, ly = small_sigma(name, lx, ly)
+    groups = (text_groups, image_groups)
+    want = loss_and_grads(build(name, mode, impl=impl, block_size=2), x, y, lx, ly, groups=groups)
+    cuda = [None if t is None else t.cuda() for t in (x, y, lx, ly)]
+    got = loss_and_grads(build(name, mode, impl=impl, block_size=2).cuda(), *cuda,
+                         groups=tuple(g.cuda() for g in groups))
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip((want[1], want[2]), (got[1], got[2])):
+        for k in a:
+            torch.testing.assert_close(b[k].cpu(), a[k], rtol=1e-9, atol=1e-11, msg=k)
+    tokens = torch.randint(1, 50, (64, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(caption_groups(tokens.cuda()).cpu(), caption_groups(tokens))
