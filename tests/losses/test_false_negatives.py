@@ -397,3 +397,20 @@ def test_cuda_matches_cpu(name, mode, impl):
             torch.testing.assert_close(b[k].cpu(), a[k], rtol=1e-9, atol=1e-11, msg=k)
     tokens = torch.randint(1, 50, (64, 9), generator=torch.Generator().manual_seed(0))
     assert torch.equal(caption_groups(tokens.cuda()).cpu(), caption_groups(tokens))
+
+
+@pytest.mark.parametrize("extra", [0, EXTRA], ids=["paired", "extras"])
+@pytest.mark.parametrize("impl", ["dense", "tiled"])
+@pytest.mark.parametrize("mode", ["mask", "positive"])
+def test_infonce_global_matrix_path_equals_the_reference_checked_one(mode, impl, extra):
+    """``local_loss=False`` (one (W N, W M) matrix, its own code) gives what ``local_loss=True`` gives in one
+    process, which the reference test checks; the distributed check then compares each path with itself."""
+    (x, y, _, _), text_groups, image_groups = inputs(extra, None)
+    groups = (text_groups, image_groups)
+    local = loss_and_grads(build("infonce", mode, impl=impl, block_size=2), x, y, None, None, groups=groups)
+    whole = loss_and_grads(build("infonce", mode, impl=impl, block_size=2, local_loss=False), x, y, None, None,
+                           groups=groups)
+    torch.testing.assert_close(whole[0], local[0], rtol=1e-12, atol=1e-14)
+    for a, b in zip((local[1], local[2]), (whole[1], whole[2])):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-13, msg=k)
