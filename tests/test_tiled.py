@@ -495,3 +495,23 @@ def test_bench_losses_script_smoke(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [r["loss"] for r in results] == ["floor", "gaussian_var"]
     assert all("error" not in r and r["median_s"] > 0 for r in results), results
+
+
+def test_bench_losses_script_runs_false_negative_options(tmp_path):
+    """--false-negatives: each loss once per option (floor once), no case failing."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--sizes", "24", "--dim", "8", "--repeats", "1", "--block-size", "8", "--impls", "tiled",
+                "--losses", "floor", "infonce", "sigmoid", "--threads", "1", "--false-negatives", "keep", "mask",
+                "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["loss"], r["false_negatives"]) for r in results] == [
+        ("floor", "keep"), ("infonce", "keep"), ("infonce", "mask"), ("sigmoid", "keep"), ("sigmoid", "mask")]
+    assert all("error" not in r and r["median_s"] > 0 for r in results), results
