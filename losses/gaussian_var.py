@@ -73,6 +73,12 @@ candidates, with the positive logit added by plain autograd; ``auto`` (default) 
 gathered candidates exceeds ``block_size``. Per-sample log-std in one process computes both directions from
 one pass over ``||x_i - y_j||^2``; the diagonal (B, D) case uses ``2D + 1`` augmented features per direction
 (about twice the matrix-product cost). Both impls apply the same ``clamp_min(0)`` to squared distances.
+
+False negatives (``false_negatives``, probloss/false_negatives.py; ids passed as ``text_groups`` /
+``image_groups``), per direction, with P(q) = {q's positive} + the candidates whose caption (or scene) is
+identical to q's: ``keep`` (default) the loss above; ``mask``: the other members of P(q) get logit -inf (left out
+of the softmax); ``positive``: SupCon's L_out (Khosla et al. 2020; UniCL, Yang et al. 2022),
+``CE_q = log sum_j exp l_qj - mean_{p in P(q)} l_qp``. The KL term is unaffected.
 """
 
 import math
@@ -82,6 +88,9 @@ import torch.nn.functional as F
 
 import probloss
 from probloss import dist
+from probloss.false_negatives import (
+    dense_cross_entropy, false_negative_pairs, key_match, masked_ce, multi_positive_ce, take,
+)
 from probloss.loss import positive_texts, unit_gaussian_kl
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, dist_pair_lse, sq_dist_features, use_tiled
 
@@ -97,6 +106,7 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         freeze_log_std: use log-std 0 (sigma = 1) for every sample whatever the towers predict (module docstring).
         inverse_temperature: fixed multiplier t of every logit (1.0: none; module docstring).
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered candidates).
+        false_negatives: "keep", "mask" or "positive" (module docstring).
         block_size: tile side for the tiled kernel.
     """
 
@@ -133,9 +143,10 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
     def __init__(
         self, variant: str = "proposal", normalize: bool = False, kl_weight: float = 0.0,
         freeze_log_std: bool = False, inverse_temperature: float = 1.0, impl: str = "auto",
-        block_size: int = DEFAULT_BLOCK,
+        block_size: int = DEFAULT_BLOCK, false_negatives: str = "keep",
     ):
         super().__init__()
+        self.set_false_negatives(false_negatives)
         self.check_choice("variant", variant, VARIANTS)
         self.check_choice("impl", impl, IMPLS)
         if not (math.isfinite(inverse_temperature) and inverse_temperature > 0):
@@ -177,9 +188,9 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
     def embed(self, emb):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
-    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std, keys=None):
         image_log_std, text_log_std = self.log_stds_in_use(image_log_std, text_log_std)
-        contrastive = self.contrastive_loss(image_emb, text_emb, image_log_std, text_log_std)
+        contrastive = self.contrastive_loss(image_emb, text_emb, image_log_std, text_log_std, keys)
         if not self.kl_weight:
             return contrastive
         return contrastive + self.kl_weight * self.kl_to_unit_gaussian(image_emb, text_emb, image_log_std, text_log_std)
@@ -189,18 +200,26 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         image_kl = unit_gaussian_kl(self.embed(image_emb), image_log_std).mean()
         return (image_kl + unit_gaussian_kl(self.embed(text_emb), text_log_std).mean()) / 2
 
-    def contrastive_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+    def contrastive_loss(self, image_emb, text_emb, image_log_std, text_log_std, keys=None):
         x, y = self.embed(image_emb), self.embed(text_emb)
         n, m = x.shape[0], y.shape[0]  # m > n: extra texts, negatives only
         # Every candidate of the softmax: (W N, D), (W M, D) and their log-stds, rank-major; identity in one process.
         all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)
         all_image_log_std, all_text_log_std = dist.all_gather_cat(image_log_std), dist.all_gather_cat(text_log_std)
+        if keys is not None:  # false negatives: (image, positive-text, all-image, all-text) group keys
+            keys = (keys[0], keys[1][:n], dist.all_gather_cat(keys[0]), dist.all_gather_cat(keys[1]))
         if use_tiled(self.impl, all_y.shape[0], self.block_size):
-            return self._tiled_loss(x, y, all_x, all_y, all_image_log_std, all_text_log_std)
+            return self._tiled_loss(x, y, all_x, all_y, all_image_log_std, all_text_log_std, keys)
         # Positives at this rank's offset: text column rank * M + i for image i, image column rank * N + i for text i.
         rows, rank = torch.arange(n, device=x.device), dist.get_rank()
         logits_i2t, _, _ = self.candidate_logits(x, all_y, all_text_log_std)  # (N, W M)
         logits_t2i, _, _ = self.candidate_logits(positive_texts(y, n), all_x, all_image_log_std)  # (N, W N)
+        if keys is not None:
+            image_keys, text_keys, all_image_keys, all_text_keys = keys
+            return (dense_cross_entropy(logits_i2t, rows + rank * m, key_match(image_keys, all_text_keys),
+                                        self.false_negatives)
+                    + dense_cross_entropy(logits_t2i, rows + rank * n, key_match(text_keys, all_image_keys),
+                                          self.false_negatives)) / 2
         return (F.cross_entropy(logits_i2t, rows + rank * m) + F.cross_entropy(logits_t2i, rows + rank * n)) / 2
 
     def _penalty_and_weight(self, log_std, dims):
@@ -228,9 +247,18 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
             ).clamp_min(0)
         return -penalty - distance_term
 
-    def _tiled_loss(self, x, y, all_x, all_y, all_image_log_std, all_text_log_std):
-        """The same loss from tiled log-sum-exps: CE_i = lse_i - positive_i, no (B, B) matrix kept."""
+    def _tiled_loss(self, x, y, all_x, all_y, all_image_log_std, all_text_log_std, keys=None):
+        """The same loss from tiled log-sum-exps: CE_i = lse_i - positive_i, no (B, B) matrix kept.
+
+        False negatives as in ``infonce``: ``mask`` leaves key-matching pairs out of the kernel's log-sum-exps and
+        adds the positive back; ``positive`` subtracts the mean logit over each query's positives.
+        """
         block = self.block_size
+        mask = keys is not None and self.false_negatives == "mask"
+        i2t_keys = t2i_keys = {}
+        if mask:
+            i2t_keys = {"row_keys": keys[0], "col_keys": keys[3]}
+            t2i_keys = {"row_keys": keys[1], "col_keys": keys[2]}
         pen_img, w_img = self._penalty_and_weight(all_image_log_std, x.shape[1])  # candidates of text->image
         pen_txt, w_txt = self._penalty_and_weight(all_text_log_std, x.shape[1])  # candidates of image->text
         rank, n, m = dist.get_rank(), x.shape[0], y.shape[0]
@@ -245,25 +273,37 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
                 # of which the positive texts' (the first N) are used.
                 lse_i2t, lse_t2i = dist_pair_lse(
                     x, y, pen_txt, w_txt, pen_img, w_img, rows=True, cols=True, block=block,
-                    scale=-2.0, row_add=sq_x, col_add=sq_all_y,
+                    scale=-2.0, row_add=sq_x, col_add=sq_all_y, **i2t_keys,
                 )
                 lse_t2i = positive_texts(lse_t2i, n)
             else:
                 # (N, W M) and (N, W N); rows are this rank's queries.
                 lse_i2t, _ = dist_pair_lse(
-                    x, all_y, pen_txt, w_txt, block=block, scale=-2.0, row_add=sq_x, col_add=sq_all_y
+                    x, all_y, pen_txt, w_txt, block=block, scale=-2.0, row_add=sq_x, col_add=sq_all_y, **i2t_keys
                 )
                 lse_t2i, _ = dist_pair_lse(
                     y_pos, all_x, pen_img, w_img, block=block, scale=-2.0, row_add=y_pos.pow(2).sum(-1),
-                    col_add=sq_all_x,
+                    col_add=sq_all_x, **t2i_keys,
                 )
         else:
             # Diagonal: the weights sit inside the distance, so each direction has its own features (w folded in).
-            lse_i2t, _ = dist_pair_lse(*sq_dist_features(x, all_y, w_txt), pen_txt, None, block=block)
-            lse_t2i, _ = dist_pair_lse(*sq_dist_features(y_pos, all_x, w_img), pen_img, None, block=block)
+            lse_i2t, _ = dist_pair_lse(*sq_dist_features(x, all_y, w_txt), pen_txt, None, block=block, **i2t_keys)
+            lse_t2i, _ = dist_pair_lse(*sq_dist_features(y_pos, all_x, w_img), pen_img, None, block=block, **t2i_keys)
         pos_i2t = self._positive_logits(x, y_pos, pen_txt[own_texts], w_txt[own_texts])
         pos_t2i = self._positive_logits(y_pos, x, pen_img[own_images], w_img[own_images])
-        return ((lse_i2t - pos_i2t).mean() + (lse_t2i - pos_t2i).mean()) / 2
+        if keys is None:
+            return ((lse_i2t - pos_i2t).mean() + (lse_t2i - pos_t2i).mean()) / 2
+        if mask:
+            return (masked_ce(lse_i2t, pos_i2t).mean() + masked_ce(lse_t2i, pos_t2i).mean()) / 2
+        image_keys, text_keys, all_image_keys, all_text_keys = keys
+        rows = torch.arange(n, device=x.device)
+        r, c = false_negative_pairs(image_keys, all_text_keys, rows + rank * m)
+        pair_logits = self._positive_logits(take(x, r), take(all_y, c), take(pen_txt, c), take(w_txt, c))
+        ce_i2t = multi_positive_ce(lse_i2t, pos_i2t, r, pair_logits)
+        r, c = false_negative_pairs(text_keys, all_image_keys, rows + rank * n)
+        pair_logits = self._positive_logits(take(y_pos, r), take(all_x, c), take(pen_img, c), take(w_img, c))
+        ce_t2i = multi_positive_ce(lse_t2i, pos_t2i, r, pair_logits)
+        return (ce_i2t.mean() + ce_t2i.mean()) / 2
 
     @property
     def scores_raw_embeddings(self) -> bool:

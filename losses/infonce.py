@@ -29,6 +29,15 @@ against every column in both directions, O(N x W M) memory; ``local_loss=False``
 (:func:`probloss.tiled.pair_lse`, O(B x D) memory, tiles recomputed in backward) over the gathered columns,
 with the positive logit added by plain autograd; ``auto`` (default) is tiled when the number of gathered
 columns exceeds ``block_size``. Both give the same values and gradients.
+
+False negatives (``false_negatives``, probloss/false_negatives.py; group ids passed as ``text_groups`` /
+``image_groups``): with P(i) = {i's positive} + every candidate whose caption (or scene) is identical to i's,
+
+- ``keep`` (default): CLIP's loss above, ids ignored;
+- ``mask``: ``CE_i = -l_ii + log sum_{j not in P(i) or j = i} exp l_ij``: the false negatives' logits are -inf in
+  both directions (the tiled kernel leaves them out of its log-sum-exps);
+- ``positive``: SupCon's L_out (Khosla et al. 2020; UniCL, Yang et al. 2022, uses it for image-text-label
+  batches), ``CE_i = log sum_j exp l_ij - mean_{p in P(i)} l_ip``, both directions.
 """
 
 import math
@@ -39,6 +48,9 @@ from torch import nn
 
 import probloss
 from probloss import dist
+from probloss.false_negatives import (
+    dense_cross_entropy, false_negative_pairs, key_match, masked_ce, multi_positive_ce, take,
+)
 from probloss.loss import positive_columns, positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, pair_lse, use_tiled
 
@@ -51,6 +63,7 @@ class InfoNCE(probloss.ContrastiveLoss):
         learn_logit_scale: whether t is a learnable parameter.
         local_loss: distributed mode, see the module docstring.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered columns).
+        false_negatives: "keep", "mask" or "positive" (module docstring).
         block_size: tile side for the tiled kernel.
     """
 
@@ -70,8 +83,10 @@ class InfoNCE(probloss.ContrastiveLoss):
         local_loss: bool = True,
         impl: str = "auto",
         block_size: int = DEFAULT_BLOCK,
+        false_negatives: str = "keep",
     ):
         super().__init__()
+        self.set_false_negatives(false_negatives)
         self.check_choice("impl", impl, IMPLS)
         self.impl, self.block_size = impl, block_size
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
@@ -84,24 +99,40 @@ class InfoNCE(probloss.ContrastiveLoss):
             return self.logit_scale
         return self.logit_scale.clamp(max=self.max_logit_scale)
 
-    def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
+    def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None, keys=None):
         x, y = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
         n, m = x.shape[0], y.shape[0]  # m > n: extra texts, negatives only
         t = self.logit_scale_in_use().exp()
         # (W N, D) and (W M, D), rank-major; identity in one process
         all_x, all_y = dist.all_gather_cat(x), dist.all_gather_cat(y)
+        if keys is not None:  # false negatives: group keys of every candidate, gathered like the embeddings
+            keys = (*keys, dist.all_gather_cat(keys[0]), dist.all_gather_cat(keys[1]))
         if use_tiled(self.impl, all_y.shape[0], self.block_size):
-            return self._tiled_loss(x, y, all_x, all_y, t)
+            return self._tiled_loss(x, y, all_x, all_y, t, keys)
         if self.local_loss:
             # This rank's rows against every column, in both directions; positives at this rank's offset
             # (text column rank * M + i for image i, image column rank * N + i for text i).
             rows, rank = torch.arange(n, device=x.device), dist.get_rank()
-            loss_i2t = F.cross_entropy(t * x @ all_y.T, rows + rank * m)  # (N, W M)
-            loss_t2i = F.cross_entropy(t * positive_texts(y, n) @ all_x.T, rows + rank * n)  # (N, W N)
+            logits_i2t = t * x @ all_y.T  # (N, W M)
+            logits_t2i = t * positive_texts(y, n) @ all_x.T  # (N, W N)
+            if keys is None:
+                loss_i2t = F.cross_entropy(logits_i2t, rows + rank * m)
+                loss_t2i = F.cross_entropy(logits_t2i, rows + rank * n)
+            else:
+                image_keys, text_keys, all_image_keys, all_text_keys = keys
+                loss_i2t = dense_cross_entropy(logits_i2t, rows + rank * m, key_match(image_keys, all_text_keys),
+                                               self.false_negatives)
+                loss_t2i = dense_cross_entropy(logits_t2i, rows + rank * n, key_match(text_keys[:n], all_image_keys),
+                                               self.false_negatives)
         else:
             logits = t * all_x @ all_y.T  # (W N, W M), the same on every rank
             labels = torch.arange(logits.shape[0], device=x.device)
-            if m == n:
+            if keys is not None:
+                match = key_match(keys[2], keys[3])  # (W N, W M)
+                columns = positive_columns(n, m, dist.get_world_size(), x.device)
+                loss_i2t = dense_cross_entropy(logits, columns, match, self.false_negatives)
+                loss_t2i = dense_cross_entropy(logits.T[columns], labels, match.T[columns], self.false_negatives)
+            elif m == n:
                 loss_i2t = F.cross_entropy(logits, labels)
                 loss_t2i = F.cross_entropy(logits.T, labels)
             else:  # text->image for the positive texts only
@@ -110,23 +141,56 @@ class InfoNCE(probloss.ContrastiveLoss):
                 loss_t2i = F.cross_entropy(logits.T[columns], labels)
         return (loss_i2t + loss_t2i) / 2
 
-    def _tiled_loss(self, x, y, all_x, all_y, t):
-        """The same loss from tiled log-sum-exps: CE_i = lse_i - positive_i, no (B, B) matrix kept."""
+    def _tiled_loss(self, x, y, all_x, all_y, t, keys=None):
+        """The same loss from tiled log-sum-exps: CE_i = lse_i - positive_i, no (B, B) matrix kept.
+
+        False negatives: ``mask`` leaves every key-matching pair out of the kernel's log-sum-exps (the positive
+        too) and adds the positive back; ``positive`` keeps the full log-sum-exps and subtracts the mean logit over
+        each row's positives, the false-negative pairs found from the keys and scored one by one.
+        """
         n, m = x.shape[0], y.shape[0]
+        mask = keys is not None and self.false_negatives == "mask"
         if self.local_loss and dist.is_distributed():
             # (N, W M) and (N, W N): rows only. The positive of local row i is this rank's own pair (x_i, y_i).
             y = positive_texts(y, n)
-            lse_i2t, _ = pair_lse(x, all_y, t, rows=True, cols=False, block=self.block_size)
-            lse_t2i, _ = pair_lse(y, all_x, t, rows=True, cols=False, block=self.block_size)
+            i2t_keys = t2i_keys = {}
+            if keys is not None:
+                image_keys, text_keys, all_image_keys, all_text_keys = keys
+                text_keys = text_keys[:n]
+                if mask:
+                    i2t_keys = {"row_keys": image_keys, "col_keys": all_text_keys}
+                    t2i_keys = {"row_keys": text_keys, "col_keys": all_image_keys}
+            lse_i2t, _ = pair_lse(x, all_y, t, rows=True, cols=False, block=self.block_size, **i2t_keys)
+            lse_t2i, _ = pair_lse(y, all_x, t, rows=True, cols=False, block=self.block_size, **t2i_keys)
             positive = t * (x * y).sum(-1)  # (N,)
-        else:
-            # One (W N, W M) matrix: image->text is its row LSE, text->image its column LSE.
-            lse_i2t, lse_t2i = pair_lse(all_x, all_y, t, rows=True, cols=True, block=self.block_size)
-            if m > n:  # text->image for the positive texts only (the extras' column LSEs go unused)
-                columns = positive_columns(n, m, dist.get_world_size(), x.device)
-                lse_t2i, all_y = lse_t2i[columns], all_y[columns]
-            positive = t * (all_x * all_y).sum(-1)  # (W N,)
-        return ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
+            if keys is None:
+                return ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
+            if mask:
+                return (masked_ce(lse_i2t, positive).mean() + masked_ce(lse_t2i, positive).mean()) / 2
+            rows, rank = torch.arange(n, device=x.device), dist.get_rank()
+            r, c = false_negative_pairs(image_keys, all_text_keys, rows + rank * m)
+            ce_i2t = multi_positive_ce(lse_i2t, positive, r, t * (take(x, r) * take(all_y, c)).sum(-1))
+            r, c = false_negative_pairs(text_keys, all_image_keys, rows + rank * n)
+            ce_t2i = multi_positive_ce(lse_t2i, positive, r, t * (take(y, r) * take(all_x, c)).sum(-1))
+            return (ce_i2t.mean() + ce_t2i.mean()) / 2
+        # One (W N, W M) matrix: image->text is its row LSE, text->image its column LSE.
+        both_keys = {"row_keys": keys[2], "col_keys": keys[3]} if mask else {}
+        lse_i2t, lse_t2i = pair_lse(all_x, all_y, t, rows=True, cols=True, block=self.block_size, **both_keys)
+        columns = positive_columns(n, m, dist.get_world_size(), x.device)
+        all_texts = all_y
+        if m > n:  # text->image for the positive texts only (the extras' column LSEs go unused)
+            lse_t2i, all_y = lse_t2i[columns], all_y[columns]
+        positive = t * (all_x * all_y).sum(-1)  # (W N,)
+        if keys is None:
+            return ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
+        if mask:
+            return (masked_ce(lse_i2t, positive).mean() + masked_ce(lse_t2i, positive).mean()) / 2
+        all_image_keys, all_text_keys = keys[2], keys[3]
+        r, c = false_negative_pairs(all_image_keys, all_text_keys, columns)
+        ce_i2t = multi_positive_ce(lse_i2t, positive, r, t * (take(all_x, r) * take(all_texts, c)).sum(-1))
+        r, c = false_negative_pairs(all_text_keys[columns], all_image_keys, torch.arange(len(columns), device=x.device))
+        ce_t2i = multi_positive_ce(lse_t2i, positive, r, t * (take(all_y, r) * take(all_x, c)).sum(-1))
+        return (ce_i2t.mean() + ce_t2i.mean()) / 2
 
     def compute_scores(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
         return self.logit_scale_in_use().exp() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T

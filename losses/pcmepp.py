@@ -47,6 +47,14 @@ Shapes: image_emb (N, D), text_emb (M, D) with M >= N (extras after the positive
 (``dist_impl`` "ring", "shift") or by all-gather ("gather"). ``impl="tiled"`` sums the pairs and their gradients in
 one pass over tiles, O(B x D) memory (probloss.tiled.softplus_pair_sum with the squared norms and variances as
 two extra features).
+
+False negatives (``false_negatives``, probloss/false_negatives.py; ids passed as ``text_groups`` /
+``image_groups``): a pair (image i, text j), j not i's positive, whose caption (or scene) is identical to i's is
+a false negative. ``keep`` (default): the loss above (a duplicated caption already tends to be a pseudo-positive,
+through the tie tolerance). ``mask``: the pair leaves every term, matching and pseudo-positive (the divisor N x N
+stays). ``positive``: the pair gets label 1 in all three BCEs: [i = j] and both pseudo-positive labels (the
+thresholds stay each sample's own positive logit). The pairs are found from group keys that travel with the texts
+and their terms corrected one by one after the all-pairs sum, so the kernels are unchanged. VIB is unaffected.
 """
 
 import torch
@@ -56,6 +64,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
+from probloss.false_negatives import false_negative_pairs, take, with_keys
 from probloss.loss import positive_texts, sigma_sq_sum, unit_gaussian_kl
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, offset_features, softplus_pair_sum, use_tiled
 
@@ -75,6 +84,7 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         normalize: L2-normalise the means (the released config does).
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
+        false_negatives: "keep", "mask" or "positive" (module docstring).
         block_size: rows per block for the tiled kernel.
     """
 
@@ -102,8 +112,10 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         dist_impl: str = "ring",
         impl: str = "auto",
         block_size: int = DEFAULT_BLOCK,
+        false_negatives: str = "keep",
     ):
         super().__init__()
+        self.set_false_negatives(false_negatives)
         self.check_choice("dist_impl", dist_impl, DIST_IMPLS)
         self.check_choice("impl", impl, IMPLS)
         self.negative_scale = nn.Parameter(torch.tensor(float(init_negative_scale)))
@@ -125,7 +137,7 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         return offset_features(2 * a * x, y, -a * (x.pow(2).sum(-1) + sigma_sq_sum(image_log_std, dims)),
                                -a * (y.pow(2).sum(-1) + sigma_sq_sum(text_log_std, dims)))
 
-    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std, keys=None):
         x, y = self.embed(image_emb), self.embed(text_emb)
         n, m, world = x.shape[0], y.shape[0], dist.get_world_size()
         one, b, alpha = x.new_ones(()), self.shift, self.smoothness_alpha
@@ -141,12 +153,23 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
         col_threshold = torch.cat([thresholds, thresholds.new_full((m - n,), float("inf"))]) if alpha else None
         weight = alpha / (2 + 2 * alpha)
         pairs = softplus_pair_sum(q, k, one, b, block, row_threshold, col_threshold, weight)
+        if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
+            r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
+            pairs = pairs - self._false_negative_terms(take(q, r), take(k, c), b, row_threshold, col_threshold, r, c,
+                                                       weight)
         if world > 1:
-            # The other ranks' texts travel with their column thresholds (data, no gradient) as one more feature.
+            # The other ranks' texts travel with their column thresholds (data, no gradient) as one more feature,
+            # and with their group keys beside them.
             texts = k if col_threshold is None else torch.cat([k, col_threshold[:, None]], dim=1)
-            for other in dist.other_rank_blocks(texts, self.dist_impl, what="pcmepp loss"):
+            blocks = dist.other_rank_blocks(texts, self.dist_impl, what="pcmepp loss")
+            key_blocks = None if keys is None else dist.other_rank_blocks(keys[1], self.dist_impl, what="pcmepp loss")
+            for other, key_block in with_keys(blocks, key_blocks):
                 other_k, other_threshold = (other, None) if col_threshold is None else (other[:, :-1], other[:, -1])
                 pairs = pairs + softplus_pair_sum(q, other_k, one, b, block, row_threshold, other_threshold, weight)
+                if key_block is not None:
+                    r, c = false_negative_pairs(keys[0], key_block)
+                    pairs = pairs - self._false_negative_terms(take(q, r), take(other_k, c), b, row_threshold,
+                                                               other_threshold, r, c, weight)
         total = (2 + 2 * alpha) * pairs - 2 * positive_logits.sum()
         loss = total / (n * world * n)
         if self.vib_beta:
@@ -154,6 +177,26 @@ class PCMEPPLoss(probloss.ContrastiveLoss):
             vib = (unit_gaussian_kl(x, image_log_std).mean() + unit_gaussian_kl(y, text_log_std).mean()) / dims
             loss = loss + self.vib_beta * vib
         return loss
+
+    def _false_negative_terms(self, q, k, b, row_threshold, col_threshold, rows, cols, weight):
+        """What to subtract from ``pairs`` (the all-pairs ``sum softplus(l) - weight * sum (y + y') l``) for the
+        false-negative pairs, features ``q``, ``k`` ``(P, E)`` matched row by row (module docstring).
+
+        Their current term is softplus(l) - weight c l, c = y + y' the thresholds the pair reaches (no gradient).
+        ``mask`` removes it; ``positive`` makes every label 1, term softplus(l) - l, so it subtracts
+        (1 - weight c) l.
+        """
+        if rows.numel() == 0:
+            return q.new_zeros(())
+        logits = (q * k).sum(-1) + b
+        counts = torch.zeros_like(logits)
+        if weight:
+            with torch.no_grad():
+                counts = (logits >= row_threshold[rows]).to(logits.dtype)
+                counts += (logits >= col_threshold[cols]).to(logits.dtype)
+        if self.false_negatives == "mask":
+            return (F.softplus(logits) - weight * counts * logits).sum()
+        return ((1 - weight * counts) * logits).sum()
 
     def compute_scores(self, image_emb, text_emb, image_log_std, text_log_std):
         q, k = self.pair_features(self.embed(image_emb), self.embed(text_emb), image_log_std, text_log_std)

@@ -45,6 +45,13 @@ the N positive pairs. Distributed like ``sigmoid``: the other ranks' texts (with
 the ring (``dist_impl`` "ring", "shift") or by all-gather ("gather") and add negatives only. ``impl="tiled"``
 computes the pair sum and its gradients in one pass over tiles (O(B x D) memory: the variance terms ride along
 as two extra features, probloss.tiled.offset_features).
+
+False negatives (``false_negatives``, probloss/false_negatives.py; ids passed as ``text_groups`` /
+``image_groups``): a pair (image i, text j), j not i's positive, whose caption (or scene) is identical to i's is
+a false negative. ``keep`` (default): the loss above. ``mask``: its pair term leaves the sum (the division stays).
+``positive``: it gets the positive label. The pairs are found from group keys that travel with the texts (around
+the ring, or gathered) and their terms corrected one by one after the all-pairs sum, so the kernels are unchanged.
+VIB and the inclusion losses are unaffected.
 """
 
 import math
@@ -57,6 +64,7 @@ from torch.utils.checkpoint import checkpoint
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
+from probloss.false_negatives import false_negative_pairs, sigmoid_correction, take, with_keys
 from probloss.loss import positive_texts, sigma_sq_sum, unit_gaussian_kl
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, offset_features, softplus_pair_sum, use_tiled
 
@@ -114,6 +122,7 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         normalize: L2-normalise the means (ProLIP does).
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
+        false_negatives: "keep", "mask" or "positive" (module docstring; the PPCL term only).
         block_size: rows per block for the tiled kernel.
     """
 
@@ -142,8 +151,10 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         dist_impl: str = "ring",
         impl: str = "auto",
         block_size: int = DEFAULT_BLOCK,
+        false_negatives: str = "keep",
     ):
         super().__init__()
+        self.set_false_negatives(false_negatives)
         self.check_choice("dist_impl", dist_impl, DIST_IMPLS)
         self.check_choice("impl", impl, IMPLS)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -164,7 +175,7 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         return offset_features(t * x, y, -0.5 * t * sigma_sq_sum(image_log_std, dims),
                                -0.5 * t * sigma_sq_sum(text_log_std, dims))
 
-    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std, keys=None):
         x, y = self.embed(image_emb), self.embed(text_emb)
         n, one, b = x.shape[0], x.new_ones(()), self.logit_bias
         q, k = self.pair_features(x, y, image_log_std, text_log_std)
@@ -172,8 +183,17 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii, so the all-pairs softplus sum minus the diagonal
         # logits (as in ``sigmoid``).
         total = softplus_pair_sum(q, k, one, b, block) - ((q * positive_texts(k, n)).sum(-1) + b).sum()
-        for other in dist.other_rank_blocks(k, self.dist_impl, what="prolip loss"):  # negatives only
+        if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
+            r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
+            total = total - sigmoid_correction((take(q, r) * take(k, c)).sum(-1) + b, self.false_negatives)
+        # Negatives only; the texts' group keys travel around the ring with them.
+        blocks = dist.other_rank_blocks(k, self.dist_impl, what="prolip loss")
+        key_blocks = None if keys is None else dist.other_rank_blocks(keys[1], self.dist_impl, what="prolip loss")
+        for other, key_block in with_keys(blocks, key_blocks):
             total = total + softplus_pair_sum(q, other, one, b, block)
+            if key_block is not None:
+                r, c = false_negative_pairs(keys[0], key_block)
+                total = total - sigmoid_correction((take(q, r) * take(other, c)).sum(-1) + b, self.false_negatives)
         loss = total / n
         if self.vib_beta:
             dims = x.shape[1]

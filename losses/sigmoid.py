@@ -37,6 +37,14 @@ each rank's rows against the gathered texts (dense, O(N x W M)) whatever ``dist_
 is drawn for the whole global batch (indexed by single-process text order) from ``mask_seed`` and a call
 counter kept in the state dict, so every rank and a resumed run draw the same masks. ("Hard with matched
 pairs" lengthens training by 1 / neg_keep_ratio: a trainer setting.)
+
+False negatives (``false_negatives``, probloss/false_negatives.py; ids passed as ``text_groups`` /
+``image_groups``): a pair (image i, text j), j not i's positive, whose caption (or scene) is identical to i's is
+a false negative. ``keep`` (default): the loss above. ``mask``: its term softplus(l_ij) leaves the sum (the
+division by N stays). ``positive``: it gets label z = +1, term -log sigmoid(l_ij). The pairs are found from group
+keys that travel with the texts (around the ring, or gathered) and their terms corrected one by one after the
+all-pairs sum, so the kernels are unchanged. With ``neg_mask`` false negatives are never among the k kept
+negatives (``mask``; a row with fewer true negatives keeps them all) or join the positives (``positive``).
 """
 
 import math
@@ -48,6 +56,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
+from probloss.false_negatives import false_negative_pairs, key_match, sigmoid_correction, take, with_keys
 from probloss.loss import positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, softplus_pair_sum, use_tiled
 
@@ -72,6 +81,7 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         block_size: rows per block for the tiled kernel.
         neg_mask: "none", "random", "hard" or "easy" negative masking (see the module docstring).
         neg_keep_ratio: fraction of each row's negatives kept when masking.
+        false_negatives: "keep", "mask" or "positive" (module docstring).
         mask_seed: seed of the random mask.
     """
 
@@ -93,8 +103,10 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         neg_mask: str = "none",
         neg_keep_ratio: float = 1.0,
         mask_seed: int = 0,
+        false_negatives: str = "keep",
     ):
         super().__init__()
+        self.set_false_negatives(false_negatives)
         self.check_choice("neg_mask", neg_mask, NEG_MASKS)
         self.check_choice("dist_impl", dist_impl, DIST_IMPLS)
         self.check_choice("impl", impl, IMPLS)
@@ -106,21 +118,32 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         self.neg_mask, self.neg_keep_ratio, self.mask_seed = neg_mask, neg_keep_ratio, mask_seed
         self.register_buffer("mask_calls", torch.zeros((), dtype=torch.long))  # advances the random mask
 
-    def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None):
+    def compute_loss(self, image_emb, text_emb, image_log_std=None, text_log_std=None, keys=None):
         x = nn.functional.normalize(image_emb, dim=-1)
         y = nn.functional.normalize(text_emb, dim=-1)
         t, b = self.logit_scale.exp(), self.logit_bias
         if self.neg_mask != "none":
-            return self.masked_loss(x, y, t, b)
-        block = self.block_size if use_tiled(self.impl, x.shape[0], self.block_size) else None
+            return self.masked_loss(x, y, t, b, keys)
+        n = x.shape[0]
+        block = self.block_size if use_tiled(self.impl, n, self.block_size) else None
         # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii, so subtracting the diagonal logits from the
         # all-pairs softplus sum (over all M texts, extras included) turns the diagonal into positives.
-        total = softplus_pair_sum(x, y, t, b, block) - (t * (x * positive_texts(y, x.shape[0])).sum(-1) + b).sum()
-        for y_block in dist.other_rank_blocks(y, self.dist_impl, what="sigmoid loss"):  # negatives only
+        total = softplus_pair_sum(x, y, t, b, block) - (t * (x * positive_texts(y, n)).sum(-1) + b).sum()
+        if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
+            r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
+            total = total - sigmoid_correction(t * (take(x, r) * take(y, c)).sum(-1) + b, self.false_negatives)
+        # Negatives only; the texts' group keys travel around the ring with them.
+        blocks = dist.other_rank_blocks(y, self.dist_impl, what="sigmoid loss")
+        key_blocks = None if keys is None else dist.other_rank_blocks(keys[1], self.dist_impl, what="sigmoid loss")
+        for y_block, key_block in with_keys(blocks, key_blocks):
             total = total + softplus_pair_sum(x, y_block, t, b, block)
-        return total / x.shape[0]
+            if key_block is not None:
+                r, c = false_negative_pairs(keys[0], key_block)
+                pair_logits = t * (take(x, r) * take(y_block, c)).sum(-1) + b
+                total = total - sigmoid_correction(pair_logits, self.false_negatives)
+        return total / n
 
-    def masked_loss(self, x, y, t, b):
+    def masked_loss(self, x, y, t, b, keys=None):
         """Positives plus the kept negatives of each row, over the gathered texts: (N, W M) logits."""
         rank, world, n, m = dist.get_rank(), dist.get_world_size(), x.shape[0], y.shape[0]
         all_y = dist.all_gather_cat(y)
@@ -128,6 +151,11 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         columns = torch.arange(n, device=x.device) + rank * m
         positive = torch.zeros_like(logits, dtype=torch.bool)
         positive[torch.arange(n, device=x.device), columns] = True
+        false_negative = None
+        if keys is not None:  # identical captions / scenes: never chosen as negatives; positives if so asked
+            false_negative = key_match(keys[0], dist.all_gather_cat(keys[1])) & ~positive
+            if self.false_negatives == "positive":
+                positive = positive | false_negative
         keep = round(self.neg_keep_ratio * (logits.shape[1] - 1))
         with torch.no_grad():
             if self.neg_mask == "random":
@@ -142,8 +170,12 @@ class SigmoidLoss(probloss.ContrastiveLoss):
             else:  # the pair loss softplus(l) grows with l: hard = highest logits, easy = lowest
                 priority = logits.detach().double() if self.neg_mask == "hard" else -logits.detach().double()
             priority = priority.masked_fill(positive, -float("inf"))
+            if false_negative is not None:
+                priority = priority.masked_fill(false_negative, -float("inf"))
             kept = torch.zeros_like(positive)
             kept.scatter_(1, priority.topk(keep, dim=1).indices, True)
+            if false_negative is not None:
+                kept &= ~false_negative  # a row with fewer than k true negatives keeps them all
             self.mask_calls += 1
         pair_loss = torch.where(positive, F.softplus(-logits), F.softplus(logits))
         return pair_loss.masked_fill(~(kept | positive), 0.0).sum() / n

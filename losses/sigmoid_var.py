@@ -29,6 +29,12 @@ first (d in [0, 4]). Distributed exactly like ``sigmoid``: positives and local n
 ranks' texts and text log-stds arrive over the ring (``dist_impl`` "ring", "shift") or by all-gather
 ("gather"). ``impl="tiled"`` computes the pair sums in (block x block) tiles and their gradients in the same
 pass, so no (B x N) matrix is kept and no tile is computed twice.
+
+False negatives (``false_negatives``, probloss/false_negatives.py; ids passed as ``text_groups`` /
+``image_groups``): a pair (image i, text j), j not i's positive, whose caption (or scene) is identical to i's is
+a false negative. ``keep`` (default): the loss above. ``mask``: its pair term leaves the sum (the division stays).
+``positive``: it gets the positive label. The pairs are found from group keys that travel with the texts (around
+the ring, or gathered) and their terms corrected one by one after the all-pairs sum, so the kernels are unchanged.
 """
 
 import math
@@ -40,6 +46,7 @@ from torch import nn
 import probloss
 from probloss import dist
 from probloss.dist import DIST_IMPLS
+from probloss.false_negatives import false_negative_pairs, sigmoid_correction, take, with_keys
 from probloss.loss import positive_texts
 from probloss.tiled import DEFAULT_BLOCK, IMPLS, SinglePassSum, tiles, use_tiled
 
@@ -52,6 +59,13 @@ def pair_logits(x, y, image_log_std, text_log_std, scale, bias):
     sq_dist = (x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1) - 2 * x @ y.T).clamp_min(0)  # cancellation dips < 0
     var = torch.exp(2 * image_log_std)[:, None] + torch.exp(2 * text_log_std)[None, :]
     return scale * (-0.5 * torch.log(var) - sq_dist * var.reciprocal()) + bias
+
+
+def row_pair_logits(x, y, image_log_std, text_log_std, scale, bias):
+    """``(P,)`` logits of matched rows ``(x_p, y_p)``, the same formula as :func:`pair_logits`."""
+    sq_dist = (x - y).pow(2).sum(-1)
+    var = torch.exp(2 * image_log_std) + torch.exp(2 * text_log_std)
+    return scale * (-0.5 * torch.log(var) - sq_dist / var) + bias
 
 
 class _VarSoftplusPairSum(SinglePassSum):
@@ -136,6 +150,7 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         normalize: L2-normalise embeddings before the distances.
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
+        false_negatives: "keep", "mask" or "positive" (module docstring).
         block_size: rows per block for the tiled kernel.
     """
 
@@ -159,8 +174,10 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         dist_impl: str = "ring",
         impl: str = "auto",
         block_size: int = DEFAULT_BLOCK,
+        false_negatives: str = "keep",
     ):
         super().__init__()
+        self.set_false_negatives(false_negatives)
         self.check_choice("dist_impl", dist_impl, DIST_IMPLS)
         self.check_choice("impl", impl, IMPLS)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -170,7 +187,7 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
     def embed(self, emb):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
-    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std):
+    def compute_loss(self, image_emb, text_emb, image_log_std, text_log_std, keys=None):
         x, y = self.embed(image_emb), self.embed(text_emb)
         t, b = self.logit_scale.exp(), self.logit_bias
         block = self.block_size if use_tiled(self.impl, x.shape[0], self.block_size) else None
@@ -181,10 +198,22 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         diag_var = torch.exp(2 * image_log_std) + torch.exp(2 * positive_texts(text_log_std, n))
         diag_logits = t * (-0.5 * torch.log(diag_var) - diag_dist / diag_var) + b
         total = var_softplus_pair_sum(x, y, image_log_std, text_log_std, t, b, block) - diag_logits.sum()
-        # Texts travel with their log-std as one (M, D + 1) block.
+        if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
+            r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
+            total = total - sigmoid_correction(
+                row_pair_logits(take(x, r), take(y, c), take(image_log_std, r), take(text_log_std, c), t, b),
+                self.false_negatives)
+        # Texts travel with their log-std as one (M, D + 1) block, and their group keys beside it.
         texts = torch.cat([y, text_log_std[:, None]], dim=1)
-        for other in dist.other_rank_blocks(texts, self.dist_impl, what="sigmoid_var loss"):  # negatives only
+        blocks = dist.other_rank_blocks(texts, self.dist_impl, what="sigmoid_var loss")  # negatives only
+        key_blocks = None if keys is None else dist.other_rank_blocks(keys[1], self.dist_impl, what="sigmoid_var loss")
+        for other, key_block in with_keys(blocks, key_blocks):
             total = total + var_softplus_pair_sum(x, other[:, :-1], image_log_std, other[:, -1], t, b, block)
+            if key_block is not None:
+                r, c = false_negative_pairs(keys[0], key_block)
+                texts_c = take(other, c)  # (P, D + 1): embedding and log-std
+                pair_logits = row_pair_logits(take(x, r), texts_c[:, :-1], take(image_log_std, r), texts_c[:, -1], t, b)
+                total = total - sigmoid_correction(pair_logits, self.false_negatives)
         return total / x.shape[0]
 
     @property

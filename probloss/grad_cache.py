@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from probloss import dist
+from probloss.false_negatives import batch_groups
 
 FIELDS = ("image_emb", "text_emb", "image_log_std", "text_log_std")
 
@@ -49,11 +50,12 @@ def with_negatives(tokens: torch.Tensor, negative_tokens: torch.Tensor | None) -
 
 
 def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Tensor, k: int,
-                        negative_tokens: torch.Tensor | None = None):
+                        negative_tokens: torch.Tensor | None = None, metas=None):
     """Back-propagate the loss of this rank's batch in ``k`` micro-batches.
 
     ``negative_tokens`` (B, n_neg, L): extra texts per sample (hard negatives), encoded with their sample's
-    micro-batch.
+    micro-batch. ``metas``: the samples' json (scene ids for ``loss.false_negatives``); group ids are computed
+    for the whole rank batch in the loss's text order, so false negatives span micro-batches as in one batch.
 
     Returns:
         (global loss value, whether it is finite on every rank, the first micro-batch's detached Embeddings,
@@ -83,7 +85,9 @@ def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Ten
     leaves = [to_loss_order(f, torch.cat([getattr(e, f) for e in cached])).detach().requires_grad_(True)
               for f in fields]
     full = type(cached[0])(**dict(zip(fields, leaves)))
-    loss = trainee.loss(*full.loss_args())
+    # [all positives, all extras] of the whole rank batch: the loss's text order (to_loss_order above)
+    groups = batch_groups(trainee.loss, with_negatives(tokens, negative_tokens), metas)
+    loss = trainee.loss(*full.loss_args(), **groups)
     value, finite = dist.global_mean(fabric, loss)
     first = detach(cached[0], texts=sizes[0])
     if not finite:

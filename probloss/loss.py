@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from probloss import dist
+from probloss.false_negatives import FALSE_NEGATIVES, group_keys
 
 Tensor = torch.Tensor
 
@@ -21,7 +22,8 @@ Tensor = torch.Tensor
 class ContrastiveLoss(nn.Module):
     """Base class for image-text contrastive losses.
 
-    Call as ``loss(image_emb, text_emb, image_log_std=None, text_log_std=None) -> scalar``:
+    Call as ``loss(image_emb, text_emb, image_log_std=None, text_log_std=None, *, text_groups=None,
+    image_groups=None) -> scalar``:
 
     - ``image_emb`` ``(N, D)``, ``text_emb`` ``(M, D)`` with ``M >= N``: raw projections on this rank. Text
       rows ``0..N-1`` are the positives of image rows ``0..N-1``; text rows ``N..M-1`` (if any) are extra texts
@@ -29,6 +31,10 @@ class ContrastiveLoss(nn.Module):
       paired batch.
     - ``image_log_std`` ``(N,)`` / ``text_log_std`` ``(M,)``: one log standard deviation per sample, or
       ``(N, D)`` / ``(M, D)`` (diagonal), for losses with ``needs_log_std``; ignored by the others.
+    - ``text_groups`` ``(M,)`` / ``image_groups`` ``(N,)``: integer ids, the same id for identical captions /
+      scenes (false negatives, probloss/false_negatives.py). None: every sample distinct. With
+      ``false_negatives="keep"`` (the default) they are ignored; otherwise the subclass's ``compute_loss`` gets
+      ``keys=(image_keys, text_keys)`` (:func:`probloss.false_negatives.group_keys`).
 
     Under torch.distributed each rank passes its contiguous slice of the global batch (its positives first,
     then its extras; every rank the same N and M) and the mean over ranks of the returned values is the
@@ -68,6 +74,14 @@ class ContrastiveLoss(nn.Module):
     distributed_variants: ClassVar[Sequence[dict[str, Any]]] = ({},)
     registered_name: ClassVar[str | None] = None
     invariances: ClassVar[tuple[str, ...]] = ()
+    # "keep" | "mask" | "positive" (probloss/false_negatives.py); a built-in loss sets it from its constructor's
+    # ``false_negatives`` keyword. A plugin that leaves it at "keep" is never passed group keys.
+    false_negatives: str = "keep"
+
+    def set_false_negatives(self, false_negatives: str) -> None:
+        """Validate and store the constructor's ``false_negatives`` option (probloss/false_negatives.py)."""
+        self.check_choice("false_negatives", false_negatives, FALSE_NEGATIVES)
+        self.false_negatives = false_negatives
 
     @property
     def scores_raw_embeddings(self) -> bool:
@@ -118,13 +132,36 @@ class ContrastiveLoss(nn.Module):
         text_emb: Tensor,
         image_log_std: Tensor | None = None,
         text_log_std: Tensor | None = None,
+        *,
+        text_groups: Tensor | None = None,
+        image_groups: Tensor | None = None,
     ) -> Tensor:
         image_log_std, text_log_std = self.check_inputs(image_emb, text_emb, image_log_std, text_log_std, paired=True)
+        self.check_groups(image_emb, text_emb, text_groups, image_groups)
         dist.check_same_shapes(
-            {"image_emb": image_emb, "text_emb": text_emb, "image_log_std": image_log_std, "text_log_std": text_log_std},
+            {"image_emb": image_emb, "text_emb": text_emb, "image_log_std": image_log_std, "text_log_std": text_log_std,
+             "text_groups": text_groups, "image_groups": image_groups},
             what=f"{self.loss_name} loss",
         )
-        return self.compute_loss(image_emb, text_emb, image_log_std, text_log_std)
+        if self.false_negatives == "keep" or text_groups is None:  # today's loss, bit for bit
+            return self.compute_loss(image_emb, text_emb, image_log_std, text_log_std)
+        keys = group_keys(text_groups, image_groups, image_emb.shape[0])
+        return self.compute_loss(image_emb, text_emb, image_log_std, text_log_std, keys=keys)
+
+    def check_groups(self, image_emb: Tensor, text_emb: Tensor, text_groups: Tensor | None,
+                     image_groups: Tensor | None) -> None:
+        """Shapes and dtypes of the false-negative group ids: ``text_groups`` (M,), ``image_groups`` (N,), integers."""
+        for label, groups, rows in (("text_groups", text_groups, text_emb.shape[0]),
+                                    ("image_groups", image_groups, image_emb.shape[0])):
+            if groups is None:
+                continue
+            if not isinstance(groups, Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool \
+                    or tuple(groups.shape) != (rows,):
+                shape = tuple(groups.shape) if isinstance(groups, Tensor) else type(groups).__name__
+                raise ValueError(f"{self.loss_name}: {label} must be a ({rows},) integer tensor (one id per row), "
+                                 f"got {shape}")
+        if image_groups is not None and text_groups is None:
+            raise ValueError(f"{self.loss_name}: image_groups needs text_groups (image i's caption is text_groups[i])")
 
     @torch.no_grad()
     def score(

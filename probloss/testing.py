@@ -14,6 +14,11 @@ the loss and ``.backward()``; the results are compared with one process on the w
 positives (``M = N (1 + k)`` text rows), and the single process gets texts ordered [every rank's positives in
 rank order, then every rank's extras in rank order] (the contract of :class:`probloss.ContrastiveLoss`).
 
+``groups=True`` passes false-negative group ids with deliberate duplicates (:func:`make_groups`: identical
+captions on every rank and across ranks, repeated scenes, extras repeating their image's caption) to every call,
+each rank its slice and the single process all of them: with ``false_negatives`` in the variants, it checks
+that ids travel with the texts and every pair is judged over the global batch.
+
 A loss class lists the keyword variants worth checking (distributed modes, implementations) in its class
 attribute ``distributed_variants`` (:class:`probloss.ContrastiveLoss`; by default it is checked as built).
 """
@@ -76,6 +81,24 @@ def make_inputs(batch: int, dim: int, seed: int, log_std: str | None, dtype=torc
     return x, y, lx, ly
 
 
+def make_groups(batch: int, extra_texts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(text_groups (B (1 + k),), image_groups (B,))`` int64 with deliberate duplicates for :func:`make_inputs`'
+    batch (false negatives, probloss/false_negatives.py).
+
+    Captions repeat with period 3 (sample i has caption group i mod 3), so identical captions sit on every rank and
+    across rank boundaries; scenes repeat with period 4 (sample i and i + 4 show one scene); every other extra text
+    repeats its image's caption (extra ``i k + e`` has group i mod 3 for even e, a group of its own otherwise).
+    """
+    rows = torch.arange(batch)
+    text_groups = rows % 3
+    image_groups = 100 + rows % 4
+    if extra_texts:
+        extra = torch.arange(batch * extra_texts)
+        own = extra // extra_texts % 3
+        text_groups = torch.cat([text_groups, torch.where(extra % 2 == 0, own, 1000 + extra)])
+    return text_groups.long(), image_groups.long()
+
+
 def rank_rows(rank: int, world: int, batch: int, extra_texts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image rows, text rows)`` of rank ``rank``'s slice of :func:`make_inputs`' global batch.
 
@@ -88,10 +111,14 @@ def rank_rows(rank: int, world: int, batch: int, extra_texts: int = 0) -> tuple[
     return images, torch.cat([images, extras])
 
 
-def loss_and_grads(loss_module, x, y, lx, ly):
-    """Value and gradients of one call: embeddings, log-stds and every learnable parameter of the loss."""
+def loss_and_grads(loss_module, x, y, lx, ly, groups=None):
+    """Value and gradients of one call: embeddings, log-stds and every learnable parameter of the loss.
+
+    ``groups``: ``(text_groups, image_groups)`` passed as keywords (false negatives), or None.
+    """
     inputs = [t.clone().requires_grad_(True) if t is not None else None for t in (x, y, lx, ly)]
-    value = loss_module(*inputs)
+    kwargs = {} if groups is None else {"text_groups": groups[0], "image_groups": groups[1]}
+    value = loss_module(*inputs, **kwargs)
     value.backward()
     grads = {name: t.grad.clone() for name, t in zip(("image_emb", "text_emb", "image_log_std", "text_log_std"), inputs)
              if t is not None}
@@ -124,7 +151,7 @@ def _cases(cls: type[probloss.ContrastiveLoss], variants: list[dict] | None):
     return [(variant, shape) for variant in variants for shape in log_std_shapes(cls)]
 
 
-def _worker(rank, world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed, extra_texts):
+def _worker(rank, world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed, extra_texts, groups):
     # ``cls`` arrives pickled by reference, which imports its module here: a loss registered in a test or a
     # script (not at import of a plugin package) is checked as well, without its registration.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -140,7 +167,11 @@ def _worker(rank, world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim
             x, y, lx, ly = make_inputs(batch, dim, seed, shape, extra_texts=extra_texts)
             part = [None if t is None else t[rows]
                     for t, rows in zip((x, y, lx, ly), (image_rows, text_rows, image_rows, text_rows))]
-            results.append(loss_and_grads(loss_module, *part))
+            ids = None
+            if groups:
+                text_groups, image_groups = make_groups(batch, extra_texts)
+                ids = (text_groups[text_rows], image_groups[image_rows])
+            results.append(loss_and_grads(loss_module, *part, groups=ids))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         ok = True
     finally:
@@ -165,6 +196,7 @@ def check_distributed(
     seed: int = 0,
     timeout: float = 180.0,
     extra_texts: int = 0,
+    groups: bool = False,
 ) -> list[CaseResult]:
     """Run the conformance check of docs/design.md's distributed invariant for a registered loss.
 
@@ -177,6 +209,8 @@ def check_distributed(
         rtol: largest relative error accepted for each value and gradient.
         timeout: seconds before the processes are killed and the check fails (a hang is a failure).
         extra_texts: hard negatives per image (module docstring): each rank passes ``N (1 + extra_texts)`` texts.
+        groups: pass ``text_groups`` / ``image_groups`` with duplicates (:func:`make_groups`) on every call, each
+            rank its slice: checks a loss's false-negative options (``false_negatives`` in the variants).
 
     Returns:
         One :class:`CaseResult` per case. Raises :class:`DistributedCheckError` naming every failing case.
@@ -189,7 +223,7 @@ def check_distributed(
         batch = batch_per_rank * world
         with tempfile.TemporaryDirectory() as out_dir:
             init_file = os.path.join(out_dir, "init")
-            args = (world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed, extra_texts)
+            args = (world, init_file, out_dir, cls, cases, loss_kwargs, batch, dim, seed, extra_texts, groups)
             _spawn(world, args, timeout)
             per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
         rows = [rank_rows(r, world, batch, extra_texts) for r in range(world)]
@@ -197,7 +231,8 @@ def check_distributed(
             torch.manual_seed(seed)
             reference = cls(**{**loss_kwargs, **variant}).double()
             inputs = make_inputs(batch, dim, seed, shape, extra_texts=extra_texts)
-            want_value, want_grads, want_params = loss_and_grads(reference, *inputs)
+            ids = make_groups(batch, extra_texts) if groups else None
+            want_value, want_grads, want_params = loss_and_grads(reference, *inputs, groups=ids)
             got = [per_rank[r][k] for r in range(world)]
             case = CaseResult(world, variant, shape, extra_texts=extra_texts)
             case.errors["(a) loss"] = _relative_error(torch.stack([g[0] for g in got]).mean(), want_value)

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from probloss.false_negatives import key_match
+
 Tensor = torch.Tensor
 
 # Tile side: 512 x 512 tiles keep the per-tile temporaries at ~1 MiB each in float32 with no measurable loss of
@@ -107,9 +109,11 @@ class _PairLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, distance, want_rows, want_cols, block
+        ctx, q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, distance, want_rows, want_cols, block,
+        row_keys=None, col_keys=None,
     ):
         m, n = q.shape[0], k.shape[0]
+        masked = row_keys is not None
         if want_rows:
             row_max, row_sum = q.new_full((m,), float("-inf")), q.new_zeros(m)
         if want_cols:
@@ -118,15 +122,22 @@ class _PairLSE(torch.autograd.Function):
             q_block = q[i0:i1] if scale is None else q[i0:i1] * scale  # (bm, D)
             for j0, j1 in tiles(n, block):
                 raw = _raw_tile(q_block, k[j0:j1], row_add, col_add, i0, i1, j0, j1)  # (bm, bn)
+                match = key_match(row_keys[i0:i1], col_keys[j0:j1]) if masked else None
                 if distance:
                     raw.clamp_min_(0)  # cancellation in |q|^2 + |k|^2 - 2 q.k can dip just below zero
                     row_logits = _direction_logits(raw, col_pen, col_w, j0, j1, dim=0) if want_rows else None
                     col_logits = _direction_logits(raw, row_pen, row_w, i0, i1, dim=1) if want_cols else None
+                    if masked:
+                        for logits in (row_logits, col_logits):
+                            if logits is not None:
+                                logits.masked_fill_(match, _masked_logit(logits))
                     if want_rows:
                         _online_lse_update(row_logits, 1, row_max[i0:i1], row_sum[i0:i1], inplace=True)
                     if want_cols:
                         _online_lse_update(col_logits, 0, col_max[j0:j1], col_sum[j0:j1], inplace=True)
                 else:
+                    if masked:
+                        raw.masked_fill_(match, _masked_logit(raw))
                     if want_rows:
                         _online_lse_update(raw, 1, row_max[i0:i1], row_sum[i0:i1], inplace=not want_cols)
                     if want_cols:
@@ -137,7 +148,8 @@ class _PairLSE(torch.autograd.Function):
             ctx.mark_non_differentiable(row_lse)
         if not want_cols:
             ctx.mark_non_differentiable(col_lse)
-        ctx.save_for_backward(q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, row_lse, col_lse)
+        ctx.save_for_backward(q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, row_lse, col_lse,
+                              row_keys, col_keys)
         ctx.distance, ctx.want_rows, ctx.want_cols, ctx.block = distance, want_rows, want_cols, block
         ctx.set_materialize_grads(False)
         return row_lse, col_lse
@@ -145,7 +157,9 @@ class _PairLSE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_row, grad_col):
-        q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, row_lse, col_lse = ctx.saved_tensors
+        q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, row_lse, col_lse, row_keys, col_keys = \
+            ctx.saved_tensors
+        masked = row_keys is not None
         need_q, need_k, need_scale, need_row_add, need_col_add = ctx.needs_input_grad[:5]
         need_row_pen, need_row_w, need_col_pen, need_col_w = ctx.needs_input_grad[5:9]
         rows = ctx.want_rows and grad_row is not None
@@ -163,7 +177,7 @@ class _PairLSE(torch.autograd.Function):
         grads = [grad_q, grad_k, grad_scale, grad_row_add, grad_col_add]
         grads += [grad_row_pen, grad_row_w, grad_col_pen, grad_col_w]
         if not (rows or cols):
-            return (*grads, None, None, None, None)
+            return (*grads, None, None, None, None, None, None)
         block = ctx.block
         if rows:
             row_shift, row_factor = _softmax_shift(row_lse, grad_row)
@@ -173,6 +187,9 @@ class _PairLSE(torch.autograd.Function):
             q_block = q[i0:i1] if scale is None else q[i0:i1] * scale
             for j0, j1 in tiles(k.shape[0], block):
                 raw = _raw_tile(q_block, k[j0:j1], row_add, col_add, i0, i1, j0, j1)  # (bm, bn), recomputed
+                # Masked pairs take no part: their softmax weight is exactly 0 (set after the weight is formed,
+                # which also clears the inf/nan of a row whose every pair is masked).
+                match = key_match(row_keys[i0:i1], col_keys[j0:j1]) if masked else None
                 sign = 1.0
                 if not ctx.distance:
                     # dL/draw = g_i softmax_row + g_j softmax_col
@@ -183,6 +200,8 @@ class _PairLSE(torch.autograd.Function):
                     if cols:
                         weight = _softmax_weight(raw, col_shift[j0:j1], _part(col_factor, j0, j1), 0, inplace=True)
                         grad_raw = weight if grad_raw is None else grad_raw.add_(weight)
+                    if masked:
+                        grad_raw.masked_fill_(match, 0)
                 else:
                     # clamp_min(0) passes no gradient where raw < 0 (torch: where raw >= 0); rare, so only
                     # build the mask when the tile has such entries.
@@ -192,6 +211,8 @@ class _PairLSE(torch.autograd.Function):
                     if rows:
                         logits = _direction_logits(dist, col_pen, col_w, j0, j1, dim=0)
                         weight = _softmax_weight(logits, row_shift[i0:i1], _part(row_factor, i0, i1), 1, True)  # dL/dA
+                        if masked:
+                            weight.masked_fill_(match, 0)
                         if need_col_pen:
                             grad_col_pen[j0:j1] -= weight.sum(0)
                         if need_col_w:
@@ -200,6 +221,8 @@ class _PairLSE(torch.autograd.Function):
                     if cols:
                         logits = _direction_logits(dist, row_pen, row_w, i0, i1, dim=1)
                         weight = _softmax_weight(logits, col_shift[j0:j1], _part(col_factor, j0, j1), 0, True)  # dL/dC
+                        if masked:
+                            weight.masked_fill_(match, 0)
                         if need_row_pen:
                             grad_row_pen[i0:i1] -= weight.sum(1)
                         if need_row_w:
@@ -224,7 +247,14 @@ class _PairLSE(torch.autograd.Function):
             grad_q = grad_q.mul_(scale) if need_q else None
         grads = [grad_q, grad_k, grad_scale, grad_row_add, grad_col_add]
         grads += [grad_row_pen, grad_row_w, grad_col_pen, grad_col_w]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _masked_logit(logits: Tensor) -> float:
+    """The logit of a masked pair (false negatives): the dtype's most negative finite number, so a row whose every
+    pair is masked keeps a finite running maximum (no inf - inf); its exp is clamped at EXP_FLOOR like any term far
+    below the maximum, and such a row's log-sum-exp is ~ that minimum (the loss adds the positive back)."""
+    return torch.finfo(logits.dtype).min
 
 
 def _raw_tile(q_block, k_block, row_add, col_add, i0, i1, j0, j1) -> Tensor:
@@ -251,6 +281,15 @@ def _direction_logits(dist: Tensor, pen: Tensor | None, w: Tensor | None, start:
     return torch.addcmul(neg_pen, dist, w[start:stop].unsqueeze(dim), value=-1)  # one pass over the tile
 
 
+def _check_keys(q: Tensor, k: Tensor, row_keys: Tensor | None, col_keys: Tensor | None) -> None:
+    if (row_keys is None) != (col_keys is None):
+        raise ValueError("row_keys and col_keys go together (both or neither)")
+    if row_keys is not None and (row_keys.shape[0] != q.shape[0] or col_keys.shape[0] != k.shape[0]
+                                 or row_keys.shape[1:] != col_keys.shape[1:]):
+        raise ValueError(f"keys {tuple(row_keys.shape)} and {tuple(col_keys.shape)} do not match the rows "
+                         f"{q.shape[0]} and columns {k.shape[0]}")
+
+
 def _check_pair(q: Tensor, k: Tensor, block: int) -> None:
     if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
         raise ValueError(f"expected (M, D) and (N, D) inputs, got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -265,6 +304,9 @@ def pair_lse(
     rows: bool = True,
     cols: bool = True,
     block: int = DEFAULT_BLOCK,
+    *,
+    row_keys: Tensor | None = None,
+    col_keys: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Row-wise and column-wise log-sum-exp of ``t Q K^T`` without materialising it.
 
@@ -276,6 +318,8 @@ def pair_lse(
         rows: compute ``logsumexp_j t (Q K^T)_ij``, shape ``(M,)``.
         cols: compute ``logsumexp_i t (Q K^T)_ij``, shape ``(N,)``.
         block: tile side; memory O(block^2) beyond inputs and gradients.
+        row_keys, col_keys: ``(M, K)``, ``(N, K)`` group keys (probloss/false_negatives.py): pairs whose keys
+            match are left out of both log-sum-exps (their gradient is exactly 0). ``None``: every pair counts.
 
     Returns:
         ``(row_lse, col_lse)``, ``None`` for a direction not asked for.
@@ -283,7 +327,9 @@ def pair_lse(
     _check_pair(q, k, block)
     if scale is not None and scale.numel() != 1:
         raise ValueError(f"scale must be a scalar tensor, got shape {tuple(scale.shape)}")
-    row, col = _PairLSE.apply(q, k, scale, None, None, None, None, None, None, False, rows, cols, block)
+    _check_keys(q, k, row_keys, col_keys)
+    row, col = _PairLSE.apply(q, k, scale, None, None, None, None, None, None, False, rows, cols, block, row_keys,
+                              col_keys)
     return (row if rows else None), (col if cols else None)
 
 
@@ -301,6 +347,8 @@ def dist_pair_lse(
     scale: float | Tensor | None = None,
     row_add: Tensor | None = None,
     col_add: Tensor | None = None,
+    row_keys: Tensor | None = None,
+    col_keys: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Log-sum-exp of Gaussian-style distance logits, tile by tile.
 
@@ -322,6 +370,7 @@ def dist_pair_lse(
         block: tile side.
         scale: scalar multiplying ``Q K^T`` (a float or scalar tensor; ``None`` = 1).
         row_add, col_add: ``(M,)``, ``(N,)`` terms added to the rows / columns of ``R`` (``None`` = 0).
+        row_keys, col_keys: group keys leaving matching pairs out of both directions, as in :func:`pair_lse`.
     """
     _check_pair(q, k, block)
     for name, value, size in (("col_pen", col_pen, k.shape[0]), ("col_w", col_w, k.shape[0]),
@@ -331,7 +380,9 @@ def dist_pair_lse(
             raise ValueError(f"{name} must have shape ({size},), got {tuple(value.shape)}")
     if scale is not None and not isinstance(scale, Tensor):
         scale = q.new_tensor(float(scale))
-    row, col = _PairLSE.apply(q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, True, rows, cols, block)
+    _check_keys(q, k, row_keys, col_keys)
+    row, col = _PairLSE.apply(q, k, scale, row_add, col_add, row_pen, row_w, col_pen, col_w, True, rows, cols, block,
+                              row_keys, col_keys)
     return (row if rows else None), (col if cols else None)
 
 

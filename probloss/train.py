@@ -49,6 +49,7 @@ from probloss.config import compose_config, save_config, to_dict
 from probloss.console import say, tee_output
 from probloss.data.prepare import load_eval, prepare_data, train_batches
 from probloss.eval.runtime import evaluate, log_projector
+from probloss.false_negatives import batch_groups
 from probloss.grad_cache import detach, grad_cache_backward, with_negatives
 from probloss.launch import launch, make_fabric
 from probloss.models.linear import cpu_matmul
@@ -280,6 +281,7 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
     partial = batch.get("partial_tokens")
     if accum_steps <= 1:
         texts = with_negatives(tokens, negatives)
+        groups = batch_groups(trainee.loss, texts, batch.get("json"))  # false negatives: {} unless asked for
         if partial is not None:  # encoded in the same forward (one DDP forward per step), split off after it
             texts = torch.cat([texts, fabric.to_device(partial)])
         with phase("forward"):
@@ -287,7 +289,7 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
         with phase("loss"):
             if partial is not None:
                 emb, views = _split_partial_views(emb, partial.shape[0])
-            loss = trainee.loss(*emb.loss_args())
+            loss = trainee.loss(*emb.loss_args(), **groups)
             if partial is not None:
                 n = images.shape[0]
                 loss = loss + trainee.loss.partial_view_loss(
@@ -299,7 +301,8 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
             with phase("backward"):
                 fabric.backward(loss)
     else:
-        value, finite, emb = grad_cache_backward(fabric, trainee, images, tokens, accum_steps, negatives)
+        value, finite, emb = grad_cache_backward(fabric, trainee, images, tokens, accum_steps, negatives,
+                                                 metas=batch.get("json"))
     if not finite:
         return StepOutput(value, float("nan"), False, emb, "loss")
     with phase("optimizer"):

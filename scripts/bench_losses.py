@@ -3,6 +3,8 @@
     python scripts/bench_losses.py                                   # full CPU run (B up to 16384; minutes)
     python scripts/bench_losses.py --sizes 1024 --repeats 2          # quick run
     python scripts/bench_losses.py --device cuda --sizes 4096 16384 65536 --block-size 4096
+    python scripts/bench_losses.py --sizes 128 1024 --dim 64 --losses infonce --impls auto \
+        --false-negatives keep mask positive                         # the cost of loss.false_negatives
 
 For each loss x impl x B (D = 512, float32 by default) one fresh subprocess creates the inputs, runs forward +
 backward once to measure peak memory, then ``--repeats`` more times for the median time. Cases:
@@ -11,6 +13,9 @@ backward once to measure peak memory, then ``--repeats`` more times for the medi
 - ``infonce``, ``sigmoid``, ``gaussian_var``, ``sigmoid_var``, ``pcmepp`` and ``prolip`` (per-sample log-std,
   each loss's default options) with ``impl`` in ``dense`` and ``tiled``;
 - ``gaussian_var_diag`` (per-dimension log-std; not in the default set);
+- ``--false-negatives mask positive``: the losses also with ``loss.false_negatives`` (probloss/false_negatives.py),
+  given caption ids where 30% of the B captions are drawn from 12 frequent ones (about the share of the shapes
+  data's least specific captions) and every image its own scene; ``keep`` passes no ids, as training does;
 - ``pseudocode``: the proposal's plain PyTorch pseudocode for gaussian_var (docs/design.md, Sources), with its
   ``(n, n, d)`` broadcast, only up to ``--pseudocode-max`` (default 2048; at B = 1024 it already needs GiBs).
 
@@ -113,8 +118,16 @@ def make_step(case: dict):
             return proposal_pseudocode(x, lx, y, ly)
     else:
         name = "gaussian_var" if loss_name.startswith("gaussian_var") else loss_name
-        loss = probloss.build_loss(name, impl=case["impl"], block_size=case["block_size"]).to(device=device, dtype=dtype)
+        false_negatives = case.get("false_negatives", "keep")
+        loss = probloss.build_loss(name, impl=case["impl"], block_size=case["block_size"],
+                                   false_negatives=false_negatives).to(device=device, dtype=dtype)
         args = [x, y]
+        groups = {}
+        if false_negatives != "keep":
+            frequent = torch.randint(0, 12, (b,), generator=gen)
+            shared = torch.rand(b, generator=gen) < 0.3
+            groups = {"text_groups": torch.where(shared, frequent, 1000 + torch.arange(b)).to(device),
+                      "image_groups": torch.arange(b, device=device)}
         if loss.needs_log_std:
             shape = (b, d) if loss_name == "gaussian_var_diag" else (b,)
             lx, ly = leaf(*shape, scale=0.1), leaf(*shape, scale=0.1)
@@ -122,7 +135,7 @@ def make_step(case: dict):
             inputs += [lx, ly]
 
         def forward():
-            return loss(*args)
+            return loss(*args, **groups)
 
     def step():
         for t in inputs:
@@ -192,14 +205,16 @@ def build_cases(args) -> list[dict]:
             if loss == "pseudocode" and b > args.pseudocode_max:
                 continue
             impls = args.impls if loss in IMPL_LOSSES else ["-"]
+            modes = args.false_negatives if loss in IMPL_LOSSES else ["keep"]
             for impl in impls:
                 if impl == "dense" and args.dense_max is not None and b > args.dense_max:
                     continue
-                cases.append({
-                    "loss": loss, "impl": impl, "batch": b, "dim": args.dim, "dtype": args.dtype,
-                    "device": args.device, "block_size": args.block_size, "repeats": args.repeats,
-                    "threads": args.threads, "mem_limit_gib": args.mem_limit_gib,
-                })
+                for mode in modes:
+                    cases.append({
+                        "loss": loss, "impl": impl, "batch": b, "dim": args.dim, "dtype": args.dtype,
+                        "device": args.device, "block_size": args.block_size, "repeats": args.repeats,
+                        "threads": args.threads, "mem_limit_gib": args.mem_limit_gib, "false_negatives": mode,
+                    })
     return cases
 
 
@@ -228,6 +243,8 @@ def table(results: list[dict]) -> str:
     ]
     for r in results:
         floor = floors.get((r["batch"], r["dim"]))
+        fn = r.get("false_negatives", "keep")
+        r = {**r, "loss": r["loss"] if fn == "keep" else f"{r['loss']} false_negatives={fn}"}
         if "error" in r:
             rows.append(f"| {r['loss']} | {r['impl']} | {r['batch']} | {r['dim']} | failed: {r['error']} | - | - |")
             continue
@@ -253,6 +270,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
     parser.add_argument("--pseudocode-max", type=int, default=2048, help="largest B for the (n, n, d) pseudocode")
     parser.add_argument("--dense-max", type=int, default=None, help="skip dense cases above this B")
+    parser.add_argument("--false-negatives", nargs="+", default=["keep"], choices=["keep", "mask", "positive"],
+                        help="loss.false_negatives options to run each loss with (module docstring)")
     parser.add_argument("--mem-limit-gib", type=float, default=16.0,
                         help="CPU: address-space limit per worker (a failing case reports an error); 0 = none")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
@@ -270,7 +289,8 @@ def main(argv=None) -> None:
         result = spawn(case, args.timeout)
         results.append(result)
         status = result.get("error") or f"{result['median_s']:.3f} s, {fmt(result.get('peak_mib'), '.0f')} MiB"
-        print(f"[{time.time() - started:6.0f} s] {case['loss']:<18} {case['impl']:<5} B={case['batch']:<6} {status}",
+        print(f"[{time.time() - started:6.0f} s] {case['loss']:<18} {case['impl']:<5} {case['false_negatives']:<8} "
+              f"B={case['batch']:<6} {status}",
               file=sys.stderr, flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(table(results))

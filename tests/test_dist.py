@@ -1,5 +1,6 @@
 """The distributed invariant of docs/design.md with real gloo processes (W = 2 and 3), for every registered loss."""
 
+import inspect
 import os
 import warnings
 
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 
 import probloss
 from probloss import dist
-from probloss.testing import DistributedCheckError, check_distributed, free_port
+from probloss.testing import DistributedCheckError, check_distributed, free_port, log_std_shapes, loss_class
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,21 @@ def test_every_loss_satisfies_the_distributed_invariant_with_extra_texts(name):
     process gets [all positives, all extras] (probloss.testing), in every distributed variant."""
     results = check_distributed(name, world_sizes=(2, 3), rtol=1e-8, extra_texts=2)
     assert {r.world_size for r in results} == {2, 3} and all(r.extra_texts == 2 for r in results)
+    assert all(r.worst <= 1e-8 for r in results)
+
+
+@pytest.mark.parametrize("name", probloss.list_losses())
+def test_every_loss_satisfies_the_distributed_invariant_with_false_negatives(name):
+    """``false_negatives`` mask and positive in every distributed variant, with duplicate captions and scenes on
+    every rank and across ranks (probloss.testing.make_groups) and one extra text per image, half of them repeating
+    their image's caption: the group ids travel with the texts (ring) or are gathered."""
+    if "false_negatives" not in inspect.signature(loss_class(name)).parameters:
+        pytest.skip(f"{name} has no false_negatives option")
+    variants = [{**variant, "false_negatives": mode} for variant in loss_class(name).distributed_variants
+                for mode in ("mask", "positive")]
+    results = check_distributed(name, world_sizes=(2, 3), rtol=1e-8, extra_texts=1, groups=True, variants=variants)
+    assert {r.world_size for r in results} == {2, 3} and len(results) == 2 * len(variants) * len(
+        log_std_shapes(loss_class(name)))
     assert all(r.worst <= 1e-8 for r in results)
 
 

@@ -122,6 +122,83 @@ def test_dist_pair_lse_matches_dense(m, n, block, rows, cols, form):
     assert_all_close(value_and_grads(tiled, inputs), value_and_grads(dense, inputs))
 
 
+def _keys(m, n, scenes):
+    """Group keys (probloss/false_negatives.py) for m rows and n columns: captions repeat every 3 rows / 4 columns;
+    with scenes, a second id (every 2 rows / 5 columns; the last 2 columns have none: unique negative ids)."""
+    r, c = torch.arange(m), torch.arange(n)
+    if not scenes:
+        return (r % 3)[:, None], (c % 4)[:, None]
+    return torch.stack([r % 3, r % 2], 1), torch.stack([c % 4, torch.where(c < n - 2, c % 5, -1 - c)], 1)
+
+
+MASKED_SHAPES = [(7, 5, 3), (5, 9, 4), (8, 8, 8), (4, 6, 100), (9, 7, 2)]
+
+
+@pytest.mark.parametrize("m,n,block", MASKED_SHAPES)
+@pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("scenes", [False, True])
+def test_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, scenes):
+    """Key-matching pairs leave both log-sum-exps (false negatives): dense reference with logits -inf there."""
+    from probloss.false_negatives import key_match
+
+    q, k = seeded(m, 5, seed=1, scale=2.0), seeded(n, 5, seed=2)
+    scale = torch.tensor(3.5, dtype=F64, requires_grad=True)
+    row_keys, col_keys = _keys(m, n, scenes)
+    match = key_match(row_keys, col_keys)
+    assert match.any() and not match.all(1).any() and not match.all(0).any()
+
+    def tiled(q, k, scale):
+        out = pair_lse(q, k, scale, rows=rows, cols=cols, block=block, row_keys=row_keys, col_keys=col_keys)
+        return tuple(v for v in out if v is not None)
+
+    def dense(q, k, scale):
+        logits = (scale * q @ k.T).masked_fill(match, float("-inf"))
+        return tuple(v for v, want in ((logits.logsumexp(1), rows), (logits.logsumexp(0), cols)) if want)
+
+    assert_all_close(value_and_grads(tiled, [q, k, scale]), value_and_grads(dense, [q, k, scale]))
+
+
+@pytest.mark.parametrize("m,n,block", MASKED_SHAPES)
+@pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("form", ["features", "raw"])
+def test_dist_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, form):
+    from probloss.false_negatives import key_match
+
+    x, y = seeded(m, 4, seed=3), seeded(n, 4, seed=4)
+    col_pen, row_pen = seeded(n, seed=5), seeded(m, seed=6)
+    col_w, row_w = seeded(n, seed=7, scale=0.3), seeded(m, seed=8, scale=0.3)
+    inputs = [x, y, col_pen, col_w, row_pen, row_w]
+    row_keys, col_keys = _keys(m, n, scenes=True)
+    match = key_match(row_keys, col_keys)
+
+    def tiled(x, y, col_pen, col_w, row_pen, row_w):
+        out = sq_dist_lse(x, y, col_pen, col_w.exp(), row_pen, row_w.exp(), rows=rows, cols=cols, block=block,
+                          form=form, row_keys=row_keys, col_keys=col_keys)
+        return tuple(v for v in out if v is not None)
+
+    def dense(x, y, col_pen, col_w, row_pen, row_w):
+        d = (x[:, None, :] - y[None, :, :]).pow(2).sum(-1)
+        out = []
+        if rows:
+            out.append((-col_pen - col_w.exp() * d).masked_fill(match, float("-inf")).logsumexp(1))
+        if cols:
+            out.append((-row_pen[:, None] - row_w.exp()[:, None] * d).masked_fill(match, float("-inf")).logsumexp(0))
+        return tuple(out)
+
+    assert_all_close(value_and_grads(tiled, inputs), value_and_grads(dense, inputs))
+
+
+def test_a_fully_masked_row_is_finite_and_passes_no_gradient():
+    """Every pair of row 0 matches: its log-sum-exp is ~ the dtype's minimum (the losses add the positive back with
+    logaddexp, which then ignores it) and no tile of it gets a gradient (no inf or nan from exp(l - lse))."""
+    q, k = seeded(3, 4, seed=1), seeded(5, 4, seed=2)
+    row_keys, col_keys = torch.tensor([[7], [1], [2]]), torch.tensor([[7], [7], [7], [7], [7]])
+    lse, _ = pair_lse(q, k, rows=True, cols=False, block=2, row_keys=row_keys, col_keys=col_keys)
+    assert lse[0] < -1e300 and torch.isfinite(lse).all()
+    torch.logaddexp(lse, torch.zeros(3, dtype=F64)).sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and q.grad[0].abs().max() == 0
+
+
 @pytest.mark.parametrize("m,n,block", [(7, 5, 3), (1, 4, 2)])
 def test_dist_pair_lse_diagonal_features_and_default_weights(m, n, block):
     """Diagonal (per-dimension) weights through the augmented features; ``None`` weight/penalty mean 1 and 0."""
@@ -417,4 +494,24 @@ def test_bench_losses_script_smoke(tmp_path):
                 "--losses", "floor", "gaussian_var", "--threads", "1", "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert [r["loss"] for r in results] == ["floor", "gaussian_var"]
+    assert all("error" not in r and r["median_s"] > 0 for r in results), results
+
+
+def test_bench_losses_script_runs_false_negative_options(tmp_path):
+    """--false-negatives: each loss once per option (floor once), no case failing."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--sizes", "24", "--dim", "8", "--repeats", "1", "--block-size", "8", "--impls", "tiled",
+                "--losses", "floor", "infonce", "sigmoid", "--threads", "1", "--false-negatives", "keep", "mask",
+                "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["loss"], r["false_negatives"]) for r in results] == [
+        ("floor", "keep"), ("infonce", "keep"), ("infonce", "mask"), ("sigmoid", "keep"), ("sigmoid", "mask")]
     assert all("error" not in r and r["median_s"] > 0 for r in results), results

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import inspect
 import math
 import os
 import socket
@@ -499,14 +500,14 @@ def test_grad_cache_equals_one_big_batch(loss_name):
         torch.testing.assert_close(small_[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def _step_with_negatives(loss_name, batch, accum_steps):
+def _step_with_negatives(loss_name, batch, accum_steps, **loss_kwargs):
     """One float64 train_step of the default model from a fixed init; (StepOutput, parameters after the step)."""
     from lightning_fabric import Fabric
 
     from probloss.models import build_dual_encoder
 
     torch.manual_seed(0)
-    loss = probloss.build_loss(loss_name)
+    loss = probloss.build_loss(loss_name, **loss_kwargs)
     # where training starts the log-std heads (make_trainee): ProLIP at sigma = 1 would score every pair so low
     # that hard negatives change nothing
     model_cfg = {**compose_config([])["model"], "init_log_std": loss.init_log_std}
@@ -547,6 +548,58 @@ def test_grad_cache_with_negative_tokens_equals_one_big_batch(loss_name):
     assert acc.grad_norm == pytest.approx(one.grad_norm, rel=1e-9)
     for name in big:
         torch.testing.assert_close(small_[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _false_negatives_batch(n=8):
+    """Duplicate captions across the two halves (GradCache micro-batches at k = 2), an extra text repeating its own
+    sample's caption, and two repeated scenes (json seed/index, as the shapes data writes)."""
+    batch = _negatives_batch(n, k=1)
+    batch["tokens"][4], batch["tokens"][5] = batch["tokens"][0], batch["tokens"][1]
+    batch["negative_tokens"][2, 0] = batch["tokens"][2]
+    batch["json"] = [{"seed": 0, "index": i % 6} for i in range(n)]
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["mask", "positive"])
+@pytest.mark.parametrize("loss_name", probloss.list_losses())
+def test_grad_cache_with_false_negatives_equals_one_big_batch(loss_name, mode):
+    """loss.false_negatives: group ids of the whole rank batch reach the loss in its text order, so GradCache
+    (duplicates in different micro-batches) gives one big batch's update (float64)."""
+    if "false_negatives" not in inspect.signature(probloss.LOSSES.get(loss_name)).parameters:
+        pytest.skip(f"{loss_name} has no false_negatives option")
+    batch = _false_negatives_batch()
+    (one, big), (acc, small_) = (_step_with_negatives(loss_name, batch, k, false_negatives=mode) for k in (1, 2))
+    kept, _ = _step_with_negatives(loss_name, batch, 1)
+    assert one.loss != pytest.approx(kept.loss, rel=1e-9)  # the duplicates matter
+    assert acc.finite and acc.loss == pytest.approx(one.loss, rel=1e-12)
+    assert acc.grad_norm == pytest.approx(one.grad_norm, rel=1e-9)
+    for name in big:
+        torch.testing.assert_close(small_[name], big[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_train_step_passes_caption_and_scene_groups_to_the_loss():
+    """The step's loss equals the loss called by hand with ids hashed from the token rows (positives, then
+    extras) and the json's scenes; without duplicates ``mask`` equals ``keep``."""
+    from probloss.false_negatives import caption_groups, scene_groups
+    from probloss.grad_cache import with_negatives
+
+    batch = _false_negatives_batch()
+    out, _ = _step_with_negatives("infonce", batch, 1, false_negatives="mask")
+    torch.manual_seed(0)
+    loss = probloss.build_loss("infonce", false_negatives="mask")
+    model_cfg = {**compose_config([])["model"], "init_log_std": loss.init_log_std}
+    from probloss.models import build_dual_encoder
+    model = build_dual_encoder(model_cfg, vocab_size=40, max_len=8, image_size=32, log_std=False).double()
+    texts = with_negatives(batch["tokens"], batch["negative_tokens"])
+    emb = model(batch["image"].double(), texts)
+    want = loss.double()(*emb.loss_args(), text_groups=caption_groups(texts), image_groups=scene_groups(batch["json"]))
+    without_scenes = loss(*emb.loss_args(), text_groups=caption_groups(texts))
+    assert out.loss == pytest.approx(want.item(), rel=1e-6)  # the step reports the loss in float32
+    assert abs(without_scenes.item() - want.item()) > 1e-4 and abs(loss(*emb.loss_args()).item() - want.item()) > 1e-4
+    distinct = _negatives_batch()
+    masked, _ = _step_with_negatives("infonce", distinct, 1, false_negatives="mask")
+    kept, _ = _step_with_negatives("infonce", distinct, 1)
+    assert masked.loss == pytest.approx(kept.loss, rel=1e-12)
 
 
 def test_negative_tokens_of_the_wrong_shape_are_a_clear_error():
