@@ -376,6 +376,31 @@ def _plausible_retrieval(scores: Tensor, positive: Tensor) -> tuple[dict[str, fl
     return out, per_query
 
 
+
+def oracle_retrieval(captions: Sequence[str], metas: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Known answers of the retrieval keys on a real eval split: three scorers that rank every true caption of an
+    image above every false one (facts from ``plausible_matrix``), differing only in which true captions they put
+    first: none (ties), the most specific (highest json ``level`` of the candidate's own caption) or the most
+    general. Each must score 1.0 on every plausible key; the exact-string keys show how much a preference alone
+    moves them (why they are secondary).
+
+    Returns:
+        ``{scorer: {key: value}}`` with the plausible keys and ``{i2t,t2i}_r@1`` (exact strings).
+    """
+    positive = _plausible_positives(captions, metas)
+    if positive is None:
+        raise ValueError("oracle_retrieval: every sample's json needs its scene (objects with shape and colour)")
+    ids: dict[str, int] = {}
+    groups = torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
+    levels = torch.tensor([int(m.get("level", -1)) for m in metas])
+    out = {}
+    for name, preference in (("ties", 0.0), ("prefers specific", 1.0), ("prefers general", -1.0)):
+        scores = 10.0 * positive.float() + preference * levels.float()[None, :]  # levels in 0..3 < 10
+        exact = _retrieval(scores, groups, levels, ks=(1,))
+        out[name] = {**_plausible_retrieval(scores, positive)[0], "i2t_r@1": exact["i2t_r@1"],
+                     "t2i_r@1": exact["t2i_r@1"]}
+    return out
+
 # --- embedding space --------------------------------------------------------------------------------------------
 
 
