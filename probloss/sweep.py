@@ -43,6 +43,7 @@ from probloss.config import ConfigError, compose_config
 from probloss.console import say
 from probloss.launch import launch, make_fabric
 from probloss.settings import RunSettings
+from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit, worker_index
 
 PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -73,18 +74,41 @@ def load_sweep(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 def storage_for(spec: str | None, out_dir: str | Path, experiment: str, heartbeat_interval: int = 30,
                 grace_period: int = 120):
-    """The Optuna storage: a journal file by default, an RDB URL (with Optuna's heartbeats), or a journal path."""
+    """The Optuna storage: a journal file by default, an RDB URL (with Optuna's heartbeats), or a journal path.
+
+    Workers started together on a fresh database all create its tables at once; one wins, the others fail on a
+    duplicate table or row (IntegrityError on SQLite, duplicate type or relation on PostgreSQL): they retry.
+    """
     if spec and "://" in spec:
-        with warnings.catch_warnings():  # Optuna marks heartbeats experimental (since 2.9); they are what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(spec, heartbeat_interval=int(heartbeat_interval),
-                                              grace_period=int(grace_period))
+        def connect():
+            with warnings.catch_warnings():  # Optuna marks heartbeats experimental (since 2.9); we need them
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec, heartbeat_interval=int(heartbeat_interval),
+                                                  grace_period=int(grace_period))
+        return retry_concurrent(connect, f"connecting to {spec}")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(spec) if spec else Path(out_dir) / "sweeps" / f"{experiment}.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def retry_concurrent(make, what: str, attempts: int = 8):
+    """``make()``, retried with a growing random pause when a concurrent worker's insert collided with ours
+    (SQLAlchemy errors: duplicate tables, rows or types while the schema or the study is being created)."""
+    import random
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+            if attempt == attempts - 1:
+                raise
+            say(f"warning: {what} collided with another worker ({type(err).__name__}); retrying", error=True)
+            time.sleep(random.uniform(0.05, 0.2) * 2 ** attempt)
 
 
 def grid_space(space: Mapping, loss_name: str) -> dict[str, list]:
@@ -108,18 +132,37 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = ""):
-    seed = cfg.get("seed", 0)
+def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = "", seed: int | None = None):
+    """The study's sampler, seeded with ``seed`` (default ``sweep.seed``; workers pass :func:`trial_seed`)."""
+    seed = cfg.get("seed", 0) if seed is None else seed
     kind = cfg.get("sampler", "tpe")
-    if kind == "grid":  # every combination once, in a seeded order (parallel workers share the grid)
+    if kind == "grid":  # point k goes to trial k: parallel workers share the grid without collisions
         return AskTellGridSampler(grid_space(cfg.get("space") or {}, loss_name), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
-        return optuna.samplers.NSGAIISampler(seed=seed) if multi_objective else optuna.samplers.TPESampler(seed=seed)
+        if multi_objective:
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        # constant_liar: a running trial counts as a bad result, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     raise ConfigError(f"unknown sweep.sampler {kind!r}; choose tpe, random, nsga2 or grid")
+
+
+def reseeds_per_trial(cfg: Mapping, multi_objective: bool) -> bool:
+    """Whether the sampler draws every parameter when the trial suggests it (TPE, random): then each trial gets
+    a sampler seeded by its own number, known only after ``ask`` (NSGA-II and the grid choose at ``ask``)."""
+    return cfg.get("sampler", "tpe") in ("tpe", "random") and not multi_objective
+
+
+def trial_seed(sweep_seed: int, identity: str | int) -> int:
+    """A sampler seed from the sweep's seed and a trial number (or a worker's identity): reproducible, and
+    different for every trial, so two workers asking at the same moment never draw the same parameters
+    (with one seed for all, two workers started together repeated each other's trials)."""
+    import zlib
+
+    return zlib.crc32(f"{sweep_seed}:{identity}".encode())
 
 
 def make_pruner(cfg: Mapping):
@@ -135,12 +178,34 @@ def make_pruner(cfg: Mapping):
 
 
 def open_study(cfg: Mapping, storage, study_name: str, loss_name: str = "") -> optuna.Study:
-    """Create the study once (or load it: another worker may have created it a moment ago)."""
+    """Create the study once (or load it: another worker may have created it a moment ago).
+
+    The study records its search (space, objectives, sampler, grid) as the user attribute ``search``; opening
+    it with another search is an error (two sweeps given one name would silently share trials and results).
+    """
     directions = [o["direction"] for o in cfg["objectives"]]
-    return optuna.create_study(
+    study = retry_concurrent(lambda: optuna.create_study(
         study_name=study_name, storage=storage, directions=directions, load_if_exists=True,
         sampler=make_sampler(cfg, len(directions) > 1, loss_name), pruner=make_pruner(cfg),
-    )
+    ), f"creating study {study_name}")
+    search = search_signature(cfg, loss_name)
+    recorded = study.user_attrs.get("search")
+    if recorded is None:
+        study.set_user_attr("search", search)
+    elif recorded != search:
+        raise ConfigError(f"study {study_name!r} in this storage was created with another search ({recorded}); "
+                          f"this sweep asks for {search}. Choose another experiment=... or sweep.study_name=..., "
+                          "or another storage")
+    return study
+
+
+def search_signature(cfg: Mapping, loss_name: str) -> str:
+    """What makes two sweeps the same search: the space searched for ``loss_name``, objectives and sampler."""
+    import json
+
+    space = {k: v for k, v in (cfg.get("space") or {}).items() if not v.get("losses") or loss_name in v["losses"]}
+    return json.dumps({"space": space, "objectives": list(cfg["objectives"]), "sampler": cfg.get("sampler", "tpe")},
+                      sort_keys=True, default=str)
 
 
 def trial_budget(cfg: Mapping, loss_name: str) -> int:
@@ -341,6 +406,12 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
         if fabric.is_global_zero:
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
+            if worker_index() is not None:
+                trial.set_user_attr("worker", worker_index())
+            if reseeds_per_trial(sweep_cfg, len(study.directions) > 1):  # before the trial suggests anything
+                seed = trial_seed(int(sweep_cfg.get("seed", 0)), trial.number)
+                study.sampler = make_sampler(sweep_cfg, False, loss_name, seed=seed)
+                trial.set_user_attr("sampler_seed", seed)
         dist_trial = TorchDistributedTrial(trial) if fabric.world_size > 1 else trial
         start = time.time()
         state, values, summary = optuna.trial.TrialState.COMPLETE, None, {}
@@ -411,10 +482,14 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     for loss_name in losses:
         overrides = [*sweep_cfg.get("overrides", []), *[o for o in train_overrides if not o.startswith("loss=")],
                      f"loss={loss_name}"]
-        study_name = sweep_cfg.get("study_name") or f"{experiment}-{loss_name}"
+        study_name = sweep_cfg.get("study_name") or default_study_name(experiment, name, loss_name)
         if len(losses) > 1 and sweep_cfg.get("study_name"):
             study_name = f"{sweep_cfg['study_name']}-{loss_name}"
         study = open_study(sweep_cfg, storage, study_name, loss_name)
+        index = worker_index()
+        if index and not reseeds_per_trial(sweep_cfg, len(study.directions) > 1):  # NSGA-II draws at ask
+            study.sampler = make_sampler(sweep_cfg, True, loss_name, seed=trial_seed(int(sweep_cfg.get("seed", 0)),
+                                                                                     f"worker{index}"))
         n_trials = trial_budget(sweep_cfg, loss_name)
         worker(fabric, study, storage, sweep_cfg, overrides, loss_name, n_trials, log=log)
         if sweep_cfg.get("rerun_seeds"):  # the worker returned: every trial of the search has finished
@@ -423,6 +498,12 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     if fabric.is_global_zero:
         log(summary_table(studies), flush=True)
     return studies
+
+
+def default_study_name(experiment: str, sweep_name: str, loss_name: str) -> str:
+    """``<experiment>-<loss>`` when the experiment is the sweep's own name (the default), else
+    ``<experiment>-<sweep>-<loss>``: two sweeps given one experiment name get studies of their own."""
+    return f"{experiment}-{loss_name}" if experiment == sweep_name else f"{experiment}-{sweep_name}-{loss_name}"
 
 
 def summary_table(studies: Mapping[str, optuna.Study]) -> str:
@@ -442,8 +523,25 @@ def summary_table(studies: Mapping[str, optuna.Study]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of scripts/sweep.py: one Fabric for all trials (``fabric run`` sets devices)."""
+    """Entry point of scripts/sweep.py: ``sweep.workers`` worker processes (probloss/workers.py), or this process
+    as the one worker with one Fabric for all trials (``fabric run`` sets devices; its ranks are one worker)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _, train_overrides = load_sweep(argv)
-    run = RunSettings.from_config(compose_config(train_overrides))
+    sweep_cfg, train_overrides = load_sweep(argv)
+    run = RunSettings.from_config(compose_config([*sweep_cfg.get("overrides", []), *train_overrides]))
+    launcher = sweep_cfg.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown sweep.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    under_fabric_cli = "LT_CLI_USED" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not under_fabric_cli:
+        chosen = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
+        budget = trial_budget(sweep_cfg, chosen or (sweep_cfg.get("losses") or [run.loss_name])[0])
+        n, why = choose_workers(sweep_cfg.get("workers"), budget, run.trainer.num_threads, run.fabric.accelerator)
+        if n > 1 or launcher == "submitit":
+            say(f"sweep: {n} workers via {launcher} ({why})")
+            if launcher == "submitit":
+                run_submitit("sweep", argv, "sweep", n, sweep_cfg.get("slurm") or {},
+                             Path(os.path.expanduser(run.out_dir)) / "submitit", run.trainer.num_threads, log=say)
+            else:
+                run_local("sweep", argv, "sweep", n, run.trainer.num_threads)
+            return
     launch(make_fabric(run.fabric, run.trainer.deterministic), run_sweep, argv)
