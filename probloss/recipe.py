@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -137,10 +136,9 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
 # (a journal file beside the recipe folder by default): enqueued with the user attribute ``unit`` = the cell's
 # key, claimed by whichever worker asks for it (Optuna hands a waiting trial to one worker only), heartbeated
 # while it trains, told COMPLETE (its value: the run's wall time) when its run folder holds summary.json.
-# Several workers may enqueue the same cell at the same moment: of the trials of one unit that are not FAIL,
-# only the lowest-numbered one runs, and a worker that asked for another drops it (FAIL, ``dropped``). Trials
-# are numbered in the order they were created, and a worker sees every trial older than the one it got, so
-# every unit runs once. The report is the last unit: enqueued once every cell is COMPLETE, run by one worker.
+# Several workers may enqueue the same cell at the same moment: only the unit's lowest-numbered trial that is
+# not FAIL runs, and a worker handed another drops it (probloss.sweep.unit_owner, claim), so every unit runs
+# once. The report is the last unit: enqueued once every cell is COMPLETE, run by one worker.
 
 def _unit(arm: str, seed: Any) -> str:
     return json.dumps([arm, seed])
@@ -171,14 +169,6 @@ def open_recipe_study(exp: Mapping[str, Any], name: str, train_overrides: Sequen
     return study, storage
 
 
-def _canonical(trials, unit: str):
-    """The trial that runs ``unit``: the lowest-numbered one not FAIL (None: the unit needs enqueueing)."""
-    import optuna
-
-    live = [t for t in trials if t.user_attrs.get("unit") == unit and t.state != optuna.trial.TrialState.FAIL]
-    return min(live, key=lambda t: t.number) if live else None
-
-
 def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path,
                   log=print) -> Path:
     """Claim cells of the recipe's queue and train them until every cell is COMPLETE; the worker that claims the
@@ -186,7 +176,7 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
     id, probloss.sweep.fail_dead_trials) are failed, queued again and resumed from their newest checkpoint."""
     import optuna
 
-    from probloss.sweep import heartbeat, reap_dead_trials
+    from probloss.sweep import claim, heartbeat, reap_dead_trials, unit_owner
 
     state = optuna.trial.TrialState
     started = time.perf_counter()
@@ -198,7 +188,7 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
     while True:
         reap_dead_trials(study, storage, {"grace_period": exp["grace_period"]}, log, requeue=False)
         trials = study.get_trials(deepcopy=False)
-        owners = {unit: _canonical(trials, unit) for unit in [*cells, report_unit]}
+        owners = {unit: unit_owner(trials, "unit", unit) for unit in [*cells, report_unit]}
         grid_done = all(owners[u] is not None and owners[u].state == state.COMPLETE for u in cells)
         if grid_done and owners[report_unit] is not None and owners[report_unit].state == state.COMPLETE:
             if not ran:
@@ -211,16 +201,10 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
         if not any(t.state == state.WAITING for t in study.get_trials(deepcopy=False, states=(state.WAITING,))):
             time.sleep(min(2.0, interval))  # the rest is running on other workers: they finish or go stale
             continue
-        trial = study.ask()
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        unit = trial.user_attrs.get("unit")
-        owner = _canonical(study.get_trials(deepcopy=False), unit) if unit else None
-        if owner is None or owner.number != trial.number:  # another worker took the queue's last unit, or a copy
-            why = "no unit left" if unit is None else f"duplicate of trial {owner.number}"
-            trial.set_user_attr("dropped", why)
-            study.tell(trial, state=state.FAIL)
+        trial = claim(study, "unit")
+        if trial is None:  # another worker took the queue's last unit, or this was a second copy of a unit
             continue
+        unit = trial.user_attrs["unit"]
         t0 = time.perf_counter()
         with heartbeat(storage, trial, interval):
             if unit == report_unit:

@@ -440,24 +440,66 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
     return dict(trials[0].params)
 
 
+def unit_owner(trials, key: str, value: Any):
+    """The trial that runs the unit ``user_attrs[key] == value``: the lowest-numbered one that is not FAIL.
+
+    Units (a recipe's cells, a sweep's re-run seeds) are enqueued with their attributes, so a trial carries its
+    unit from its creation; workers racing to enqueue one unit may enqueue it twice, and a worker that is handed
+    a trial other than the owner drops it (:func:`claim`). Trial numbers follow creation and a worker sees every
+    trial older than the one it was handed, so exactly one trial of each unit runs.
+    """
+    live = [t for t in trials if t.user_attrs.get(key) == value and t.state != optuna.trial.TrialState.FAIL]
+    return min(live, key=lambda t: t.number) if live else None
+
+
+def claim(study: optuna.Study, key: str):
+    """Ask for a waiting unit; returns the trial if it is its unit's owner, else drops it (FAIL, ``dropped``) and
+    returns None. The trial records this process (host, pid) for :func:`fail_dead_trials`."""
+    trial = study.ask()
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    value = trial.user_attrs.get(key)
+    owner = unit_owner(study.get_trials(deepcopy=False), key, value) if value is not None else None
+    if owner is not None and owner.number == trial.number:
+        return trial
+    trial.set_user_attr("dropped", "no unit left" if owner is None else f"duplicate of trial {owner.number}")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return None
+
+
 def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list[str],
                loss_name: str, seeds: Sequence[int], log=print) -> None:
-    """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable)."""
+    """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable; parallel
+    workers share the seeds, each run once: :func:`unit_owner`)."""
     params = dist.broadcast_object(fabric, best_params(study) if fabric.is_global_zero else None)
     rerun = open_study({**sweep_cfg, "pruner": "none"}, storage, f"{study.study_name}-best")
-    taken = (*FINISHED, optuna.trial.TrialState.RUNNING)
-    for seed in seeds:
+    state = optuna.trial.TrialState
+    interval = float(sweep_cfg["heartbeat_interval"])
+    while True:
+        decision, trial = None, None
         if fabric.is_global_zero:
             reap_dead_trials(rerun, storage, sweep_cfg, log, requeue=False)  # re-runs are seeds, not grid points
-        done = dist.broadcast_object(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=taken))
-                                     if fabric.is_global_zero else None)
-        if done:
+            trials = rerun.get_trials(deepcopy=False)
+            owners = {seed: unit_owner(trials, "seed", seed) for seed in seeds}
+            for seed, owner in owners.items():
+                if owner is None:
+                    rerun.enqueue_trial({}, user_attrs={"seed": seed, **params})
+            if all(o is not None and o.state == state.COMPLETE for o in owners.values()):
+                decision = "stop"
+            elif not rerun.get_trials(deepcopy=False, states=(state.WAITING,)):
+                decision = "wait"  # the other seeds run on other workers: they finish or go stale
+            else:
+                trial = claim(rerun, "seed")
+                decision = "run" if trial is not None else "again"
+        decision = dist.broadcast_object(fabric, decision)
+        if decision == "stop":
+            return
+        if decision == "wait":
+            time.sleep(min(5.0, interval))
+        if decision != "run":
             continue
-        trial = rerun.ask() if fabric.is_global_zero else None
-        if fabric.is_global_zero:
-            for key, value in {"seed": seed, "host": socket.gethostname(), "pid": os.getpid(), **params}.items():
-                trial.set_user_attr(key, value)
-        with heartbeat(storage, trial, float(sweep_cfg["heartbeat_interval"])):
+        seed = dist.broadcast_object(fabric, trial.user_attrs["seed"] if fabric.is_global_zero else None)
+        with heartbeat(storage, trial, interval):
             values, summary = run_trial(fabric, trial, base_overrides, sweep_cfg, loss_name, study.study_name,
                                         seed=seed, fixed_params=params)
         if fabric.is_global_zero:

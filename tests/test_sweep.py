@@ -144,7 +144,7 @@ def _env():
 
 def _worker(out_dir, cache_dir, n_trials, steps, *extra):
     args = sweep_args(out_dir, cache_dir, "loss=infonce", f"sweep.n_trials={n_trials}", "trainer.eval_every=0",
-                      *extra, steps=steps)
+                      "sweep.workers=1", *extra, steps=steps)  # the command is the one worker (it is killed)
     return subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), *args], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -215,6 +215,8 @@ def test_two_parallel_workers_share_one_journal(tmp_path, cache_dir):
     complete = [t for t in load(tmp_path).trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 4 <= len(complete) <= 5  # two workers may both start the last trial at the same moment
     assert len({t.user_attrs["pid"] for t in complete}) == 2  # both did some of the work
+    params = [t.params["trainer.lr"] for t in complete]
+    assert len(set(params)) == len(params), params  # no trial repeats another (one seed for both: 3 of 6 distinct)
 
 
 # --- dead workers on other hosts: heartbeats ------------------------------------------------------------------
