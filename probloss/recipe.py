@@ -1,6 +1,9 @@
 """Recipes: a grid of training runs (arms x seeds) from configs/recipe/<name>.yaml, and its report.
 
     python scripts/run_recipe.py recipe=bias_init [recipe.seeds=[0,1,2]] [training overrides]
+    python scripts/run_recipe.py recipe=proposal recipe.workers=2          # two local worker processes
+    python scripts/run_recipe.py recipe=proposal recipe.storage=postgresql://user@host/db   # on every machine
+    python scripts/run_recipe.py recipe=proposal recipe.report_only=true   # the report of what is complete
     python scripts/report.py runs/bias_init              # re-render recipe.md + comparisons.json, no training
     python scripts/report.py --findings runs             # every recipe folder's tables as one markdown page
 
@@ -11,9 +14,25 @@ Each run is an ordinary run folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` (
 ``experiment``); a run whose summary.json exists is not trained again, so an interrupted recipe continues where
 it stopped. A run that stops on a non-finite loss (diverged) is a result, not a crash: its row is kept.
 
+The grid is a work queue on an Optuna study (``recipe-<name>-<settings hash>`` in ``recipe.storage``, by default
+the journal file ``<out_dir>/<recipe>/queue.journal``): each cell is a trial that one worker claims, trains
+(heartbeat while it runs) and completes. Any number of workers share it -- ``recipe.workers`` local processes
+(probloss/workers.py), the same command started again in another shell or on another machine with the same
+storage, or a Slurm job array (``recipe.launcher=submitit``) -- and every cell is trained once. A worker that
+dies loses nothing: a live worker fails its trial (process id on this host, heartbeat older than
+``recipe.grace_period`` elsewhere), queues the cell again, and the worker that takes it resumes the run from its
+newest checkpoint (``resume=auto``; without one the dead worker's folder is removed and the run starts again).
+results.json, comparisons.json and recipe.md are written once, by the worker that takes the last unit of the
+queue (enqueued once every cell is complete); running the finished command again trains and writes nothing;
+``recipe.report_only=true`` writes them from the cells that are complete. Every run is deterministic on its own
+(one thread each by default), so the results do not depend on the number of workers, bit for bit.
+
 The recipe folder ``<out_dir>/<recipe>/`` holds:
 
-- ``recipe.json``: the recipe as run (with overrides) plus ``timing`` (summed run wall time, this invocation's).
+- ``recipe.json``: the recipe as run (with overrides) plus ``timing``: ``runs_wall_time_s`` summed over the
+  ``runs_timed`` runs trained, ``invocation_wall_time_s`` of the worker that wrote it, ``grid_wall_time_s`` from
+  the first cell claimed to the report (all workers).
+- ``queue.journal``: the work queue (default storage; ``optuna-dashboard queue.journal`` shows it).
 - ``results.json``: one row per arm x seed: ``arm``, ``seed``, ``run_dir``, ``wall_time_s``, ``status`` and every
   number of the run's summary.json (and of its extra evaluations, as ``<evaluation>/<key>``). A reported metric
   that a run's summary lacks (added to the instruments after the run) is filled from its final checkpoint and
@@ -206,14 +225,18 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
             continue
         unit = trial.user_attrs["unit"]
         t0 = time.perf_counter()
-        with heartbeat(storage, trial, interval):
-            if unit == report_unit:
-                write_results(exp, name, train_overrides, exp_dir, study=study, started=started, log=log)
-            else:
-                arm, seed = cells[unit]
-                trained_for = run_cell(exp, name, arm, seed, train_overrides, log=log)
-                if trained_for is not None:
-                    trial.set_user_attr("wall_time_s", trained_for)
+        try:
+            with heartbeat(storage, trial, interval):
+                if unit == report_unit:
+                    write_results(exp, name, train_overrides, exp_dir, study=study, started=started, log=log)
+                else:
+                    arm, seed = cells[unit]
+                    trained_for = run_cell(exp, name, arm, seed, train_overrides, log=log)
+                    if trained_for is not None:
+                        trial.set_user_attr("wall_time_s", trained_for)
+        except BaseException:  # a crash (or Ctrl-C): the unit goes back to the queue for the next worker
+            study.tell(trial, state=state.FAIL)
+            raise
         study.tell(trial, time.perf_counter() - t0)
         ran += 1
 

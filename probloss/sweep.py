@@ -2,15 +2,22 @@
 
     python scripts/sweep.py sweep=lr loss=sigmoid                      # one worker, journal storage
     python scripts/sweep.py sweep=compare_losses                       # every loss, then best x 3 seeds
+    python scripts/sweep.py sweep=lr loss=sigmoid sweep.workers=4        # four local worker processes
     OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce
 
 Every trial is a normal training run (its own run folder, TensorBoard events with hparams, summary.json)
 under ``<out_dir>/<experiment>/<loss>/<study>-trial<N>``. Storage: a journal file
 ``<out_dir>/sweeps/<experiment>.journal`` by default (safe for several worker processes on one machine), or
-any Optuna RDB URL (``sweep.storage=postgresql://...``) for workers on many machines. The study is created
-once and workers load it; a worker asks for trials while finished plus running ones are fewer than
-``sweep.n_trials`` and returns when ``sweep.n_trials`` have finished, so re-running the same command continues
-a study, and several workers share one.
+PostgreSQL (``sweep.storage=postgresql://...``) for workers on many machines; SQLite only for one machine.
+The study (``<experiment>-<loss>``, or ``<experiment>-<sweep>-<loss>`` when ``experiment=`` is not the sweep's
+name) is created once and workers load it; it records its search space, and opening it with another one is
+an error. Workers started together on a fresh database retry their colliding schema creation. A worker asks
+for trials while finished plus running ones are fewer than ``sweep.n_trials`` and returns when
+``sweep.n_trials`` have finished, so re-running the same command continues a study, and several workers share
+one: ``sweep.workers`` local processes, a Slurm job array (``sweep.launcher=submitit``), or the same command
+started by hand anywhere. Workers never repeat each other: trial k samples (TPE, random) with a seed made from
+``sweep.seed`` and k (recorded as ``sampler_seed``; TPE with ``constant_liar``), a grid gives point k to trial
+k, and the seed re-runs of the best configuration are enqueued units, each run once.
 
 A killed worker loses only its running trial, on any storage and any host. Every running trial records a
 heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB storage, timed by the database's
