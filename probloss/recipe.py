@@ -128,9 +128,7 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     base = RunSettings.from_config(compose_config([*exp.get("overrides", []), *train_overrides]))
     exp_dir = Path(os.path.expanduser(base.out_dir)) / name
     exp_dir.mkdir(parents=True, exist_ok=True)
-    for arm, arm_overrides in exp["arms"].items():  # every cell's keys are checked before any training
-        for seed in exp.get("seeds", [0]):
-            compose_config(cell_overrides(exp, name, arm, arm_overrides, seed, train_overrides))
+    run_dirs(exp, name, train_overrides)  # every arm's keys are checked before any training
     if exp.get("report_only"):
         return write_results(exp, name, train_overrides, exp_dir, complete_only=True, log=log)
     launcher = exp.get("launcher", "local")
@@ -241,6 +239,19 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
         ran += 1
 
 
+def run_dirs(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str]) -> dict[tuple[str, Any], Path]:
+    """{(arm, seed): run folder} in arm x seed order, as training names them. One config per arm is composed
+    (which checks its keys): the folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` depends on the seed only
+    through its name, and composing takes about half a second."""
+    seeds = exp.get("seeds", [0])
+    found = {}
+    for arm, arm_overrides in exp["arms"].items():
+        cfg = compose_config(cell_overrides(exp, name, arm, arm_overrides, seeds[0] if seeds else 0, train_overrides))
+        base = run_base(RunSettings.from_config(cfg))
+        found.update({(arm, seed): base / f"{_slug(arm)}-seed{seed}" for seed in seeds})
+    return found
+
+
 def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overrides: Sequence[str],
              log=print) -> float | None:
     """Train one cell unless its run folder holds summary.json (resuming from its newest checkpoint, if a dead
@@ -302,13 +313,10 @@ def write_results(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
             if "wall_time_s" in t.user_attrs:
                 times[t.user_attrs.get("unit")] = t.user_attrs["wall_time_s"]
     results = []
-    for arm, arm_overrides in exp["arms"].items():
-        for seed in exp.get("seeds", [0]):
-            cfg = compose_config(cell_overrides(exp, name, arm, arm_overrides, seed, train_overrides))
-            run_dir = run_base(RunSettings.from_config(cfg)) / f"{_slug(arm)}-seed{seed}"
-            if complete_only and not (run_dir / "summary.json").is_file():
-                continue
-            results.append(cell_row(exp, arm, seed, run_dir, times.get(_unit(arm, seed)), log=log))
+    for (arm, seed), run_dir in run_dirs(exp, name, train_overrides).items():
+        if complete_only and not (run_dir / "summary.json").is_file():
+            continue
+        results.append(cell_row(exp, arm, seed, run_dir, times.get(_unit(arm, seed)), log=log))
     walls = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
     first_start = None
     if study is not None:
