@@ -241,3 +241,19 @@ def test_workers_creating_a_fresh_database_at_once_all_start(tmp_path, database,
     study = optuna.load_study(study_name="lr-infonce", storage=url)
     assert len(study.trials) == 4
     print(f"{database}: collisions retried: {sum(o.count('collided') for o in outputs)}")
+
+
+def test_default_workers_follow_the_usable_cores_and_the_work():
+    from probloss.workers import choose_workers, usable_cores, worker_argv
+
+    cores = usable_cores()
+    assert cores == len(os.sched_getaffinity(0))
+    assert choose_workers(None, 84, 1, "cpu")[0] == min(cores, 84)
+    assert choose_workers(None, 84, 2, "cpu")[0] == max(1, cores // 2)  # trainer.num_threads=2: half as many
+    assert choose_workers(None, 1, 1, "cpu")[0] == 1  # never more workers than units of work
+    assert choose_workers(None, 84, 1, "cuda")[0] == 1  # a run on an accelerator uses Fabric's launcher
+    assert choose_workers(3, 84, 1, "cpu") == (3, "as asked")
+    with pytest.raises(ConfigError, match="at least 1"):
+        choose_workers(0, 84, 1, "cpu")
+    assert worker_argv(["recipe=x", "recipe.workers=4", "recipe.launcher=submitit", "seed=1"], "recipe") == [
+        "recipe=x", "seed=1", "recipe.workers=1", "recipe.launcher=local"]
