@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
 
     probloss sweep sweep=lr loss=sigmoid [sweep.n_trials=..] [training overrides]
     probloss sweep sweep=lr loss=sigmoid sweep.storage=postgresql://user@host/db   # workers on many machines
+    probloss sweep sweep=lr loss=sigmoid sweep.workers=4               # four local workers (default: one per core)
     OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce"""),
     "experiment": ("probloss.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds, paired comparisons.
 
@@ -43,7 +44,9 @@ The report (recipe.md, results.json, comparisons.json, plots) is written into th
 (probloss/recipe.py).
 
     probloss experiment recipe=proposal
-    probloss experiment recipe=bias_init recipe.seeds=[0] trainer.max_steps=50   # a quick look"""),
+    probloss experiment recipe=bias_init recipe.seeds=[0] trainer.max_steps=50   # a quick look
+    probloss experiment recipe=proposal recipe.workers=2        # two local workers (default: one per core)
+    probloss experiment recipe=proposal recipe.launcher=submitit recipe.workers=16 recipe.slurm.partition=cpu"""),
     "make-data": ("probloss.data.shards:main", "make_data", """Generate the built-in shapes data as webdataset shards.
 
 The shards are written by probloss/data/shards.py.

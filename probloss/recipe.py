@@ -1,6 +1,9 @@
 """Recipes: a grid of training runs (arms x seeds) from configs/recipe/<name>.yaml, and its report.
 
     python scripts/run_recipe.py recipe=bias_init [recipe.seeds=[0,1,2]] [training overrides]
+    python scripts/run_recipe.py recipe=proposal recipe.workers=2          # two local worker processes
+    python scripts/run_recipe.py recipe=proposal recipe.storage=postgresql://user@host/db   # on every machine
+    python scripts/run_recipe.py recipe=proposal recipe.report_only=true   # the report of what is complete
     python scripts/report.py runs/bias_init              # re-render recipe.md + comparisons.json, no training
     python scripts/report.py --findings runs             # every recipe folder's tables as one markdown page
     python scripts/report.py --multiplicity docs/findings.md   # a rendered page's comparisons under Holm
@@ -13,9 +16,25 @@ Each run is an ordinary run folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` (
 ``experiment``); a run whose summary.json exists is not trained again, so an interrupted recipe continues where
 it stopped. A run that stops on a non-finite loss (diverged) is a result, not a crash: its row is kept.
 
+The grid is a work queue on an Optuna study (``recipe-<name>-<settings hash>`` in ``recipe.storage``, by default
+the journal file ``<out_dir>/<recipe>/queue.journal``): each cell is a trial that one worker claims, trains
+(heartbeat while it runs) and completes. Any number of workers share it -- ``recipe.workers`` local processes
+(probloss/workers.py), the same command started again in another shell or on another machine with the same
+storage, or a Slurm job array (``recipe.launcher=submitit``) -- and every cell is trained once. A worker that
+dies loses nothing: a live worker fails its trial (process id on this host, heartbeat older than
+``recipe.grace_period`` elsewhere), queues the cell again, and the worker that takes it resumes the run from its
+newest checkpoint (``resume=auto``; without one the dead worker's folder is removed and the run starts again).
+results.json, comparisons.json and recipe.md are written once, by the worker that takes the last unit of the
+queue (enqueued once every cell is complete); running the finished command again trains and writes nothing;
+``recipe.report_only=true`` writes them from the cells that are complete. Every run is deterministic on its own
+(one thread each by default), so the results do not depend on the number of workers, bit for bit.
+
 The recipe folder ``<out_dir>/<recipe>/`` holds:
 
-- ``recipe.json``: the recipe as run (with overrides) plus ``timing`` (summed run wall time, this invocation's).
+- ``recipe.json``: the recipe as run (with overrides) plus ``timing``: ``runs_wall_time_s`` summed over the
+  ``runs_timed`` runs trained, ``invocation_wall_time_s`` of the worker that wrote it, ``grid_wall_time_s`` from
+  the first cell claimed to the report (all workers).
+- ``queue.journal``: the work queue (default storage; ``optuna-dashboard queue.journal`` shows it).
 - ``results.json``: one row per arm x seed: ``arm``, ``seed``, ``gen_seed`` (the run's data draw; null for data
   without a generator), ``run_dir``, ``wall_time_s``, ``status`` and every
   number of the run's summary.json (and of its extra evaluations, as ``<evaluation>/<key>``). A reported metric
@@ -38,6 +57,8 @@ batch size and data options; arms that change those still pair by seed, but the 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -128,72 +149,260 @@ def primaries(exp: Mapping[str, Any]) -> set[tuple[str, str, str]]:
     return declared
 
 
+def cell_overrides(exp: Mapping[str, Any], name: str, arm: str, arm_overrides: Sequence[str], seed: Any,
+                   train_overrides: Sequence[str]) -> list[str]:
+    """The training overrides of one cell (arm, seed): the recipe's shared ones, the arm's, the command line's,
+    then the cell's experiment, seed, run name (``<arm>-seed<k>``) and data draw (:func:`data_draw`)."""
+    overrides = [*exp.get("overrides", []), *arm_overrides, *train_overrides, f"experiment={name}", f"seed={seed}",
+                 f"run_name={_slug(arm)}-seed{seed}"]
+    return [*overrides, *data_draw(exp, overrides, seed)]
+
+
 def run_recipe(argv: Sequence[str], log=print) -> Path:
-    """Train every arm x seed not trained yet, run the extra evaluations, and write the report."""
+    """Run the recipe's grid (arms x seeds) as a work queue and write its report once, when the grid is complete.
+
+    With ``recipe.workers`` > 1 (or ``recipe.launcher=submitit``) this command starts that many workers and waits;
+    otherwise it is one worker itself (:func:`recipe_worker`). ``recipe.report_only=true``: no training, the report
+    of the cells that are complete. Returns the path of recipe.md.
+    """
+    from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit
+
+    name, exp, train_overrides = load_recipe(argv)
+    base = RunSettings.from_config(compose_config([*exp.get("overrides", []), *train_overrides]))
+    exp_dir = Path(os.path.expanduser(base.out_dir)) / name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    run_dirs(exp, name, train_overrides)  # every arm's keys are checked before any training
+    if exp.get("report_only"):
+        return write_results(exp, name, train_overrides, exp_dir, complete_only=True, log=log)
+    launcher = exp.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown recipe.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    cells = len(exp["arms"]) * len(exp.get("seeds", [0]))
+    n, why = choose_workers(exp.get("workers"), cells, base.trainer.num_threads, base.fabric.accelerator)
+    if n > 1 or launcher == "submitit":
+        log(f"[{name}] {n} workers via {launcher} ({why}) for {cells} runs", flush=True)
+        if launcher == "submitit":
+            run_submitit("experiment", argv, "recipe", n, exp.get("slurm") or {}, exp_dir / "submitit",
+                         base.trainer.num_threads, log=log)
+        else:
+            run_local("experiment", argv, "recipe", n, base.trainer.num_threads, log=log)
+        return exp_dir / "recipe.md"
+    return recipe_worker(exp, name, train_overrides, exp_dir, log=log)
+
+
+# --- the grid as a work queue -----------------------------------------------------------------------------------
+#
+# Each cell (arm, seed) is a trial of an Optuna study ``recipe-<name>-<settings hash>`` in the recipe's storage
+# (a journal file beside the recipe folder by default): enqueued with the user attribute ``unit`` = the cell's
+# key, claimed by whichever worker asks for it (Optuna hands a waiting trial to one worker only), heartbeated
+# while it trains, told COMPLETE (its value: the run's wall time) when its run folder holds summary.json.
+# Several workers may enqueue the same cell at the same moment: only the unit's lowest-numbered trial that is
+# not FAIL runs, and a worker handed another drops it (probloss.sweep.unit_owner, claim), so every unit runs
+# once. The report is the last unit: enqueued once every cell is COMPLETE, run by one worker.
+
+def _unit(arm: str, seed: Any) -> str:
+    return json.dumps([arm, seed])
+
+
+def settings_hash(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str]) -> str:
+    """What a cell's run depends on besides its seed (arms, overrides, evaluations, metrics): workers with
+    equal hashes share a queue; another recipe with the same name (other arms or overrides) gets its own."""
+    arms = {arm: cell_overrides(exp, name, arm, ov, "<seed>", train_overrides) for arm, ov in exp["arms"].items()}
+    key = json.dumps({"arms": arms, "evaluations": exp.get("evaluations") or {}, "metrics": exp.get("metrics")},
+                     sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def open_recipe_study(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path):
+    """(study, storage) of the recipe's queue: ``recipe.storage`` (an RDB URL or a journal path) or the journal
+    file ``<out_dir>/<recipe>/queue.journal``."""
+    import optuna
+
+    from probloss.sweep import retry_concurrent, storage_for
+
+    storage = storage_for(exp.get("storage") or str(exp_dir / "queue.journal"), exp_dir, name,
+                          exp["heartbeat_interval"], exp["grace_period"])
+    study_name = f"recipe-{name}-{settings_hash(exp, name, train_overrides)}"
+    study = retry_concurrent(lambda: optuna.create_study(
+        study_name=study_name, storage=storage, direction="minimize", load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0)), f"creating study {study_name}")  # no parameters to sample
+    return study, storage
+
+
+def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path,
+                  log=print) -> Path:
+    """Claim cells of the recipe's queue and train them until every cell is COMPLETE; the worker that claims the
+    report unit writes results.json, comparisons.json and recipe.md. Dead workers' cells (heartbeat or process
+    id, probloss.sweep.fail_dead_trials) are failed, queued again and resumed from their newest checkpoint."""
+    import optuna
+
+    from probloss.sweep import claim, heartbeat, reap_dead_trials, unit_owner
+
+    state = optuna.trial.TrialState
+    started = time.perf_counter()
+    study, storage = open_recipe_study(exp, name, train_overrides, exp_dir)
+    cells = {_unit(arm, seed): (arm, seed) for arm in exp["arms"] for seed in exp.get("seeds", [0])}
+    report_unit = "report:" + hashlib.sha1(json.dumps(sorted(cells)).encode()).hexdigest()[:10]  # of this grid
+    interval = float(exp["heartbeat_interval"])
+    ran = 0
+    while True:
+        reap_dead_trials(study, storage, {"grace_period": exp["grace_period"]}, log, requeue=False)
+        trials = study.get_trials(deepcopy=False)
+        owners = {unit: unit_owner(trials, "unit", unit) for unit in [*cells, report_unit]}
+        grid_done = all(owners[u] is not None and owners[u].state == state.COMPLETE for u in cells)
+        if grid_done and owners[report_unit] is not None and owners[report_unit].state == state.COMPLETE:
+            if not ran:
+                log(f"[{name}] every run is complete and the report was written (recipe.report_only=true writes "
+                    "it again)", flush=True)
+            return exp_dir / "recipe.md"
+        for unit in ([report_unit] if grid_done else cells):
+            if owners[unit] is None:
+                study.enqueue_trial({}, user_attrs={"unit": unit})
+        if not any(t.state == state.WAITING for t in study.get_trials(deepcopy=False, states=(state.WAITING,))):
+            time.sleep(min(2.0, interval))  # the rest is running on other workers: they finish or go stale
+            continue
+        trial = claim(study, "unit")
+        if trial is None:  # another worker took the queue's last unit, or this was a second copy of a unit
+            continue
+        unit = trial.user_attrs["unit"]
+        t0 = time.perf_counter()
+        try:
+            with heartbeat(storage, trial, interval):
+                if unit == report_unit:
+                    write_results(exp, name, train_overrides, exp_dir, study=study, started=started, log=log)
+                else:
+                    arm, seed = cells[unit]
+                    trained_for = run_cell(exp, name, arm, seed, train_overrides, log=log)
+                    if trained_for is not None:
+                        trial.set_user_attr("wall_time_s", trained_for)
+        except BaseException:  # a crash (or Ctrl-C): the unit goes back to the queue for the next worker
+            study.tell(trial, state=state.FAIL)
+            raise
+        study.tell(trial, time.perf_counter() - t0)
+        ran += 1
+
+
+def run_dirs(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str]) -> dict[tuple[str, Any], Path]:
+    """{(arm, seed): run folder} in arm x seed order, as training names them. One config per arm is composed
+    (which checks its keys): the folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` depends on the seed only
+    through its name, and composing takes about half a second."""
+    seeds = exp.get("seeds", [0])
+    found = {}
+    for arm, arm_overrides in exp["arms"].items():
+        cfg = compose_config(cell_overrides(exp, name, arm, arm_overrides, seeds[0] if seeds else 0, train_overrides))
+        base = run_base(RunSettings.from_config(cfg))
+        for seed in seeds:
+            overrides = cell_overrides(exp, name, arm, arm_overrides, seed, train_overrides)
+            found[(arm, seed)] = base / f"{_slug(arm)}-seed{seed}"
+            _check_reused_draw(found[(arm, seed)],
+                               seed if f"data.gen_seed={seed}" in overrides else cfg.data.get("gen_seed"))
+    return found
+
+
+def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overrides: Sequence[str],
+             log=print) -> float | None:
+    """Train one cell unless its run folder holds summary.json (resuming from its newest checkpoint, if a dead
+    worker left one), then its extra evaluations; returns the training wall time, None when nothing trained."""
+    import shutil
+
+    from probloss.checkpoint import newest_checkpoint
     from probloss.train import NonFiniteLossError
     from probloss.train import main as train_main
 
-    started = time.perf_counter()
-    name, exp, train_overrides = load_recipe(argv)
-    exp_dir = Path(os.path.expanduser(compose_config([*exp.get("overrides", []), *train_overrides])["out_dir"])) / name
-    plan = []  # every run's overrides, config and folder, checked before any training
-    for arm, arm_overrides in exp["arms"].items():
-        for seed in exp.get("seeds", [0]):
-            overrides = [*exp.get("overrides", []), *arm_overrides, *train_overrides, f"experiment={name}",
-                         f"seed={seed}", f"run_name={_slug(arm)}-seed{seed}"]
-            cfg = compose_config(overrides)  # checks every key before any training
-            draw = data_draw(exp, overrides, seed, cfg)
-            if draw:
-                overrides.extend(draw)
-                cfg = compose_config(overrides)
-            run_dir = run_base(RunSettings.from_config(cfg)) / f"{_slug(arm)}-seed{seed}"  # as training names it
-            gen_seed = cfg.data.get("gen_seed")
-            _check_reused_draw(run_dir, gen_seed)
-            plan.append((arm, seed, overrides, run_dir, gen_seed))
+    overrides = [*cell_overrides(exp, name, arm, exp["arms"][arm], seed, train_overrides), "resume=auto"]
+    run_dir = run_base(RunSettings.from_config(compose_config(overrides))) / f"{_slug(arm)}-seed{seed}"
+    trained_for = None
+    if not (run_dir / "summary.json").is_file():
+        if run_dir.is_dir() and newest_checkpoint(run_dir) is None:
+            shutil.rmtree(run_dir)  # a dead worker's start with nothing to resume: begin again, one event file
+        resumed = f" (resuming from {newest_checkpoint(run_dir).name})" if run_dir.is_dir() else ""
+        log(f"[{name}] training {arm} seed {seed}{resumed}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            train_main(overrides)
+        except NonFiniteLossError as err:  # diverged: a result to count and show, not a crash
+            log(f"[{name}] {arm} seed {seed} diverged: {err}", flush=True)
+        trained_for = time.perf_counter() - t0
+    cell_row(exp, arm, seed, run_dir, trained_for, log=log)  # the extra evaluations, cached in the run folder
+    return trained_for
+
+
+def cell_row(exp: Mapping[str, Any], arm: str, seed: Any, run_dir: Path, trained_for: float | None,
+             log=print) -> dict[str, Any]:
+    """The results.json row of a trained cell: its summary.json, the extra evaluations (each cached as
+    ``<run>/eval-<name>.json``) and backfilled metrics."""
+    summary = json.loads((run_dir / "summary.json").read_text())  # a stopped run wrote its status and error
+    if trained_for is not None:
+        summary.setdefault("wall_time_s", trained_for)  # a stopped run's summary has no time of its own
+    finished = summary.get("status", "finished") == "finished"
+    for evaluation, eval_overrides in (exp.get("evaluations") or {}).items() if finished else ():
+        metrics = cached_evaluation(run_dir, evaluation, eval_overrides)
+        summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
+    if finished:
+        backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
+    config = run_dir / "config.yaml"
+    gen_seed = OmegaConf.load(config).get("data", {}).get("gen_seed") if config.is_file() else None
+    return {"arm": arm, "seed": seed, "gen_seed": gen_seed, "run_dir": str(run_dir), **summary}
+
+
+def write_results(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path, study=None,
+                  started: float | None = None, complete_only: bool = False, log=print) -> Path:
+    """Write recipe.json, results.json and the report from the cells' run folders (``complete_only``: the cells
+    whose summary.json exists; otherwise every cell must have one). Training wall times come from the queue."""
+    import optuna
+
+    if study is None:
+        try:
+            study = open_recipe_study(exp, name, train_overrides, exp_dir)[0]
+        except Exception:  # no queue (an old recipe folder, or an RDB storage unreachable from here)
+            study = None
+    times = {}
+    if study is not None:
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if "wall_time_s" in t.user_attrs:
+                times[t.user_attrs.get("unit")] = t.user_attrs["wall_time_s"]
     results = []
-    for arm, seed, overrides, run_dir, gen_seed in plan:
-        summary_path = run_dir / "summary.json"
-        trained_for = None
-        if not summary_path.is_file():
-            log(f"[{name}] training {arm} seed {seed}", flush=True)
-            t0 = time.perf_counter()
-            try:
-                train_main(overrides)
-            except NonFiniteLossError as err:  # diverged: a result to count and show, not a crash
-                log(f"[{name}] {arm} seed {seed} diverged: {err}", flush=True)
-            trained_for = time.perf_counter() - t0
-        summary = json.loads(summary_path.read_text())  # a stopped run wrote its status and error
-        if trained_for is not None:
-            summary.setdefault("wall_time_s", trained_for)  # a stopped run's summary has no time of its own
-        finished = summary.get("status", "finished") == "finished"
-        for evaluation, eval_overrides in (exp.get("evaluations") or {}).items() if finished else ():
-            metrics = cached_evaluation(run_dir, evaluation, eval_overrides)
-            summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
-        if finished:
-            backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
-        results.append({"arm": arm, "seed": seed, "gen_seed": gen_seed, "run_dir": str(run_dir), **summary})
-    times = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
-    exp = {**exp, "timing": {"runs_wall_time_s": sum(times), "runs_timed": len(times),
-                             "invocation_wall_time_s": time.perf_counter() - started}}
+    for (arm, seed), run_dir in run_dirs(exp, name, train_overrides).items():
+        if complete_only and not (run_dir / "summary.json").is_file():
+            continue
+        results.append(cell_row(exp, arm, seed, run_dir, times.get(_unit(arm, seed)), log=log))
+    walls = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
+    first_start = None
+    if study is not None:
+        starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start is not None]
+        first_start = min(starts).timestamp() if starts else None
+    timing = {"runs_wall_time_s": sum(walls), "runs_timed": len(walls)}
+    if started is not None:
+        timing["invocation_wall_time_s"] = time.perf_counter() - started
+    if first_start is not None and not complete_only:
+        timing["grid_wall_time_s"] = time.time() - first_start  # the first claim to now, over all workers
+    exp = {**exp, "timing": timing}
     (exp_dir / "recipe.json").write_text(json.dumps(exp, indent=1))  # the resolved file, for re-rendering
     (exp_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = write_recipe_report(exp, name, results, exp_dir)
-    log(f"[{name}] wrote {report}", flush=True)
+    log(f"[{name}] wrote {report} ({len(results)} runs)", flush=True)
     return report
 
 
-def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any, cfg) -> list[str]:
+def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any) -> list[str]:
     """The override that gives a run the data draw of its seed: ``data.gen_seed=<seed>``, or nothing.
 
     With ``vary_data`` (the default) every run generates the shapes data from its own seed (samples, val and test
     sets and the held-out colour x shape combinations: probloss.data.shards), so the intervals over seeds include
     data sampling; arms stay paired, since seed s gives every arm the same draw. Nothing is added when
     ``vary_data`` is false, when the recipe, the arm or the command line sets data.gen_seed itself, or when the
-    data has no generator (webdataset shards: ``cfg``, the run's config without it, has no data.gen_seed).
+    run's data group has no generator (webdataset shards have no data.gen_seed).
     """
     if not exp.get("vary_data", True) or any(_key(o) == "data.gen_seed" for o in overrides):
         return []
-    return [f"data.gen_seed={seed}"] if "gen_seed" in cfg.data else []
+    choice = next((o.split("=", 1)[1] for o in reversed(overrides) if _key(o) == "data"), None)
+    return [f"data.gen_seed={seed}"] if _has_generator(choice) else []
+
+
+@functools.lru_cache(maxsize=None)
+def _has_generator(data_choice: str | None) -> bool:
+    """Whether the data group (None: the default one) has a ``gen_seed`` key (composed once per choice)."""
+    return "gen_seed" in compose_config([f"data={data_choice}"] if data_choice else []).data
 
 
 def _key(override: str) -> str:

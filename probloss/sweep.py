@@ -2,15 +2,22 @@
 
     python scripts/sweep.py sweep=lr loss=sigmoid                      # one worker, journal storage
     python scripts/sweep.py sweep=compare_losses                       # every loss, then best x 3 seeds
+    python scripts/sweep.py sweep=lr loss=sigmoid sweep.workers=4        # four local worker processes
     OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce
 
 Every trial is a normal training run (its own run folder, TensorBoard events with hparams, summary.json)
 under ``<out_dir>/<experiment>/<loss>/<study>-trial<N>``. Storage: a journal file
 ``<out_dir>/sweeps/<experiment>.journal`` by default (safe for several worker processes on one machine), or
-any Optuna RDB URL (``sweep.storage=postgresql://...``) for workers on many machines. The study is created
-once and workers load it; a worker asks for trials while finished plus running ones are fewer than
-``sweep.n_trials`` and returns when ``sweep.n_trials`` have finished, so re-running the same command continues
-a study, and several workers share one.
+PostgreSQL (``sweep.storage=postgresql://...``) for workers on many machines; SQLite only for one machine.
+The study (``<experiment>-<loss>``, or ``<experiment>-<sweep>-<loss>`` when ``experiment=`` is not the sweep's
+name) is created once and workers load it; it records its search space, and opening it with another one is
+an error. Workers started together on a fresh database retry their colliding schema creation. A worker asks
+for trials while finished plus running ones are fewer than ``sweep.n_trials`` and returns when
+``sweep.n_trials`` have finished, so re-running the same command continues a study, and several workers share
+one: ``sweep.workers`` local processes, a Slurm job array (``sweep.launcher=submitit``), or the same command
+started by hand anywhere. Workers never repeat each other: trial k samples (TPE, random) with a seed made from
+``sweep.seed`` and k (recorded as ``sampler_seed``; TPE with ``constant_liar``), a grid gives point k to trial
+k, and the seed re-runs of the best configuration are enqueued units, each run once.
 
 A killed worker loses only its running trial, on any storage and any host. Every running trial records a
 heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB storage, timed by the database's
@@ -43,6 +50,7 @@ from probloss.config import ConfigError, compose_config
 from probloss.console import say
 from probloss.launch import launch, make_fabric
 from probloss.settings import RunSettings
+from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit, worker_index
 
 PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -73,18 +81,41 @@ def load_sweep(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 def storage_for(spec: str | None, out_dir: str | Path, experiment: str, heartbeat_interval: int = 30,
                 grace_period: int = 120):
-    """The Optuna storage: a journal file by default, an RDB URL (with Optuna's heartbeats), or a journal path."""
+    """The Optuna storage: a journal file by default, an RDB URL (with Optuna's heartbeats), or a journal path.
+
+    Workers started together on a fresh database all create its tables at once; one wins, the others fail on a
+    duplicate table or row (IntegrityError on SQLite, duplicate type or relation on PostgreSQL): they retry.
+    """
     if spec and "://" in spec:
-        with warnings.catch_warnings():  # Optuna marks heartbeats experimental (since 2.9); they are what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(spec, heartbeat_interval=int(heartbeat_interval),
-                                              grace_period=int(grace_period))
+        def connect():
+            with warnings.catch_warnings():  # Optuna marks heartbeats experimental (since 2.9); we need them
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec, heartbeat_interval=int(heartbeat_interval),
+                                                  grace_period=int(grace_period))
+        return retry_concurrent(connect, f"connecting to {spec}")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(spec) if spec else Path(out_dir) / "sweeps" / f"{experiment}.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def retry_concurrent(make, what: str, attempts: int = 8):
+    """``make()``, retried with a growing random pause when a concurrent worker's insert collided with ours
+    (SQLAlchemy errors: duplicate tables, rows or types while the schema or the study is being created)."""
+    import random
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+            if attempt == attempts - 1:
+                raise
+            say(f"warning: {what} collided with another worker ({type(err).__name__}); retrying", error=True)
+            time.sleep(random.uniform(0.05, 0.2) * 2 ** attempt)
 
 
 def grid_space(space: Mapping, loss_name: str) -> dict[str, list]:
@@ -108,18 +139,37 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = ""):
-    seed = cfg.get("seed", 0)
+def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = "", seed: int | None = None):
+    """The study's sampler, seeded with ``seed`` (default ``sweep.seed``; workers pass :func:`trial_seed`)."""
+    seed = cfg.get("seed", 0) if seed is None else seed
     kind = cfg.get("sampler", "tpe")
-    if kind == "grid":  # every combination once, in a seeded order (parallel workers share the grid)
+    if kind == "grid":  # point k goes to trial k: parallel workers share the grid without collisions
         return AskTellGridSampler(grid_space(cfg.get("space") or {}, loss_name), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
-        return optuna.samplers.NSGAIISampler(seed=seed) if multi_objective else optuna.samplers.TPESampler(seed=seed)
+        if multi_objective:
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        # constant_liar: a running trial counts as a bad result, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     raise ConfigError(f"unknown sweep.sampler {kind!r}; choose tpe, random, nsga2 or grid")
+
+
+def reseeds_per_trial(cfg: Mapping, multi_objective: bool) -> bool:
+    """Whether the sampler draws every parameter when the trial suggests it (TPE, random): then each trial gets
+    a sampler seeded by its own number, known only after ``ask`` (NSGA-II and the grid choose at ``ask``)."""
+    return cfg.get("sampler", "tpe") in ("tpe", "random") and not multi_objective
+
+
+def trial_seed(sweep_seed: int, identity: str | int) -> int:
+    """A sampler seed from the sweep's seed and a trial number (or a worker's identity): reproducible, and
+    different for every trial, so two workers asking at the same moment never draw the same parameters
+    (with one seed for all, two workers started together repeated each other's trials)."""
+    import zlib
+
+    return zlib.crc32(f"{sweep_seed}:{identity}".encode())
 
 
 def make_pruner(cfg: Mapping):
@@ -135,12 +185,34 @@ def make_pruner(cfg: Mapping):
 
 
 def open_study(cfg: Mapping, storage, study_name: str, loss_name: str = "") -> optuna.Study:
-    """Create the study once (or load it: another worker may have created it a moment ago)."""
+    """Create the study once (or load it: another worker may have created it a moment ago).
+
+    The study records its search (space, objectives, sampler, grid) as the user attribute ``search``; opening
+    it with another search is an error (two sweeps given one name would silently share trials and results).
+    """
     directions = [o["direction"] for o in cfg["objectives"]]
-    return optuna.create_study(
+    study = retry_concurrent(lambda: optuna.create_study(
         study_name=study_name, storage=storage, directions=directions, load_if_exists=True,
         sampler=make_sampler(cfg, len(directions) > 1, loss_name), pruner=make_pruner(cfg),
-    )
+    ), f"creating study {study_name}")
+    search = search_signature(cfg, loss_name)
+    recorded = study.user_attrs.get("search")
+    if recorded is None:
+        study.set_user_attr("search", search)
+    elif recorded != search:
+        raise ConfigError(f"study {study_name!r} in this storage was created with another search ({recorded}); "
+                          f"this sweep asks for {search}. Choose another experiment=... or sweep.study_name=..., "
+                          "or another storage")
+    return study
+
+
+def search_signature(cfg: Mapping, loss_name: str) -> str:
+    """What makes two sweeps the same search: the space searched for ``loss_name``, objectives and sampler."""
+    import json
+
+    space = {k: v for k, v in (cfg.get("space") or {}).items() if not v.get("losses") or loss_name in v["losses"]}
+    return json.dumps({"space": space, "objectives": list(cfg["objectives"]), "sampler": cfg.get("sampler", "tpe")},
+                      sort_keys=True, default=str)
 
 
 def trial_budget(cfg: Mapping, loss_name: str) -> int:
@@ -341,6 +413,12 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
         if fabric.is_global_zero:
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
+            if worker_index() is not None:
+                trial.set_user_attr("worker", worker_index())
+            if reseeds_per_trial(sweep_cfg, len(study.directions) > 1):  # before the trial suggests anything
+                seed = trial_seed(int(sweep_cfg.get("seed", 0)), trial.number)
+                study.sampler = make_sampler(sweep_cfg, False, loss_name, seed=seed)
+                trial.set_user_attr("sampler_seed", seed)
         dist_trial = TorchDistributedTrial(trial) if fabric.world_size > 1 else trial
         start = time.time()
         state, values, summary = optuna.trial.TrialState.COMPLETE, None, {}
@@ -369,24 +447,66 @@ def best_params(study: optuna.Study) -> dict[str, Any]:
     return dict(trials[0].params)
 
 
+def unit_owner(trials, key: str, value: Any):
+    """The trial that runs the unit ``user_attrs[key] == value``: the lowest-numbered one that is not FAIL.
+
+    Units (a recipe's cells, a sweep's re-run seeds) are enqueued with their attributes, so a trial carries its
+    unit from its creation; workers racing to enqueue one unit may enqueue it twice, and a worker that is handed
+    a trial other than the owner drops it (:func:`claim`). Trial numbers follow creation and a worker sees every
+    trial older than the one it was handed, so exactly one trial of each unit runs.
+    """
+    live = [t for t in trials if t.user_attrs.get(key) == value and t.state != optuna.trial.TrialState.FAIL]
+    return min(live, key=lambda t: t.number) if live else None
+
+
+def claim(study: optuna.Study, key: str):
+    """Ask for a waiting unit; returns the trial if it is its unit's owner, else drops it (FAIL, ``dropped``) and
+    returns None. The trial records this process (host, pid) for :func:`fail_dead_trials`."""
+    trial = study.ask()
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    value = trial.user_attrs.get(key)
+    owner = unit_owner(study.get_trials(deepcopy=False), key, value) if value is not None else None
+    if owner is not None and owner.number == trial.number:
+        return trial
+    trial.set_user_attr("dropped", "no unit left" if owner is None else f"duplicate of trial {owner.number}")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return None
+
+
 def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list[str],
                loss_name: str, seeds: Sequence[int], log=print) -> None:
-    """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable)."""
+    """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable; parallel
+    workers share the seeds, each run once: :func:`unit_owner`)."""
     params = dist.broadcast_object(fabric, best_params(study) if fabric.is_global_zero else None)
     rerun = open_study({**sweep_cfg, "pruner": "none"}, storage, f"{study.study_name}-best")
-    taken = (*FINISHED, optuna.trial.TrialState.RUNNING)
-    for seed in seeds:
+    state = optuna.trial.TrialState
+    interval = float(sweep_cfg["heartbeat_interval"])
+    while True:
+        decision, trial = None, None
         if fabric.is_global_zero:
             reap_dead_trials(rerun, storage, sweep_cfg, log, requeue=False)  # re-runs are seeds, not grid points
-        done = dist.broadcast_object(fabric, any(t.user_attrs.get("seed") == seed for t in rerun.get_trials(states=taken))
-                                     if fabric.is_global_zero else None)
-        if done:
+            trials = rerun.get_trials(deepcopy=False)
+            owners = {seed: unit_owner(trials, "seed", seed) for seed in seeds}
+            for seed, owner in owners.items():
+                if owner is None:
+                    rerun.enqueue_trial({}, user_attrs={"seed": seed, **params})
+            if all(o is not None and o.state == state.COMPLETE for o in owners.values()):
+                decision = "stop"
+            elif not rerun.get_trials(deepcopy=False, states=(state.WAITING,)):
+                decision = "wait"  # the other seeds run on other workers: they finish or go stale
+            else:
+                trial = claim(rerun, "seed")
+                decision = "run" if trial is not None else "again"
+        decision = dist.broadcast_object(fabric, decision)
+        if decision == "stop":
+            return
+        if decision == "wait":
+            time.sleep(min(5.0, interval))
+        if decision != "run":
             continue
-        trial = rerun.ask() if fabric.is_global_zero else None
-        if fabric.is_global_zero:
-            for key, value in {"seed": seed, "host": socket.gethostname(), "pid": os.getpid(), **params}.items():
-                trial.set_user_attr(key, value)
-        with heartbeat(storage, trial, float(sweep_cfg["heartbeat_interval"])):
+        seed = dist.broadcast_object(fabric, trial.user_attrs["seed"] if fabric.is_global_zero else None)
+        with heartbeat(storage, trial, interval):
             values, summary = run_trial(fabric, trial, base_overrides, sweep_cfg, loss_name, study.study_name,
                                         seed=seed, fixed_params=params)
         if fabric.is_global_zero:
@@ -411,10 +531,14 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     for loss_name in losses:
         overrides = [*sweep_cfg.get("overrides", []), *[o for o in train_overrides if not o.startswith("loss=")],
                      f"loss={loss_name}"]
-        study_name = sweep_cfg.get("study_name") or f"{experiment}-{loss_name}"
+        study_name = sweep_cfg.get("study_name") or default_study_name(experiment, name, loss_name)
         if len(losses) > 1 and sweep_cfg.get("study_name"):
             study_name = f"{sweep_cfg['study_name']}-{loss_name}"
         study = open_study(sweep_cfg, storage, study_name, loss_name)
+        index = worker_index()
+        if index and not reseeds_per_trial(sweep_cfg, len(study.directions) > 1):  # NSGA-II draws at ask
+            study.sampler = make_sampler(sweep_cfg, True, loss_name, seed=trial_seed(int(sweep_cfg.get("seed", 0)),
+                                                                                     f"worker{index}"))
         n_trials = trial_budget(sweep_cfg, loss_name)
         worker(fabric, study, storage, sweep_cfg, overrides, loss_name, n_trials, log=log)
         if sweep_cfg.get("rerun_seeds"):  # the worker returned: every trial of the search has finished
@@ -423,6 +547,12 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     if fabric.is_global_zero:
         log(summary_table(studies), flush=True)
     return studies
+
+
+def default_study_name(experiment: str, sweep_name: str, loss_name: str) -> str:
+    """``<experiment>-<loss>`` when the experiment is the sweep's own name (the default), else
+    ``<experiment>-<sweep>-<loss>``: two sweeps given one experiment name get studies of their own."""
+    return f"{experiment}-{loss_name}" if experiment == sweep_name else f"{experiment}-{sweep_name}-{loss_name}"
 
 
 def summary_table(studies: Mapping[str, optuna.Study]) -> str:
@@ -442,8 +572,25 @@ def summary_table(studies: Mapping[str, optuna.Study]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of scripts/sweep.py: one Fabric for all trials (``fabric run`` sets devices)."""
+    """Entry point of scripts/sweep.py: ``sweep.workers`` worker processes (probloss/workers.py), or this process
+    as the one worker with one Fabric for all trials (``fabric run`` sets devices; its ranks are one worker)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _, train_overrides = load_sweep(argv)
-    run = RunSettings.from_config(compose_config(train_overrides))
+    sweep_cfg, train_overrides = load_sweep(argv)
+    run = RunSettings.from_config(compose_config([*sweep_cfg.get("overrides", []), *train_overrides]))
+    launcher = sweep_cfg.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown sweep.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    under_fabric_cli = "LT_CLI_USED" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not under_fabric_cli:
+        chosen = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
+        budget = trial_budget(sweep_cfg, chosen or (sweep_cfg.get("losses") or [run.loss_name])[0])
+        n, why = choose_workers(sweep_cfg.get("workers"), budget, run.trainer.num_threads, run.fabric.accelerator)
+        if n > 1 or launcher == "submitit":
+            say(f"sweep: {n} workers via {launcher} ({why})")
+            if launcher == "submitit":
+                run_submitit("sweep", argv, "sweep", n, sweep_cfg.get("slurm") or {},
+                             Path(os.path.expanduser(run.out_dir)) / "submitit", run.trainer.num_threads, log=say)
+            else:
+                run_local("sweep", argv, "sweep", n, run.trainer.num_threads)
+            return
     launch(make_fabric(run.fabric, run.trainer.deterministic), run_sweep, argv)

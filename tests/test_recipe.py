@@ -13,7 +13,8 @@ from probloss.recipe import load_recipe, run_recipe
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_size=256", "data.val_size=64", "data.test_size=64", "trainer.batch_size=32",
-        "trainer.warmup_steps=1", "trainer.max_steps=3", "fabric.accelerator=cpu", "fabric.devices=1"]
+        "trainer.warmup_steps=1", "trainer.max_steps=3", "fabric.accelerator=cpu", "fabric.devices=1",
+        "recipe.workers=1"]  # this process is the one worker (its log lines are the test's)
 
 
 def test_every_recipe_file_loads():
@@ -154,7 +155,7 @@ def test_a_metric_added_after_training_is_filled_from_the_final_checkpoint(tmp_p
     # as if the run predated the key: its row gets the key back from one evaluation of the final checkpoint
     summary_path.write_text(json.dumps({k: v for k, v in trained.items() if k != fit}))
     lines = []
-    run_recipe(args, log=lambda *a, **k: lines.append(a[0]))
+    run_recipe([*args, "recipe.report_only=true"], log=lambda *a, **k: lines.append(a[0]))
     row, = json.loads((tmp_path / "proposal" / "results.json").read_text())
     assert row[fit] == pytest.approx(trained[fit], abs=1e-9) and row["backfilled"] == [fit]
     assert sum(line.startswith("re-evaluating") for line in lines) == 1
@@ -163,7 +164,7 @@ def test_a_metric_added_after_training_is_filled_from_the_final_checkpoint(tmp_p
     summary_path.write_text(json.dumps({**{k: v for k, v in trained.items() if k != fit},
                                         "test/zeroshot_top1": trained["test/zeroshot_top1"] + 0.1}))
     lines.clear()
-    run_recipe(args, log=lambda *a, **k: lines.append(a[0]))
+    run_recipe([*args, "recipe.report_only=true"], log=lambda *a, **k: lines.append(a[0]))
     row, = json.loads((tmp_path / "proposal" / "results.json").read_text())
     assert fit not in row and "backfilled" not in row
     assert any("does not reproduce" in line for line in lines)
