@@ -722,6 +722,68 @@ def _uncertainty(image_log_std, text_log_std, metas) -> dict[str, float]:
     return out
 
 
+# --- planted noise: the positive control of the variance heads (issue 33) ------------------------------------------
+
+
+def mentions(caption: str, attribute: str) -> bool:
+    """Whether a caption names ``attribute`` (a colour or shape word) as a whole word."""
+    return attribute in caption.split()
+
+
+def _planted(attribute: str, captions: Sequence[str], metas: Sequence[dict], scores: Tensor, positive: Tensor,
+             groups: Tensor, image_log_std, text_log_std, cues: dict[str, Callable[[Sequence[str], Tensor], Tensor]],
+             plausible_known: bool) -> dict[str, float]:
+    """The planted-noise keys (module docstring, "Planted noise"): AUROCs of the text / image uncertainty for the
+    captions that mention ``attribute`` / the scenes that hold it, stratified, and R@1 of those queries against
+    the others. ``positive``: (N_img, N_txt) the retrieval positives (plausible or exact strings);
+    ``groups``: (N,) caption-string ids (exact-string positives)."""
+    n = len(captions)
+    mention = torch.tensor([mentions(c, attribute) for c in captions], dtype=torch.bool)
+    level = torch.tensor([int(m["level"]) if m.get("level") is not None else -1 for m in metas], dtype=torch.long)
+    n_words = _n_words(captions).long()
+    text_strata = level * 1000 + n_words  # (level, word count)
+    with_objects = all(isinstance(m.get("objects"), list) for m in metas) and n > 0
+    holds = torch.tensor([with_objects and any(attribute in (o.get("colour"), o.get("shape")) for o in m["objects"])
+                          for m in metas], dtype=torch.bool)
+    image_strata = torch.tensor([len(m["objects"]) if with_objects else 0 for m in metas], dtype=torch.long)
+
+    out: dict[str, float] = {}
+
+    def put(key: str, u: Tensor, target: Tensor, strata: Tensor, with_n: bool = False) -> None:
+        r = metrics.stratified_auroc(u.double().cpu(), target, strata)
+        out[key], out[f"{key}_se"] = r["auroc"], r["se"]
+        if with_n:
+            out[key.replace("_auroc", "_n")] = r["n_positive"]
+
+    if text_log_std is not None:
+        put("unc/planted_auroc", sigma_of(text_log_std), mention, text_strata, with_n=True)
+    if image_log_std is not None and with_objects:
+        put("unc/planted_auroc_image", sigma_of(image_log_std), holds, image_strata, with_n=True)
+    for d, s, target, strata, suffix in (("t2i", scores.T, mention, text_strata, ""),
+                                         ("i2t", scores, holds, image_strata, "_image")):
+        if suffix and not with_objects:
+            continue
+        top2 = s.nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
+        put(f"unc/free/top1/planted_auroc{suffix}", -top2[:, 0], target, strata)
+        put(f"unc/free/margin/planted_auroc{suffix}", -(top2[:, 0] - top2[:, -1]), target, strata)
+    scenes = torch.arange(n)
+    for name, cue in cues.items():  # trivial cues as the text "sigma": about 0.5 when no cue marks the attribute
+        put(f"unc/cue/{name}/planted_auroc", cue(list(captions), scenes), mention, text_strata)
+
+    # the retrieval cost of the noise: R@1 of the attribute's queries against the others
+    exact = metrics.same_group(groups)
+    kinds = [("", exact)] + ([("_plausible", positive)] if plausible_known else [])
+    for kind, pos in kinds:
+        for d, s, p, target in (("t2i", scores.T, pos.T, mention), ("i2t", scores, pos, holds)):
+            if d == "i2t" and not with_objects:
+                continue
+            hit = metrics.multi_positive_ranks(s, p) <= 1 if not kind else metrics.plausible_ranking(s, p)["rank"] <= 1
+            for tag, rows in (("planted", target), ("unplanted", ~target)):
+                if rows.any():
+                    out[f"{d}_r@1{kind}_{tag}"] = _mean(hit[rows])
+    return out
+
+
 def _with_prefix(out: dict[str, float], prefix: str) -> dict[str, float]:
     """``{prefix}/`` before every key; embed/ and unc/ keys keep their bare names under "val" (module docstring)."""
     return {k if prefix == "val" and k.startswith(("embed/", "unc/")) else f"{prefix}/{k}": v for k, v in out.items()}
@@ -739,7 +801,8 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
              templates: Sequence[str] | None = None, n_sigma_bins: int = 10, prefix: str = "val",
              heldout_classnames: Sequence[str] | None = None, plausible: Tensor | None = None,
              train_caption_stats: Any = _FROM_EVAL_SET,
-             placeholder_words: Sequence[str] | None = None) -> dict[str, float]:
+             placeholder_words: Sequence[str] | None = None,
+             planted_attribute: str | None = None) -> dict[str, float]:
     """Every evaluation metric (the module docstring lists the keys).
 
     Args:
@@ -765,6 +828,8 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
             ``eval_set.train_caption_stats`` (None where unknown).
         placeholder_words: words standing for an unnamed attribute (the regression's placeholder count);
             default :func:`default_placeholder_words`.
+        planted_attribute: the colour or shape of the run's planted noise (``data.noise_attribute``): adds the
+            planted-noise keys; None: none.
 
     Returns:
         ``{key: float}``.
@@ -815,6 +880,9 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
                                 default_placeholder_words() if placeholder_words is None else placeholder_words)
         out.update(_specificity(model, tokenizer, data, with_sigma, batch_size, device))
         out.update(_uncertainty_vs_retrieval(scores, per_query, image_log_std, text_log_std, n_sigma_bins))
+        if planted_attribute is not None:
+            out.update(_planted(planted_attribute, eval_set.captions, metas, scores, positive, groups, image_log_std,
+                                text_log_std, data.cues(), plausible is not None))
         return _with_prefix(out, prefix)
     finally:
         model.train(was_training)
