@@ -117,3 +117,24 @@ def test_every_colour_and_shape_is_a_valid_attribute():
     for word in (*shapes.COLOURS, *shapes.SHAPES):
         run = RunSettings.from_config(compose_config([f"data.noise_attribute={word}", "data.noise_rate=0.5"]))
         assert run.data.noise_attribute == word and run.data.noise_rate == 0.5
+
+
+def test_a_run_with_planted_noise_reports_the_rate_and_the_planted_keys(tmp_path, cache_dir):
+    """End to end: the training loop passes the options to the loader, counts what it replaced, and the final
+    evaluation adds the planted keys on val and test."""
+    from probloss.train import main
+
+    summary = main([f"out_dir={tmp_path}", f"data.cache_dir={cache_dir}", "data.train_size=512", "data.val_size=64",
+                    "data.test_size=64", "trainer.batch_size=64", "trainer.max_steps=8", "trainer.warmup_steps=2",
+                    "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.progress=false", "fabric.accelerator=cpu",
+                    "fabric.devices=1", "eval.projector_samples=0", "loss=gaussian_var",
+                    "data.noise_attribute=magenta", "data.noise_rate=0.5"])
+    scenes = summary["data/planted_scene_frac"] * 8 * 64
+    assert 0.1 < summary["data/planted_scene_frac"] < 0.35  # about a fifth of the scenes hold magenta
+    assert abs(summary["data/planted_replaced_frac"] - 0.5) < 4 * math.sqrt(0.25 / scenes)
+    for prefix in ("", "test/"):
+        for key in ("unc/planted_auroc", "unc/planted_auroc_image", "unc/free/top1/planted_auroc",
+                    "unc/cue/words/planted_auroc"):
+            assert 0.0 <= summary[prefix + key] <= 1.0, prefix + key
+    assert summary["test/unc/cue/words/planted_auroc"] == 0.5
+    assert {"test/t2i_r@1_plausible_planted", "test/i2t_r@1_plausible_unplanted"} <= set(summary)
