@@ -8,7 +8,8 @@
 A recipe names its ``arms`` (arm -> training overrides), the ``seeds``, ``overrides`` shared by every run,
 optional extra ``evaluations`` of each final checkpoint (name -> overrides, e.g. image noise), the ``metrics`` to
 report, the ``baseline`` arm the others are compared with, fixed values every arm is compared with
-(``constants``, e.g. chance), its few ``primary`` comparisons (declared before it runs) and ``vary_data`` (each seed its own data draw; configs/recipe/_base.yaml documents every key).
+(``constants``, e.g. chance), its few ``primary`` comparisons (declared before it runs) and ``vary_data`` (each
+seed its own data draw; configs/recipe/_base.yaml documents every key).
 Each run is an ordinary run folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` (the recipe's name is the runs'
 ``experiment``); a run whose summary.json exists is not trained again, so an interrupted recipe continues where
 it stopped. A run that stops on a non-finite loss (diverged) is a result, not a crash: its row is kept.
