@@ -778,7 +778,7 @@ def _planted(attribute: str, captions: Sequence[str], metas: Sequence[dict], sco
     out: dict[str, float] = {}
 
     def put(key: str, u: Tensor, target: Tensor, strata: Tensor, with_n: bool = False) -> None:
-        r = metrics.stratified_auroc(u.double().cpu(), target, strata)
+        r = metrics.stratified_auroc(u.double().cpu().nan_to_num(nan=math.inf), target, strata)  # NaN: least sure
         out[key], out[f"{key}_se"] = r["auroc"], r["se"]
         if with_n:
             out[key.replace("_auroc", "_n")] = r["n_positive"]
