@@ -10,8 +10,9 @@
 
 A recipe names its ``arms`` (arm -> training overrides), the ``seeds``, ``overrides`` shared by every run,
 optional extra ``evaluations`` of each final checkpoint (name -> overrides, e.g. image noise), the ``metrics`` to
-report, the ``baseline`` arm the others are compared with, its few ``primary`` comparisons (declared before it
-runs) and ``vary_data`` (each seed its own data draw; configs/recipe/_base.yaml documents every key).
+report, the ``baseline`` arm the others are compared with, fixed values every arm is compared with
+(``constants``, e.g. chance), its few ``primary`` comparisons (declared before it runs) and ``vary_data`` (each
+seed its own data draw; configs/recipe/_base.yaml documents every key).
 Each run is an ordinary run folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` (the recipe's name is the runs'
 ``experiment``); a run whose summary.json exists is not trained again, so an interrupted recipe continues where
 it stopped. A run that stops on a non-finite loss (diverged) is a result, not a crash: its row is kept.
@@ -40,7 +41,8 @@ The recipe folder ``<out_dir>/<recipe>/`` holds:
   number of the run's summary.json (and of its extra evaluations, as ``<evaluation>/<key>``). A reported metric
   that a run's summary lacks (added to the instruments after the run) is filled from its final checkpoint and
   named in ``backfilled`` (``backfill_metrics``).
-- ``comparisons.json``: one row per compared arm x metric (``compare``): ``arm``, ``baseline``, ``metric``, the
+- ``comparisons.json``: one row per compared arm x metric (``compare``), and per arm x ``constants`` entry (its
+  ``baseline`` reads "constant <value>": a one-sample t of arm - value): ``arm``, ``baseline``, ``metric``, the
   paired difference against the baseline over seeds (``mean_diff``, ``n``, ``n_dropped``), its 95% interval
   (``ci_low``, ``ci_high``), ``p`` (two-sided, of the same paired t; null below two seeds), ``primary``,
   ``p_adjusted`` (Holm over the recipe's non-primary rows; ``p`` on primary rows) and the verdict word (the
@@ -95,6 +97,7 @@ def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
     if not recipe.get("arms"):
         raise ConfigError(f"recipe {name!r} has no arms (arm name -> training overrides)")
     baselines(recipe)  # a misspelt baseline or primary comparison fails now, not after hours of training
+    constants(recipe)
     primaries(recipe)
     return name, recipe, [a for a in argv if a not in own]
 
@@ -118,6 +121,27 @@ def baselines(exp: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(arm, base) for arm in arms for base in pairs.get(arm, [])]
 
 
+def constants(exp: Mapping[str, Any]) -> list[tuple[str, str, str, float]]:
+    """(arm, baseline label, metric, value): every arm against each fixed value of ``constants``.
+
+    ``constants`` maps a reported metric to a fixed value (e.g. chance, 0.5 for an AUROC): every arm's value is
+    compared with it seed by seed (d = arm - value, the same paired t and interval as an arm baseline, i.e. a
+    one-sample t against the value). The row's baseline reads ``constant <value>`` (e.g. "constant 0.5"), which
+    is also how ``primary`` names it.
+    """
+    spec = exp.get("constants") or {}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"recipe constants must map a reported metric to a number, got {spec!r}")
+    metrics = report_metrics(exp)
+    out = []
+    for metric, value in spec.items():
+        if metric not in metrics or not _is_number(value) or not math.isfinite(value):
+            raise ConfigError(f"recipe constants: {metric}: {value!r} must be a reported metric ({metrics}) with a "
+                              "finite number")
+        out.extend((arm, f"constant {value:g}", str(metric), float(value)) for arm in exp["arms"])
+    return out
+
+
 MAX_PRIMARY = 8
 
 
@@ -133,12 +157,16 @@ def primaries(exp: Mapping[str, Any]) -> set[tuple[str, str, str]]:
         raise ConfigError(f"recipe primary lists {len(entries)} comparisons; at most {MAX_PRIMARY}: a primary "
                           "comparison is one the recipe is run to answer, the rest are Holm-adjusted")
     pairs, metrics = baselines(exp), report_metrics(exp)
+    fixed = {(arm, label, metric) for arm, label, metric, _ in constants(exp)}
     declared = set()
     for entry in entries:
         if not isinstance(entry, Mapping) or set(entry) != {"arm", "baseline", "metric"}:
             raise ConfigError(f"recipe primary entry {entry!r} is not a mapping with exactly the keys arm, baseline "
                               "and metric")
         arm, base, metric = (str(entry[k]) for k in ("arm", "baseline", "metric"))
+        if (arm, base, metric) in fixed:
+            declared.add((arm, base, metric))
+            continue
         if (arm, base) not in pairs:
             raise ConfigError(f"recipe primary compares {arm!r} with {base!r}, not a comparison of the recipe; "
                               f"(arm, baseline) pairs: {pairs} (recipe.primary=[...] declares others, [] none)")
@@ -538,6 +566,16 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
                          "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n,
                          "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff), "p": paired_p(diffs),
                          "p_adjusted": None, "primary": (arm, base, metric) in declared})
+    for arm, base, metric, value in constants(exp):  # an arm against a fixed value: d = arm - value per seed
+        diffs = [None if v is None else v - value
+                 for v in (row_value(r, metric) for (a, _), r in by_run.items() if a == arm)]
+        low, high = metric_range(metric)
+        diff = mean_ci(diffs, (low - value, high - value))
+        diffs_of.append(diff)
+        rows.append({"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
+                     "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n,
+                     "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff), "p": paired_p(diffs),
+                     "p_adjusted": None, "primary": (arm, base, metric) in declared})
     others = [row for row in rows if not row["primary"]]
     for row, adjusted in zip(others, holm([row["p"] for row in others])):
         row["p_adjusted"] = adjusted

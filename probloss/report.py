@@ -51,7 +51,8 @@ RANGES = [
     (r"\w*_frac(_image|_text)?|(i2t|t2i)_r@\d+(_strict|_plausible)?(_L\d)?|(i2t|t2i)_(rprecision|map@r)"
      r"|r@1_chance(_L\d)?|zeroshot_(seen_|unseen_)?top\d+|\w+_probe_acc"
      r"|unc/(cue/\w+/)?(specificity_(matched|within_scene\w*)_acc|sigma_text_rank_L\d)"
-     r"|unc/(free/\w+/)?(i2t|t2i)_(bin_\d+_(r@1|rprecision)|aurc\w*)|stability/diverged", (0.0, 1.0)),
+     r"|unc/(free/\w+/)?(i2t|t2i)_(bin_\d+_(r@1|rprecision)|aurc\w*)|stability/diverged"
+     r"|unc/(cue/\w+/|free/\w+/)?planted_auroc(_image)?|(i2t|t2i)_r@1(_plausible)?_(un)?planted", (0.0, 1.0)),
     (r"unc/(cue/\w+/|free/\w+/)?[\w@]*spearman|unc/image_sigma_vs_objects", (-1.0, 1.0)),
     (r"embed/(scored/)?effective_rank(_image|_text)?", (1.0, INF)),
     (r"embed/scored/uniformity(_image|_text)?", (-INF, 0.0)),  # unnormalised: no lower bound
@@ -60,7 +61,8 @@ RANGES = [
     (r"embed/modality_gap", (0.0, 2.0)),
     (r"stability/(loss_spikes|nonfinite_steps|grad_norm_ratio)|data/skipped|steps|\w*participation_ratio\w*"
      r"|unc/(cue/\w+/)?sigma_text_ratio_L0_L3|unc/sigma_\w+_mean|embed/scored/(alignment\w*|modality_gap)|\w+_probe_n"
-     r"|unc/specificity_within_scene\w*_n|unc/(cue/\w+/)?specificity_level_se|wall_time_s|eval_test_s|samples_per_s",
+     r"|unc/specificity_within_scene\w*_n|unc/(cue/\w+/)?specificity_level_se|wall_time_s|eval_test_s|samples_per_s"
+     r"|unc/(cue/\w+/|free/\w+/)?planted_auroc(_image)?_se|unc/planted_n(_image)?",
      (0.0, INF)),
     (r"stability/collapsed(_loss|_zeroshot)?|stability/zeroshot_p_above_chance", (0.0, 1.0)),  # eval/stability.py
     (r"stability/(max_loss_jump|grad_norm_init|grad_norm_median)", (0.0, INF)),
@@ -78,7 +80,8 @@ NO_DIRECTION = (r"embed/modality_gap|embed/alignment|embed/scored/(alignment\w*|
                 r"|unc/cue/\w+/[\w@]+|unc/(free/\w+/)?(i2t|t2i)_aurc_(oracle|random)|\w+_probe_n"
                 r"|unc/specificity_within_scene\w*_n"
                 r"|unc/specificity_level_se|r@1_chance(_L\d)?|zeroshot_n_\w+|steps"
-                r"|stability/(grad_norm_init|grad_norm_median|reference_loss|zeroshot_p_above_chance|\w+_step)")
+                r"|stability/(grad_norm_init|grad_norm_median|reference_loss|zeroshot_p_above_chance|\w+_step)"
+                r"|unc/(free/\w+/)?planted_auroc(_image)?_se|unc/planted_n(_image)?|data/planted_\w+")
 
 
 def _matches(pattern: str, metric: str) -> bool:

@@ -114,6 +114,8 @@ class DataSettings:
     hard_negatives: str
     partial_captions: bool = False
     strict: bool = False
+    noise_attribute: str | None = None  # planted noise (issue 33): a colour or shape of the shapes generator
+    noise_rate: float = 0.0  # planted noise: the probability that a scene with the attribute gets a wrong caption
     cache_dir: str | None = None
     train_size: int | None = None
     val_size: int | None = None
@@ -129,6 +131,17 @@ class DataSettings:
         if self.hard_negatives not in HARD_NEGATIVES:
             raise ConfigError(_unknown("data.hard_negatives choice", str(self.hard_negatives), list(HARD_NEGATIVES),
                                        "data.hard_negatives"))
+        if self.noise_attribute is not None:
+            from probloss.data.shapes import COLOURS, SHAPES
+
+            if self.noise_attribute not in (*COLOURS, *SHAPES):
+                raise ConfigError(_unknown("data.noise_attribute (a colour or shape)", str(self.noise_attribute),
+                                           [*COLOURS, *SHAPES], "data.noise_attribute"))
+        if not isinstance(self.noise_rate, (int, float)) or not 0.0 <= float(self.noise_rate) <= 1.0:
+            raise ConfigError(f"data.noise_rate must be a probability in [0, 1], got {self.noise_rate}")
+        if self.noise_rate and self.noise_attribute is None:
+            raise ConfigError(f"data.noise_rate={self.noise_rate} needs data.noise_attribute=<colour or shape>: the "
+                              "scenes whose captions are replaced")
         if self.heldout_combos is not None and not 0 <= self.heldout_combos <= 20:
             raise ConfigError(f"data.heldout_combos must be in [0, 20] (at most half the 40 classes), "
                               f"got {self.heldout_combos}")

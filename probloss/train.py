@@ -88,6 +88,8 @@ class Position:
         self.skipped = 0  # corrupt samples skipped by this rank's data loaders since this process started
         self.skipped_before = 0  # all ranks' skipped samples before this (re)start (from the checkpoint)
         self.nonfinite_in_a_row = 0
+        # planted noise (data.noise_attribute): this rank's samples read, attribute scenes, captions replaced
+        self.planted_samples = self.planted_scenes = self.planted_replaced = 0
 
     def state_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -237,6 +239,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
                     "data/truncated_shards": len(spec.truncated),
                     "status": "finished", "loss": run.loss_name, "world_size": fabric.world_size,
                     "run_dir": str(run_dir), "wall_time_s": time.perf_counter() - t_start})
+    summary.update(planted_counts(fabric, run, pos))
     if not fabric.is_global_zero:
         return {}
     logger.log_metrics({"data/skipped": skipped, "data/truncated_shards": len(spec.truncated)}, step=pos.step)
@@ -246,6 +249,19 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     title = f"{run.loss_name} / {run.model.get('name', '?')} / {fabric.world_size} rank(s)"
     print_summary(summary, run_dir, title, run.out_dir)
     return summary
+
+
+def planted_counts(fabric, run: RunSettings, pos: Position) -> dict[str, float]:
+    """Planted noise as trained (with ``data.noise_attribute``; every rank calls it): ``data/planted_replaced_frac``
+    (captions replaced / samples whose scene holds the attribute: ``data.noise_rate`` up to binomial noise) and
+    ``data/planted_scene_frac`` (those scenes / samples read), over all ranks. A resumed run counts from the
+    checkpoint's (rank 0's) counts on, so the fractions stay estimates of the same rates."""
+    if run.data.noise_attribute is None:
+        return {}
+    samples, scenes, replaced = (dist.sum_over_ranks(fabric, getattr(pos, k)) for k in
+                                 ("planted_samples", "planted_scenes", "planted_replaced"))
+    return {"data/planted_replaced_frac": replaced / scenes if scenes else float("nan"),
+            "data/planted_scene_frac": scenes / samples if samples else float("nan")}
 
 
 @dataclass

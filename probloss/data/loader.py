@@ -8,6 +8,8 @@ shapes data. Training batches (:func:`make_train_loader`) are dicts::
     caption  list[str]   the caption actually trained on (after caption noise)
     json     list[dict]  the sample metadata ({} when the shard has none)
     noisy    bool (B,)   True where caption noise replaced the caption
+    planted  bool (B,)   True where planted noise (``noise_attribute``, ``noise_rate``) gave the sample a wrong
+                         caption; attribute bool (B,): the scene holds the attribute (all False without one)
     skipped  int         corrupt samples skipped by the producing worker since its previous batch;
                          sum it over batches (and ranks) for the total
     negative_tokens  long (B, k, L)   only with ``hard_negatives`` other than "none": the tokenized hard
@@ -305,6 +307,53 @@ def _partial_captions(samples: list[dict], captions: list[str], noisy: np.ndarra
     return partial, mask
 
 
+def holds_attribute(meta: dict, attribute: str) -> bool:
+    """Whether a sample's scene has an object of colour or shape ``attribute`` (json ``objects``).
+
+    Raises:
+        probloss.config.ConfigError: the json has no ``objects`` with a colour and a shape (planted noise needs
+            the shapes data's scene description).
+    """
+    objects = meta.get("objects")
+    if not isinstance(objects, list) or not objects or not all(isinstance(o, dict) and "colour" in o and "shape" in o
+                                                               for o in objects):
+        from probloss.config import ConfigError
+
+        raise ConfigError(f"data.noise_attribute={attribute}: sample {meta.get('index', '?')} has no json `objects` "
+                          "(colour and shape of every object); use the shapes data (scripts/make_data.py) or unset "
+                          "data.noise_attribute")
+    return any(attribute in (o["colour"], o["shape"]) for o in objects)
+
+
+def _planted_captions(captions: list[str], metas: list[dict], attribute: str | None, rate: float,
+                      rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Planted noise (issue 33): each row whose scene holds ``attribute`` gets, with probability ``rate``
+    (Bernoulli per row), the caption of another random row of the batch that is a WRONG pair for its scene: a
+    row j whose caption is not the same string and not true of scene i (``plausible_matrix``, every fact it
+    states holds), uniformly among those; a row with no such j keeps its caption (not counted as replaced).
+
+    Returns:
+        (captions, planted (B,) bool: replaced, attribute (B,) bool: the scene holds the attribute).
+    """
+    n = len(captions)
+    if attribute is None:
+        return list(captions), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    holds = np.array([holds_attribute(m, attribute) for m in metas], dtype=bool)
+    draw = rng.random(n) < rate  # drawn for every row, so the draws do not depend on which scenes hold it
+    rows = np.flatnonzero(holds & draw) if rate > 0 else np.array([], dtype=np.int64)
+    out, planted = list(captions), np.zeros(n, dtype=bool)
+    if len(rows):
+        from probloss.data.shapes import plausible_matrix
+
+        true_of = plausible_matrix(captions, [metas[i] for i in rows]).numpy()  # (R, B): caption j true of scene i
+        strings = np.array(captions, dtype=object)
+        for k, i in enumerate(rows):
+            wrong = np.flatnonzero(~true_of[k] & (strings != captions[i]))
+            if len(wrong):
+                out[i], planted[i] = captions[wrong[rng.integers(len(wrong))]], True
+    return out, planted, holds
+
+
 def _noisy_captions(captions: list[str], fraction: float, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
     """Give a ``fraction`` of the rows (Bernoulli per row) the caption of another random row."""
     n = len(captions)
@@ -326,13 +375,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                  image_size: int, rank: int, world_size: int, seed: int, epoch: int, num_workers: int,
                  batches_per_epoch: int, shuffle_buffer: int, image_noise: float, image_blur: float,
                  caption_noise: float, hard_negatives: str = "none", partial_captions: bool = False,
-                 cache_mb: float = 0.0):
+                 cache_mb: float = 0.0, noise_attribute: str | None = None, noise_rate: float = 0.0):
         super().__init__()
         self.shards, self.tokenizer, self.batch_size = shards, tokenizer, batch_size
         self.image_size, self.rank, self.world_size, self.seed, self.epoch = image_size, rank, world_size, seed, epoch
         self.num_workers, self.batches_per_epoch, self.shuffle_buffer = max(1, num_workers), batches_per_epoch, shuffle_buffer
         self.image_noise, self.image_blur, self.caption_noise = image_noise, image_blur, caption_noise
         self.hard_negatives, self.partial_captions = hard_negatives, partial_captions
+        self.noise_attribute, self.noise_rate = noise_attribute, noise_rate
         self.cache_mb, self._cache = cache_mb, None  # the cache is made by the reader that fills it (a worker)
 
     def __len__(self) -> int:
@@ -400,17 +450,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         noise_seed = zlib.crc32(f"image-noise-{self.seed}-{epoch}".encode())
         stream = self._clean_samples(slot, n_slots, handler, random.Random(f"shuffle-{tag}"), epoch)
         caption_rng = np.random.default_rng(zlib.crc32(f"captions-{tag}".encode()))
+        planted_rng = np.random.default_rng(zlib.crc32(f"planted-{tag}".encode()))  # its own: caption noise unchanged
         reported = 0
         for _ in range(n_batches):
             samples = [add_image_noise(s, self.image_noise, noise_seed)
                        for s in itertools.islice(stream, self.batch_size)]
-            captions, noisy = _noisy_captions([s["caption"] for s in samples], self.caption_noise, caption_rng)
+            captions, planted, attribute = _planted_captions([s["caption"] for s in samples],
+                                                             [s["json"] for s in samples], self.noise_attribute,
+                                                             self.noise_rate, planted_rng)
+            captions, noisy = _noisy_captions(captions, self.caption_noise, caption_rng)
             batch = {
                 "image": _to_tensor([s["image"] for s in samples]),
                 "tokens": self.tokenizer(captions),
                 "caption": captions,
                 "json": [s["json"] for s in samples],
                 "noisy": torch.from_numpy(noisy),
+                "planted": torch.from_numpy(planted),
+                "attribute": torch.from_numpy(attribute),
                 "skipped": handler.count - reported,
             }
             kinds = HARD_NEGATIVES[self.hard_negatives]
@@ -418,7 +474,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 tokens = self.tokenizer(_negatives(samples, kinds, self.hard_negatives))
                 batch["negative_tokens"] = tokens.view(len(samples), len(kinds), -1)
             if self.partial_captions:
-                partial, mask = _partial_captions(samples, captions, noisy)
+                partial, mask = _partial_captions(samples, captions, noisy | planted)
                 batch["partial_tokens"], batch["partial_mask"] = self.tokenizer(partial), torch.from_numpy(mask)
             yield batch
             reported = handler.count
@@ -493,7 +549,8 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
                       num_workers: int = 0, batches_per_epoch: int | None = None, shuffle_buffer: int = 2000,
                       image_noise: float = 0.0, image_blur: float = 0.0, caption_noise: float = 0.0,
                       hard_negatives: str = "none", partial_captions: bool = False,
-                      cache_mb: float = 0.0) -> TrainLoader:
+                      cache_mb: float = 0.0, noise_attribute: str | None = None,
+                      noise_rate: float = 0.0) -> TrainLoader:
     """Training batches for one rank (see the module docstring for the batch dict).
 
     Args:
@@ -513,6 +570,9 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
         partial_captions: add ``partial_tokens`` (B, L) and ``partial_mask`` (B,) (losses with partial views).
         cache_mb: each reader keeps up to this many MiB of decoded samples (whole shards), so later passes over
             them skip reading and decoding (:class:`DecodedCache`); 0: none. The batches are the same either way.
+        noise_attribute, noise_rate: planted noise (issue 33, :func:`_planted_captions`): a sample whose scene
+            holds this colour or shape gets, with probability ``noise_rate``, a wrong caption of another sample
+            of the batch; applied before ``caption_noise`` and with its own random stream, so that is unchanged.
 
     Raises:
         FileNotFoundError: the pattern matches no shard (before any reading).
@@ -523,6 +583,8 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     if not 0.0 <= caption_noise <= 1.0:
         raise ValueError(f"caption_noise must be a fraction in [0, 1], got {caption_noise}")
+    if not 0.0 <= noise_rate <= 1.0:
+        raise ValueError(f"noise_rate must be a fraction in [0, 1], got {noise_rate}")
     if hard_negatives not in HARD_NEGATIVES:
         raise ValueError(f"hard_negatives must be one of {'|'.join(HARD_NEGATIVES)}, got {hard_negatives!r}")
     shards = expand_shards(pattern)
@@ -532,7 +594,8 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
                           seed=seed, epoch=epoch, num_workers=num_workers, batches_per_epoch=int(batches_per_epoch),
                           shuffle_buffer=shuffle_buffer, image_noise=image_noise, image_blur=image_blur,
                           caption_noise=caption_noise, hard_negatives=hard_negatives,
-                          partial_captions=partial_captions, cache_mb=cache_mb)
+                          partial_captions=partial_captions, cache_mb=cache_mb, noise_attribute=noise_attribute,
+                          noise_rate=noise_rate)
     return TrainLoader(dataset, num_workers)
 
 

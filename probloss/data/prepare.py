@@ -167,7 +167,8 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
     consumed are skipped, so the stream after a resume is the one an uninterrupted run would have seen. The
     loader's workers (and their decoded-sample caches, ``data.decoded_cache_mb``) live for the whole stream.
     ``pos.epoch`` and ``pos.batch`` advance as batches are handed out; ``pos.skipped`` sums the loaders'
-    corrupt-sample counts.
+    corrupt-sample counts; with ``data.noise_attribute``, ``pos.planted_{samples,scenes,replaced}`` count the
+    samples read, those whose scene holds the attribute and those given a wrong caption.
     """
     from probloss.data import make_train_loader
 
@@ -176,12 +177,17 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
         spec.train, tokenizer, per_rank, image_size=data.image_size, rank=rank, world_size=world_size,
         seed=seed, epoch=pos.epoch, num_workers=data.num_workers, batches_per_epoch=spec.steps_per_epoch,
         hard_negatives=data.hard_negatives, partial_captions=data.partial_captions,
-        cache_mb=data.decoded_cache_mb or 0, **data.loader_noise())
+        cache_mb=data.decoded_cache_mb or 0, noise_attribute=data.noise_attribute,
+        noise_rate=float(data.noise_rate or 0.0), **data.loader_noise())
     first_epoch = pos.epoch
     for epoch, i, batch in loader.stream():
         if epoch == first_epoch and i < pos.batch:
             continue  # consumed before the checkpoint (its skipped samples were counted then)
         pos.skipped += int(batch.get("skipped", 0))  # corrupt samples skipped since the worker's last batch
+        if data.noise_attribute is not None:  # planted noise: replaced captions among the attribute's scenes
+            pos.planted_samples += len(batch["caption"])
+            pos.planted_scenes += int(batch["attribute"].sum())
+            pos.planted_replaced += int(batch["planted"].sum())
         pos.epoch, pos.batch = epoch, i + 1
         yield batch
 

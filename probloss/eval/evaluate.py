@@ -142,6 +142,34 @@ Queries of equal u are averaged (the expectation over their order). Keys (after 
 Renamed: ``unc/{i2t,t2i}_r1_sigma_decile_{b}`` -> ``unc/{i2t,t2i}_bin_{b}_r@1`` (plausible positives now) and
 ``unc/{i2t,t2i}_r1_sigma_spearman`` (sigma vs hit) -> ``unc/{i2t,t2i}_bin_r@1_spearman`` (bin index vs bin R@1).
 
+Planted noise, the positive control of the variance heads (issue 33; only with ``planted_attribute``, the run's
+``data.noise_attribute``, e.g. "magenta": training gave the scenes holding it a wrong caption with probability
+``data.noise_rate``; val and test stay clean). A caption "mentions" the attribute when it has the word; a scene
+"holds" it when an object has that colour or shape (json ``objects``). AUROCs are stratified: within each stratum
+the AUROC of the uncertainty for the attribute's items against the others (average ranks, ties half), then the
+mean over strata weighted by their attribute items (:func:`probloss.eval.metrics.stratified_auroc`: the chance
+that an attribute item's uncertainty exceeds a random other item's OF ITS OWN STRATUM); strata without both
+kinds are left out. Text strata: (caption level, word count); image strata: object count. Each AUROC has a
+``_se`` twin: the Hanley-McNeil standard error combined over strata (independent strata; calibrated under the
+null, tests/eval/test_eval_planted.py). Chance 0.5; > 0.5 = more uncertainty where the noise was planted:
+
+- ``unc/planted_auroc``: text sigma, eval captions that mention the attribute vs the others (with log-stds);
+  ``unc/planted_n``: the attribute captions counted.
+- ``unc/planted_auroc_image``: image sigma, scenes that hold it vs the others; ``unc/planted_n_image``.
+- ``unc/free/{top1,margin}/planted_auroc`` and ``..._image``: the training-free uncertainties of the caption / image
+  queries (minus the best score, minus its margin over the runner-up); every loss. For a loss whose score uses
+  sigma (gaussian_var, pcmepp, prolip, ...) these read the sigma too, through the score.
+- ``unc/cue/{words,frequency,objects,token}/planted_auroc`` (+ ``_se``): the trivial cues of the specificity keys
+  as the text uncertainty: the check that nothing trivial marks the attribute's captions (words: exactly 0.5, a
+  stratum variable; frequency: the CLEAN training counts of train_caption_stats -- planting lowers an attribute
+  caption's trained count by about a factor 1 - p (1 - the attribute's scene share), which pushes a
+  frequency-tracking sigma below 0.5, against the effect).
+- ``{p}/t2i_r@1_planted`` / ``_unplanted`` (caption queries that mention it / the others) and ``{p}/i2t_r@1_planted``
+  / ``_unplanted`` (images that hold it / the others): multi-positive exact-string R@1; ``..._r@1_plausible_planted``
+  / ``_unplanted``: plausible-match R@1 (over the queries with a positive, as ``{d}_r@1_plausible``). The two groups
+  differ in caption levels (an L0 caption is true of many images), so read the cost of the noise across arms
+  (p = 0.5 against p = 0, paired), not planted against unplanted within a run.
+
 ``val/loss`` is not computed here: probloss/eval/runtime.py computes it once, in the training batches of every
 rank, so it is comparable with ``train/loss`` for any world size.
 """
@@ -747,6 +775,71 @@ def _uncertainty(image_log_std, text_log_std, metas) -> dict[str, float]:
     return out
 
 
+# --- planted noise: the positive control of the variance heads (issue 33) ------------------------------------------
+
+
+def mentions(caption: str, attribute: str) -> bool:
+    """Whether a caption names ``attribute`` (a colour or shape word) as a whole word."""
+    return attribute in caption.split()
+
+
+def _planted(attribute: str, captions: Sequence[str], metas: Sequence[dict], scores: Tensor,
+             per_query: dict[str, dict[str, Tensor]] | None, groups: Tensor, image_log_std, text_log_std,
+             cues: dict[str, Callable[[Sequence[str], Tensor], Tensor]]) -> dict[str, float]:
+    """The planted-noise keys (module docstring, "Planted noise"): AUROCs of the text / image uncertainty for the
+    captions that mention ``attribute`` / the scenes that hold it, stratified, and R@1 of those queries against
+    the others. ``per_query``: the plausible-match ranking per direction (None: no plausible matrix);
+    ``groups``: (N,) caption-string ids (exact-string positives)."""
+    n = len(captions)
+    mention = torch.tensor([mentions(c, attribute) for c in captions], dtype=torch.bool)
+    level = torch.tensor([int(m["level"]) if m.get("level") is not None else -1 for m in metas], dtype=torch.long)
+    n_words = _n_words(captions).long()
+    text_strata = level * 1000 + n_words  # (level, word count)
+    with_objects = all(isinstance(m.get("objects"), list) for m in metas) and n > 0
+    holds = torch.tensor([with_objects and any(attribute in (o.get("colour"), o.get("shape")) for o in m["objects"])
+                          for m in metas], dtype=torch.bool)
+    image_strata = torch.tensor([len(m["objects"]) if with_objects else 0 for m in metas], dtype=torch.long)
+
+    out: dict[str, float] = {}
+
+    def put(key: str, u: Tensor, target: Tensor, strata: Tensor, with_n: bool = False) -> None:
+        r = metrics.stratified_auroc(u.double().cpu().nan_to_num(nan=math.inf), target, strata)  # NaN: least sure
+        out[key], out[f"{key}_se"] = r["auroc"], r["se"]
+        if with_n:
+            out[key.replace("_auroc", "_n")] = r["n_positive"]
+
+    if text_log_std is not None:
+        put("unc/planted_auroc", sigma_of(text_log_std), mention, text_strata, with_n=True)
+    if image_log_std is not None and with_objects:
+        put("unc/planted_auroc_image", sigma_of(image_log_std), holds, image_strata, with_n=True)
+    for d, s, target, strata, suffix in (("t2i", scores.T, mention, text_strata, ""),
+                                         ("i2t", scores, holds, image_strata, "_image")):
+        if suffix and not with_objects:
+            continue
+        top2 = s.nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
+        put(f"unc/free/top1/planted_auroc{suffix}", -top2[:, 0], target, strata)
+        put(f"unc/free/margin/planted_auroc{suffix}", -(top2[:, 0] - top2[:, -1]), target, strata)
+    scenes = torch.arange(n)
+    for name, cue in cues.items():  # trivial cues as the text "sigma": about 0.5 when no cue marks the attribute
+        put(f"unc/cue/{name}/planted_auroc", cue(list(captions), scenes), mention, text_strata)
+
+    # the retrieval cost of the noise: R@1 of the attribute's queries against the others
+    exact = metrics.same_group(groups)  # symmetric: serves both directions
+    for d, s, target in (("t2i", scores.T, mention), ("i2t", scores, holds)):
+        if d == "i2t" and not with_objects:
+            continue
+        every = torch.ones_like(target)
+        hits = {"": (metrics.multi_positive_ranks(s, exact) <= 1, every)}
+        if per_query is not None:  # over the queries with a positive, as {d}_r@1_plausible
+            q = per_query[d]
+            hits["_plausible"] = (q["rank"] <= 1, q["n_positive"] > 0)
+        for kind, (hit, counted) in hits.items():
+            for tag, rows in (("planted", target & counted), ("unplanted", ~target & counted)):
+                if rows.any():
+                    out[f"{d}_r@1{kind}_{tag}"] = _mean(hit[rows])
+    return out
+
+
 def _with_prefix(out: dict[str, float], prefix: str) -> dict[str, float]:
     """``{prefix}/`` before every key; embed/ and unc/ keys keep their bare names under "val" (module docstring)."""
     return {k if prefix == "val" and k.startswith(("embed/", "unc/")) else f"{prefix}/{k}": v for k, v in out.items()}
@@ -764,7 +857,8 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
              templates: Sequence[str] | None = None, n_sigma_bins: int = 10, prefix: str = "val",
              heldout_classnames: Sequence[str] | None = None, plausible: Tensor | None = None,
              train_caption_stats: Any = _FROM_EVAL_SET,
-             placeholder_words: Sequence[str] | None = None) -> dict[str, float]:
+             placeholder_words: Sequence[str] | None = None,
+             planted_attribute: str | None = None) -> dict[str, float]:
     """Every evaluation metric (the module docstring lists the keys).
 
     Args:
@@ -790,6 +884,8 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
             ``eval_set.train_caption_stats`` (None where unknown).
         placeholder_words: words standing for an unnamed attribute (the regression's placeholder count);
             default :func:`default_placeholder_words`.
+        planted_attribute: the colour or shape of the run's planted noise (``data.noise_attribute``): adds the
+            planted-noise keys; None: none.
 
     Returns:
         ``{key: float}``.
@@ -840,6 +936,10 @@ def evaluate(model: nn.Module, loss: nn.Module, eval_set: Any, tokenizer: Callab
                                 default_placeholder_words() if placeholder_words is None else placeholder_words)
         out.update(_specificity(model, tokenizer, data, with_sigma, batch_size, device))
         out.update(_uncertainty_vs_retrieval(scores, per_query, image_log_std, text_log_std, n_sigma_bins))
+        if planted_attribute is not None:
+            out.update(_planted(planted_attribute, eval_set.captions, metas, scores,
+                                per_query if plausible is not None else None, groups, image_log_std, text_log_std,
+                                data.cues()))
         return _with_prefix(out, prefix)
     finally:
         model.train(was_training)

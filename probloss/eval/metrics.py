@@ -460,3 +460,60 @@ def pair_probe_accuracy(score_true: Tensor, score_false: Tensor) -> float:
         return float("nan")
     t, f = t.nan_to_num(nan=-math.inf), f.nan_to_num(nan=math.inf)
     return ((t > f).double() + 0.5 * (t == f).double()).mean().item()
+
+
+def auroc(score: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve of ``score`` for the ``positive`` class: P(score of a positive > score of a
+    negative) + P(tie) / 2 (the Mann-Whitney U / (n1 n0), average ranks). NaN without both classes."""
+    score, positive = _as_float64(score).flatten(), torch.as_tensor(positive, dtype=torch.bool).flatten()
+    n1 = int(positive.sum())
+    n0 = positive.numel() - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = average_ranks(score)
+    return ((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)).item()
+
+
+def hanley_mcneil_se(a: float, n1: int, n0: int) -> float:
+    """Standard error of an AUROC ``a`` from ``n1`` positives and ``n0`` negatives (Hanley & McNeil 1982):
+    ``SE^2 = (a (1 - a) + (n1 - 1) (Q1 - a^2) + (n0 - 1) (Q2 - a^2)) / (n1 n0)``, Q1 = a / (2 - a),
+    Q2 = 2 a^2 / (1 + a) (exponential-score model; close to DeLong's for continuous scores)."""
+    if math.isnan(a) or n1 < 1 or n0 < 1:
+        return float("nan")
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
+    return math.sqrt(max(var, 0.0))
+
+
+def stratified_auroc(score: Tensor, positive: Tensor, strata: Tensor) -> dict[str, float]:
+    """AUROC of ``score`` for ``positive`` within each stratum, averaged over strata weighted by their positives.
+
+    Only strata holding both classes count. The weighted mean reads: the probability that a positive's score
+    exceeds that of a random negative OF ITS OWN STRATUM (ties half), averaged over positives; so a cue that is
+    constant within strata (what they are built from) scores exactly 0.5. Its standard error combines the
+    strata's Hanley-McNeil SEs (independent strata): ``sqrt(sum_s w_s^2 SE_s^2)``, w_s = n1_s / sum n1.
+
+    Args:
+        score: (n,) higher = more likely positive (e.g. a sigma).
+        positive: (n,) bool.
+        strata: (n,) integer stratum ids.
+
+    Returns:
+        ``{"auroc", "se", "n_positive", "n_negative"}`` (the last two over the strata that count); NaN auroc and
+        se when no stratum has both classes.
+    """
+    score, positive = _as_float64(score).flatten(), torch.as_tensor(positive, dtype=torch.bool).flatten()
+    strata = torch.as_tensor(strata).flatten()
+    parts = []  # (n1, n0, auroc) per usable stratum
+    for s in torch.unique(strata):
+        member = strata == s
+        n1 = int((positive & member).sum())
+        n0 = int(member.sum()) - n1
+        if n1 and n0:
+            parts.append((n1, n0, auroc(score[member], positive[member])))
+    total = sum(n1 for n1, _, _ in parts)
+    if not total:
+        return {"auroc": float("nan"), "se": float("nan"), "n_positive": 0.0, "n_negative": 0.0}
+    value = sum(n1 * a for n1, _, a in parts) / total
+    se = math.sqrt(sum((n1 / total) ** 2 * hanley_mcneil_se(a, n1, n0) ** 2 for n1, n0, a in parts))
+    return {"auroc": value, "se": se, "n_positive": float(total), "n_negative": float(sum(n0 for _, n0, _ in parts))}

@@ -68,7 +68,7 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
             noisy = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
                               image_noise=float(run.eval.noise_std))
         metrics.update(evaluate_model(module.model, module.loss, eval_set, spec, tokenizer, device=fabric.device,
-                                      noisy_eval_set=noisy))
+                                      noisy_eval_set=noisy, planted_attribute=run.data.noise_attribute))
         if final and spec.test is not None:
             started = time.perf_counter()
             try:
@@ -79,7 +79,8 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
                 metrics["test/error"] = str(err)
             else:
                 metrics.update(evaluate_model(module.model, module.loss, test_set, spec, tokenizer,
-                                              device=fabric.device, prefix="test"))
+                                              device=fabric.device, prefix="test",
+                                              planted_attribute=run.data.noise_attribute))
                 metrics["eval_test_s"] = time.perf_counter() - started
         if logger is not None:
             logger.log_metrics(finite_scalars(metrics), step=step)
@@ -99,7 +100,7 @@ def metrics_line(step: int, metrics: dict[str, Any]) -> str:
 
 
 def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None, noisy_eval_set=None,
-                   prefix: str = "val") -> dict[str, Any]:
+                   prefix: str = "val", planted_attribute: str | None = None) -> dict[str, Any]:
     """probloss.eval.evaluate with the run's zero-shot classes, templates and held-out classes (model in eval
     mode); keys under ``prefix`` ("val" or "test").
 
@@ -110,7 +111,8 @@ def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None
     from probloss.eval import image_sigma_vs_noise
 
     metrics = dict(evaluate_fn(model, loss, eval_set, tokenizer, device=device, classnames=spec.classnames,
-                               templates=spec.templates, prefix=prefix, heldout_classnames=spec.heldout))
+                               templates=spec.templates, prefix=prefix, heldout_classnames=spec.heldout,
+                               planted_attribute=planted_attribute))
     if noisy_eval_set is not None and loss.needs_log_std:
         metrics.update(image_sigma_vs_noise(model, eval_set.images, noisy_eval_set.images, device=device))
     return metrics
