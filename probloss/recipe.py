@@ -429,8 +429,12 @@ def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any) -> li
 
 @functools.lru_cache(maxsize=None)
 def _has_generator(data_choice: str | None) -> bool:
-    """Whether the data group (None: the default one) has a ``gen_seed`` key (composed once per choice)."""
-    return "gen_seed" in compose_config([f"data={data_choice}"] if data_choice else []).data
+    """Whether the data group (None: the default one) has a ``gen_seed`` key (read once per choice; its file alone,
+    since a group such as webdataset does not compose without its shard keys)."""
+    if data_choice is None:
+        return "gen_seed" in compose_config([]).data
+    path = config_dir() / "data" / f"{data_choice}.yaml"
+    return path.is_file() and "gen_seed" in OmegaConf.load(path)
 
 
 def _key(override: str) -> str:

@@ -101,17 +101,16 @@ def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
 
 
 def test_the_data_draw_follows_the_seed_unless_set():
-    from probloss.config import compose_config
     from probloss.recipe import data_draw
 
-    cfg = compose_config([])
-    assert data_draw({}, ["loss=infonce"], 3, cfg) == ["data.gen_seed=3"]  # vary_data defaults to true
-    assert data_draw({"vary_data": True}, [], 3, cfg) == ["data.gen_seed=3"]
-    assert data_draw({"vary_data": False}, [], 3, cfg) == []
-    assert data_draw({"vary_data": True}, ["loss=infonce", "data.gen_seed=5"], 3, cfg) == []  # set by the recipe/arm
-    assert data_draw({"vary_data": True}, ["+data.gen_seed=5"], 3, cfg) == []
-    web = compose_config(["data=webdataset", "data.train_shards=/data/train.tar", "data.val_shards=/data/val.tar"])
-    assert data_draw({"vary_data": True}, ["data=webdataset"], 3, web) == []  # no generator, no gen_seed key
+    assert data_draw({}, ["loss=infonce"], 3) == ["data.gen_seed=3"]  # vary_data defaults to true
+    assert data_draw({"vary_data": True}, [], 3) == ["data.gen_seed=3"]
+    assert data_draw({"vary_data": False}, [], 3) == []
+    assert data_draw({"vary_data": True}, ["loss=infonce", "data.gen_seed=5"], 3) == []  # set by the recipe/arm
+    assert data_draw({"vary_data": True}, ["+data.gen_seed=5"], 3) == []
+    assert data_draw({"vary_data": True}, ["data=webdataset"], 3) == []  # no generator, no gen_seed key
+    assert data_draw({"vary_data": True}, ["data=webdataset", "data=shapes"], 3) == ["data.gen_seed=3"]  # the last
+
 
 def test_a_diverged_run_is_a_result_counted_in_the_report(tmp_path):
     boom = "['loss=gaussian_var', 'trainer.lr=1e30', 'trainer.grad_clip=null', 'trainer.on_nonfinite=stop']"
