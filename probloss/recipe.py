@@ -71,7 +71,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from probloss.config import ConfigError, compose_config, config_dir, config_groups
+from probloss.config import ConfigError, compose_config, config_dir, config_groups, override_key
 from probloss.report import (ALPHA, CI, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range,
                              paired_p, report_lines, row_value, run_stopped, save_figure, summarise, sweep_studies,
                              t_975, t_two_sided_p, verdict)
@@ -85,7 +85,7 @@ def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
     ``argv`` is composed with configs/recipe.yaml (the training config plus ``recipe=<name>``), so every key is
     checked like a training run's; the training overrides are ``argv`` minus the ``recipe`` ones.
     """
-    own = [a for a in argv if a.split("=", 1)[0].lstrip("+~").startswith("recipe")]
+    own = [a for a in argv if override_key(a).startswith("recipe")]
     # The recipe's own group choices (model=lit, data=webdataset) come first, so that the command line's keys
     # are checked against the model and data the runs will use.
     groups = config_groups("train")
@@ -421,9 +421,9 @@ def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any) -> li
     ``vary_data`` is false, when the recipe, the arm or the command line sets data.gen_seed itself, or when the
     run's data group has no generator (webdataset shards have no data.gen_seed).
     """
-    if not exp.get("vary_data", True) or any(_key(o) == "data.gen_seed" for o in overrides):
+    if not exp.get("vary_data", True) or any(override_key(o) == "data.gen_seed" for o in overrides):
         return []
-    choice = next((o.split("=", 1)[1] for o in reversed(overrides) if _key(o) == "data"), None)
+    choice = next((o.split("=", 1)[1] for o in reversed(overrides) if override_key(o) == "data"), None)
     return [f"data.gen_seed={seed}"] if _has_generator(choice) else []
 
 
@@ -435,10 +435,6 @@ def _has_generator(data_choice: str | None) -> bool:
         return "gen_seed" in compose_config([]).data
     path = config_dir() / "data" / f"{data_choice}.yaml"
     return path.is_file() and "gen_seed" in OmegaConf.load(path)
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _check_reused_draw(run_dir: Path, gen_seed: Any) -> None:

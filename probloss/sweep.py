@@ -46,7 +46,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from probloss import dist
-from probloss.config import ConfigError, compose_config
+from probloss.config import ConfigError, compose_config, override_key
 from probloss.console import say
 from probloss.launch import launch, make_fabric
 from probloss.settings import RunSettings
@@ -75,7 +75,7 @@ def load_sweep(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
         raise ConfigError("give at least one sweep objective ({metric: ..., direction: maximize|minimize})")
     if len(objectives) > 1 and sweep.get("pruner", "none") != "none":
         raise ConfigError("multi-objective studies cannot prune (Optuna); set sweep.pruner=none")
-    train_overrides = [a for a in argv if not a.split("=", 1)[0].lstrip("+~").startswith("sweep")]
+    train_overrides = [a for a in argv if not override_key(a).startswith("sweep")]
     return sweep, train_overrides
 
 

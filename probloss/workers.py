@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from probloss.config import ConfigError
+from probloss.config import ConfigError, override_key
 
 WORKER_ENV = "PROBLOSS_WORKER"
 LAUNCHERS = ("local", "submitit")
@@ -69,7 +69,7 @@ def _has_accelerator() -> bool:
 def worker_argv(argv: Sequence[str], section: str) -> list[str]:
     """``argv`` of one worker: the launcher keys replaced by ``<section>.workers=1 <section>.launcher=local``."""
     own = (f"{section}.workers", f"{section}.launcher")
-    kept = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in own]
+    kept = [a for a in argv if override_key(a) not in own]
     return [*kept, f"{section}.workers=1", f"{section}.launcher=local"]
 
 
