@@ -184,6 +184,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probloss.data import shapes
 from probloss.eval import metrics
 
 Tensor = torch.Tensor
@@ -378,15 +379,12 @@ def _retrieval(scores: Tensor, groups: Tensor, levels: Tensor, ks: Sequence[int]
 def _plausible_positives(captions: Sequence[str], metas: Sequence[dict]) -> Tensor | None:
     """``(N_img, N_txt)`` bool from ``probloss.data.shapes.plausible_matrix`` (every fact of caption j holds for
     scene i) when every sample's json describes its scene (``objects``, each with a ``shape`` and a ``colour``);
-    None otherwise (foreign data, or a data module without it)."""
+    None otherwise (foreign data)."""
     if not metas or not all(isinstance(m.get("objects"), list) and m["objects"] and
                             all(isinstance(o, dict) and "shape" in o and "colour" in o for o in m["objects"])
                             for m in metas):
         return None
-    from probloss.data import shapes  # lazily: only shapes metadata has scenes to check captions against
-
-    plausible_matrix = getattr(shapes, "plausible_matrix", None)
-    return None if plausible_matrix is None else torch.as_tensor(plausible_matrix(captions, metas), dtype=torch.bool)
+    return torch.as_tensor(shapes.plausible_matrix(captions, metas), dtype=torch.bool)
 
 
 def _plausible_retrieval(scores: Tensor, positive: Tensor) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
@@ -493,11 +491,8 @@ def _n_words(captions: Sequence[str]) -> Tensor:
 
 
 def default_placeholder_words() -> tuple[str, ...]:
-    """``probloss.data.shapes.PLACEHOLDER_WORDS`` (words standing for an unnamed attribute), or the generator's
-    old ones ("object", "objects") where the data module has no such list."""
-    from probloss.data import shapes
-
-    return tuple(getattr(shapes, "PLACEHOLDER_WORDS", ("object", "objects")))
+    """``probloss.data.shapes.PLACEHOLDER_WORDS`` (words standing for an unnamed attribute)."""
+    return tuple(shapes.PLACEHOLDER_WORDS)
 
 
 def level_token(caption_stats: dict[str, tuple[int, int]]) -> tuple[str, int] | None:
