@@ -65,6 +65,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -77,6 +78,7 @@ from probloss.report import (ALPHA, CI, adjusted_verdict, diff_range, error_bars
                              t_975, t_two_sided_p, verdict)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
+from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit
 
 
 def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
@@ -193,8 +195,6 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     otherwise it is one worker itself (:func:`recipe_worker`). ``recipe.report_only=true``: no training, the report
     of the cells that are complete. Returns the path of recipe.md.
     """
-    from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit
-
     name, exp, train_overrides = load_recipe(argv)
     base = RunSettings.from_config(compose_config([*exp.get("overrides", []), *train_overrides]))
     exp_dir = Path(os.path.expanduser(base.out_dir)) / name
@@ -331,8 +331,6 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
              log=print) -> float | None:
     """Train one cell unless its run folder holds summary.json (resuming from its newest checkpoint, if a dead
     worker left one), then its extra evaluations; returns the training wall time, None when nothing trained."""
-    import shutil
-
     from probloss.checkpoint import newest_checkpoint
     from probloss.train import NonFiniteLossError
     from probloss.train import main as train_main
