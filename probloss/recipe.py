@@ -366,9 +366,7 @@ def cell_row(exp: Mapping[str, Any], arm: str, seed: Any, run_dir: Path, trained
         summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
     if finished:
         backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
-    config = run_dir / "config.yaml"
-    gen_seed = OmegaConf.load(config).get("data", {}).get("gen_seed") if config.is_file() else None
-    return {"arm": arm, "seed": seed, "gen_seed": gen_seed, "run_dir": str(run_dir), **summary}
+    return {"arm": arm, "seed": seed, "gen_seed": _trained_gen_seed(run_dir), "run_dir": str(run_dir), **summary}
 
 
 def write_results(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path, study=None,
@@ -435,13 +433,18 @@ def _has_generator(data_choice: str | None) -> bool:
     return path.is_file() and "gen_seed" in OmegaConf.load(path)
 
 
+def _trained_gen_seed(run_dir: Path) -> Any:
+    """The ``data.gen_seed`` a run folder's config.yaml says it trained with (None: no config, or no such key)."""
+    config = run_dir / "config.yaml"
+    return OmegaConf.load(config).get("data", {}).get("gen_seed") if config.is_file() else None
+
+
 def _check_reused_draw(run_dir: Path, gen_seed: Any) -> None:
     """Refuse to reuse a finished run trained on another data draw than the one the recipe now asks for (e.g. a
     folder of a recipe run before ``vary_data``): its row would silently pair different draws."""
-    config = run_dir / "config.yaml"
-    if not (run_dir / "summary.json").is_file() or not config.is_file():
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
         return
-    trained = OmegaConf.load(config).get("data", {}).get("gen_seed")
+    trained = _trained_gen_seed(run_dir)
     if trained != gen_seed:
         raise ConfigError(f"{run_dir} was trained with data.gen_seed={trained}, this recipe asks for {gen_seed}: "
                           "use another out_dir, or recipe.vary_data=false (or data.gen_seed=...) to continue a "
