@@ -32,13 +32,16 @@ is recorded with its stability metrics (objective: the worst value), never a cra
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import random
 import socket
 import sys
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -104,8 +107,6 @@ def storage_for(spec: str | None, out_dir: str | Path, experiment: str, heartbea
 def retry_concurrent(make, what: str, attempts: int = 8):
     """``make()``, retried with a growing random pause when a concurrent worker's insert collided with ours
     (SQLAlchemy errors: duplicate tables, rows or types while the schema or the study is being created)."""
-    import random
-
     from sqlalchemy.exc import SQLAlchemyError
 
     for attempt in range(attempts):
@@ -167,8 +168,6 @@ def trial_seed(sweep_seed: int, identity: str | int) -> int:
     """A sampler seed from the sweep's seed and a trial number (or a worker's identity): reproducible, and
     different for every trial, so two workers asking at the same moment never draw the same parameters
     (with one seed for all, two workers started together repeated each other's trials)."""
-    import zlib
-
     return zlib.crc32(f"{sweep_seed}:{identity}".encode())
 
 
@@ -208,8 +207,6 @@ def open_study(cfg: Mapping, storage, study_name: str, loss_name: str = "") -> o
 
 def search_signature(cfg: Mapping, loss_name: str) -> str:
     """What makes two sweeps the same search: the space searched for ``loss_name``, objectives and sampler."""
-    import json
-
     space = {k: v for k, v in (cfg.get("space") or {}).items() if not v.get("losses") or loss_name in v["losses"]}
     return json.dumps({"space": space, "objectives": list(cfg["objectives"]), "sampler": cfg.get("sampler", "tpe")},
                       sort_keys=True, default=str)
