@@ -84,6 +84,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from probloss import dist
+
 SPIKE_WINDOW, SPIKE_MIN_WINDOW = 50, 10
 MAD_TO_STD = 1.4826  # a Gaussian's standard deviation / its median absolute deviation
 ZEROSHOT_ALPHA = 0.05
@@ -112,8 +114,6 @@ def single_process() -> Iterator[None]:
     single-process value on its own (the distributed invariant makes it the global one), with no collective
     that the other ranks would have to join.
     """
-    from probloss import dist
-
     saved = dist.is_distributed, dist.get_rank, dist.get_world_size
     dist.is_distributed, dist.get_rank, dist.get_world_size = (lambda: False), (lambda: 0), (lambda: 1)
     try:
