@@ -213,7 +213,7 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
             run_submitit("experiment", argv, "recipe", n, exp.get("slurm") or {}, exp_dir / "submitit",
                          base.trainer.num_threads, log=log)
         else:
-            run_local("experiment", argv, "recipe", n, base.trainer.num_threads, log=log)
+            run_local("experiment", argv, "recipe", n, base.trainer.num_threads)
         return exp_dir / "recipe.md"
     return recipe_worker(exp, name, train_overrides, exp_dir, log=log)
 

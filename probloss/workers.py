@@ -80,7 +80,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: int | None, log=print) -> None:
+def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: int | None) -> None:
     """Run ``probloss <command> argv`` as ``n`` local worker processes and wait for all of them.
 
     Raises:
