@@ -9,7 +9,10 @@ loss tests cover every registered loss with an ``impl`` keyword, in each option 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -478,17 +481,19 @@ def test_impl_option(name, loss_inputs):
         assert bool(_custom_functions(value)) == tiled, (block, _custom_functions(value))
 
 
-@pytest.mark.slow
-def test_bench_losses_script_smoke(tmp_path):
-    """scripts/bench_losses.py runs end to end on a tiny case (fresh subprocess per case, JSON written)."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
+def _bench_losses_module():
+    """scripts/bench_losses.py loaded as a module."""
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_losses.py"
     spec = importlib.util.spec_from_file_location("bench_losses", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_bench_losses_script_smoke(tmp_path):
+    """scripts/bench_losses.py runs end to end on a tiny case (fresh subprocess per case, JSON written)."""
+    bench = _bench_losses_module()
     out = tmp_path / "bench.json"
     bench.main(["--sizes", "24", "--dim", "8", "--repeats", "1", "--block-size", "8", "--impls", "tiled",
                 "--losses", "floor", "gaussian_var", "--threads", "1", "--out", str(out)])
@@ -499,14 +504,7 @@ def test_bench_losses_script_smoke(tmp_path):
 
 def test_bench_losses_script_runs_false_negative_options(tmp_path):
     """--false-negatives: each loss once per option (floor once), no case failing."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_losses.py"
-    spec = importlib.util.spec_from_file_location("bench_losses", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_losses_module()
     out = tmp_path / "bench.json"
     bench.main(["--sizes", "24", "--dim", "8", "--repeats", "1", "--block-size", "8", "--impls", "tiled",
                 "--losses", "floor", "infonce", "sigmoid", "--threads", "1", "--false-negatives", "keep", "mask",
