@@ -563,20 +563,14 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
                 diffs.append(math.nan if a is None or b is None else a - b)  # nan (also from nan - x): left out
             diff = mean_ci(diffs, diff_range(metric))
             diffs_of.append(diff)
-            rows.append({"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
-                         "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n,
-                         "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff), "p": paired_p(diffs),
-                         "p_adjusted": None, "primary": (arm, base, metric) in declared})
+            rows.append(_comparison_row(arm, base, metric, diff, diffs, declared))
     for arm, base, metric, value in constants(exp):  # an arm against a fixed value: d = arm - value per seed
         diffs = [None if v is None else v - value
                  for v in (row_value(r, metric) for (a, _), r in by_run.items() if a == arm)]
         low, high = metric_range(metric)
         diff = mean_ci(diffs, (low - value, high - value))
         diffs_of.append(diff)
-        rows.append({"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
-                     "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n,
-                     "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff), "p": paired_p(diffs),
-                     "p_adjusted": None, "primary": (arm, base, metric) in declared})
+        rows.append(_comparison_row(arm, base, metric, diff, diffs, declared))
     others = [row for row in rows if not row["primary"]]
     for row, adjusted in zip(others, holm([row["p"] for row in others])):
         row["p_adjusted"] = adjusted
@@ -586,6 +580,15 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
         else:
             row["verdict"] = adjusted_verdict(row["metric"], diff, row["p_adjusted"])
     return rows
+
+
+def _comparison_row(arm: str, base: str, metric: str, diff: CI, diffs: Sequence[float | None],
+                    declared: set[tuple[str, str, str]]) -> dict[str, Any]:
+    """One comparisons.json row before the multiplicity adjustment (``compare``)."""
+    return {"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
+            "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n, "n_dropped": diff.n_nonfinite,
+            "verdict": verdict(metric, diff), "p": paired_p(diffs), "p_adjusted": None,
+            "primary": (arm, base, metric) in declared}
 
 
 SURVIVING = ("better", "worse", "higher", "lower")
