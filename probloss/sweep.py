@@ -512,6 +512,13 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
             log(f"[{rerun.study_name}] seed {seed}: objective {', '.join(f'{v:.4g}' for v in values)}", flush=True)
 
 
+def sweep_losses(sweep_cfg: Mapping, train_overrides: Sequence[str], default_loss: str) -> list[str]:
+    """The losses a sweep studies: the command line's ``loss=`` (the first), else ``sweep.losses``, else the
+    config's default loss."""
+    chosen = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
+    return [chosen] if chosen else list(sweep_cfg.get("losses") or [default_loss])
+
+
 def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]:
     """The whole sweep for ``argv`` (``sweep=<name> [loss=<name>] [sweep.key=..] [training overrides]``)."""
     sweep_cfg, train_overrides = load_sweep(argv)
@@ -520,8 +527,7 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     if not any(o.startswith("experiment=") for o in train_overrides):
         train_overrides = [*train_overrides, f"experiment={name}"]
     experiment = next(o.split("=", 1)[1] for o in train_overrides if o.startswith("experiment="))
-    chosen_loss = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
-    losses = [chosen_loss] if chosen_loss else list(sweep_cfg.get("losses") or [base["loss"]["name"]])
+    losses = sweep_losses(sweep_cfg, train_overrides, base["loss"]["name"])
     storage = storage_for(sweep_cfg.get("storage"), base["out_dir"], experiment, sweep_cfg["heartbeat_interval"],
                           sweep_cfg["grace_period"])
     studies = {}
@@ -579,8 +585,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ConfigError(f"unknown sweep.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
     under_fabric_cli = "LT_CLI_USED" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not under_fabric_cli:
-        chosen = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
-        budget = trial_budget(sweep_cfg, chosen or (sweep_cfg.get("losses") or [run.loss_name])[0])
+        budget = trial_budget(sweep_cfg, sweep_losses(sweep_cfg, train_overrides, run.loss_name)[0])
         n, why = choose_workers(sweep_cfg.get("workers"), budget, run.trainer.num_threads, run.fabric.accelerator)
         if n > 1 or launcher == "submitit":
             say(f"sweep: {n} workers via {launcher} ({why})")
