@@ -78,7 +78,7 @@ from probloss.report import (ALPHA, CI, adjusted_verdict, diff_range, error_bars
                              t_975, t_two_sided_p, verdict)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
-from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit
+from probloss.workers import choose_workers, launcher_of, run_local, run_submitit
 
 
 def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
@@ -202,9 +202,7 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     run_dirs(exp, name, train_overrides)  # every arm's keys are checked before any training
     if exp.get("report_only"):
         return write_results(exp, name, train_overrides, exp_dir, complete_only=True, log=log)
-    launcher = exp.get("launcher", "local")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"unknown recipe.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    launcher = launcher_of(exp, "recipe")
     cells = len(exp["arms"]) * len(exp.get("seeds", [0]))
     n, why = choose_workers(exp.get("workers"), cells, base.trainer.num_threads, base.fabric.accelerator)
     if n > 1 or launcher == "submitit":

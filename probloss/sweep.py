@@ -53,7 +53,7 @@ from probloss.config import ConfigError, compose_config, override_key
 from probloss.console import say
 from probloss.launch import launch, make_fabric
 from probloss.settings import RunSettings
-from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit, worker_index
+from probloss.workers import choose_workers, launcher_of, run_local, run_submitit, worker_index
 
 PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -580,9 +580,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep_cfg, train_overrides = load_sweep(argv)
     run = RunSettings.from_config(compose_config([*sweep_cfg.get("overrides", []), *train_overrides]))
-    launcher = sweep_cfg.get("launcher", "local")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"unknown sweep.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    launcher = launcher_of(sweep_cfg, "sweep")
     under_fabric_cli = "LT_CLI_USED" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not under_fabric_cli:
         budget = trial_budget(sweep_cfg, sweep_losses(sweep_cfg, train_overrides, run.loss_name)[0])

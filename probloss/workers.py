@@ -32,6 +32,14 @@ WORKER_ENV = "PROBLOSS_WORKER"
 LAUNCHERS = ("local", "submitit")
 
 
+def launcher_of(cfg: Mapping[str, Any], section: str) -> str:
+    """``<section>.launcher`` (default "local"), checked against :data:`LAUNCHERS`."""
+    launcher = cfg.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown {section}.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    return launcher
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask: a Slurm or container limit counts)."""
     try:
