@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import probloss
+from probloss.false_negatives import key_match
 from probloss.testing import log_std_shapes
 from probloss.tiled import dist_pair_lse, offset_features, pair_lse, softplus_pair_sum, sq_dist_features
 
@@ -142,8 +143,6 @@ MASKED_SHAPES = [(7, 5, 3), (5, 9, 4), (8, 8, 8), (4, 6, 100), (9, 7, 2)]
 @pytest.mark.parametrize("scenes", [False, True])
 def test_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, scenes):
     """Key-matching pairs leave both log-sum-exps (false negatives): dense reference with logits -inf there."""
-    from probloss.false_negatives import key_match
-
     q, k = seeded(m, 5, seed=1, scale=2.0), seeded(n, 5, seed=2)
     scale = torch.tensor(3.5, dtype=F64, requires_grad=True)
     row_keys, col_keys = _keys(m, n, scenes)
@@ -165,8 +164,6 @@ def test_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, scenes
 @pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("form", ["features", "raw"])
 def test_dist_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, form):
-    from probloss.false_negatives import key_match
-
     x, y = seeded(m, 4, seed=3), seeded(n, 4, seed=4)
     col_pen, row_pen = seeded(n, seed=5), seeded(m, seed=6)
     col_w, row_w = seeded(n, seed=7, scale=0.3), seeded(m, seed=8, scale=0.3)
