@@ -27,8 +27,8 @@ reference; a collapsed one sits at it; a diverged one is above it.
 
 Definitions (all counts over the whole run, resumed runs included):
 
-- **non-finite step**: the loss or the gradient norm is NaN or +-Inf. Such steps feed neither the spike
-  measures nor the gradient-norm statistics.
+- **non-finite step** (``stability/nonfinite_steps``: their count): the loss or the gradient norm is NaN or
+  +-Inf. Such steps feed neither the spike measures nor the gradient-norm statistics.
 - **loss spike** (``stability/loss_spikes``, unchanged): a finite-loss step after ``warmup_steps`` whose loss
   exceeds ``spike_factor`` times the exponential moving average of the previous finite losses
   (``ema <- beta ema + (1 - beta) loss``), written ``loss - ema > (spike_factor - 1) |ema|``. A count that is
