@@ -194,9 +194,7 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         # Positives: -log_sigmoid(l_ii) = softplus(l_ii) - l_ii (the diagonal of the all-pairs sum, over all M
         # texts, turned around).
         n = x.shape[0]
-        diag_dist = (x - positive_texts(y, n)).pow(2).sum(-1)
-        diag_var = torch.exp(2 * image_log_std) + torch.exp(2 * positive_texts(text_log_std, n))
-        diag_logits = t * (-0.5 * torch.log(diag_var) - diag_dist / diag_var) + b
+        diag_logits = row_pair_logits(x, positive_texts(y, n), image_log_std, positive_texts(text_log_std, n), t, b)
         total = var_softplus_pair_sum(x, y, image_log_std, text_log_std, t, b, block) - diag_logits.sum()
         if keys is not None:  # false negatives among this rank's own texts (not i's own positive)
             r, c = false_negative_pairs(keys[0], keys[1], torch.arange(n, device=x.device))
@@ -212,8 +210,8 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
             if key_block is not None:
                 r, c = false_negative_pairs(keys[0], key_block)
                 texts_c = take(other, c)  # (P, D + 1): embedding and log-std
-                pair_logits = row_pair_logits(take(x, r), texts_c[:, :-1], take(image_log_std, r), texts_c[:, -1], t, b)
-                total = total - sigmoid_correction(pair_logits, self.false_negatives)
+                logits = row_pair_logits(take(x, r), texts_c[:, :-1], take(image_log_std, r), texts_c[:, -1], t, b)
+                total = total - sigmoid_correction(logits, self.false_negatives)
         return total / x.shape[0]
 
     @property

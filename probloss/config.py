@@ -44,6 +44,11 @@ class ConfigError(ValueError):
     """A bad key, choice or value in the run configuration."""
 
 
+def override_key(override: str) -> str:
+    """The key (or group) a command-line override sets: ``+a.b=1``, ``~a.b``, ``a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def config_dir() -> Path:
     """The folder of the primary configs and the config groups (``PROBLOSS_CONFIG_DIR`` overrides it)."""
     return Path(os.environ.get("PROBLOSS_CONFIG_DIR", CONFIG_DIR)).resolve()

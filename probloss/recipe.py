@@ -65,18 +65,20 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from probloss.config import ConfigError, compose_config, config_dir, config_groups
+from probloss.config import ConfigError, compose_config, config_dir, config_groups, override_key
 from probloss.report import (ALPHA, CI, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range,
                              paired_p, report_lines, row_value, run_stopped, save_figure, summarise, sweep_studies,
                              t_975, t_two_sided_p, verdict)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
+from probloss.workers import choose_workers, launcher_of, run_local, run_submitit
 
 
 def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
@@ -85,7 +87,7 @@ def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
     ``argv`` is composed with configs/recipe.yaml (the training config plus ``recipe=<name>``), so every key is
     checked like a training run's; the training overrides are ``argv`` minus the ``recipe`` ones.
     """
-    own = [a for a in argv if a.split("=", 1)[0].lstrip("+~").startswith("recipe")]
+    own = [a for a in argv if override_key(a).startswith("recipe")]
     # The recipe's own group choices (model=lit, data=webdataset) come first, so that the command line's keys
     # are checked against the model and data the runs will use.
     groups = config_groups("train")
@@ -193,8 +195,6 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     otherwise it is one worker itself (:func:`recipe_worker`). ``recipe.report_only=true``: no training, the report
     of the cells that are complete. Returns the path of recipe.md.
     """
-    from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit
-
     name, exp, train_overrides = load_recipe(argv)
     base = RunSettings.from_config(compose_config([*exp.get("overrides", []), *train_overrides]))
     exp_dir = Path(os.path.expanduser(base.out_dir)) / name
@@ -202,9 +202,7 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     run_dirs(exp, name, train_overrides)  # every arm's keys are checked before any training
     if exp.get("report_only"):
         return write_results(exp, name, train_overrides, exp_dir, complete_only=True, log=log)
-    launcher = exp.get("launcher", "local")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"unknown recipe.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    launcher = launcher_of(exp, "recipe")
     cells = len(exp["arms"]) * len(exp.get("seeds", [0]))
     n, why = choose_workers(exp.get("workers"), cells, base.trainer.num_threads, base.fabric.accelerator)
     if n > 1 or launcher == "submitit":
@@ -213,7 +211,7 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
             run_submitit("experiment", argv, "recipe", n, exp.get("slurm") or {}, exp_dir / "submitit",
                          base.trainer.num_threads, log=log)
         else:
-            run_local("experiment", argv, "recipe", n, base.trainer.num_threads, log=log)
+            run_local("experiment", argv, "recipe", n, base.trainer.num_threads)
         return exp_dir / "recipe.md"
     return recipe_worker(exp, name, train_overrides, exp_dir, log=log)
 
@@ -331,8 +329,6 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
              log=print) -> float | None:
     """Train one cell unless its run folder holds summary.json (resuming from its newest checkpoint, if a dead
     worker left one), then its extra evaluations; returns the training wall time, None when nothing trained."""
-    import shutil
-
     from probloss.checkpoint import newest_checkpoint
     from probloss.train import NonFiniteLossError
     from probloss.train import main as train_main
@@ -368,9 +364,7 @@ def cell_row(exp: Mapping[str, Any], arm: str, seed: Any, run_dir: Path, trained
         summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
     if finished:
         backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
-    config = run_dir / "config.yaml"
-    gen_seed = OmegaConf.load(config).get("data", {}).get("gen_seed") if config.is_file() else None
-    return {"arm": arm, "seed": seed, "gen_seed": gen_seed, "run_dir": str(run_dir), **summary}
+    return {"arm": arm, "seed": seed, "gen_seed": _trained_gen_seed(run_dir), "run_dir": str(run_dir), **summary}
 
 
 def write_results(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path, study=None,
@@ -421,9 +415,9 @@ def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any) -> li
     ``vary_data`` is false, when the recipe, the arm or the command line sets data.gen_seed itself, or when the
     run's data group has no generator (webdataset shards have no data.gen_seed).
     """
-    if not exp.get("vary_data", True) or any(_key(o) == "data.gen_seed" for o in overrides):
+    if not exp.get("vary_data", True) or any(override_key(o) == "data.gen_seed" for o in overrides):
         return []
-    choice = next((o.split("=", 1)[1] for o in reversed(overrides) if _key(o) == "data"), None)
+    choice = next((o.split("=", 1)[1] for o in reversed(overrides) if override_key(o) == "data"), None)
     return [f"data.gen_seed={seed}"] if _has_generator(choice) else []
 
 
@@ -437,17 +431,18 @@ def _has_generator(data_choice: str | None) -> bool:
     return path.is_file() and "gen_seed" in OmegaConf.load(path)
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+def _trained_gen_seed(run_dir: Path) -> Any:
+    """The ``data.gen_seed`` a run folder's config.yaml says it trained with (None: no config, or no such key)."""
+    config = run_dir / "config.yaml"
+    return OmegaConf.load(config).get("data", {}).get("gen_seed") if config.is_file() else None
 
 
 def _check_reused_draw(run_dir: Path, gen_seed: Any) -> None:
     """Refuse to reuse a finished run trained on another data draw than the one the recipe now asks for (e.g. a
     folder of a recipe run before ``vary_data``): its row would silently pair different draws."""
-    config = run_dir / "config.yaml"
-    if not (run_dir / "summary.json").is_file() or not config.is_file():
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
         return
-    trained = OmegaConf.load(config).get("data", {}).get("gen_seed")
+    trained = _trained_gen_seed(run_dir)
     if trained != gen_seed:
         raise ConfigError(f"{run_dir} was trained with data.gen_seed={trained}, this recipe asks for {gen_seed}: "
                           "use another out_dir, or recipe.vary_data=false (or data.gen_seed=...) to continue a "
@@ -566,20 +561,14 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
                 diffs.append(math.nan if a is None or b is None else a - b)  # nan (also from nan - x): left out
             diff = mean_ci(diffs, diff_range(metric))
             diffs_of.append(diff)
-            rows.append({"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
-                         "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n,
-                         "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff), "p": paired_p(diffs),
-                         "p_adjusted": None, "primary": (arm, base, metric) in declared})
+            rows.append(_comparison_row(arm, base, metric, diff, diffs, declared))
     for arm, base, metric, value in constants(exp):  # an arm against a fixed value: d = arm - value per seed
         diffs = [None if v is None else v - value
                  for v in (row_value(r, metric) for (a, _), r in by_run.items() if a == arm)]
         low, high = metric_range(metric)
         diff = mean_ci(diffs, (low - value, high - value))
         diffs_of.append(diff)
-        rows.append({"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
-                     "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n,
-                     "n_dropped": diff.n_nonfinite, "verdict": verdict(metric, diff), "p": paired_p(diffs),
-                     "p_adjusted": None, "primary": (arm, base, metric) in declared})
+        rows.append(_comparison_row(arm, base, metric, diff, diffs, declared))
     others = [row for row in rows if not row["primary"]]
     for row, adjusted in zip(others, holm([row["p"] for row in others])):
         row["p_adjusted"] = adjusted
@@ -589,6 +578,15 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
         else:
             row["verdict"] = adjusted_verdict(row["metric"], diff, row["p_adjusted"])
     return rows
+
+
+def _comparison_row(arm: str, base: str, metric: str, diff: CI, diffs: Sequence[float | None],
+                    declared: set[tuple[str, str, str]]) -> dict[str, Any]:
+    """One comparisons.json row before the multiplicity adjustment (``compare``)."""
+    return {"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
+            "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n, "n_dropped": diff.n_nonfinite,
+            "verdict": verdict(metric, diff), "p": paired_p(diffs), "p_adjusted": None,
+            "primary": (arm, base, metric) in declared}
 
 
 SURVIVING = ("better", "worse", "higher", "lower")

@@ -126,14 +126,12 @@ class DataSettings:
     def __post_init__(self) -> None:
         # Choices are checked here, when a run's settings are built: a bad value fails before any work (exit 2).
         from probloss.config import ConfigError, _unknown
-        from probloss.data.shapes import HARD_NEGATIVES
+        from probloss.data.shapes import COLOURS, HARD_NEGATIVES, SHAPES
 
         if self.hard_negatives not in HARD_NEGATIVES:
             raise ConfigError(_unknown("data.hard_negatives choice", str(self.hard_negatives), list(HARD_NEGATIVES),
                                        "data.hard_negatives"))
         if self.noise_attribute is not None:
-            from probloss.data.shapes import COLOURS, SHAPES
-
             if self.noise_attribute not in (*COLOURS, *SHAPES):
                 raise ConfigError(_unknown("data.noise_attribute (a colour or shape)", str(self.noise_attribute),
                                            [*COLOURS, *SHAPES], "data.noise_attribute"))

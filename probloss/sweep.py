@@ -32,13 +32,16 @@ is recorded with its stability metrics (objective: the worst value), never a cra
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import random
 import socket
 import sys
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -46,11 +49,11 @@ import optuna
 from omegaconf import OmegaConf
 
 from probloss import dist
-from probloss.config import ConfigError, compose_config
+from probloss.config import ConfigError, compose_config, override_key
 from probloss.console import say
 from probloss.launch import launch, make_fabric
 from probloss.settings import RunSettings
-from probloss.workers import LAUNCHERS, choose_workers, run_local, run_submitit, worker_index
+from probloss.workers import choose_workers, launcher_of, run_local, run_submitit, worker_index
 
 PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -75,7 +78,7 @@ def load_sweep(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
         raise ConfigError("give at least one sweep objective ({metric: ..., direction: maximize|minimize})")
     if len(objectives) > 1 and sweep.get("pruner", "none") != "none":
         raise ConfigError("multi-objective studies cannot prune (Optuna); set sweep.pruner=none")
-    train_overrides = [a for a in argv if not a.split("=", 1)[0].lstrip("+~").startswith("sweep")]
+    train_overrides = [a for a in argv if not override_key(a).startswith("sweep")]
     return sweep, train_overrides
 
 
@@ -104,8 +107,6 @@ def storage_for(spec: str | None, out_dir: str | Path, experiment: str, heartbea
 def retry_concurrent(make, what: str, attempts: int = 8):
     """``make()``, retried with a growing random pause when a concurrent worker's insert collided with ours
     (SQLAlchemy errors: duplicate tables, rows or types while the schema or the study is being created)."""
-    import random
-
     from sqlalchemy.exc import SQLAlchemyError
 
     for attempt in range(attempts):
@@ -167,8 +168,6 @@ def trial_seed(sweep_seed: int, identity: str | int) -> int:
     """A sampler seed from the sweep's seed and a trial number (or a worker's identity): reproducible, and
     different for every trial, so two workers asking at the same moment never draw the same parameters
     (with one seed for all, two workers started together repeated each other's trials)."""
-    import zlib
-
     return zlib.crc32(f"{sweep_seed}:{identity}".encode())
 
 
@@ -208,8 +207,6 @@ def open_study(cfg: Mapping, storage, study_name: str, loss_name: str = "") -> o
 
 def search_signature(cfg: Mapping, loss_name: str) -> str:
     """What makes two sweeps the same search: the space searched for ``loss_name``, objectives and sampler."""
-    import json
-
     space = {k: v for k, v in (cfg.get("space") or {}).items() if not v.get("losses") or loss_name in v["losses"]}
     return json.dumps({"space": space, "objectives": list(cfg["objectives"]), "sampler": cfg.get("sampler", "tpe")},
                       sort_keys=True, default=str)
@@ -515,6 +512,13 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
             log(f"[{rerun.study_name}] seed {seed}: objective {', '.join(f'{v:.4g}' for v in values)}", flush=True)
 
 
+def sweep_losses(sweep_cfg: Mapping, train_overrides: Sequence[str], default_loss: str) -> list[str]:
+    """The losses a sweep studies: the command line's ``loss=`` (the first), else ``sweep.losses``, else the
+    config's default loss."""
+    chosen = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
+    return [chosen] if chosen else list(sweep_cfg.get("losses") or [default_loss])
+
+
 def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]:
     """The whole sweep for ``argv`` (``sweep=<name> [loss=<name>] [sweep.key=..] [training overrides]``)."""
     sweep_cfg, train_overrides = load_sweep(argv)
@@ -523,8 +527,7 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     if not any(o.startswith("experiment=") for o in train_overrides):
         train_overrides = [*train_overrides, f"experiment={name}"]
     experiment = next(o.split("=", 1)[1] for o in train_overrides if o.startswith("experiment="))
-    chosen_loss = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
-    losses = [chosen_loss] if chosen_loss else list(sweep_cfg.get("losses") or [base["loss"]["name"]])
+    losses = sweep_losses(sweep_cfg, train_overrides, base["loss"]["name"])
     storage = storage_for(sweep_cfg.get("storage"), base["out_dir"], experiment, sweep_cfg["heartbeat_interval"],
                           sweep_cfg["grace_period"])
     studies = {}
@@ -577,13 +580,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep_cfg, train_overrides = load_sweep(argv)
     run = RunSettings.from_config(compose_config([*sweep_cfg.get("overrides", []), *train_overrides]))
-    launcher = sweep_cfg.get("launcher", "local")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"unknown sweep.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    launcher = launcher_of(sweep_cfg, "sweep")
     under_fabric_cli = "LT_CLI_USED" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not under_fabric_cli:
-        chosen = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
-        budget = trial_budget(sweep_cfg, chosen or (sweep_cfg.get("losses") or [run.loss_name])[0])
+        budget = trial_budget(sweep_cfg, sweep_losses(sweep_cfg, train_overrides, run.loss_name)[0])
         n, why = choose_workers(sweep_cfg.get("workers"), budget, run.trainer.num_threads, run.fabric.accelerator)
         if n > 1 or launcher == "submitit":
             say(f"sweep: {n} workers via {launcher} ({why})")

@@ -26,10 +26,18 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from probloss.config import ConfigError
+from probloss.config import ConfigError, override_key
 
 WORKER_ENV = "PROBLOSS_WORKER"
 LAUNCHERS = ("local", "submitit")
+
+
+def launcher_of(cfg: Mapping[str, Any], section: str) -> str:
+    """``<section>.launcher`` (default "local"), checked against :data:`LAUNCHERS`."""
+    launcher = cfg.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown {section}.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
+    return launcher
 
 
 def usable_cores() -> int:
@@ -69,7 +77,7 @@ def _has_accelerator() -> bool:
 def worker_argv(argv: Sequence[str], section: str) -> list[str]:
     """``argv`` of one worker: the launcher keys replaced by ``<section>.workers=1 <section>.launcher=local``."""
     own = (f"{section}.workers", f"{section}.launcher")
-    kept = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in own]
+    kept = [a for a in argv if override_key(a) not in own]
     return [*kept, f"{section}.workers=1", f"{section}.launcher=local"]
 
 
@@ -80,7 +88,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: int | None, log=print) -> None:
+def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: int | None) -> None:
     """Run ``probloss <command> argv`` as ``n`` local worker processes and wait for all of them.
 
     Raises:

@@ -9,12 +9,16 @@ loss tests cover every registered loss with an ``impl`` keyword, in each option 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import probloss
+from probloss.false_negatives import key_match
 from probloss.testing import log_std_shapes
 from probloss.tiled import dist_pair_lse, offset_features, pair_lse, softplus_pair_sum, sq_dist_features
 
@@ -139,8 +143,6 @@ MASKED_SHAPES = [(7, 5, 3), (5, 9, 4), (8, 8, 8), (4, 6, 100), (9, 7, 2)]
 @pytest.mark.parametrize("scenes", [False, True])
 def test_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, scenes):
     """Key-matching pairs leave both log-sum-exps (false negatives): dense reference with logits -inf there."""
-    from probloss.false_negatives import key_match
-
     q, k = seeded(m, 5, seed=1, scale=2.0), seeded(n, 5, seed=2)
     scale = torch.tensor(3.5, dtype=F64, requires_grad=True)
     row_keys, col_keys = _keys(m, n, scenes)
@@ -162,8 +164,6 @@ def test_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, scenes
 @pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("form", ["features", "raw"])
 def test_dist_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, form):
-    from probloss.false_negatives import key_match
-
     x, y = seeded(m, 4, seed=3), seeded(n, 4, seed=4)
     col_pen, row_pen = seeded(n, seed=5), seeded(m, seed=6)
     col_w, row_w = seeded(n, seed=7, scale=0.3), seeded(m, seed=8, scale=0.3)
@@ -478,17 +478,19 @@ def test_impl_option(name, loss_inputs):
         assert bool(_custom_functions(value)) == tiled, (block, _custom_functions(value))
 
 
-@pytest.mark.slow
-def test_bench_losses_script_smoke(tmp_path):
-    """scripts/bench_losses.py runs end to end on a tiny case (fresh subprocess per case, JSON written)."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
+def _bench_losses_module():
+    """scripts/bench_losses.py loaded as a module."""
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_losses.py"
     spec = importlib.util.spec_from_file_location("bench_losses", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_bench_losses_script_smoke(tmp_path):
+    """scripts/bench_losses.py runs end to end on a tiny case (fresh subprocess per case, JSON written)."""
+    bench = _bench_losses_module()
     out = tmp_path / "bench.json"
     bench.main(["--sizes", "24", "--dim", "8", "--repeats", "1", "--block-size", "8", "--impls", "tiled",
                 "--losses", "floor", "gaussian_var", "--threads", "1", "--out", str(out)])
@@ -499,14 +501,7 @@ def test_bench_losses_script_smoke(tmp_path):
 
 def test_bench_losses_script_runs_false_negative_options(tmp_path):
     """--false-negatives: each loss once per option (floor once), no case failing."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_losses.py"
-    spec = importlib.util.spec_from_file_location("bench_losses", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_losses_module()
     out = tmp_path / "bench.json"
     bench.main(["--sizes", "24", "--dim", "8", "--repeats", "1", "--block-size", "8", "--impls", "tiled",
                 "--losses", "floor", "infonce", "sigmoid", "--threads", "1", "--false-negatives", "keep", "mask",

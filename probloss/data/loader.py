@@ -65,7 +65,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageFilter, ImageOps
 
-from probloss.data.shapes import HARD_NEGATIVES, NEGATIVE_KINDS
+from probloss.data.shapes import HARD_NEGATIVES, NEGATIVE_KINDS, plausible_matrix
 
 log = logging.getLogger("probloss.data")
 
@@ -343,8 +343,6 @@ def _planted_captions(captions: list[str], metas: list[dict], attribute: str | N
     rows = np.flatnonzero(holds & draw) if rate > 0 else np.array([], dtype=np.int64)
     out, planted = list(captions), np.zeros(n, dtype=bool)
     if len(rows):
-        from probloss.data.shapes import plausible_matrix
-
         true_of = plausible_matrix(captions, [metas[i] for i in rows]).numpy()  # (R, B): caption j true of scene i
         strings = np.array(captions, dtype=object)
         for k, i in enumerate(rows):

@@ -184,6 +184,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probloss.data import shapes
 from probloss.eval import metrics
 
 Tensor = torch.Tensor
@@ -378,15 +379,12 @@ def _retrieval(scores: Tensor, groups: Tensor, levels: Tensor, ks: Sequence[int]
 def _plausible_positives(captions: Sequence[str], metas: Sequence[dict]) -> Tensor | None:
     """``(N_img, N_txt)`` bool from ``probloss.data.shapes.plausible_matrix`` (every fact of caption j holds for
     scene i) when every sample's json describes its scene (``objects``, each with a ``shape`` and a ``colour``);
-    None otherwise (foreign data, or a data module without it)."""
+    None otherwise (foreign data)."""
     if not metas or not all(isinstance(m.get("objects"), list) and m["objects"] and
                             all(isinstance(o, dict) and "shape" in o and "colour" in o for o in m["objects"])
                             for m in metas):
         return None
-    from probloss.data import shapes  # lazily: only shapes metadata has scenes to check captions against
-
-    plausible_matrix = getattr(shapes, "plausible_matrix", None)
-    return None if plausible_matrix is None else torch.as_tensor(plausible_matrix(captions, metas), dtype=torch.bool)
+    return torch.as_tensor(shapes.plausible_matrix(captions, metas), dtype=torch.bool)
 
 
 def _plausible_retrieval(scores: Tensor, positive: Tensor) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
@@ -493,11 +491,8 @@ def _n_words(captions: Sequence[str]) -> Tensor:
 
 
 def default_placeholder_words() -> tuple[str, ...]:
-    """``probloss.data.shapes.PLACEHOLDER_WORDS`` (words standing for an unnamed attribute), or the generator's
-    old ones ("object", "objects") where the data module has no such list."""
-    from probloss.data import shapes
-
-    return tuple(getattr(shapes, "PLACEHOLDER_WORDS", ("object", "objects")))
+    """``probloss.data.shapes.PLACEHOLDER_WORDS`` (words standing for an unnamed attribute)."""
+    return tuple(shapes.PLACEHOLDER_WORDS)
 
 
 def level_token(caption_stats: dict[str, tuple[int, int]]) -> tuple[str, int] | None:
@@ -744,6 +739,13 @@ def _curves(hits: Tensor, rprecision: Tensor, uncertainty: Tensor, n_bins: int) 
     return out
 
 
+def _training_free(s: Tensor) -> dict[str, Tensor]:
+    """The training-free uncertainties of the queries (rows) of ``s``, float64: ``top1`` = minus the best score (a
+    high best score = confident), ``margin`` = minus its margin over the runner-up (a wide margin = confident)."""
+    top2 = s.nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
+    return {"top1": -top2[:, 0], "margin": -(top2[:, 0] - top2[:, -1])}
+
+
 def _uncertainty_vs_retrieval(scores: Tensor, per_query: dict[str, dict[str, Tensor]], image_log_std, text_log_std,
                               n_bins: int) -> dict[str, float]:
     """``unc/{d}_...`` with the query's sigma (when the model has log-stds) and ``unc/free/{top1,margin}/{d}_...``
@@ -753,9 +755,7 @@ def _uncertainty_vs_retrieval(scores: Tensor, per_query: dict[str, dict[str, Ten
         q = per_query[d]
         has = q["n_positive"] > 0
         hits, rprec = (q["rank"][has] <= 1).double(), q["rprecision"][has]
-        top2 = s[has].nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
-        sources = {"unc/free/top1/": -top2[:, 0],  # a high best score = confident
-                   "unc/free/margin/": -(top2[:, 0] - top2[:, -1])}  # a wide margin over the runner-up = confident
+        sources = {f"unc/free/{name}/": u for name, u in _training_free(s[has]).items()}
         if log_std is not None:
             sources["unc/"] = sigma_of(log_std).cpu().double()[has]
         for src, u in sources.items():
@@ -812,13 +812,11 @@ def _planted(attribute: str, captions: Sequence[str], metas: Sequence[dict], sco
         put("unc/planted_auroc", sigma_of(text_log_std), mention, text_strata, with_n=True)
     if image_log_std is not None and with_objects:
         put("unc/planted_auroc_image", sigma_of(image_log_std), holds, image_strata, with_n=True)
-    for d, s, target, strata, suffix in (("t2i", scores.T, mention, text_strata, ""),
-                                         ("i2t", scores, holds, image_strata, "_image")):
+    for s, target, strata, suffix in ((scores.T, mention, text_strata, ""), (scores, holds, image_strata, "_image")):
         if suffix and not with_objects:
             continue
-        top2 = s.nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
-        put(f"unc/free/top1/planted_auroc{suffix}", -top2[:, 0], target, strata)
-        put(f"unc/free/margin/planted_auroc{suffix}", -(top2[:, 0] - top2[:, -1]), target, strata)
+        for name, u in _training_free(s).items():
+            put(f"unc/free/{name}/planted_auroc{suffix}", u, target, strata)
     scenes = torch.arange(n)
     for name, cue in cues.items():  # trivial cues as the text "sigma": about 0.5 when no cue marks the attribute
         put(f"unc/cue/{name}/planted_auroc", cue(list(captions), scenes), mention, text_strata)

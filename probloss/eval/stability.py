@@ -27,8 +27,8 @@ reference; a collapsed one sits at it; a diverged one is above it.
 
 Definitions (all counts over the whole run, resumed runs included):
 
-- **non-finite step**: the loss or the gradient norm is NaN or +-Inf. Such steps feed neither the spike
-  measures nor the gradient-norm statistics.
+- **non-finite step** (``stability/nonfinite_steps``: their count): the loss or the gradient norm is NaN or
+  +-Inf. Such steps feed neither the spike measures nor the gradient-norm statistics.
 - **loss spike** (``stability/loss_spikes``, unchanged): a finite-loss step after ``warmup_steps`` whose loss
   exceeds ``spike_factor`` times the exponential moving average of the previous finite losses
   (``ema <- beta ema + (1 - beta) loss``), written ``loss - ema > (spike_factor - 1) |ema|``. A count that is
@@ -84,6 +84,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from probloss import dist
+
 SPIKE_WINDOW, SPIKE_MIN_WINDOW = 50, 10
 MAD_TO_STD = 1.4826  # a Gaussian's standard deviation / its median absolute deviation
 ZEROSHOT_ALPHA = 0.05
@@ -112,8 +114,6 @@ def single_process() -> Iterator[None]:
     single-process value on its own (the distributed invariant makes it the global one), with no collective
     that the other ranks would have to join.
     """
-    from probloss import dist
-
     saved = dist.is_distributed, dist.get_rank, dist.get_world_size
     dist.is_distributed, dist.get_rank, dist.get_world_size = (lambda: False), (lambda: 0), (lambda: 1)
     try:
