@@ -410,16 +410,17 @@ def test_batch_must_split_over_ranks():
 
 @pytest.fixture
 def nan_loss():
-    """A test-only loss: InfoNCE that returns NaN on its 5th call (= training step 5, no eval in between)."""
+    """A test-only loss: InfoNCE that returns NaN on its 5th call (= training step 5, no eval in between). Calls
+    are counted per instance: the run's uninformative reference (eval/stability.py) calls a copy of the loss."""
     from probloss.losses.infonce import InfoNCE
 
     class NanAtStep5(InfoNCE):
         calls = 0
 
-        def compute_loss(self, *args):
-            type(self).calls += 1
-            value = super().compute_loss(*args)
-            return value * float("nan") if type(self).calls == 5 else value
+        def compute_loss(self, *args, **kwargs):
+            self.calls += 1
+            value = super().compute_loss(*args, **kwargs)
+            return value * float("nan") if self.calls == 5 else value
 
     probloss.register_loss("_nan_at_step5")(NanAtStep5)
     yield "_nan_at_step5"
