@@ -875,6 +875,12 @@ SPECIFICITY_STATS = ("specificity_level_coef", "specificity_level_t", "specifici
                      "specificity_matched_log_ratio", "specificity_spearman", "specificity_partial_spearman",
                      "sigma_text_ratio_L0_L3", "sigma_vs_images_fit_spearman", "sigma_vs_images_fit_partial_spearman")
 UNCERTAINTY_STATS = ("aurc", "aurc_oracle", "aurc_random", "bin_r@1_spearman", "bin_rprecision_spearman")
+RUN_KEYS = ("{p}/zeroshot_top1", "{p}/zeroshot_unseen_top1", "{p}/i2t_r@1_plausible", "{p}/t2i_r@1_plausible",
+            "{p}/i2t_map@r", "{p}/t2i_map@r", "{p}/i2t_r@1", "{p}/t2i_r@1", "{p}/binding_probe_acc",
+            "{p}/binding_probe_n", "{p}/embed/effective_rank", "{p}/embed/uniformity", "{p}/embed/modality_gap",
+            "{p}/embed/scored/effective_rank", "{p}/embed/scored/alignment_ratio", "stability/collapsed",
+            "stability/diverged", "stability/max_loss_jump", "stability/loss_spikes", "stability/grad_norm_init",
+            "stability/reference_loss", "val/loss")
 
 
 def instrument_tables(summaries: Mapping[str, Mapping[str, Any]], prefix: str = "test") -> str:
@@ -888,9 +894,17 @@ def instrument_tables(summaries: Mapping[str, Mapping[str, Any]], prefix: str = 
     unc = f"{prefix}/unc/"
 
     def cell(summary: Mapping[str, Any], key: str) -> str:
-        return _fmt(as_value(summary.get(key)) if summary.get(key) is not None else float("nan"))
+        value = summary.get(key)
+        if isinstance(value, bool):
+            return str(value).lower()
+        return _fmt(as_value(value) if value is not None else float("nan"))
 
-    lines = [f"Specificity of the text sigma (`{unc}<stat>`), beside each cue used as sigma (`{unc}cue/<c>/<stat>`):",
+    lines = ["Accuracy, retrieval (plausible first, exact strings after), geometry (common view, then the loss's own) "
+             "and stability:", "", "| key | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for key in (k.format(p=prefix) for k in RUN_KEYS):
+        lines.append(f"| {key} | " + " | ".join(cell(summaries[r], key) for r in runs) + " |")
+    lines += ["", f"Specificity of the text sigma (`{unc}<stat>`), beside each cue used as sigma (`{unc}cue/<c>/<stat>`; "
+              "a cue that is itself a covariate of the level regression scores 0 there by construction):",
              "", "| stat | " + " | ".join(runs) + " | " + " | ".join(f"cue: {c}" for c in CUES) + " |",
              "|---|" + "---|" * (len(runs) + len(CUES))]
     differing = set()
