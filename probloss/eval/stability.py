@@ -52,7 +52,10 @@ Definitions (all counts over the whole run, resumed runs included):
   (a) ``nonfinite_patience`` consecutive non-finite steps;
   (b) ``diverge_patience`` (20) consecutive finite steps after warmup with
       ``loss > reference + diverge_margin |reference|`` (``diverge_margin`` 0.1): the model does worse than
-      one that knows nothing, for 20 steps in a row. Not judged against the first loss (16.2 for gaussian_var
+      one that knows nothing, for 20 steps in a row, after it had once done better (a loss at or below that
+      threshold earlier in the run) or with the loss above the run's first loss (it rose from where it
+      started). A slow start still falling towards the reference is not a divergence, and a run that never
+      learns is "collapsed" (below), not "diverged". Not judged against the first loss (16.2 for gaussian_var
       at init, 5.07 for infonce: a first-loss rule never flags a run that collapses to ln B from 16).
       Without a reference (``reference=None``) only (a) and (c) apply;
   (c) the caller reports non-finite parameters (``update(..., params_finite=False)``; see :func:`params_finite`).
@@ -265,6 +268,8 @@ class StabilityTracker:
         self.nonfinite_steps = 0
         self.nonfinite_in_a_row = 0
         self.above_ref_in_a_row = 0
+        self.first_loss: float | None = None  # the first finite loss
+        self.below_ref_seen = False  # a finite loss at or below diverge_threshold() has occurred
         self.diverged = False
         self.diverged_step = -1
         self.diverged_reason = ""
@@ -331,13 +336,20 @@ class StabilityTracker:
         self.recent_losses.append(loss)
         del self.recent_losses[:-self.spike_window]
 
-        if past_warmup and loss > self.diverge_threshold():
+        if self.first_loss is None:
+            self.first_loss = loss
+        # Above the reference counts once the run has learned something (it was below it) or when the loss has
+        # risen above where it started: a slow start that is still falling towards the reference (a low learning
+        # rate, gaussian_var's first loss of 16) is not a divergence; a run that never learns is "collapsed".
+        rising = self.below_ref_seen or loss > self.first_loss
+        if past_warmup and loss > self.diverge_threshold() and rising:
             self.above_ref_in_a_row += 1
             if self.above_ref_in_a_row >= self.diverge_patience:
                 self._diverge(step, f"loss above the uninformative reference {self.reference:.4g} + "
                                     f"{self.diverge_margin:g} x |reference| for {self.above_ref_in_a_row} steps")
         else:
             self.above_ref_in_a_row = 0
+        self.below_ref_seen = self.below_ref_seen or loss <= self.diverge_threshold()
         return spike
 
     def _diverge(self, step: int, reason: str) -> None:
@@ -426,7 +438,7 @@ class StabilityTracker:
     # Added with the reference-based rules: a checkpoint from before them resumes with these at their start
     # values (its jump measure and initial gradient norm then cover the resumed part only).
     _STATE_NEW = ("recent_losses", "max_loss_jump", "max_loss_jump_step", "grad_norm_init", "clip_ref_norms",
-                  "collapse", "collapsed_step")
+                  "collapse", "collapsed_step", "first_loss", "below_ref_seen")
     _CONFIG = ("reference", "spike_factor", "ema_beta", "warmup_steps", "diverge_margin", "diverge_patience",
                "nonfinite_patience", "collapse_margin", "spike_window", "clip_ref_steps")
 

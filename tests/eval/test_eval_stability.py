@@ -81,6 +81,22 @@ def test_a_loss_of_16_falling_to_5_is_not_diverged_but_collapsed_at_the_referenc
     assert s["stability/reference_loss"] == pytest.approx(LN128)
 
 
+def test_a_slow_start_above_the_reference_is_not_diverged_but_a_rise_above_the_start_is():
+    """A low learning rate: the loss falls from 16 but stays above 1.1 ln 128 for the whole run (it never
+    learned: that is for the collapse rule); a loss that climbs above where it started diverges."""
+    slow = StabilityTracker(reference=LN128, warmup_steps=10, diverge_patience=20)
+    for step in range(1, 301):
+        slow.update(step, 6.0 + 10.0 * math.exp(-step / 100), 1.0)  # 16 -> 6.5, never below 5.337
+    assert not slow.diverged and not slow.summary()["stability/diverged"]
+    rising = StabilityTracker(reference=LN128, warmup_steps=10, diverge_patience=20)
+    for step in range(1, 61):
+        rising.update(step, 16.0 + step, 1.0)  # above its first loss from step 2 on
+    assert rising.diverged and rising.diverged_step == 30  # the 20th post-warmup step above both
+    resumed = StabilityTracker(reference=LN128, warmup_steps=10, diverge_patience=20)
+    resumed.load_state_dict(slow.state_dict())
+    assert resumed.first_loss == slow.first_loss and resumed.below_ref_seen is False
+
+
 def test_without_a_reference_only_nonfinite_steps_diverge():
     t = StabilityTracker(warmup_steps=0, diverge_patience=2)
     for step in range(1, 50):
