@@ -610,7 +610,9 @@ def level_regression(log_sigma: Tensor, level: Tensor, covariates: Sequence[Tens
     float32 rounding), se = 0 and t is NaN.
     """
     y = _as64(log_sigma)
-    sd = y.std(unbiased=False)
+    n = y.numel()
+    mean = metrics.exact_sum(y) / n if n else math.nan
+    sd = math.sqrt(metrics.exact_sum((y - mean).pow(2)) / n) if n else math.nan  # exact sums: same bits everywhere
     nan = {"specificity_level_coef": math.nan, "specificity_level_se": math.nan, "specificity_level_t": math.nan}
     if y.numel() < 3 or not torch.isfinite(y).all() or sd <= 0:
         return nan
@@ -624,10 +626,11 @@ def level_regression(log_sigma: Tensor, level: Tensor, covariates: Sequence[Tens
     x = torch.stack(columns, 1)
     if x.shape[0] <= x.shape[1]:
         return nan
-    z = (y - y.mean()) / sd  # unit variance
+    z = (y - mean) / sd  # unit variance
     coef, se = metrics.ols(z, x)
     # Residuals at float32 rounding (sigma comes from float32 towers): the covariates explain log-sigma exactly.
-    exact = (z - x @ coef).pow(2).mean().sqrt() < 1e-6
+    fitted = sum(x[:, k] * coef[k] for k in range(x.shape[1]))
+    exact = math.sqrt(metrics.exact_sum((z - fitted).pow(2)) / n) < 1e-6
     return {"specificity_level_coef": coef[1].item(), "specificity_level_se": 0.0 if exact else se[1].item(),
             "specificity_level_t": math.nan if exact else (coef[1] / se[1]).item()}
 

@@ -412,11 +412,41 @@ def risk_coverage(hits: Tensor, uncertainty: Tensor) -> Tensor:
     return 1 - kept / torch.arange(1, hits.numel() + 1, dtype=torch.float64, device=hits.device)
 
 
+def exact_sum(x: Tensor) -> float:
+    """The correctly rounded float64 sum of a tensor's elements (``math.fsum``): the same bits whatever the
+    memory alignment, thread count or BLAS, unlike a vectorised reduction (two processes training identically
+    must report identical statistics)."""
+    return math.fsum(_as_float64(x).flatten().tolist())
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """``a^-1 b`` for a small symmetric positive (semi)definite ``a`` by Gaussian elimination with partial pivoting
+    in plain Python floats (deterministic); None when a pivot vanishes (singular ``a``)."""
+    n = len(a)
+    m = [list(row) + [v] for row, v in zip(a, b)]
+    scale = max(abs(m[i][i]) for i in range(n)) or 1.0
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) <= 1e-12 * scale:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            m[r] = [vr - f * vc for vr, vc in zip(m[r], m[col])]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (m[r][n] - sum(m[r][c] * out[c] for c in range(r + 1, n))) / m[r][r]
+    return out
+
+
 def ols(y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """Ordinary least squares ``y = x b + e`` with the classical standard errors.
 
-    ``b = argmin ||y - x b||^2``; ``se_k = sqrt(s^2 [(x^T x)^-1]_kk)`` with ``s^2 = RSS / (n - p)``. Include a
-    column of ones in ``x`` for an intercept. Float64 throughout.
+    ``b = (x^T x)^-1 x^T y``; ``se_k = sqrt(s^2 [(x^T x)^-1]_kk)`` with ``s^2 = RSS / (n - p)``. Include a column
+    of ones in ``x`` for an intercept. Float64; every sum over the n rows is correctly rounded (:func:`exact_sum`)
+    and the p x p system is solved in plain Python, so the result is bit for bit the same in every process
+    (LAPACK's least squares was not: 1e-15 differences between two workers of one recipe). For the small p of a
+    regression on a few cues.
 
     Args:
         y: ``(n,)`` response.
@@ -432,12 +462,15 @@ def ols(y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     n, p = x.shape
     if y.shape != (n,) or n <= p:
         raise ValueError(f"ols: need y (n,) and x (n, p) with n > p, got {tuple(y.shape)} and {tuple(x.shape)}")
-    if int(torch.linalg.matrix_rank(x)) < p:
+    gram = [[exact_sum(x[:, i] * x[:, j]) for j in range(p)] for i in range(p)]
+    coef = _solve(gram, [exact_sum(x[:, i] * y) for i in range(p)])
+    if coef is None:
         raise ValueError("ols: the design matrix is not of full column rank")
-    coef = torch.linalg.lstsq(x, y[:, None]).solution.squeeze(1)
-    rss = (y - x @ coef).pow(2).sum()
-    cov = rss / (n - p) * torch.linalg.inv(x.T @ x)
-    return coef, cov.diagonal().clamp_min(0).sqrt()
+    fitted = sum(x[:, k] * coef[k] for k in range(p))  # elementwise: the same bits everywhere
+    rss = exact_sum((y - fitted).pow(2))
+    inv_diag = [_solve(gram, [float(i == k) for i in range(p)])[k] for k in range(p)]
+    se = [math.sqrt(max(rss / (n - p) * v, 0.0)) for v in inv_diag]
+    return torch.tensor(coef, dtype=torch.float64), torch.tensor(se, dtype=torch.float64)
 
 
 def pair_probe_accuracy(score_true: Tensor, score_false: Tensor) -> float:
