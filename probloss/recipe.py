@@ -272,7 +272,7 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
     interval = float(exp["heartbeat_interval"])
     ran = 0
     while True:
-        reap_dead_trials(study, storage, {"grace_period": exp["grace_period"]}, log, requeue=False)
+        reap_dead_trials(study, storage, {"grace_period": exp["grace_period"]}, log)
         trials = study.get_trials(deepcopy=False)
         owners = {unit: unit_owner(trials, "unit", unit) for unit in [*cells, report_unit]}
         grid_done = all(owners[u] is not None and owners[u].state == state.COMPLETE for u in cells)

@@ -16,8 +16,8 @@ for trials while finished plus running ones are fewer than ``sweep.n_trials`` an
 ``sweep.n_trials`` have finished, so re-running the same command continues a study, and several workers share
 one: ``sweep.workers`` local processes, a Slurm job array (``sweep.launcher=submitit``), or the same command
 started by hand anywhere. Workers never repeat each other: trial k samples (TPE, random) with a seed made from
-``sweep.seed`` and k (recorded as ``sampler_seed``; TPE with ``constant_liar``), a grid gives point k to trial
-k, and the seed re-runs of the best configuration are enqueued units, each run once.
+``sweep.seed`` and k (recorded as ``sampler_seed``; TPE with ``constant_liar``), a grid's points are enqueued
+units in a seeded order (``grid_point``), and so are the seed re-runs of the best configuration: each run once.
 
 A killed worker loses only its running trial, on any storage and any host. Every running trial records a
 heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB storage, timed by the database's
@@ -32,6 +32,7 @@ is recorded with its stability metrics (objective: the worst value), never a cra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -144,7 +145,7 @@ def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = "", seed:
     """The study's sampler, seeded with ``seed`` (default ``sweep.seed``; workers pass :func:`trial_seed`)."""
     seed = cfg.get("seed", 0) if seed is None else seed
     kind = cfg.get("sampler", "tpe")
-    if kind == "grid":  # point k goes to trial k: parallel workers share the grid without collisions
+    if kind == "grid":  # the points are enqueued (enqueue_grid); the sampler only serves a trial asked without one
         return AskTellGridSampler(grid_space(cfg.get("space") or {}, loss_name), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -210,6 +211,27 @@ def search_signature(cfg: Mapping, loss_name: str) -> str:
     space = {k: v for k, v in (cfg.get("space") or {}).items() if not v.get("losses") or loss_name in v["losses"]}
     return json.dumps({"space": space, "objectives": list(cfg["objectives"]), "sampler": cfg.get("sampler", "tpe")},
                       sort_keys=True, default=str)
+
+
+def grid_points(cfg: Mapping, loss_name: str) -> list[dict[str, Any]]:
+    """Every point of ``sampler: grid``, in a seeded order (``sweep.seed``): the order trials take them in."""
+    grid = grid_space(cfg.get("space") or {}, loss_name)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    random.Random(int(cfg.get("seed", 0))).shuffle(points)
+    return points
+
+
+def enqueue_grid(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> int:
+    """Enqueue every grid point that has no live trial (waiting, running or finished) as a unit ``grid_point``;
+    returns how many trials wait. Workers that race here may enqueue a point twice: :func:`claim` runs one copy.
+    (Optuna's grid sampler picks its point at ``ask`` from its own seeded generator, so two workers asking at the
+    same moment took the same point: 3 distinct of 4 in a 2-worker LR grid, one point never run.)"""
+    trials = study.get_trials(deepcopy=False)
+    for point in points:
+        unit = json.dumps(point, sort_keys=True)
+        if unit_owner(trials, "grid_point", unit) is None:  # never run, or its worker died (FAIL)
+            study.enqueue_trial(dict(point), user_attrs={"grid_point": unit}, skip_if_exists=False)
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
 def trial_budget(cfg: Mapping, loss_name: str) -> int:
@@ -325,17 +347,12 @@ def count_taken(study: optuna.Study) -> tuple[int, int]:
     return len(trials) - running, running
 
 
-def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print, requeue: bool = True) -> None:
-    """Fail the trials of dead workers (:func:`fail_dead_trials`); a grid queues their points again (the grid
-    sampler counts a failed point as visited)."""
+def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print) -> None:
+    """Fail the trials of dead workers (:func:`fail_dead_trials`); a grid queues their points again
+    (:func:`enqueue_grid`, called by the worker: a point whose trial failed has no live trial)."""
     failed = fail_dead_trials(study, storage, float(sweep_cfg["grace_period"]))
-    if not failed:
-        return
-    log(f"[{study.study_name}] marked trials {failed} failed: their worker died", flush=True)
-    if requeue and sweep_cfg.get("sampler") == "grid":
-        for trial in study.get_trials(deepcopy=False):
-            if trial.number in failed:
-                study.enqueue_trial(trial.params, skip_if_exists=False)
+    if failed:
+        log(f"[{study.study_name}] marked trials {failed} failed: their worker died", flush=True)
 
 
 # --- running trials ---------------------------------------------------------------------------------------------
@@ -394,19 +411,29 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
 
     ran = 0
     interval = float(sweep_cfg["heartbeat_interval"])
+    points = grid_points(sweep_cfg, loss_name) if sweep_cfg.get("sampler") == "grid" else None
     while True:
-        decision = None
+        decision, trial = None, None
         if fabric.is_global_zero:
             reap_dead_trials(study, storage, sweep_cfg, log)
             finished, running = count_taken(study)
             decision = "run" if finished + running < n_trials else "wait" if finished < n_trials else "stop"
+            if decision == "run" and points is not None:  # a grid: claim an enqueued point, each run once
+                if not enqueue_grid(study, points):
+                    decision = "wait"  # every point is running or done (n_trials above the grid's size)
+                else:
+                    trial = claim(study, "grid_point")
+                    decision = "run" if trial is not None else "again"  # another worker's copy of that point
         decision = dist.broadcast_object(fabric, decision)
         if decision == "stop":
             return ran
+        if decision == "again":
+            continue
         if decision == "wait":  # the budget is taken by other workers' running trials: they finish or go stale
             time.sleep(min(5.0, interval))
             continue
-        trial = study.ask() if fabric.is_global_zero else None
+        if fabric.is_global_zero and trial is None:
+            trial = study.ask()
         if fabric.is_global_zero:
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
@@ -482,7 +509,7 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
     while True:
         decision, trial = None, None
         if fabric.is_global_zero:
-            reap_dead_trials(rerun, storage, sweep_cfg, log, requeue=False)  # re-runs are seeds, not grid points
+            reap_dead_trials(rerun, storage, sweep_cfg, log)
             trials = rerun.get_trials(deepcopy=False)
             owners = {seed: unit_owner(trials, "seed", seed) for seed in seeds}
             for seed, owner in owners.items():

@@ -2,6 +2,7 @@
 tests/test_studies_parallel.py)."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -100,6 +101,32 @@ def test_grid_sweep_runs_every_point_once_and_reports_the_mean_per_learning_rate
     text = write_report(tmp_path / "lr_grid").read_text()
     assert "Mean objective per learning rate" in text
     assert re.search(r"\| 0\.001 \| \d\.\d{3} \|", text) and re.search(r"\| 0\.002 \| \d\.\d{3} \|", text)
+
+
+def test_racing_workers_enqueue_the_grid_twice_and_still_run_each_point_once(tmp_path):
+    """Two workers enqueue the grid at the same moment (every point twice): claiming hands each point to one
+    trial and drops the copies, so the four points of a 2 x 2 grid run once each, in the seeded order."""
+    from probloss.sweep import claim, enqueue_grid, grid_points
+
+    cfg = {"seed": 0, "space": {"trainer.lr": {"type": "categorical", "choices": [1e-3, 3e-3]},
+                                "seed": {"type": "categorical", "choices": [0, 1]}}}
+    points = grid_points(cfg, "infonce")
+    assert len(points) == 4 and points == grid_points(cfg, "infonce")  # seeded: the same order every time
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'grid.db'}")
+    for _ in range(2):  # both workers see an empty study and enqueue every point
+        study.enqueue_trial({}, user_attrs={})  # (an unrelated waiting trial without a unit is dropped too)
+        for point in points:
+            study.enqueue_trial(dict(point), user_attrs={"grid_point": json.dumps(point, sort_keys=True)},
+                                skip_if_exists=False)
+    ran = []
+    while enqueue_grid(study, points):  # nothing new is enqueued: every point has a live (waiting) trial
+        trial = claim(study, "grid_point")
+        if trial is not None:
+            ran.append(json.loads(trial.user_attrs["grid_point"]))  # suggested from its fixed params later
+            study.tell(trial, 0.0)
+    assert ran == points  # each point once, in the seeded order
+    dropped = [t for t in study.trials if t.user_attrs.get("dropped")]
+    assert len(dropped) == 6 and all(t.state == optuna.trial.TrialState.FAIL for t in dropped)
 
 
 def test_grid_sampler_needs_categorical_parameters():
