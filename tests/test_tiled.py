@@ -104,14 +104,17 @@ def sq_dist_lse(x, y, *args, form="features", **kwargs):
     return dist_pair_lse(x, y, *args, **kwargs, scale=-2.0, row_add=sq_x, col_add=sq_y)
 
 
+def dist_lse_inputs(m, n):
+    """Seeded ``[x (m, 4), y (n, 4), col_pen (n,), col_w (n,), row_pen (m,), row_w (m,)]`` (weights as logs)."""
+    return [seeded(m, 4, seed=3), seeded(n, 4, seed=4), seeded(n, seed=5), seeded(n, seed=7, scale=0.3),
+            seeded(m, seed=6), seeded(m, seed=8, scale=0.3)]
+
+
 @pytest.mark.parametrize("m,n,block", SHAPES)
 @pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("form", ["features", "raw"])
 def test_dist_pair_lse_matches_dense(m, n, block, rows, cols, form):
-    x, y = seeded(m, 4, seed=3), seeded(n, 4, seed=4)
-    col_pen, row_pen = seeded(n, seed=5), seeded(m, seed=6)
-    col_w, row_w = seeded(n, seed=7, scale=0.3), seeded(m, seed=8, scale=0.3)
-    inputs = [x, y, col_pen, col_w, row_pen, row_w]
+    inputs = dist_lse_inputs(m, n)
 
     def tiled(x, y, col_pen, col_w, row_pen, row_w):
         out = sq_dist_lse(
@@ -164,10 +167,7 @@ def test_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, scenes
 @pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("form", ["features", "raw"])
 def test_dist_pair_lse_with_keys_matches_dense_masked(m, n, block, rows, cols, form):
-    x, y = seeded(m, 4, seed=3), seeded(n, 4, seed=4)
-    col_pen, row_pen = seeded(n, seed=5), seeded(m, seed=6)
-    col_w, row_w = seeded(n, seed=7, scale=0.3), seeded(m, seed=8, scale=0.3)
-    inputs = [x, y, col_pen, col_w, row_pen, row_w]
+    inputs = dist_lse_inputs(m, n)
     row_keys, col_keys = _keys(m, n, scenes=True)
     match = key_match(row_keys, col_keys)
 
