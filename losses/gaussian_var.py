@@ -34,6 +34,12 @@ Options beyond the proposal (defaults reproduce it exactly):
   dropped: the towers keep their heads (``needs_log_std`` stays True) and the heads get an exactly zero gradient,
   so DDP without ``find_unused_parameters`` still sees every parameter used. Their outputs mean nothing in
   this mode (nor do the ``unc/`` metrics computed from them).
+- ``shared_log_std=True`` (the frozen-sigma control with a learnable global temperature): the towers' log-stds
+  are replaced, as with ``freeze_log_std``, by one learnable scalar ln(s) shared by every sample (starting at 0,
+  where the heads start), so the logits are -ln s - d_ij / s^2: the -ln s term is the same for every candidate
+  and cancels in the softmax, and 1 / s^2 is a learned inverse temperature, as InfoNCE's. Against
+  ``gaussian_var`` it isolates what a per-sample sigma adds beyond a global scale; the heads' outputs (and the
+  ``unc/`` metrics of the model's sigma) mean nothing here either.
 - ``inverse_temperature=t`` (a fixed float, not learned; default 1.0: the logits untouched, the same code path):
   every logit, both the distance term and the log-std penalty, is multiplied by t:
   ``logits_ij = t * (-ln(sigma_j) - d_ij / sigma_j^2)``, in both directions, dense and tiled. Logged as
@@ -104,6 +110,7 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         normalize: L2-normalise embeddings before the distances (the proposal does not).
         kl_weight: weight of the KL regulariser toward N(0, I) (0: off, the proposal).
         freeze_log_std: use log-std 0 (sigma = 1) for every sample whatever the towers predict (module docstring).
+        shared_log_std: use one learnable log-std (init 0) for every sample: a learned global temperature.
         inverse_temperature: fixed multiplier t of every logit (1.0: none; module docstring).
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered candidates).
         false_negatives: "keep", "mask" or "positive" (module docstring).
@@ -115,13 +122,13 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
     def invariances_in_use(self):
         """A common shift cancels in every distance; embeddings times c with log_std + ln c keep every
         d / sigma^2 and add one constant (-t ln c, likelihood -t D ln c) to every logit, which a softmax ignores.
-        A frozen sigma cannot follow a scale; ``normalize`` scores unit vectors (scale with log-stds unmoved, no
+        A frozen (or shared, learned: its parameter is not an input the scale can move) sigma cannot follow a scale; ``normalize`` scores unit vectors (scale with log-stds unmoved, no
         shift); the KL to N(0, I) of raw embeddings pins both the origin and the unit."""
         if self.normalize:
             return ("scale",)
         if self.kl_weight:
             return ()
-        return ("shift",) if self.freeze_log_std else ("shift", "scale")
+        return ("shift",) if self.freeze_log_std or self.shared_log_std else ("shift", "scale")
 
     def log_std_under_scale(self, log_std, c):
         return log_std if self.normalize else log_std + math.log(c)
@@ -138,12 +145,14 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         {"variant": "proposal", "freeze_log_std": True},
         {"variant": "proposal", "freeze_log_std": True, "impl": "tiled", "block_size": 2},
         {"variant": "proposal", "inverse_temperature": 0.3, "impl": "tiled", "block_size": 2},
+        {"variant": "proposal", "shared_log_std": True},
+        {"variant": "proposal", "shared_log_std": True, "impl": "tiled", "block_size": 2},
     ]
 
     def __init__(
         self, variant: str = "proposal", normalize: bool = False, kl_weight: float = 0.0,
         freeze_log_std: bool = False, inverse_temperature: float = 1.0, impl: str = "auto",
-        block_size: int = DEFAULT_BLOCK, false_negatives: str = "keep",
+        block_size: int = DEFAULT_BLOCK, false_negatives: str = "keep", shared_log_std: bool = False,
     ):
         super().__init__()
         self.set_false_negatives(false_negatives)
@@ -155,10 +164,19 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         self.variant, self.normalize, self.kl_weight = variant, normalize, kl_weight
         self.freeze_log_std, self.inverse_temperature = freeze_log_std, float(inverse_temperature)
         self.impl, self.block_size = impl, block_size
+        if freeze_log_std and shared_log_std:
+            raise ValueError(f"{self.loss_name}: freeze_log_std and shared_log_std are two different controls; set "
+                             "one of them")
+        self.shared_log_std = shared_log_std
+        # The shared control's learned ln(s); a parameter only then, so other checkpoints keep their keys.
+        self.global_log_std = torch.nn.Parameter(torch.zeros(())) if shared_log_std else None
 
     def log_stds_in_use(self, image_log_std, text_log_std):
         """The log-stds the loss uses: the given ones, or with ``freeze_log_std`` zeros of the same shapes that
-        keep the inputs in the graph with a zero gradient (module docstring)."""
+        keep the inputs in the graph with a zero gradient (module docstring), or with ``shared_log_std`` the one
+        learned ln(s) in those shapes."""
+        if self.shared_log_std:
+            return image_log_std * 0 + self.global_log_std, text_log_std * 0 + self.global_log_std
         if not self.freeze_log_std:
             return image_log_std, text_log_std
         return image_log_std * 0, text_log_std * 0

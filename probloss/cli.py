@@ -71,6 +71,7 @@ No training: it reads a finished sweep's storage or an experiment's results file
     probloss report runs/compare_losses [--storage postgresql://...]   # sweep -> report.md
     probloss report runs/batch_size            # recipe -> recipe.md + comparisons.json
     probloss report --findings runs            # every recipe under runs/ -> a Findings page on stdout
+    probloss report runs/proposal --publish docs/results/proposal   # the files --findings docs/results reads
     probloss report --multiplicity docs/findings.md   # how many of a page's comparisons survive Holm
     probloss report --instruments runs/instruments    # every run's instruments beside their trivial cues
 
@@ -138,7 +139,7 @@ def report_command(argv: Sequence[str]) -> None:
     from pathlib import Path
 
     from probloss.config import ConfigError
-    from probloss.recipe import findings, page_multiplicity, render_recipe
+    from probloss.recipe import findings, page_multiplicity, publish, render_recipe
     from probloss.report import instrument_tables, write_report
 
     parser = argparse.ArgumentParser(prog="probloss report", description=COMMANDS["report"][2],
@@ -151,6 +152,9 @@ def report_command(argv: Sequence[str]) -> None:
     parser.add_argument("--multiplicity", action="store_true",
                         help="the folder is a rendered page (findings.md, recipe.md): print how many of its "
                              "comparisons survive Holm's adjustment, p derived from each printed interval")
+    parser.add_argument("--publish", metavar="DEST", default=None,
+                        help="copy a finished recipe's (slimmed) results or a sweep's per-trial table into DEST "
+                             "(e.g. docs/results/<name>), which --findings then reads")
     parser.add_argument("--instruments", action="store_true",
                         help="print the specificity and uncertainty instruments of every summary.json under the "
                              "folder beside what the trivial cues and training-free baselines score")
@@ -173,7 +177,9 @@ def report_command(argv: Sequence[str]) -> None:
                 raise FileNotFoundError(f"{args.folder} is not a folder")
             print(findings(args.folder))
             return
-        if (Path(args.folder) / "results.json").is_file():
+        if args.publish:
+            path = publish(args.folder, args.publish)
+        elif (Path(args.folder) / "results.json").is_file():
             path = render_recipe(args.folder)
         else:
             path = write_report(args.folder, storage=args.storage)

@@ -73,9 +73,9 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from probloss.config import ConfigError, compose_config, config_dir, config_groups, override_key
-from probloss.report import (ALPHA, CI, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range,
-                             paired_p, report_lines, row_value, run_stopped, save_figure, summarise, sweep_studies,
-                             t_975, t_two_sided_p, verdict)
+from probloss.report import (ALPHA, CI, TRIAL_TABLE, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci,
+                             metric_range, paired_p, read_sweep, report_lines, row_value, run_stopped, save_figure,
+                             summarise, t_975, t_two_sided_p, verdict)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
 from probloss.workers import choose_workers, launcher_of, run_local, run_submitit
@@ -101,7 +101,63 @@ def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
     baselines(recipe)  # a misspelt baseline or primary comparison fails now, not after hours of training
     constants(recipe)
     primaries(recipe)
-    return name, recipe, [a for a in argv if a not in own]
+    train_overrides = [a for a in argv if a not in own]
+    recipe["learning_rates_used"] = arm_learning_rates(recipe, train_overrides)
+    return name, recipe, train_overrides
+
+
+def arm_learning_rates(exp: Mapping[str, Any], train_overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """{arm: {"lr", "source"}}: each arm's learning rate and where it came from (recorded in recipe.json).
+
+    ``learning_rates`` is null (every arm trains at what its overrides or the training config say: {} here), a
+    mapping {arm or loss name: lr} (an arm's own name first, then its loss's), or a finished learning-rate sweep:
+    the path of its per-trial table (``trials.json``, or the sweep folder holding it) or of its Optuna journal,
+    from which each arm takes the val-best learning rate of its loss (probloss.report.summarise: the best mean
+    over seeds of the sweep's first objective). A learning rate set by the recipe's shared overrides, the arm or
+    the command line wins over both, and is recorded as such.
+    """
+    spec = exp.get("learning_rates")
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        path = Path(spec)
+        if not path.exists() and (config_dir().parent / spec).exists():  # a committed table, from another folder
+            path = config_dir().parent / spec
+        try:
+            rows = summarise(read_sweep(path))
+        except FileNotFoundError as err:
+            raise ConfigError(f"recipe learning_rates: {err}") from None
+        table = {loss: row["best_lr"] for loss, row in rows.items() if row.get("best_lr") is not None}
+        source = f"val-best of the sweep {spec}"
+    elif isinstance(spec, Mapping):
+        table, source = dict(spec), "the recipe's learning_rates map"
+    else:
+        raise ConfigError(f"recipe learning_rates must be null, a mapping {{arm or loss: lr}} or the path of a "
+                          f"finished sweep (trials.json or journal), got {spec!r}")
+    used = {}
+    for arm, arm_overrides in exp["arms"].items():
+        sources = (("the recipe's overrides", exp.get("overrides") or []), ("the arm", arm_overrides),
+                   ("the command line", train_overrides))
+        given = [(where, o.split("=", 1)[1]) for where, ovs in sources for o in ovs if override_key(o) == "trainer.lr"]
+        if given:
+            used[arm] = {"lr": float(given[-1][1]), "source": f"set by {given[-1][0]}"}
+            continue
+        loss = next((o.split("=", 1)[1] for _, ovs in sources for o in reversed(list(ovs)) if override_key(o) == "loss"),
+                    None) or _default_loss()
+        key = arm if arm in table else loss
+        if key not in table:
+            raise ConfigError(f"recipe learning_rates has no learning rate for arm {arm!r} (loss {loss!r}): "
+                              f"{source} holds {sorted(table)}; add the arm or its loss, or set trainer.lr in the arm")
+        lr = float(table[key])
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"recipe learning_rates: {key}: {table[key]!r} is not a finite learning rate > 0")
+        used[arm] = {"lr": lr, "source": f"{source} ({key})"}
+    return used
+
+
+@functools.lru_cache(maxsize=None)
+def _default_loss() -> str:
+    return str(compose_config([]).loss.name)
 
 
 def baselines(exp: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -182,9 +238,12 @@ def primaries(exp: Mapping[str, Any]) -> set[tuple[str, str, str]]:
 def cell_overrides(exp: Mapping[str, Any], name: str, arm: str, arm_overrides: Sequence[str], seed: Any,
                    train_overrides: Sequence[str]) -> list[str]:
     """The training overrides of one cell (arm, seed): the recipe's shared ones, the arm's, the command line's,
-    then the cell's experiment, seed, run name (``<arm>-seed<k>``) and data draw (:func:`data_draw`)."""
-    overrides = [*exp.get("overrides", []), *arm_overrides, *train_overrides, f"experiment={name}", f"seed={seed}",
-                 f"run_name={_slug(arm)}-seed{seed}"]
+    then the cell's experiment, seed, run name (``<arm>-seed<k>``) and data draw (:func:`data_draw`); the arm's
+    learning rate from ``learning_rates`` (:func:`arm_learning_rates`) comes after the shared overrides."""
+    chosen = (exp.get("learning_rates_used") or {}).get(arm)
+    lr = [f"trainer.lr={chosen['lr']!r}"] if chosen and not chosen["source"].startswith("set by") else []
+    overrides = [*exp.get("overrides", []), *lr, *arm_overrides, *train_overrides, f"experiment={name}",
+                 f"seed={seed}", f"run_name={_slug(arm)}-seed{seed}"]
     return [*overrides, *data_draw(exp, overrides, seed)]
 
 
@@ -460,6 +519,32 @@ def read_recipe_folder(exp_dir: str | Path) -> tuple[dict[str, Any], list[dict[s
     return json.loads(exp_path.read_text()), json.loads(results_path.read_text())
 
 
+KEPT_FIELDS = ("arm", "seed", "gen_seed", "status", "error", "wall_time_s", "steps", "stability/diverged",
+               "backfilled")
+
+
+def publish(folder: str | Path, dest: str | Path) -> Path:
+    """Copy what the findings page needs from a finished recipe or sweep folder into ``dest`` (a folder under
+    docs/results, committed): a recipe's recipe.json, comparisons.json and results.json slimmed to its reported
+    metrics and ``KEPT_FIELDS`` (no run folder paths), re-rendered there (recipe.md and its PNGs); a sweep's
+    per-trial table (trials.json, written first by probloss.report.write_report). Returns dest."""
+    from probloss.report import write_report
+
+    folder, dest = Path(folder), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if not (folder / "results.json").is_file():
+        write_report(folder)
+        shutil.copyfile(folder / TRIAL_TABLE, dest / TRIAL_TABLE)
+        return dest
+    exp, results = read_recipe_folder(folder)
+    keep = (*KEPT_FIELDS, *report_metrics(exp))
+    slim = [{k: row[k] for k in keep if k in row} for row in results]
+    (dest / "recipe.json").write_text(json.dumps(exp, indent=1))
+    (dest / "results.json").write_text(json.dumps(slim, indent=1, default=str))
+    render_recipe(dest)
+    return dest
+
+
 def render_recipe(exp_dir: str | Path) -> Path:
     """Write ``recipe.md``, its PNGs and ``comparisons.json`` again from a finished recipe folder (no training)."""
     exp, results = read_recipe_folder(exp_dir)  # the recipe as it was run (with overrides)
@@ -484,13 +569,14 @@ def backfill_metrics(run_dir: Path, summary: dict[str, Any], metrics: Sequence[s
     was trained) from one evaluation of its final checkpoint (``cached_evaluation`` "final"); returns the keys
     filled, also listed in the row's ``backfilled``.
 
-    The evaluation is trusted only if it reproduces the summary's own test numbers: a checkpoint that is not the
+    A sigma statistic of a run without sigma (infonce) is not missing. The evaluation is trusted only if it
+    reproduces the summary's own test numbers: a checkpoint that is not the
     final one, or evaluation code whose meaning changed since, fills nothing and says why. Keys absent from the
     evaluation too (e.g. sigma metrics of a loss without sigma) stay absent.
     """
     from probloss.checkpoint import newest_checkpoint
 
-    missing = [k for k in metrics if k not in summary]
+    missing = [k for k in metrics if k not in summary and not _sigma_key_without_sigma(k, summary)]
     ckpt = newest_checkpoint(run_dir) if missing else None
     if ckpt is None:
         return []
@@ -511,6 +597,16 @@ def backfill_metrics(run_dir: Path, summary: dict[str, Any], metrics: Sequence[s
     if filled:
         summary["backfilled"] = filled
     return filled
+
+
+def _sigma_key_without_sigma(key: str, summary: Mapping[str, Any]) -> bool:
+    """Whether ``key`` is a statistic of the model's sigma (``<split>/unc/<stat>``, not a cue's or a training-free
+    baseline's) and the run has none to compute it from (no ``<split>/unc/sigma_text_mean``: a loss without
+    log-stds): an evaluation would not produce it, so it is not missing."""
+    split, _, rest = key.partition("/unc/")
+    if not rest or rest.startswith(("cue/", "free/")):
+        return False
+    return f"{split}/unc/sigma_text_mean" not in summary
 
 
 def _slug(text: str) -> str:
@@ -630,10 +726,26 @@ DIFF_NOTE = ("Paired per seed (the same seed: same data order, same initial weig
              "noise otherwise; one seed (no data) when one (no) seed pairs.")
 
 
-def recipe_sections(exp: Mapping[str, Any], results: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping],
-                    heading: str = "##") -> list[str]:
-    """The markdown body shared by recipe.md and the findings page: description, arms table, comparison table."""
+def learning_rate_lines(exp: Mapping[str, Any]) -> list[str]:
+    """One sentence: each arm's learning rate and its source (``learning_rates_used``; none when not set)."""
+    used = exp.get("learning_rates_used") or {}
+    if not used:
+        return []
+    by_source: dict[str, list[str]] = {}
+    for arm, chosen in used.items():
+        by_source.setdefault(chosen["source"], []).append(f"{arm} {chosen['lr']:g}")
+    return ["Learning rates: " + "; ".join(f"{', '.join(arms)} ({source})" for source, arms in by_source.items())
+            + ".", ""]
+
+
+def recipe_sections(exp: Mapping[str, Any], results: Sequence[Mapping[str, Any]] | None,
+                    comparisons: Sequence[Mapping], heading: str = "##") -> list[str]:
+    """The markdown body shared by recipe.md and the findings page: description, arms table, comparison table
+    (``results`` None: the comparison table alone)."""
     arms, metrics = list(exp["arms"]), report_metrics(exp)
+    if results is None:  # a committed folder without its runs' rows: the comparisons alone
+        return [str(exp.get("description") or "").strip(), "", *learning_rate_lines(exp)] + _comparison_lines(
+            comparisons, heading)
     table = aggregate(results, arms, metrics)
     seeds = sorted({r["seed"] for r in results}, key=str)
     times = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
@@ -641,15 +753,20 @@ def recipe_sections(exp: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
              f"Seeds {seeds}; {len(results)} runs"
              + (f", {sum(times) / 60:.1f} min of training in total (wall time summed over {len(times)} runs)" if times
                 else "") + ".", "",
+             *learning_rate_lines(exp),
              f"{heading} Arms", "", ARMS_NOTE, "",
              "| arm | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for arm in arms:
         lines.append(f"| {arm} | {_seeds_cell([r for r in results if r['arm'] == arm])} | "
                      + " | ".join(fmt_ci(table[arm][m]) for m in metrics) + " |")
-    lines += ["", f"{heading} Paired differences against the baseline", "", DIFF_NOTE, "",
-              multiplicity_line(multiplicity_counts(comparisons)), "",
-              "| arm | baseline | metric | difference [95% interval] | seeds paired | p | p adj. | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
+    return lines + [""] + _comparison_lines(comparisons, heading)
+
+
+def _comparison_lines(comparisons: Sequence[Mapping], heading: str) -> list[str]:
+    lines = [f"{heading} Paired differences against the baseline", "", DIFF_NOTE, "",
+             multiplicity_line(multiplicity_counts(comparisons)), "",
+             "| arm | baseline | metric | difference [95% interval] | seeds paired | p | p adj. | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         left_out = f" ({c['n_dropped']} left out)" if c["n_dropped"] else ""
         star = " *" if c.get("primary") else ""
@@ -711,45 +828,151 @@ def write_recipe_report(exp: Mapping[str, Any], name: str, results: Sequence[Map
             ax.set_xlabel(exp.get("x_label", ""))
             ax.legend()
         else:
-            ax.bar(range(len(arms)), means, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(arms))])
+            ax.bar(range(len(arms)), means, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(arms))],
+                   alpha=0.6)
+            for i, arm in enumerate(arms):  # every seed's own value over its arm's bar
+                seeds = [v for v in (row_value(r, m) for r in results if r["arm"] == arm)
+                         if v is not None and math.isfinite(v)]
+                jitter = [0.25 * ((k % 5) / 4 - 0.5) for k in range(len(seeds))]
+                ax.scatter([i + j for j in jitter], seeds, s=9, color="black", zorder=3,
+                           label="each dot: one seed" if i == 0 and seeds else None)
             ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
+        chance = chance_level(exp, m)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.set_ylabel(m)
         ax.set_title(f"{name}: {m}")
         plots.append(save_figure(fig, exp_dir / f"{_slug(m).replace('/', '_')}.png"))
+    forest = forest_plot([c for c in comparisons if c.get("primary")], exp_dir / "forest.png",
+                         f"{name}: primary comparisons")
     lines = [f"# Recipe {name}", "", *recipe_sections(exp, results, comparisons), ""]
-    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [f"![{p.stem}]({p.name})" for p in ([forest] if forest else []) + plots]
     report = exp_dir / "recipe.md"
     report.write_text("\n".join(lines) + "\n")
     return report
 
 
+def chance_level(exp: Mapping[str, Any], metric: str) -> float | None:
+    """The metric's chance level for its plot: the recipe's ``chance`` entry, else its ``constants`` value."""
+    for source in (exp.get("chance") or {}, exp.get("constants") or {}):
+        if metric in source and _is_number(source[metric]):
+            return float(source[metric])
+    return None
+
+
+def forest_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path | None:
+    """A forest plot of comparison rows (comparisons.json): per row the paired difference and its 95% interval
+    on its own axis (each metric keeps its units), zero marked, the verdict beside it. None without rows."""
+    rows = [r for r in rows if r.get("mean_diff") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8.5, 0.62 * len(rows) + 0.7), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        low, high, mean = (row[k] if row[k] is not None else row["mean_diff"] for k in ("ci_low", "ci_high", "mean_diff"))
+        span = max(abs(low), abs(high), 1e-12) * 1.15
+        colour = {"better": "C2", "worse": "C3"}.get(row["verdict"], "C0" if row["verdict"] in SURVIVING else "grey")
+        ax.errorbar([mean], [0], xerr=[[mean - low], [high - mean]], fmt="o", color=colour, capsize=4)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlim(-span, span)
+        ax.set_yticks([])
+        ax.tick_params(axis="x", labelsize=7)
+        base = row["baseline"]
+        ax.set_title(f"{row['arm']} − {base}: {row['metric']}" if not base.startswith("constant") else
+                     f"{row['arm']} − {base[len('constant '):]} ({row['metric']})", fontsize=8, loc="left", pad=2)
+        ax.text(1.01, 0.5, f"{row['verdict']}\n{mean:+.3g} [{low:+.3g}, {high:+.3g}], n={row['n']}",
+                transform=ax.transAxes, fontsize=7, va="center")
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+    fig.suptitle(title + " (paired difference, 95% interval, zero marked)", fontsize=9)
+    fig.subplots_adjust(left=0.03, right=0.74, hspace=1.1, top=1 - 0.45 / (0.62 * len(rows) + 0.7))
+    return save_figure(fig, path)
+
+
+CLAIMS = "claims.yaml"
+
+
+def read_claims(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """The claims table ``<runs_dir>/claims.yaml``: every sentence the README says about a result, each with the
+    comparison that supports it ({claim, recipe, arm, baseline, metric}) and, added here, that comparison's row
+    of ``<runs_dir>/<recipe>/comparisons.json`` (``row``: None when there is no such comparison). Empty when the
+    file does not exist."""
+    import yaml
+
+    path = Path(runs_dir) / CLAIMS
+    if not path.is_file():
+        return []
+    claims = yaml.safe_load(path.read_text()) or []
+    for claim in claims:
+        found = Path(runs_dir) / str(claim["recipe"]) / "comparisons.json"
+        rows = json.loads(found.read_text()) if found.is_file() else []
+        key = (claim["arm"], claim["baseline"], claim["metric"])
+        claim["row"] = next((r for r in rows if (r["arm"], r["baseline"], r["metric"]) == key), None)
+    return claims
+
+
+def claims_lines(claims: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The claims table of the findings page: claim -> comparison -> its difference and verdict."""
+    lines = ["## Claims", "", "Every sentence the README says about a result, the comparison in the recipe's "
+             "comparisons.json that supports it, and that comparison's verdict (tests/test_claims.py checks that "
+             "each claim names an existing comparison and copies its verdict word).", "",
+             "| claim (README) | recipe: arm − baseline, metric | difference [95% interval] | seeds | verdict |",
+             "|---|---|---|---|---|"]
+    for claim in claims:
+        row = claim["row"]
+        where = f"{claim['recipe']}: {claim['arm']} − {claim['baseline']}, {claim['metric']}"
+        if row is None:
+            lines.append(f"| {claim['claim']} | {where} | no such comparison | - | - |")
+            continue
+        star = " (primary)" if row.get("primary") else ""
+        lines.append(f"| {claim['claim']} | {where}{star} | {_diff_cell(row)} | {row['n']} | {row['verdict']} |")
+    return lines + [""]
+
+
 def findings(runs_dir: str | Path) -> str:
-    """A markdown page of every recipe folder under ``runs_dir`` with results.json and every sweep with a journal
-    in ``runs_dir/sweeps/`` (its report.md, rewritten from the study storage), computed from those files alone."""
+    """A markdown page of every recipe folder under ``runs_dir`` (recipe.json with results.json, or with only its
+    comparisons.json), every sweep's per-trial table (``trials.json``) or journal in ``runs_dir/sweeps/``, and the
+    claims table ``runs_dir/claims.yaml``, computed from those files alone. Paths print as given, so the page is
+    the same from any clone: ``python scripts/report.py --findings docs/results > docs/findings.md``."""
     runs_dir = Path(runs_dir)
-    folders = sorted(p.parent for p in runs_dir.rglob("results.json"))
+    folders = sorted(p.parent for p in runs_dir.rglob("recipe.json"))
+    tables = sorted(p.parent for p in runs_dir.rglob(TRIAL_TABLE))
     journals = sorted((runs_dir / "sweeps").glob("*.journal"))
     lines = ["# Findings", "",
-             f"Generated by `python scripts/report.py --findings {runs_dir}` from the results files below: every "
-             "number and verdict word is computed from them (docs/design.md, \"Measurements and claims\"). "
-             f"{len(folders)} recipe folder(s), {len(journals)} sweep(s).", ""]
+             f"Generated by `python scripts/report.py --findings {runs_dir.as_posix()}` from the results files below: "
+             "every number and verdict word is computed from them (docs/design.md, \"Measurements and claims\"). "
+             f"{len(folders)} recipe folder(s), {len(tables) + len(journals)} sweep(s).", ""]
     body, counted = [], []
     for folder in folders:
-        body += [f"## {folder.name}", "", f"Source: `{folder / 'results.json'}`.", ""]
-        try:
-            exp, results = read_recipe_folder(folder)
-        except FileNotFoundError as err:
-            body += [f"Not summarised: {err}", ""]
+        exp = json.loads((folder / "recipe.json").read_text())
+        if (folder / "results.json").is_file():
+            body += [f"## {folder.name}", "", f"Source: `{(folder / 'results.json').as_posix()}`.", ""]
+            results = json.loads((folder / "results.json").read_text())
+            comparisons = compare(results, exp, report_metrics(exp))
+        elif (folder / "comparisons.json").is_file():
+            body += [f"## {folder.name}", "", f"Source: `{(folder / 'comparisons.json').as_posix()}` (its runs' "
+                     "results.json was not kept: the paired comparisons only).", ""]
+            results, comparisons = None, json.loads((folder / "comparisons.json").read_text())
+        else:
+            body += [f"## {folder.name}", "", "Not summarised: neither results.json nor comparisons.json.", ""]
             continue
-        comparisons = compare(results, exp, report_metrics(exp))
         counted.append((folder.name, multiplicity_counts(comparisons)))
         body += recipe_sections(exp, results, comparisons, heading="###") + [""]
+    claims = read_claims(runs_dir)
+    if claims:
+        lines += claims_lines(claims)
     if counted:
-        lines += ["Multiplicity. Each recipe's primary comparisons (declared before it ran) are judged by their 95% "
-                  "interval; all its other comparisons by p-values Holm-adjusted within the recipe (the rule under "
-                  "each comparison table). The sweeps' width differences (bootstrap intervals, no p) are not counted "
-                  "here.", "", "| recipe | comparisons | primary | primary surviving | others | others surviving "
-                  "Holm |", "|---|---|---|---|---|---|"]
+        lines += ["## Multiplicity", "", "Each recipe's primary comparisons (declared before it ran) are judged by "
+                  "their 95% interval; all its other comparisons by p-values Holm-adjusted within the recipe (the rule "
+                  "under each comparison table). The sweeps' width differences (bootstrap intervals, no p) are not "
+                  "counted here.", "", "| recipe | comparisons | primary | primary surviving | others | others "
+                  "surviving Holm |", "|---|---|---|---|---|---|"]
         for recipe, c in counted:
             lines.append(f"| {recipe} | {c['primary'] + c['others']} | {c['primary']} | {c['primary_survive']} | "
                          f"{c['others']} | {c['others_survive']} |")
@@ -757,14 +980,16 @@ def findings(runs_dir: str | Path) -> str:
         lines += [f"| total | {total['primary'] + total['others']} | {total['primary']} | {total['primary_survive']} "
                   f"| {total['others']} | {total['others_survive']} |", ""]
     lines += body
-    for journal in journals:
-        lines += [f"## {journal.stem} (sweep)", "", f"Source: `{journal}` (Optuna journal storage).", ""]
+    sweeps = [(folder.name, folder / TRIAL_TABLE, "per-trial table") for folder in tables]
+    sweeps += [(journal.stem, journal, "Optuna journal storage") for journal in journals]
+    for name, source, kind in sweeps:
+        lines += [f"## {name} (sweep)", "", f"Source: `{source.as_posix()}` ({kind}).", ""]
         try:
-            rows = summarise(sweep_studies(runs_dir / journal.stem, storage=str(journal)))
+            rows = summarise(read_sweep(source))
         except FileNotFoundError as err:
             lines += [f"Not summarised: {err}", ""]
             continue
-        lines += report_lines(journal.stem, rows)[1:] + [""]  # its title is the section heading above
+        lines += report_lines(name, rows)[1:] + [""]  # its title is the section heading above
     return "\n".join(lines)
 
 

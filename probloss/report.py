@@ -24,6 +24,7 @@ table cell).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -855,11 +856,75 @@ def report_lines(experiment: str, rows: Mapping[str, Mapping[str, Any]]) -> list
     return lines
 
 
+# --- a sweep's per-trial table: what a study's report needs, small enough to commit ------------------------------
+
+TRIAL_TABLE = "trials.json"
+TRIAL_KEYS = (*SEED_METRICS, "val/zeroshot_top1", "stability/diverged", "seed", "steps", "error")
+
+
+def trial_table(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -> dict[str, Any]:
+    """The per-trial table of a sweep's studies ({loss: (search, seed re-run or None)}): per loss its directions,
+    study attributes and, per trial, its number, state, parameters (with their distributions), objective values
+    and the ``TRIAL_KEYS`` of its metrics. :func:`studies_from_table` rebuilds studies that :func:`summarise`
+    reads as it reads the storage (a journal holds every metric of every trial, megabytes for a grid)."""
+    def trials(study):
+        return [{"number": t.number, "state": t.state.name, "params": t.params,
+                 "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
+                 "values": t.values, "user_attrs": {k: t.user_attrs[k] for k in TRIAL_KEYS if k in t.user_attrs}}
+                for t in study.get_trials(deepcopy=False)]
+
+    return {loss: {"directions": [d.name for d in study.directions], "user_attrs": dict(study.user_attrs),
+                   "trials": trials(study), "rerun": trials(rerun) if rerun is not None else None}
+            for loss, (study, rerun) in studies.items()}
+
+
+def studies_from_table(table: Mapping[str, Any]) -> dict[str, tuple[optuna.Study, optuna.Study | None]]:
+    """In-memory studies holding a :func:`trial_table`'s trials (the inverse of it, for the keys it keeps)."""
+    def study_of(spec, rows):
+        study = optuna.create_study(storage=optuna.storages.InMemoryStorage(),
+                                    directions=[optuna.study.StudyDirection[d].name.lower() for d in spec["directions"]])
+        for key, value in spec["user_attrs"].items():
+            study.set_user_attr(key, value)
+        for row in rows:
+            state = optuna.trial.TrialState[row["state"]]
+            study.add_trial(optuna.trial.create_trial(
+                state=state, params=row["params"], user_attrs=row["user_attrs"],
+                distributions={k: optuna.distributions.json_to_distribution(d) for k, d in row["distributions"].items()},
+                values=row["values"] if state == optuna.trial.TrialState.COMPLETE else None))
+        return study
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per rebuilt study
+    try:
+        return {loss: (study_of(spec, spec["trials"]),
+                       study_of(spec, spec["rerun"]) if spec["rerun"] is not None else None)
+                for loss, spec in table.items()}
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def read_sweep(source: str | Path) -> dict[str, tuple[optuna.Study, optuna.Study | None]]:
+    """The studies of a finished sweep from its per-trial table (``trials.json``, or a folder holding one) or its
+    Optuna journal (``<out_dir>/sweeps/<sweep>.journal``)."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / TRIAL_TABLE
+    if path.suffix == ".journal" and path.is_file():
+        return sweep_studies(path.with_suffix(""), storage=str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} is neither a sweep's {TRIAL_TABLE} (python scripts/report.py "
+                                "<out_dir>/<sweep> writes it) nor a sweep journal (<out_dir>/sweeps/<sweep>.journal)")
+    return studies_from_table(json.loads(path.read_text()))
+
+
 def write_report(experiment_dir: str | Path, storage=None) -> Path:
-    """Write ``<experiment_dir>/report.md`` and its PNGs; returns the report's path."""
+    """Write ``<experiment_dir>/report.md``, its PNGs and the per-trial table ``trials.json``; returns the report's
+    path."""
     experiment_dir = Path(experiment_dir)
-    rows = summarise(sweep_studies(experiment_dir, storage))
+    studies = sweep_studies(experiment_dir, storage)
+    rows = summarise(studies)
     experiment_dir.mkdir(parents=True, exist_ok=True)
+    (experiment_dir / TRIAL_TABLE).write_text(json.dumps(trial_table(studies), indent=1) + "\n")
     plots = plot(rows, experiment_dir)
     lines = report_lines(experiment_dir.name, rows) + [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = experiment_dir / "report.md"

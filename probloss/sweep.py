@@ -560,7 +560,7 @@ def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]
     studies = {}
     for loss_name in losses:
         overrides = [*sweep_cfg.get("overrides", []), *[o for o in train_overrides if not o.startswith("loss=")],
-                     f"loss={loss_name}"]
+                     f"loss={loss_name}", *(sweep_cfg.get("loss_overrides") or {}).get(loss_name, [])]
         study_name = sweep_cfg.get("study_name") or default_study_name(experiment, name, loss_name)
         if len(losses) > 1 and sweep_cfg.get("study_name"):
             study_name = f"{sweep_cfg['study_name']}-{loss_name}"

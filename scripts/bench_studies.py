@@ -1,6 +1,6 @@
 """Wall time of a recipe and of a grid sweep with 1 and N local workers, and whether their results are identical.
 
-    python scripts/bench_studies.py                                   # recipe=proposal seed 0, lr_grid on infonce
+    python scripts/bench_studies.py                                   # recipe=proposal_2e-3 seed 0, lr_grid on infonce
     python scripts/bench_studies.py --seeds 0 1 --workers 1 2 --out bench_results/studies.json
     python scripts/bench_studies.py --steps 50 --sweep-steps 50       # a quick check that it works
 
@@ -64,7 +64,7 @@ def sweep_results(out_dir: Path, loss: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="proposal")
+    parser.add_argument("--recipe", default="proposal_2e-3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the recipe's own)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -116,7 +116,7 @@ def test_a_diverged_run_is_a_result_counted_in_the_report(tmp_path):
     boom = "['loss=gaussian_var', 'trainer.lr=1e30', 'trainer.grad_clip=null', 'trainer.on_nonfinite=stop']"
     args = ["recipe=proposal", "recipe.seeds=[0]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
             *TINY, "trainer.warmup_steps=0", f"recipe.arms={{ok: ['loss=gaussian_var'], boom: {boom}}}",
-            "recipe.metrics=[test/zeroshot_top1]", "recipe.baseline=ok", "recipe.primary=[]"]
+            "recipe.metrics=[test/zeroshot_top1]", "recipe.baseline=ok", "recipe.primary=[]", "recipe.constants={}", "recipe.learning_rates=null"]
     lines = []
     report = run_recipe(args, log=lambda *a, **k: lines.append(a[0]))  # does not raise
     assert any("boom seed 0 diverged" in line for line in lines)
@@ -145,7 +145,7 @@ def test_unknown_recipe_and_keys_are_errors():
 
 def test_a_metric_added_after_training_is_filled_from_the_final_checkpoint(tmp_path):
     args = ["recipe=proposal", "recipe.seeds=[0]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
-            *TINY, "recipe.arms={gaussian_var: ['loss=gaussian_var']}", "recipe.baseline=null", "recipe.primary=[]"]
+            *TINY, "recipe.arms={gaussian_var: ['loss=gaussian_var']}", "recipe.baseline=null", "recipe.primary=[]", "recipe.constants={}", "recipe.learning_rates=null"]
     run_recipe(args, log=lambda *a, **k: None)
     summary_path = next(tmp_path.glob("proposal/gaussian_var/*/summary.json"))
     trained = json.loads(summary_path.read_text())

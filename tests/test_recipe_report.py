@@ -63,6 +63,9 @@ def test_comparisons_json_rows_and_values(folder):
          "p_adjusted", "primary"]))}
     assert [(r["arm"], r["metric"]) for r in rows] == [(a, m) for a in ("new", "single") for m in METRICS]
     assert all(r["baseline"] == "base" for r in rows)
+    text = report.read_text()
+    assert (folder / "forest.png").is_file() and "![forest](forest.png)" in text  # the primary comparison's
+    assert "![test_zeroshot_top1](test_zeroshot_top1.png)" in text
 
     zs = _row(rows, "new", "test/zeroshot_top1")  # diffs 0.10, 0.11; seed 2 diverged: left out, counted
     half = 12.706 * math.sqrt(0.00005) / math.sqrt(2)
@@ -200,6 +203,35 @@ def test_findings_page_includes_sweeps_from_their_journal(tmp_path):
     assert "1 sweep(s)" in page and "## lrdemo (sweep)" in page and "# lrdemo: loss comparison" not in page
     assert "| sigmoid | 2 |" in page and "| loss - infonce |" in page
     assert not (tmp_path / "lrdemo").exists()
+
+
+def test_findings_page_reads_committed_folders(folder, tmp_path):
+    """A committed results folder may hold only recipe.json + comparisons.json (its rows not kept): the page shows
+    its comparison table as stored; a sweep's per-trial table (trials.json) is summarised like its journal; a
+    recipe's learning rates and their sources are printed."""
+    from test_learning_rates import grid_study
+
+    from probloss.report import trial_table
+
+    render_recipe(folder)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "recipe.json").write_text(json.dumps(
+        {**RECIPE, "learning_rates_used": {"base": {"lr": 3e-4, "source": "a map (infonce)"},
+                                           "new": {"lr": 1e-3, "source": "a map (gaussian_var)"}}}))
+    (kept / "comparisons.json").write_text((folder / "comparisons.json").read_text())
+    (tmp_path / "lr").mkdir()
+    studies = {"infonce": (grid_study({(1e-4, 0): 0.2, (1e-4, 1): 0.3, (1e-3, 0): 0.5, (1e-3, 1): 0.4}), None)}
+    (tmp_path / "lr" / "trials.json").write_text(json.dumps(trial_table(studies)))
+    page = findings(tmp_path)
+    assert "2 recipe folder(s), 1 sweep(s)" in page
+    kept_section = page[page.index("## kept"):page.index("## lr (sweep)")]
+    assert "(its runs' results.json was not kept: the paired comparisons only)" in kept_section
+    assert "### Arms" not in kept_section and "| new * | base | test/zeroshot_top1 |" in kept_section
+    assert "Learning rates: base 0.0003 (a map (infonce)); new 0.001 (a map (gaussian_var))." in kept_section
+    assert "| handmade | 4 | 1 | 1 | 3 | 3 |" in page and "| kept | 4 | 1 | 1 | 3 | 3 |" in page
+    assert "Source: `" + (tmp_path / "lr" / "trials.json").as_posix() + "` (per-trial table)." in page
+    assert "| infonce | 4/0/1 |" in page  # complete / pruned / failed, as from the journal
 
 
 def test_multiplicity_of_a_rendered_page_from_its_printed_intervals(folder, tmp_path):

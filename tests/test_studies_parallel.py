@@ -29,7 +29,7 @@ SUMMARY_KEYS = ("test/zeroshot_top1", "test/i2t_r@1", "test/t2i_r@1", "train/los
 
 def recipe_args(out_dir, cache_dir, *extra, steps=3):
     return ["recipe=proposal", "recipe.seeds=[0,1]", ARMS, "recipe.baseline=null", "recipe.metrics=[test/zeroshot_top1]",
-            "recipe.primary=[]",
+            "recipe.primary=[]", "recipe.constants={}", "recipe.learning_rates=null",
             f"out_dir={out_dir}", f"data.cache_dir={cache_dir}", *TINY, f"trainer.max_steps={steps}", *extra]
 
 

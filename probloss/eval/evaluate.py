@@ -121,6 +121,9 @@ together): compare ranks, ratios and correlations.
   the only keys that change under a loss's declared scale invariance).
 - ``unc/sigma_text_image_log_ratio``: mean log sigma of the captions minus that of the images (PCME++ and ProLIP
   report captions as the more uncertain modality: > 0); comparable within one loss's runs, not across losses.
+- ``unc/log_sigma_image_sd``, ``unc/log_sigma_text_sd``: standard deviation of log sigma over the eval images /
+  captions: whether the heads tell samples apart at all (the heads start with every sample at one value, so a
+  trained spread near 0 says sigma did not move); unchanged by the declared shift and scale.
 - ``unc/image_sigma_vs_objects``: Spearman of image sigma with the number of objects (json ``objects``); chance 0.
 
 Uncertainty against retrieval (PCME++, arXiv 2305.18171; ProLIP, arXiv 2410.18857). For d = i2t (image queries,
@@ -770,7 +773,9 @@ def _uncertainty_vs_retrieval(scores: Tensor, per_query: dict[str, dict[str, Ten
 def _uncertainty(image_log_std, text_log_std, metas) -> dict[str, float]:
     img_sigma, txt_sigma = sigma_of(image_log_std).cpu(), sigma_of(text_log_std).cpu()
     out = {"unc/sigma_image_mean": img_sigma.mean().item(), "unc/sigma_text_mean": txt_sigma.mean().item(),
-           "unc/sigma_text_image_log_ratio": (txt_sigma.double().log().mean() - img_sigma.double().log().mean()).item()}
+           "unc/sigma_text_image_log_ratio": (txt_sigma.double().log().mean() - img_sigma.double().log().mean()).item(),
+           "unc/log_sigma_image_sd": img_sigma.double().log().std().item(),
+           "unc/log_sigma_text_sd": txt_sigma.double().log().std().item()}
     n_obj = [(i, len(m["objects"])) for i, m in enumerate(metas) if m.get("objects") is not None]
     if n_obj:
         out["unc/image_sigma_vs_objects"] = metrics.spearman(torch.tensor([n for _, n in n_obj]),

@@ -23,7 +23,8 @@ from test_eval_evaluate import CLASSNAMES, D, FakeDualEncoder, FakeTokenizer, ma
 # are diagnostics, documented as scale-dependent. Every other key must stay.
 SCALE_DEPENDENT = {"unc/sigma_image_mean", "unc/sigma_text_mean"}
 OPTIONS = [(name, {}) for name in probloss.list_losses()] + [
-    ("gaussian_var", {"freeze_log_std": True}), ("gaussian_var", {"normalize": True}),
+    ("gaussian_var", {"freeze_log_std": True}), ("gaussian_var", {"shared_log_std": True}),
+    ("gaussian_var", {"normalize": True}),
     ("gaussian_var", {"kl_weight": 0.1}), ("gaussian_var", {"variant": "likelihood", "inverse_temperature": 0.3}),
     ("sigmoid_var", {"normalize": False}), ("pcmepp", {"normalize": False, "vib_beta": 0.0}),
 ]

@@ -1,7 +1,8 @@
 """gaussian_var's control options against hand references (float64, forward and backward):
 
 - ``freeze_log_std``: log-std 0 (sigma = 1) whatever the towers pass, a Euclidean InfoNCE on squared distances;
-- ``inverse_temperature``: a fixed multiplier of every logit; at its default 1.0 the loss is the plain proposal.
+- ``inverse_temperature``: a fixed multiplier of every logit; at its default 1.0 the loss is the plain proposal;
+- ``shared_log_std``: one learned log-std for every sample, a Euclidean InfoNCE with a learned temperature.
 
 The distributed invariant of both options runs in tests/test_dist.py (GaussianVarLoss.distributed_variants).
 """
@@ -91,6 +92,34 @@ def test_frozen_log_std_ignores_the_given_log_stds(impl, layout, extra_texts, lo
     torch.testing.assert_close(scores, -torch.cdist(x, y).detach() ** 2, rtol=1e-10, atol=1e-12)
     stats = loss.diagnostics(x.detach(), y.detach(), lx.detach(), ly.detach())
     assert stats["sigma_image_mean"] == stats["sigma_text_mean"] == 1.0 and stats["log_std_term"] == 0.0
+
+
+@pytest.mark.parametrize("extra_texts", [0, 2])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shared_log_std_is_one_learned_sigma(impl, layout, extra_texts, loss_inputs):
+    x, y, lx, ly = loss_inputs(9, 5, layout, pairs="independent", requires_grad=True, extra_texts=extra_texts)
+    loss = build(impl, shared_log_std=True)
+    with torch.no_grad():
+        loss.global_log_std.fill_(0.4)
+    shared = loss.global_log_std
+    expected = reference(x, y, 0.4 + 0 * lx, 0.4 + 0 * ly)
+    value = loss(x, y, lx, ly)
+    assert_same(value, expected, [x, y])
+    # Its gradient is the reference's with respect to a log-std shared by every sample; the heads get zeros.
+    s = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    want = grads(reference(x, y, s + 0 * lx, s + 0 * ly), [s])[0]
+    got = grads(loss(x, y, lx, ly), [shared, lx, ly])
+    torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-14)
+    assert torch.equal(got[1], torch.zeros_like(lx)) and torch.equal(got[2], torch.zeros_like(ly))
+    # -ln s is the same for every candidate: the loss is a Euclidean InfoNCE at inverse temperature 1 / s^2.
+    if layout == "sample" and not extra_texts:
+        logits = -torch.cdist(x, y) ** 2 * torch.exp(torch.tensor(-0.8, dtype=torch.float64))
+        labels = torch.arange(9)
+        plain = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :9].T, labels)) / 2
+        torch.testing.assert_close(value, plain, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="one of them"):
+        build(impl, shared_log_std=True, freeze_log_std=True)
 
 
 @pytest.mark.parametrize("extra_texts", [0, 2])
