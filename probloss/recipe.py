@@ -747,7 +747,7 @@ def recipe_sections(exp: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
         return [str(exp.get("description") or "").strip(), "", *learning_rate_lines(exp)] + _comparison_lines(
             comparisons, heading)
     table = aggregate(results, arms, metrics)
-    seeds = sorted({r["seed"] for r in results}, key=str)
+    seeds = sorted({r["seed"] for r in results}, key=lambda seed: (not isinstance(seed, int), str(seed).zfill(12)))
     times = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
     lines = [str(exp.get("description") or "").strip(), "",
              f"Seeds {seeds}; {len(results)} runs"
