@@ -50,7 +50,11 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
 
     Rank 0 generates while the others wait (``fabric=None``: one process).
     """
+    from probloss.data.trust import check_shard_urls
+
     train, val, test, classnames = data.train_shards, data.val_shards, data.test_shards, data.classnames
+    # Before any shard is listed or opened: a pattern that runs a command must come from this command line.
+    check_shard_urls({"data.train_shards": train, "data.val_shards": val, "data.test_shards": test})
     cache = None  # the shapes cache folder, when the shards are generated
     if data.name == "shapes" and (train is None or val is None):
         folder = cache = shapes_cache_folder(data)
