@@ -160,7 +160,7 @@ def generate_shapes(folder: Path, data: DataSettings) -> dict[str, str]:
 
     return write_shapes_shards(folder, train_size=int(data.train_size), val_size=int(data.val_size),
                                test_size=int(data.test_size), heldout_combos=int(data.heldout_combos),
-                               seed=int(data.gen_seed), image_size=int(data.image_size))
+                               seed=int(data.gen_seed), image_size=int(data.image_size), out_key="data.cache_dir")
 
 
 def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, rank: int, world_size: int,
