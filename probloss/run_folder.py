@@ -12,8 +12,8 @@
 The run folder is a sandbox: ``experiment`` and ``run_name`` are single folder names (checked with every other
 setting in probloss/settings.py, before the folder exists), and one process at a time runs in a folder
 (:func:`run_folder_lock`): a second run with the same run_name stops with "run folder X is in use by process P"
-(exit 2) and touches nothing of the first. A run that stops on a bad config or bad data before its first
-checkpoint removes the folder it made, so a bad command leaves nothing behind.
+(exit 2) and touches nothing of the first. A run that stops on a bad config or bad data before it writes its
+config.yaml (before training) removes the folder it made, so a bad command leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def run_folder_lock(run_dir: str | Path):
     killed); rank 0 only. Raise ConfigError "run folder X is in use by process P" when another process holds it.
 
     A folder that was new (or empty) when the lock was taken is the run's own: if the block ends with a config or
-    data error (a bad command) before any checkpoint, the folder, and the empty ``<experiment>/<loss>`` folders
-    above it, are removed.
+    data error (a bad command) before the run wrote anything but its out.log (no config.yaml yet, so no step was
+    trained), the folder, and the empty ``<experiment>/<loss>`` folders above it, are removed.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,8 @@ def run_folder_lock(run_dir: str | Path):
         from probloss.cli import DataError
 
         bad_command = isinstance(err, (ConfigError, DataError, FileNotFoundError))
-        if fresh and bad_command and ckpt.newest_checkpoint(run_dir) is None:
+        nothing_written = {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, "out.log"}
+        if fresh and bad_command and nothing_written:
             handle.close()
             _remove_own_folder(run_dir)
             handle = None
