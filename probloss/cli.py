@@ -120,6 +120,9 @@ def run_command(command: Callable[[list[str]], Any], config_name: str, usage: st
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage.strip() + "\n\n" + describe(config_name))
         sys.exit(0)
+    from probloss.data.trust import trust_command_line
+
+    trust_command_line(argv)  # the only source of shard URLs that run a command (probloss/data/trust.py)
     try:
         command(argv)
     except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback

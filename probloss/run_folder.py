@@ -7,10 +7,18 @@
       events.out.tfevents.*        TensorBoard scalars, hparams, projector (make_logger)
       checkpoints/step-*.ckpt      probloss.checkpoint
       summary.json                 final metrics (write_summary; NaN/Inf written as null)
+      .lock                        held by the process that runs in the folder (run_folder_lock)
+
+The run folder is a sandbox: ``experiment`` and ``run_name`` are single folder names (checked with every other
+setting in probloss/settings.py, before the folder exists), and one process at a time runs in a folder
+(:func:`run_folder_lock`): a second run with the same run_name stops with "run folder X is in use by process P"
+(exit 2) and touches nothing of the first. A run that stops on a bad config or bad data before it writes its
+config.yaml (before training) removes the folder it made, so a bad command leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -78,6 +86,69 @@ def resolve_run_dir(run: RunSettings) -> tuple[str, str | None]:
         except FileExistsError:
             continue
         return str(run_dir), None
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path):
+    """Hold ``<run_dir>/.lock`` for the block (an OS file lock, released by the OS even when the process is
+    killed); rank 0 only. Raise ConfigError "run folder X is in use by process P" when another process holds it.
+
+    A folder that was new (or empty) when the lock was taken is the run's own: if the block ends with a config or
+    data error (a bad command) before the run wrote anything but its out.log (no config.yaml yet, so no step was
+    trained), the folder, and the empty ``<experiment>/<loss>`` folders above it, are removed.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not any(run_dir.iterdir())
+    path = run_dir / LOCK_NAME
+    handle = open(path, "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock, as before
+        pass
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"run folder {run_dir} is in use by process {holder}; wait for it to end, or choose "
+                          "another run_name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    except Exception as err:
+        from probloss.cli import DataError
+
+        bad_command = isinstance(err, (ConfigError, DataError, FileNotFoundError))
+        nothing_written = {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, "out.log"}
+        if fresh and bad_command and nothing_written:
+            handle.close()
+            _remove_own_folder(run_dir)
+            handle = None
+        raise
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock; the file stays (removing it would race with a waiting run)
+
+
+def _remove_own_folder(run_dir: Path) -> None:
+    """Remove a run folder this process made (no checkpoint in it) and the empty folders above it, up to
+    ``<out_dir>``."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in list(run_dir.parents)[:2]:  # <experiment>/<loss>, the folders resolve_run_dir made for it
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def check_resume_config(path: str | Path, cfg: Mapping, announce: bool) -> dict:

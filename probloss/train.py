@@ -54,7 +54,7 @@ from probloss.grad_cache import detach, grad_cache_backward, with_negatives
 from probloss.launch import launch, make_fabric
 from probloss.models.linear import cpu_matmul
 from probloss.run_folder import (
-    check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, write_summary,
+    check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, run_folder_lock, write_summary,
 )
 from probloss.settings import RunSettings, TrainerSettings
 
@@ -130,11 +130,12 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     per_rank = check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
     fabric.seed_everything(run.seed, verbose=False)
 
+    spec = prepare_data(run.data, t.batch_size, fabric)  # bad data fails here, before the run folder exists
     run_dir, resume_from = dist.broadcast_object(fabric, resolve_run_dir(run) if fabric.is_global_zero else None)
     run_dir = Path(run_dir)
     if fabric.is_global_zero:
+        stack.enter_context(run_folder_lock(run_dir))  # one process per run folder; a bad command leaves none
         stack.enter_context(tee_output(run_dir / "out.log"))
-    spec = prepare_data(run.data, t.batch_size, fabric)
     tokenizer = make_tokenizer(run)
     matmul = run.trainer.cpu_matmul
     if resume_from is not None:
