@@ -320,7 +320,8 @@ def print_summary(summary: Mapping[str, Any], run_dir: Path, title: str, out_dir
         print(f"| {k:<{width}} | {v:>{vwidth}} |")
     print(line)
     details = Path(details) if details is not None else Path(run_dir) / "summary.json"
-    print(f"all {len(summary)} values: {details}  (tensorboard --logdir {out_dir})", flush=True)
+    print(f"all {len(summary)} values: {details}", flush=True)
+    print(f"run folder: {run_dir}  (tensorboard --logdir {out_dir})", flush=True)
 
 
 def summary_line(summary: Mapping[str, Any], label: str) -> str:

@@ -111,8 +111,13 @@ class StopSignals:
         self.signum: int | None = None
         self.armed = False
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked worker (data loader, evaluation pool) inherited the handler:
+            signal.signal(signum, signal.SIG_DFL)  # it ends as it would have without it (Pool.terminate's SIGTERM)
+            os.kill(os.getpid(), signum)
+            return
         if self.signum is not None:
             return
         self.signum = signum
@@ -120,6 +125,7 @@ class StopSignals:
             raise _Interrupted(signum)
 
     def __enter__(self) -> "StopSignals":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -488,10 +494,13 @@ def _handle_nonfinite(fabric, t: TrainerSettings, pos: Position, out: StepOutput
         if fabric.is_global_zero:
             say(f"warning: {what}; skipped the update (trainer.on_nonfinite=skip)", error=True)
         return
-    # The weights saved at the step before this streak of non-finite steps began produced its first NaN (unless
-    # the update itself blew up): good checkpoints are older than that, and finite. Only read when stopping.
+    # Good checkpoints hold finite weights saved before this streak of non-finite steps (those saved during it
+    # hold the weights that kept failing). After max_nonfinite skipped steps in a row the weights themselves fail
+    # on every batch, so the ones saved just before the streak, which produced its first NaN, are not good
+    # either (lr 1e12: finite weights of ~5e11 after step 1, NaN ever after). Only read when stopping.
     streak_start = pos.step - pos.nonfinite_in_a_row + 1
-    last_good = ckpt.last_good_checkpoint(run_dir, before_step=streak_start if ruined else streak_start - 1)
+    weights_failed = not ruined and t.on_nonfinite != "stop" and pos.nonfinite_in_a_row >= t.max_nonfinite
+    last_good = ckpt.last_good_checkpoint(run_dir, before_step=streak_start - 1 if weights_failed else streak_start)
     where = (f"the last good checkpoint is {last_good}" if last_good else
              "no checkpoint from before it (with finite weights) exists")
     if ruined:
