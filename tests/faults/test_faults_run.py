@@ -199,17 +199,45 @@ def test_resume_by_name_rebuilds_the_saved_run_and_refuses_changes(tmp_path, cac
 # --- 6 (half). weights that blow up -------------------------------------------------------------------------------
 
 
+# After optimizer step BLOW_UP_AT_STEP, one weight becomes inf (a global optimizer post-step hook: the fault sits
+# exactly where an update that overflows would put it; lr=inf, which did it before, is now refused up front).
+BLOW_UP = """
+import os, sys
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+at, done = int(os.environ["BLOW_UP_AT_STEP"]), [0]
+def blow_up(optimizer, args, kwargs):
+    if not isinstance(optimizer, torch.optim.AdamW):  # the training optimizer (not the reference's L-BFGS)
+        return
+    done[0] += 1
+    if done[0] == at:
+        with torch.no_grad():
+            optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+register_optimizer_step_post_hook(blow_up)
+from probloss.cli import main
+main(["train", *sys.argv[1:]])
+"""
+
+
 @pytest.mark.slow
 def test_weights_made_non_finite_by_an_update_stop_the_run_as_diverged(tmp_path, cache_dir):
-    """lr 1e30: the second update (the first has lr 0 in warmup) makes the weights inf while the loss it was
-    computed from was finite; before, such runs trained to the end with every tensor non-finite."""
-    with pytest.raises(NonFiniteLossError, match=r"non-finite parameters at step 2 .* the run has diverged"):
-        main(tiny(tmp_path, cache_dir, "trainer.lr=1e30", "trainer.ckpt_every=1", "run_name=inf"))
+    """Before, a run whose update made the weights non-finite trained on to the end (every later loss NaN and
+    skipped) and could end with ``diverged: False`` (lr=inf did, with every tensor non-finite)."""
+    script = tmp_path / "blow_up.py"
+    script.write_text(BLOW_UP)
+    out = train(*tiny(tmp_path, cache_dir, "trainer.ckpt_every=1", "run_name=inf"), script=str(script),
+                BLOW_UP_AT_STEP="5")
     run_dir = tmp_path / "default" / "infonce" / "inf"
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert re.fullmatch(
+        r"training stopped: non-finite parameters at step 5 \(loss=[0-9.]+, grad_norm=[0-9.]+\): the update made "
+        r"the parameters non-finite - the run has diverged; the last good checkpoint is " +
+        re.escape(str(ckpt.checkpoint_path(run_dir, 4))) + r"\. Try a lower trainer\.lr or trainer\.grad_clip\.",
+        one_line(out.stderr))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "stopped" and summary["steps"] == 2
+    assert summary["status"] == "stopped" and summary["steps"] == 5
     assert summary["stability/diverged"] is True and summary["stability/nonfinite_steps"] == 1
-    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-00000001.ckpt"]  # none of ruined weights
+    assert ckpt.newest_checkpoint(run_dir).name == "step-00000004.ckpt"  # no checkpoint of the ruined weights
 
 
 @pytest.mark.slow
