@@ -111,13 +111,8 @@ class StopSignals:
         self.signum: int | None = None
         self.armed = False
         self._previous: dict[int, Any] = {}
-        self._pid = os.getpid()
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:  # a forked worker (data loader, evaluation pool) inherited the handler:
-            signal.signal(signum, signal.SIG_DFL)  # it ends as it would have without it (Pool.terminate's SIGTERM)
-            os.kill(os.getpid(), signum)
-            return
         if self.signum is not None:
             return
         self.signum = signum
@@ -125,14 +120,34 @@ class StopSignals:
             raise _Interrupted(signum)
 
     def __enter__(self) -> "StopSignals":
-        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+
+_ACTIVE: list[StopSignals] = []
+
+
+def _default_signals_in_child() -> None:
+    """A process forked while a run trains (the shapes generator's pool, data-loader workers) gets the
+    handlers it would have had: a Python handler runs only when the child's main thread gets back to the
+    interpreter, and a child blocked on a lock copied mid-use at fork would then ignore Pool.terminate's
+    SIGTERM forever."""
+    if _ACTIVE:
+        _ACTIVE.clear()
+        for s in StopSignals.SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+
+
+os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
 def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str, Any]:
