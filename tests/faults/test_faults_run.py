@@ -324,3 +324,23 @@ def test_the_end_of_run_table_is_the_headline_and_names_summary_json(straight):
     assert {row.split("|")[1].strip() for row in rows} <= set(HEADLINE_KEYS)
     n = len(json.loads((run_dir / "summary.json").read_text()))
     assert f"all {n} values: {run_dir / 'summary.json'}" in stdout and n > 100
+
+
+def test_a_process_forked_during_a_run_keeps_default_signal_handling():
+    """A child forked inside a run (the shapes generator's pool, data-loader workers) must die of SIGTERM as
+    before: with the run's Python handler inherited, a pool worker blocked on a lock ignored Pool.terminate."""
+    from probloss.train import StopSignals
+
+    with StopSignals():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held until the child is inside its try
+        pid = os.fork()
+        if pid == 0:  # the child: take the signal; any Python-level handling ends in a clean exit 0
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                signal.pause()
+            finally:
+                os._exit(0)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
