@@ -7,12 +7,20 @@ config; everything is tensors and plain Python values, so it loads with ``torch.
 Atomic: ``fabric.save`` writes ``.tmp-step-....ckpt`` and rank 0 renames it with ``os.replace``, so a run killed
 at any moment leaves either the previous set of checkpoints or the new one, never a half-written file that
 ``resume=auto`` would pick.
+
+Faults (issue 29): a write that fails (disk full, a file-size limit, a read-only folder) removes its temporary
+file and raises :class:`WriteError`, one line naming the path and the OS error. A checkpoint that
+cannot be read (zero length, truncated: a disk that filled up under another tool, a copy cut short) is named
+in a one-line warning and skipped in favour of the previous readable one (:func:`readable_checkpoint`,
+used by resume and evaluate). :func:`last_good_checkpoint` is the newest whose weights are all finite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
 import re
 import shutil
 from pathlib import Path
@@ -48,6 +56,17 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class WriteError(OSError):
+    """A checkpoint (or another run file) could not be written; the message names the path and the OS error."""
+
+    def __init__(self, path: str | Path, err: OSError):
+        reason = f"[Errno {err.errno}] {err.strerror}" if err.errno else str(err)
+        super().__init__(err.errno or 0, f"cannot write {path}: {reason}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def save_checkpoint(fabric, run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:
     """Save ``state`` atomically as ``<run>/checkpoints/step-<step>.ckpt``; keep the newest ``keep_last``.
 
@@ -58,11 +77,17 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, state: dict[str, Any
     if fabric.is_global_zero:
         final.parent.mkdir(parents=True, exist_ok=True)
     dist.barrier(fabric)
-    fabric.save(tmp, state)
+    try:
+        fabric.save(tmp, state)
+        if fabric.is_global_zero:
+            if final.exists():  # a resumed run saving the same step again
+                _remove(final)
+            os.replace(tmp, final)
+    except OSError as err:  # disk full, file-size limit, read-only folder: no half-written file stays behind
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        raise WriteError(final, err) from None
     if fabric.is_global_zero:
-        if final.exists():  # a resumed run saving the same step again
-            _remove(final)
-        os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
             _remove(old)
     dist.barrier(fabric)
@@ -82,6 +107,67 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be loaded as a checkpoint (empty, truncated, not a checkpoint), or None when it can.
+
+    Reads it whole (``weights_only``, memory-mapped where the format allows): a truncated zip archive is only
+    noticed when its tensors are read.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "zero length"
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # EOFError, RuntimeError (zip reader), UnpicklingError, OSError, ...
+        first = (str(err).splitlines() or ["unreadable"])[0].split(". ")[0]  # torch appends a paragraph of advice
+        return f"{type(err).__name__}: {first}"
+    return None
+
+
+def readable_checkpoint(path: str | Path, warn=None) -> Path | None:
+    """``path`` (a checkpoint file, or a run folder: its newest checkpoint) if it loads; otherwise, with a
+    one-line warning per skipped file, the newest older checkpoint of the same run that loads; None if none
+    does. ``warn(message)`` prints the warning (default: stderr)."""
+    warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
+    path = Path(path)
+    if path.is_dir():
+        candidates = list(reversed(list_checkpoints(path)))
+    else:
+        step = _NAME.match(path.name)
+        older = [p for p in reversed(list_checkpoints(path.parent.parent))
+                 if step and path.parent.name == CKPT_DIR and int(_NAME.match(p.name).group(1)) < int(step.group(1))]
+        candidates = [path, *older]
+    for i, candidate in enumerate(candidates):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        fallback = "using the previous one" if i + 1 < len(candidates) else "no older checkpoint to use"
+        warn(f"warning: skipping corrupt checkpoint {candidate} ({problem}); {fallback}")
+    return None
+
+
+def last_good_checkpoint(run_dir: str | Path, before_step: int | None = None) -> Path | None:
+    """The newest checkpoint of a run, of a step below ``before_step`` (None: any), that loads and whose model
+    weights are all finite.
+
+    'Good' is judged by the weights, not by the loss: at lr 1e12 the first update leaves finite but ruined
+    weights (|w| ~ 5e11) whose every later loss is NaN, and the checkpoints written during those skipped steps
+    hold exactly those weights. The trainer passes ``before_step``: the step before the run's final streak of
+    non-finite steps began (those weights produced the first NaN), so only weights that still gave a finite
+    loss count as good.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        if before_step is not None and int(_NAME.match(path.name).group(1)) >= before_step:
+            continue
+        if checkpoint_problem(path) is not None:
+            continue
+        model = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model", {})
+        if all(bool(torch.isfinite(v).all()) for v in model.values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point()):
+            return path
+    return None
 
 
 def shape_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -13,7 +13,8 @@
 Every command but ``report`` takes Hydra ``key=value`` overrides composed with ``configs/<config>.yaml``
 (probloss.config): the same unknown-key and unknown-choice errors with suggestions, the same ``--help`` and the
 same exit status: 0 on success, 2 for a bad config or bad data (one line, no traceback), 1 when training stops
-on a non-finite loss. ``scripts/<command>.py`` are thin wrappers of the same commands, for ``fabric run``
+on a non-finite loss or a write fails (disk full: one line naming the path and the OS error), 143 / 130 when
+SIGTERM / SIGINT stopped it (one line: the step, the checkpoint saved there and the command that resumes it). ``scripts/<command>.py`` are thin wrappers of the same commands, for ``fabric run``
 (``fabric run --devices=2 scripts/train.py loss=sigmoid``), which launches a script file.
 """
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import os
+import shlex
 import sys
 from typing import Any, Callable, Sequence
 
@@ -114,12 +117,15 @@ def _usage() -> str:
 def run_command(command: Callable[[list[str]], Any], config_name: str, usage: str, argv: Sequence[str]) -> None:
     """Call ``command(argv)``: ``--help``, one-line errors and exit codes (see the module docstring)."""
     from probloss.config import ConfigError, describe
-    from probloss.train import NonFiniteLossError
+    from probloss.train import NonFiniteLossError, Preempted
 
     argv = list(argv)
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage.strip() + "\n\n" + describe(config_name))
         sys.exit(0)
+    from probloss.data.trust import trust_command_line
+
+    trust_command_line(argv)  # the only source of shard URLs that run a command (probloss/data/trust.py)
     try:
         command(argv)
     except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
@@ -131,6 +137,24 @@ def run_command(command: Callable[[list[str]], Any], config_name: str, usage: st
     except NonFiniteLossError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as err:
+        print(f"stopped by {err}; resume with: {resume_command(config_name, argv, err)}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    except OSError as err:  # a failed write (disk full, file-size limit, read-only folder): the path and the reason
+        print(f"write error: {err}" if err.filename is None else
+              f"write error: {err.filename}: [Errno {err.errno}] {err.strerror}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def resume_command(config_name: str, argv: Sequence[str], stop) -> str:
+    """The command that continues a stopped command: ``resume=<run folder>`` for a training run (it rebuilds the
+    run from its config.yaml), the same command line for a recipe or sweep (they resume their runs)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else None
+    program = [os.path.basename(sys.executable), script] if script else \
+        ["probloss", {"recipe": "experiment", "make_data": "make-data"}.get(config_name, config_name)]
+    if config_name == "train" and stop.run_dir is not None and stop.checkpoint is not None:
+        return shlex.join([*program, f"resume={stop.run_dir}"])
+    return shlex.join([*program, *argv])
 
 
 def report_command(argv: Sequence[str]) -> None:

@@ -74,12 +74,27 @@ def config_groups(config_name: str, directory: Path | None = None) -> dict[str, 
     directory = directory or config_dir()
     path = directory / f"{config_name}.yaml"
     groups: dict[str, Any] = {}
-    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+    try:
+        with open(path) as f:  # read from the file, so a YAML error names it
+            primary = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(yaml_error(err, path)) from None
+    for entry in primary.get("defaults", []):
         if isinstance(entry, str) and entry != "_self_":
             groups.update(config_groups(entry, directory))
         elif isinstance(entry, dict):
             groups.update({key.replace("optional ", ""): value for key, value in entry.items()})
     return groups
+
+
+def yaml_error(err: Exception, path: str | Path | None = None) -> str:
+    """One line for a malformed YAML file: the file, the line and column, and what the parser expected."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = str(path) if path is not None else (mark.name if mark is not None else "a YAML file")
+    if mark is not None:
+        where += f", line {mark.line + 1}, column {mark.column + 1}"
+    problem = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x) or str(err)
+    return f"malformed YAML in {where}: {problem}; fix the file"
 
 
 def compose_config(
@@ -95,6 +110,7 @@ def compose_config(
     Returns:
         The resolved config (a read-only, struct-mode DictConfig).
     """
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -126,7 +142,10 @@ def compose_config(
     with initialize_config_dir(config_dir=str(directory), version_base=None):
         # The defaults with the chosen groups only: the schema the other overrides are checked against.
         choice_strings = [o.input_line for o in choices]
-        schema = compose(config_name=config_name, overrides=choice_strings)
+        try:
+            schema = compose(config_name=config_name, overrides=choice_strings)
+        except yaml.YAMLError as err:  # a malformed config file: Hydra's parser names the file
+            raise ConfigError(yaml_error(err)) from None
         replaced: set[str] = set()  # dict-valued keys of the command's own section, replaced whole
         final: list[str] = []
         for o, line in zip(parsed, overrides):

@@ -9,6 +9,10 @@
 Everything the process writes to ``sys.stdout``/``sys.stderr`` while the block runs (prints, logging, forked
 data-loader workers) goes to both, and Python warnings are printed like :func:`say`; the progress bar's
 redraws (they start with a carriage return) stay on the console only, so out.log reads as a log.
+
+A log that cannot be written (disk full) never breaks the console: the first failure is reported once on the
+console and the log is left alone from then on (before, a full disk made every print fail and the process
+died with "lost sys.stderr" and no reason).
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ class Tee(io.TextIOBase):
         if "\r" in text:  # a progress-bar redraw: console only
             self._after_bar = True
         elif not (self._after_bar and text == "\n"):  # (and the newline a closing bar ends with)
-            self.log.write(text)
+            _log_write(self.log, text, self.console)
             self._after_bar = False
         return len(text)
 
     def flush(self) -> None:
         self.console.flush()
-        self.log.flush()
+        _log_write(self.log, None, self.console)
 
     def isatty(self) -> bool:
         return self.console.isatty()
@@ -50,24 +54,51 @@ class Tee(io.TextIOBase):
         return getattr(self.console, "encoding", "utf-8")
 
 
+def _log_write(log, text: str | None, console) -> None:
+    """Write (or, with ``text=None``, flush) the log; on an OS error say so once on the console and stop logging."""
+    if getattr(log, "failed", False):
+        return
+    try:
+        log.write(text) if text is not None else log.flush()
+    except OSError as err:
+        log.failed = True
+        console.write(f"warning: cannot write {getattr(log, 'name', 'the log')}: {err}; logging to the console only\n")
+
+
+class _Log:
+    """The log file, remembering whether a write to it failed (file objects take no new attributes)."""
+
+    def __init__(self, file):
+        self.file, self.failed, self.name = file, False, file.name
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 @contextlib.contextmanager
 def tee_output(path: str | Path):
     """Copy stdout and stderr into ``path`` (appended: a resumed run continues its log) for the block."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8", buffering=1) as log:
+    with open(path, "a", encoding="utf-8", buffering=1) as file:
+        log = _Log(file)
         saved = sys.stdout, sys.stderr, warnings.showwarning
         sys.stdout, sys.stderr = Tee(saved[0], log), Tee(saved[1], log)
         warnings.showwarning = _show_warning
         try:
             yield
         except BaseException as err:  # the reason a run stopped belongs in its log too
-            log.write(f"stopped: {type(err).__name__}: {err}\n")
+            _log_write(log, f"stopped: {type(err).__name__}: {err}\n", saved[1])
             raise
         finally:
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
             sys.stdout, sys.stderr, warnings.showwarning = saved
+            with contextlib.suppress(OSError):  # closing flushes: a full disk must not replace the real error
+                file.close()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

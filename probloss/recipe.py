@@ -392,7 +392,7 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
     from probloss.train import NonFiniteLossError
     from probloss.train import main as train_main
 
-    overrides = [*cell_overrides(exp, name, arm, exp["arms"][arm], seed, train_overrides), "resume=auto"]
+    overrides = cell_overrides(exp, name, arm, exp["arms"][arm], seed, train_overrides)
     run_dir = run_base(RunSettings.from_config(compose_config(overrides))) / f"{_slug(arm)}-seed{seed}"
     trained_for = None
     if not (run_dir / "summary.json").is_file():
@@ -401,8 +401,8 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
         resumed = f" (resuming from {newest_checkpoint(run_dir).name})" if run_dir.is_dir() else ""
         log(f"[{name}] training {arm} seed {seed}{resumed}", flush=True)
         t0 = time.perf_counter()
-        try:
-            train_main(overrides)
+        try:  # resume=auto (same overrides: the run's saved config must agree) only where there is a checkpoint
+            train_main([*overrides, "resume=auto"] if run_dir.is_dir() else overrides, table=False)
         except NonFiniteLossError as err:  # diverged: a result to count and show, not a crash
             log(f"[{name}] {arm} seed {seed} diverged: {err}", flush=True)
         trained_for = time.perf_counter() - t0

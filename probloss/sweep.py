@@ -384,7 +384,7 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
     try:
-        summary = train(fabric, cfg, on_eval=on_eval)
+        summary = train(fabric, cfg, on_eval=on_eval, table=False)  # one line per trial
     except NonFiniteLossError as err:  # diverged: a result, not a crash of the study
         summary = {"stability/diverged": 1.0, "error": str(err)}
     return objective_values(summary, objectives), summary

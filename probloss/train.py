@@ -19,6 +19,15 @@ Reproducibility: one ``seed``. Parameters are initialised from it; every step re
 (seed, step, rank), and the data stream is rebuilt from (seed, epoch, rank, world size) and skipped to the
 saved position; so a run killed with SIGKILL and resumed continues with the same loss curve.
 
+Preemption (SIGTERM, a cluster's) and Ctrl-C (SIGINT): the signal is noted and the loop stops at the next step
+boundary, after saving a checkpoint of that step; :class:`Preempted` carries the step, the checkpoint and the
+run folder, and ``probloss train`` prints one line with the resume command and exits 128 + the signal (143 /
+130). Resuming it ends bit-identically where an uninterrupted run ends. A signal outside the loop (setup, the
+final evaluation) stops at once; the resume point is then the newest checkpoint.
+
+Non-finite parameters after an update (a learning rate that blows the weights up while the loss still looks
+finite) stop the run at that step as diverged, naming the newest checkpoint whose weights are finite.
+
 What is not the loop lives in rooms named for their job: probloss/launch.py (Fabric), probloss/builders.py
 (model, loss, optimizer), probloss/data/prepare.py (shards, cache, batches), probloss/run_folder.py (run
 folder, resume, summary), probloss/eval/runtime.py (evaluation, val/loss), probloss/checkpoint.py.
@@ -31,7 +40,9 @@ import ctypes
 import hashlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,24 +65,110 @@ from probloss.grad_cache import detach, grad_cache_backward, with_negatives
 from probloss.launch import launch, make_fabric
 from probloss.models.linear import cpu_matmul
 from probloss.run_folder import (
-    check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, write_summary,
+    check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, resume_config, run_folder_lock,
+    write_summary,
 )
 from probloss.settings import RunSettings, TrainerSettings
 
 
 class NonFiniteLossError(RuntimeError):
-    """A NaN/Inf loss or gradient with ``trainer.on_nonfinite=stop`` (or too many in a row with ``skip``)."""
+    """A NaN/Inf loss or gradient with ``trainer.on_nonfinite=stop`` (or too many in a row with ``skip``), or
+    non-finite parameters after an update."""
 
 
-def main(overrides: Sequence[str] | None = None) -> dict[str, Any]:
+class Preempted(Exception):
+    """SIGTERM or SIGINT stopped the run; ``checkpoint`` (None: none yet) holds step ``step`` of ``run_dir``."""
+
+    def __init__(self, signum: int, step: int | None, checkpoint: str | Path | None, run_dir: str | Path | None):
+        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        self.exit_code = 128 + int(signum)
+        name = signal.Signals(signum).name
+        if checkpoint is not None:
+            message = f"{name} at step {step}: saved {checkpoint}"
+        else:
+            message = f"{name} before the first checkpoint: nothing to resume"
+        super().__init__(message)
+
+
+class _Interrupted(BaseException):
+    """A stop signal outside the training loop (raised by the handler, like KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while a run trains (a context manager; main thread only, else it does nothing).
+
+    Inside the loop (``armed``) a signal is only noted (``signum``) and the loop stops at the next step
+    boundary; elsewhere it raises at once. A second signal while the first is handled is ignored, so the
+    checkpoint being written completes (SIGKILL still ends the process).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.armed = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if not self.armed:
+            raise _Interrupted(signum)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+
+_ACTIVE: list[StopSignals] = []
+
+
+def _default_signals_in_child() -> None:
+    """A process forked while a run trains (the shapes generator's pool, data-loader workers) gets the
+    handlers it would have had: a Python handler runs only when the child's main thread gets back to the
+    interpreter, and a child blocked on a lock copied mid-use at fork would then ignore Pool.terminate's
+    SIGTERM forever."""
+    if _ACTIVE:
+        _ACTIVE.clear()
+        for s in StopSignals.SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+
+
+os.register_at_fork(after_in_child=_default_signals_in_child)
+
+
+def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str, Any]:
     """Compose the config from ``overrides`` (``key=value`` strings), launch Fabric and train.
+
+    With ``resume`` set, the config is the resumed run's own (probloss.run_folder.resume_config). ``table``:
+    print the end-of-run table (recipes and sweeps print one line per run instead).
 
     Returns:
         The summary dict on rank 0 (``{}`` on other ranks).
     """
-    cfg = compose_config(list(sys.argv[1:] if overrides is None else overrides))
+    overrides = list(sys.argv[1:] if overrides is None else overrides)
+    cfg = compose_config(overrides)
+    if cfg.resume is not None:  # the run as it was begun (its config.yaml), not defaults + this command line
+        cfg, lines = resume_config(cfg, overrides)
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+            for line in lines:
+                print(line, file=sys.stderr, flush=True)
     run = RunSettings.from_config(cfg)
-    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg) or {}
+    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg, None, table) or {}
 
 
 class Position:
@@ -99,11 +196,13 @@ class Position:
             setattr(self, key, int(value))
 
 
-def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = None,
+          table: bool = True) -> dict[str, Any]:
     """Train, evaluate and checkpoint one run; see the module docstring. Called on every rank.
 
     ``on_eval(step, metrics)`` is called on every rank after each intermediate evaluation (metrics on rank 0,
-    ``{}`` elsewhere); sweeps use it to report to Optuna and to prune by raising.
+    ``{}`` elsewhere); sweeps use it to report to Optuna and to prune by raising. ``table``: print the
+    end-of-run table (else one line: the run folder). Raises :class:`Preempted` on SIGTERM/SIGINT.
     """
     run = RunSettings.from_config(cfg)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -116,25 +215,42 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     # (~490 per step, scripts/profile_step.py). The algorithms stay deterministic; results are bit-identical.
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
-        with contextlib.ExitStack() as stack:  # the run's out.log, once its folder is known
-            return _train(fabric, cfg, run, on_eval, stack)
+        with contextlib.ExitStack() as stack, StopSignals() as signals:  # stack: the run's out.log, once known
+            try:
+                return _train(fabric, cfg, run, on_eval, stack, signals, table)
+            except _Interrupted as stop:  # before the run folder was known: nothing was saved
+                raise Preempted(stop.signum, None, None, None) from None
     finally:  # a library call must not leave the caller's process changed (tests, sweeps, notebooks)
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.set_num_threads(previous[2])
         torch.utils.deterministic.fill_uninitialized_memory = previous[3]
 
 
-def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.ExitStack) -> dict[str, Any]:
+def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.ExitStack, signals: StopSignals,
+           table: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     t = run.trainer
-    per_rank = check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
+    check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
     fabric.seed_everything(run.seed, verbose=False)
 
+    spec = prepare_data(run.data, t.batch_size, fabric)  # bad data fails here, before the run folder exists
     run_dir, resume_from = dist.broadcast_object(fabric, resolve_run_dir(run) if fabric.is_global_zero else None)
     run_dir = Path(run_dir)
     if fabric.is_global_zero:
+        stack.enter_context(run_folder_lock(run_dir))  # one process per run folder; a bad command leaves none
         stack.enter_context(tee_output(run_dir / "out.log"))
-    spec = prepare_data(run.data, t.batch_size, fabric)
+    try:
+        return _run(fabric, cfg, run, spec, on_eval, stack, run_dir, resume_from, signals, table, t_start)
+    except _Interrupted as stop:  # outside the loop: the newest readable checkpoint is the resume point
+        newest = ckpt.readable_checkpoint(run_dir, warn=lambda _: None) if ckpt.list_checkpoints(run_dir) else None
+        step = int(newest.stem.split("-")[1]) if newest is not None else None
+        raise Preempted(stop.signum, step, newest, run_dir) from None
+
+
+def _run(fabric, cfg: Mapping, run: RunSettings, spec, on_eval, stack: contextlib.ExitStack, run_dir: Path,
+         resume_from: str | None, signals: StopSignals, table: bool, t_start: float) -> dict[str, Any]:
+    t = run.trainer
+    per_rank = check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
     tokenizer = make_tokenizer(run)
     matmul = run.trainer.cpu_matmul
     if resume_from is not None:
@@ -185,6 +301,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     losses: list[float] = state["train_losses"]  # the last few, for train/loss in the summary (survives resume)
     bar = _progress(fabric, t, pos.step)
     try:
+        signals.armed = True  # from here a signal stops the loop at the next step boundary, with a checkpoint
         while pos.step < t.max_steps:
             timer.start()  # throughput includes reading the data
             with phase("data"):
@@ -195,7 +312,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
             scheduler.step()
             timer.stop(t.batch_size)
             pos.step += 1
-            tracker.update(pos.step, out.loss, out.grad_norm)
+            tracker.update(pos.step, out.loss, out.grad_norm, params_finite=out.nonfinite_what != "parameters")
             if out.finite:
                 pos.nonfinite_in_a_row = 0
                 losses.append(out.loss)
@@ -215,9 +332,20 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
                     metrics = run_evaluation()
                 if on_eval is not None:
                     on_eval(pos.step, {**metrics, **tracker.summary()})
+            saved = None
             if (t.ckpt_every and pos.step % t.ckpt_every == 0) or last:
                 with phase("checkpoint"):
-                    _save(fabric, run_dir, pos, state, t.keep_last)
+                    saved = _save(fabric, run_dir, pos, state, t.keep_last)
+            stop = signals.signum is not None
+            if fabric.world_size > 1:  # every rank stops at the same step (a signal reaches ranks at different times)
+                stop = dist.sum_over_ranks(fabric, int(stop)) > 0
+            if stop and not last:
+                with phase("checkpoint"):
+                    saved = saved or _save(fabric, run_dir, pos, state, t.keep_last)
+                raise Preempted(signals.signum or signal.SIGTERM, pos.step, saved, run_dir)
+        signals.armed = False  # the final evaluation: a signal stops at once (the last checkpoint is saved)
+        if signals.signum is not None:
+            raise _Interrupted(signals.signum)
         with phase("evaluation"):
             val_metrics = run_evaluation(final=True)
         if logger is not None and run.eval.projector_samples:
@@ -246,8 +374,9 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     write_summary(run_dir, summary)
     log_hparams(logger, cfg, summary)
     logger.finalize("success")
-    title = f"{run.loss_name} / {run.model.get('name', '?')} / {fabric.world_size} rank(s)"
-    print_summary(summary, run_dir, title, run.out_dir)
+    if table:
+        title = f"{run.loss_name} / {run.model.get('name', '?')} / {fabric.world_size} rank(s)"
+        print_summary(summary, run_dir, title, run.out_dir)
     return summary
 
 
@@ -333,7 +462,15 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
             _clip_to(trainee, grad_norm, relative_clip(grad_norm, float(grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not _all_finite(trainee.parameters()):  # the update itself blew the weights up (e.g. lr 1e12, inf)
+            return StepOutput(value, grad_norm, False, emb, "parameters")
     return StepOutput(value, grad_norm, True, emb)
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every tensor is finite, with one host synchronisation (not one per tensor)."""
+    flags = [torch.isfinite(p.detach()).all() for p in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _clip_to(trainee, grad_norm: float, max_norm: float) -> None:
@@ -370,13 +507,24 @@ def _handle_nonfinite(fabric, t: TrainerSettings, pos: Position, out: StepOutput
     far in summary.json; no checkpoint of the bad step is written)."""
     pos.nonfinite_in_a_row += 1
     what = f"non-finite {out.nonfinite_what} at step {pos.step} (loss={out.loss}, grad_norm={out.grad_norm})"
-    if t.on_nonfinite != "stop" and pos.nonfinite_in_a_row < t.max_nonfinite:
+    ruined = out.nonfinite_what == "parameters"  # applied already: no later step can recover from NaN weights
+    if not ruined and t.on_nonfinite != "stop" and pos.nonfinite_in_a_row < t.max_nonfinite:
         if fabric.is_global_zero:
             say(f"warning: {what}; skipped the update (trainer.on_nonfinite=skip)", error=True)
         return
-    last_good = ckpt.newest_checkpoint(run_dir)  # only when stopping: no directory listing per skipped step
-    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-    if t.on_nonfinite == "stop":
+    # Good checkpoints hold finite weights saved before this streak of non-finite steps (those saved during it
+    # hold the weights that kept failing). After max_nonfinite skipped steps in a row the weights themselves fail
+    # on every batch, so the ones saved just before the streak, which produced its first NaN, are not good
+    # either (lr 1e12: finite weights of ~5e11 after step 1, NaN ever after). Only read when stopping.
+    streak_start = pos.step - pos.nonfinite_in_a_row + 1
+    weights_failed = not ruined and t.on_nonfinite != "stop" and pos.nonfinite_in_a_row >= t.max_nonfinite
+    last_good = ckpt.last_good_checkpoint(run_dir, before_step=streak_start - 1 if weights_failed else streak_start)
+    where = (f"the last good checkpoint is {last_good}" if last_good else
+             "no checkpoint from before it (with finite weights) exists")
+    if ruined:
+        error = (f"{what}: the update made the parameters non-finite - the run has diverged; {where}. "
+                 "Try a lower trainer.lr or trainer.grad_clip.")
+    elif t.on_nonfinite == "stop":
         error = (f"{what}; stopping (trainer.on_nonfinite=stop). Parameters were not updated with it and {where}. "
                  "Try a lower trainer.lr, trainer.grad_clip, or trainer.on_nonfinite=skip.")
     else:

@@ -107,8 +107,9 @@ def test_run_writes_tensorboard_summary_checkpoints(loss, tmp_path, cache_dir):
     assert loss_params <= set(raw["model"])  # the loss's own parameters are checkpointed with the model
 
     log = (run_dir / "out.log").read_text()  # the console output, with a line per evaluation
-    assert "[eval step 3] val/loss " in log and "| val/i2t_r@1 " in log and f"run folder: {run_dir}" in log
-    assert "| train/loss " in log  # the end-of-run table
+    assert "[eval step 3] val/loss " in log and "| test/i2t_r@1_plausible " in log and f"run folder: {run_dir}" in log
+    assert "| train/loss " in log and f"values: {run_dir / 'summary.json'}" in log  # the end-of-run table: headline
+    assert "\n| val/i2t_r@1 " not in log  # ... only (the rest is in summary.json)
 
 
 @pytest.mark.slow

@@ -33,10 +33,14 @@ are the same with or without it. ``TrainLoader.stream()`` runs epoch after epoch
 caches); a training run reads through it.
 
 Bad input. A truncated or corrupt tar, a sample without an image or caption, an undecodable image, an empty
-caption or unparsable json is skipped through webdataset's ``handler`` mechanism: logged (first few per
-worker) and counted, never raised mid-epoch; counted on every pass that reads it, so once where a cache keeps its
-shard. A pattern that matches no file raises FileNotFoundError before any
-reading starts.
+caption, undecodable text or unparsable json is skipped through webdataset's ``handler`` mechanism: logged
+(first few per worker, each naming the sample key and its shard) and counted per shard, never raised mid-epoch;
+counted on every pass that reads it, so once where a cache keeps its shard. ``max_skipped_fraction`` bounds it:
+more skipped samples than that fraction of those read (an eval split: the whole split; training: judged once
+:data:`SKIP_JUDGE_AFTER` samples have been read, per rank) is a :class:`probloss.cli.DataError` naming the worst
+shards. A pattern that matches no file raises FileNotFoundError, an unbalanced brace pattern and shards without
+a single readable sample a DataError, before any batch is made. :func:`check_labels` checks zero-shot labels
+(json ``label``: an integer class index) against the class list, naming the sample.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import braceexpand
 import numpy as np
@@ -86,7 +90,14 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for part in parts:
         for p in str(part).split("::"):
-            for u in braceexpand.braceexpand(p):
+            try:
+                expanded = list(braceexpand.braceexpand(p))
+            except braceexpand.UnbalancedBracesError:
+                from probloss.cli import DataError
+
+                raise DataError(f"shard pattern {str(pattern)!r} has unbalanced braces; write a range as "
+                                "{00000..00099} or alternatives as {a,b}") from None
+            for u in expanded:
                 urls.extend(sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u])
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.isfile(u)]
@@ -153,6 +164,40 @@ def truncated_shards(shards: Sequence[str]) -> dict[str, str]:
     return bad
 
 
+def empty_shards(shards: Sequence[str]) -> list[str]:
+    """The local shards that hold no member at all (an empty file, or a tar whose first block is the end-of-archive
+    block): O(1) per shard. Remote urls are not checked."""
+    empty = []
+    for url in shards:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        with open(url, "rb") as f:
+            if not any(f.read(512)):
+                empty.append(url)
+    return empty
+
+
+def scan_labels(shards: Sequence[str], n_classes: int, where: str) -> None:
+    """:func:`check_labels` on the json members of local shards, read without decoding any image (so a split
+    is checked when it is opened, before training). Remote urls are checked when they are read."""
+    for url in shards:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        metas, keys = [], []
+        try:
+            with tarfile.open(url, "r|*") as tar:
+                for info in tar:
+                    if info.isreg() and info.name.endswith(".json"):
+                        try:
+                            metas.append(json.loads(tar.extractfile(info).read()))
+                        except ValueError:
+                            continue  # unparsable json: skipped (and counted) when the split is read
+                        keys.append(f"{os.path.basename(info.name[:-5])!r} in {url}")
+        except (OSError, tarfile.TarError):
+            pass  # a corrupt shard: named and counted when it is read
+        check_labels(metas, keys, n_classes, where)
+
+
 def _where_tar_ends(f, size: int) -> str | None:
     """Walk the tar headers of an open shard: where it ends if it was cut short, None if it is complete."""
     position, last = 0, "(none)"
@@ -183,18 +228,64 @@ def _where_tar_ends(f, size: int) -> str | None:
 # --- samples --------------------------------------------------------------------------------------------------
 
 
+SKIP_JUDGE_AFTER = 1000  # training samples read (per rank) before max_skipped_fraction is judged
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used (no image, no caption, undecodable bytes), with its key and shard."""
+
+    def __init__(self, key: str, url: str, reason: str):
+        super().__init__(f"sample {key!r} of {url}: {reason}")
+        self.key, self.url = key, url
+
+
 class SkipCounter:
-    """A webdataset handler: log the exception (the first ``max_logs``), count it, and continue."""
+    """A webdataset handler: log the exception (the first ``max_logs``, naming the sample and shard), count it
+    (in total and per shard), and continue."""
 
     def __init__(self, max_logs: int = 10):
         self.count, self.max_logs = 0, max_logs
+        self.by_shard: dict[str, int] = {}
 
     def __call__(self, exn: Exception) -> bool:
         self.count += 1
+        url = exn.url if isinstance(exn, BadSample) else \
+            (exn.args[-1] if len(exn.args) >= 2 and isinstance(exn.args[-1], str) else "?")  # webdataset appends it
+        self.by_shard[url] = self.by_shard.get(url, 0) + 1
         if self.count <= self.max_logs:
             log.warning("skipping corrupt data (%d so far in this reader): %s: %s", self.count, type(exn).__name__,
-                        str(exn)[:300])
+                        str(exn.args[0] if exn.args else exn)[:300])
         return True  # continue with the next sample / shard
+
+
+def check_skipped(skipped: int, seen: int, by_shard: Mapping[str, int], max_fraction: float | None,
+                  where: str) -> None:
+    """Raise DataError when ``skipped`` of ``seen`` samples (read + skipped) exceeds ``max_fraction``, naming the
+    shards with the most skipped samples."""
+    if max_fraction is None or not skipped or skipped <= max_fraction * seen:
+        return
+    from probloss.cli import DataError
+
+    worst = sorted(by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    shards = ", ".join(f"{url} ({n})" for url, n in worst)
+    raise DataError(f"{where}: {skipped} of {seen} samples were skipped as corrupt or undecodable "
+                    f"({skipped / seen:.1%} > data.max_skipped_fraction={max_fraction:g}); worst shards: {shards}. "
+                    "Fix or leave out those shards, or raise data.max_skipped_fraction")
+
+
+def check_labels(metas: Sequence[Mapping], keys: Sequence[str], n_classes: int, where: str) -> None:
+    """Every json ``label`` (None or absent: unlabelled) must be an integer class index in [0, n_classes):
+    raise DataError naming the first sample that is not (a negative, a float, an out-of-range label). ``keys``
+    name the samples as the message shows them (``"'0000000042' in /data/val/00000.tar"``)."""
+    for meta, key in zip(metas, keys):
+        label = meta.get("label") if isinstance(meta, Mapping) else None
+        if label is None:
+            continue
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n_classes:
+            from probloss.cli import DataError
+
+            raise DataError(f"{where}: sample {key} has label {label!r}, not a class index in [0, {n_classes}) "
+                            f"(data.classnames has {n_classes} classes); fix the sample's json or the class list")
 
 
 def decode_sample(sample: dict[str, Any], image_size: int, *, image_noise: float = 0.0, image_blur: float = 0.0,
@@ -211,19 +302,23 @@ def decode_sample(sample: dict[str, Any], image_size: int, *, image_noise: float
 
 
 def decode_clean(sample: dict[str, Any], image_size: int, *, image_blur: float = 0.0) -> dict[str, Any]:
-    """:func:`decode_sample` without the noise: the part that is the same in every epoch (and so cached)."""
-    key = sample.get("__key__", "?")
+    """:func:`decode_sample` without the noise: the part that is the same in every epoch (and so cached).
+    A sample that cannot be used raises :class:`BadSample` (its key, its shard and why)."""
+    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise ValueError(f"sample {key!r} has no image ({'/'.join(IMAGE_EXTS)}); it has {sorted(sample)}")
+        raise BadSample(key, url, f"no image ({'/'.join(IMAGE_EXTS)}); it has {sorted(sample)}")
     if "txt" not in sample:
-        raise ValueError(f"sample {key!r} has no caption (.txt)")
-    caption = sample["txt"].decode("utf-8").strip()
+        raise BadSample(key, url, "no caption (.txt)")
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        with Image.open(io.BytesIO(sample[ext])) as img:
+            img = img.convert("RGB")
+    except Exception as err:  # undecodable text, json or image
+        raise BadSample(key, url, f"{type(err).__name__}: {err}") from None
     if not caption:
-        raise ValueError(f"sample {key!r} has an empty caption")
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    with Image.open(io.BytesIO(sample[ext])) as img:
-        img = img.convert("RGB")
+        raise BadSample(key, url, "an empty caption")
     if img.size != (image_size, image_size):
         img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
     if image_blur > 0:
@@ -404,8 +499,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             for n, sample in enumerate(samples, 1):
                 yield sample
             if n == 0:
-                raise RuntimeError(f"no readable sample in shards {mine[:3]}... for rank {self.rank} "
-                                   f"(reader {slot} of {n_slots}); {handler.count} errors were skipped")
+                from probloss.cli import DataError
+
+                raise DataError(f"no readable sample in shards {mine[:3]}... for rank {self.rank} "
+                                f"(reader {slot} of {n_slots}); {handler.count} errors were skipped: the shards are "
+                                "empty or corrupt")
 
     def _decoded(self, urls: list[str], handler: SkipCounter) -> Iterator[dict]:
         """The shards' samples in order, decoded (corrupt ones skipped by ``handler``), from the cache where it
@@ -449,7 +547,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         stream = self._clean_samples(slot, n_slots, handler, random.Random(f"shuffle-{tag}"), epoch)
         caption_rng = np.random.default_rng(zlib.crc32(f"captions-{tag}".encode()))
         planted_rng = np.random.default_rng(zlib.crc32(f"planted-{tag}".encode()))  # its own: caption noise unchanged
-        reported = 0
+        reported, reported_shards = 0, {}
         for _ in range(n_batches):
             samples = [add_image_noise(s, self.image_noise, noise_seed)
                        for s in itertools.islice(stream, self.batch_size)]
@@ -466,6 +564,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "planted": torch.from_numpy(planted),
                 "attribute": torch.from_numpy(attribute),
                 "skipped": handler.count - reported,
+                "skipped_shards": {u: n - reported_shards.get(u, 0) for u, n in handler.by_shard.items()
+                                   if n != reported_shards.get(u, 0)},
             }
             kinds = HARD_NEGATIVES[self.hard_negatives]
             if kinds:  # negatives of the image, so caption noise does not change them
@@ -475,7 +575,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 partial, mask = _partial_captions(samples, captions, noisy | planted)
                 batch["partial_tokens"], batch["partial_mask"] = self.tokenizer(partial), torch.from_numpy(mask)
             yield batch
-            reported = handler.count
+            reported, reported_shards = handler.count, dict(handler.by_shard)
 
 
 class _Epochs(torch.utils.data.IterableDataset):
@@ -614,6 +714,7 @@ class EvalSet:
     skipped: int = 0
     keys: list[str] = field(default_factory=list)
     train_caption_stats: dict[str, tuple[int, int]] | None = None
+    skipped_by_shard: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -653,4 +754,4 @@ def load_eval_set(pattern: str | Sequence[str], tokenizer: Callable[[list[str]],
     captions, _ = _noisy_captions([s["caption"] for s in samples], caption_noise, np.random.default_rng(seed))
     return EvalSet(images=_to_tensor([s["image"] for s in samples]), tokens=tokenizer(captions), captions=captions,
                    json=[s["json"] for s in samples], skipped=handler.count, keys=[s["key"] for s in samples],
-                   train_caption_stats=read_train_captions(train_captions))
+                   train_caption_stats=read_train_captions(train_captions), skipped_by_shard=dict(handler.by_shard))

@@ -50,7 +50,11 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
 
     Rank 0 generates while the others wait (``fabric=None``: one process).
     """
+    from probloss.data.trust import check_shard_urls
+
     train, val, test, classnames = data.train_shards, data.val_shards, data.test_shards, data.classnames
+    # Before any shard is listed or opened: a pattern that runs a command must come from this command line.
+    check_shard_urls({"data.train_shards": train, "data.val_shards": val, "data.test_shards": test})
     cache = None  # the shapes cache folder, when the shards are generated
     if data.name == "shapes" and (train is None or val is None):
         folder = cache = shapes_cache_folder(data)
@@ -71,7 +75,14 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
         from probloss.data.shapes import DEFAULT_TEMPLATES
 
         templates = DEFAULT_TEMPLATES  # prompts no caption equals (shards written before splits.json existed)
+    check_not_empty({"train": train, "val": val, "test": test})
     truncated = check_shards({"train": train, "val": val, "test": test}, data.strict, cache, fabric)
+    if classnames and cache is None:  # given shards: every zero-shot label names a class, before training
+        from probloss.data.loader import expand_shards, scan_labels
+
+        for split, pattern in (("val", val), ("test", test)):
+            if pattern is not None:
+                scan_labels(expand_shards(pattern), len(classnames), f"data.{split}_shards")
     train_captions = _train_captions(folder, str(train))
     steps = data.batches_per_epoch
     if steps is None:
@@ -87,6 +98,22 @@ def _train_captions(folder: Path, train: str) -> str | None:
     path = folder / "train_captions.json"
     first = Path(next(iter(braceexpand.braceexpand(train.split("::")[0]))))
     return str(path) if path.is_file() and first.parent.resolve() == (folder / "train").resolve() else None
+
+
+def check_not_empty(patterns: Mapping[str, str | None]) -> None:
+    """A split whose shards hold no sample at all is a DataError (exit 2) before training, not a crash in the
+    first batch."""
+    from probloss.cli import DataError
+    from probloss.data.loader import empty_shards, expand_shards
+
+    for split, pattern in patterns.items():
+        if pattern is None:
+            continue
+        shards = expand_shards(pattern)
+        empty = empty_shards(shards)
+        if empty and len(empty) == len(shards):
+            raise DataError(f"data.{split}_shards={pattern!r}: its {len(shards)} shard(s) hold no sample "
+                            f"(e.g. {empty[0]} is an empty tar); give shards with samples")
 
 
 def check_shards(patterns: Mapping[str, str | None], strict: bool, cache_folder: Path | None, fabric=None
@@ -156,7 +183,7 @@ def generate_shapes(folder: Path, data: DataSettings) -> dict[str, str]:
 
     return write_shapes_shards(folder, train_size=int(data.train_size), val_size=int(data.val_size),
                                test_size=int(data.test_size), heldout_combos=int(data.heldout_combos),
-                               seed=int(data.gen_seed), image_size=int(data.image_size))
+                               seed=int(data.gen_seed), image_size=int(data.image_size), out_key="data.cache_dir")
 
 
 def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, rank: int, world_size: int,
@@ -171,7 +198,11 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
     samples read, those whose scene holds the attribute and those given a wrong caption.
     """
     from probloss.data import make_train_loader
+    from probloss.data.loader import SKIP_JUDGE_AFTER, check_skipped
 
+    seen = skipped = 0  # this process's samples read + skipped, and skipped (data.max_skipped_fraction)
+    judged_first_epoch = False
+    by_shard: dict[str, int] = {}
     # Seeded from its arguments only (the loader draws nothing from torch's global RNG).
     loader = make_train_loader(
         spec.train, tokenizer, per_rank, image_size=data.image_size, rank=rank, world_size=world_size,
@@ -184,6 +215,19 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
         if epoch == first_epoch and i < pos.batch:
             continue  # consumed before the checkpoint (its skipped samples were counted then)
         pos.skipped += int(batch.get("skipped", 0))  # corrupt samples skipped since the worker's last batch
+        # data.max_skipped_fraction: judged at the end of the first epoch read (a small data set's first pass;
+        # later passes may come from the decoded cache, which skips nothing again) and whenever
+        # SKIP_JUDGE_AFTER samples have been seen
+        where = f"training data (rank {rank})"
+        if epoch != first_epoch and seen and not judged_first_epoch:
+            check_skipped(skipped, seen, by_shard, data.max_skipped_fraction, where)
+        judged_first_epoch = judged_first_epoch or epoch != first_epoch
+        skipped += int(batch.get("skipped", 0))
+        seen += len(batch["caption"]) + int(batch.get("skipped", 0))
+        for url, n in (batch.get("skipped_shards") or {}).items():
+            by_shard[url] = by_shard.get(url, 0) + int(n)
+        if seen >= SKIP_JUDGE_AFTER:
+            check_skipped(skipped, seen, by_shard, data.max_skipped_fraction, where)
         if data.noise_attribute is not None:  # planted noise: replaced captions among the attribute's scenes
             pos.planted_samples += len(batch["caption"])
             pos.planted_scenes += int(batch["attribute"].sum())
@@ -207,5 +251,24 @@ def load_eval(spec: DataSpec, data: DataSettings, tokenizer, *, split: str = "va
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if patterns[split] is None:
         raise ValueError("this run has no test split: set data.test_shards (or use the built-in shapes data)")
-    return load_eval_set(patterns[split], tokenizer, image_size=data.image_size, max_samples=max_samples,
-                         image_noise=image_noise, seed=seed, train_captions=spec.train_captions)
+    from probloss.cli import DataError
+    from probloss.data.loader import check_labels, check_skipped
+
+    try:
+        eval_set = load_eval_set(patterns[split], tokenizer, image_size=data.image_size, max_samples=max_samples,
+                                 image_noise=image_noise, seed=seed, train_captions=spec.train_captions)
+    except RuntimeError as err:
+        if split == "val":  # before training: bad data, exit 2 (the test split's own handling is in evaluate)
+            raise DataError(str(err)) from None
+        raise
+    try:
+        check_skipped(eval_set.skipped, len(eval_set) + eval_set.skipped, eval_set.skipped_by_shard,
+                      data.max_skipped_fraction, f"data.{split}_shards")
+        if spec.classnames:
+            check_labels(eval_set.json, [f"{k!r} in {patterns[split]}" for k in eval_set.keys], len(spec.classnames),
+                         f"data.{split}_shards")
+    except DataError as err:
+        if split == "test":  # read after training: reported in the summary (test/error), not a lost run
+            raise RuntimeError(str(err)) from None
+        raise
+    return eval_set

@@ -13,6 +13,14 @@
       val/00000.tar ...         for selection (natural distribution, held-out combinations included; json
                                 heldout_mentions flags the texts that name one)
       test/00000.tar ...        for reporting (likewise)
+      probloss-manifest.json    every file this writer wrote (or was writing), folder-relative
+      .probloss-make-data.lock  the writers' lock (one writer at a time)
+
+It never deletes or overwrites what it did not write: before writing into a folder, every file there must be
+listed in the folder's ``probloss-manifest.json`` (the manifest is written before the first shard, so even a
+crashed write is recorded); a folder holding any other file (someone's own ``train/00042.tar``) is refused
+with a config error naming them (exit 2): choose another ``out=``. A finished dataset with the same parameters
+(``meta.json``) is reused read-only, so folders written before the manifest existed still work.
 
 ``python scripts/make_data.py out=data/shapes train_size=50000 val_size=2000 test_size=5000`` calls :func:`main`
 (its keys and defaults: configs/make_data.yaml).
@@ -59,11 +67,57 @@ def _write_shard(job: tuple) -> tuple[int, Counter]:
     return count, captions
 
 
+MANIFEST = "probloss-manifest.json"
+LOCK = ".probloss-make-data.lock"
+
+
+def recorded_files(out: Path) -> set[str]:
+    """The folder-relative paths ``out``'s manifest lists (empty without one)."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        return set(json.loads(path.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()  # an unreadable manifest protects nothing: every file counts as someone else's
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files (and links) under ``out`` that its manifest does not list: what this writer must not touch."""
+    if not out.is_dir():
+        return []
+    own = recorded_files(out) | {MANIFEST, LOCK}
+    return sorted(rel for p in out.rglob("*") if (p.is_file() or p.is_symlink())
+                  and (rel := p.relative_to(out).as_posix()) not in own)
+
+
+def _write_manifest(out: Path, files: set[str]) -> None:
+    tmp = out / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"written_by": "probloss make-data (probloss/data/shards.py)",
+                               "files": sorted(files)}, indent=0))
+    os.replace(tmp, out / MANIFEST)
+
+
+def refuse_foreign(out: Path, out_key: str) -> None:
+    """Raise ConfigError (exit 2) naming the files in ``out`` that this writer did not write."""
+    from probloss.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder: choose another {out_key}=")
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"{out} holds {len(foreign)} file(s) that make_data did not write ({shown}); it writes only "
+                          f"into a new folder or one it wrote ({MANIFEST}) and never deletes other files: choose "
+                          f"another {out_key}=")
+
+
 @contextlib.contextmanager
 def exclusive(out: Path):
-    """Hold ``<out>.lock`` (a file lock, safe across processes) for the block; say so when waiting for it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(f"{out}.lock")
+    """Hold ``<out>/.probloss-make-data.lock`` (a file lock, safe across processes, inside the folder it guards)
+    for the block; say so when waiting for it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -93,6 +147,7 @@ def write_shapes_shards(
     num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    out_key: str = "out",
 ) -> dict[str, str]:
     """Generate the shapes dataset into ``out_dir`` and return the shard brace patterns.
 
@@ -111,8 +166,12 @@ def write_shapes_shards(
         shard_size: samples per shard (more shards than ranks x loader workers keeps splitting by shard).
         level_probs: probabilities of the training caption's level L0..L3.
         num_workers: processes (default: all CPU cores, at most one per shard).
-        overwrite: regenerate even if a matching dataset exists.
+        overwrite: regenerate even if a matching dataset exists (only files of the manifest are replaced).
         progress: show a tqdm progress bar.
+        out_key: the setting that chose ``out_dir``, named in the refusal (``out``, ``data.cache_dir``).
+
+    Raises:
+        ConfigError: ``out_dir`` holds files this writer did not write (see the module docstring).
 
     Returns:
         ``{"train": "<out_dir>/train/{00000..000NN}.tar", "val": ..., "test": ...}``.
@@ -128,15 +187,30 @@ def write_shapes_shards(
         del splits["test"]  # no test split: the patterns have no "test"
     n_shards = {s: max(1, -(-n // shard_size)) for s, (_, n) in splits.items()}
     patterns = {s: _pattern(out / s, n_shards[s]) for s in splits}
-    with exclusive(out):  # one writer at a time (workers started together): the others wait, then reuse it
-        meta_path = out / "meta.json"
-        if not overwrite and meta_path.exists() and json.loads(meta_path.read_text()) == params:
-            return patterns
+    meta_path = out / "meta.json"
 
-        if meta_path.exists():
-            meta_path.unlink()  # written last: its presence marks a complete dataset
-        for old in (p for split in ("train", "val", "test") for p in (out / split).glob("*.tar")):
-            old.unlink()  # shards of an earlier dataset
+    def finished() -> bool:  # meta.json is written last: a finished dataset with these parameters
+        try:
+            return not overwrite and meta_path.is_file() and json.loads(meta_path.read_text()) == params
+        except (OSError, ValueError):
+            return False
+
+    if finished():
+        return patterns  # reused read-only (also a folder written before manifests existed)
+    refuse_foreign(out, out_key)  # before the lock: nothing is put into someone else's folder
+    with exclusive(out):  # one writer at a time (workers started together): the others wait, then reuse it
+        if finished():
+            return patterns
+        refuse_foreign(out, out_key)
+        previous = recorded_files(out)
+        planned = {f"{split}/{k:05d}.tar{tmp}" for split in splits for k in range(n_shards[split])
+                   for tmp in ("", ".tmp")}
+        planned |= {f"{split}/sizes.json" for split in splits}
+        planned |= {"classes.json", "train_captions.json", "splits.json", "meta.json"}
+        _write_manifest(out, previous | planned)  # before any write: a crash leaves every file recorded
+        for rel in sorted(previous, key=lambda rel: rel != "meta.json"):  # meta.json first: it marks completion
+            if (out / rel).is_file() or (out / rel).is_symlink():
+                (out / rel).unlink()  # a file of an earlier dataset of this writer
         jobs, job_splits, sizes = [], [], {}
         for split, (offset, n) in splits.items():
             folder = out / split
@@ -175,6 +249,7 @@ def write_shapes_shards(
             "heldout_combos": [f"{c} {s}" for c, s in heldout], "seed": int(seed),  # the names of classes.json
             "sizes": {k: splits.get(k, (0, 0))[1] for k in ("train", "val", "test")},
             "templates": list(DEFAULT_TEMPLATES)}, indent=1))
+        _write_manifest(out, {rel for rel in planned if not rel.endswith(".tmp")})
         meta_path.write_text(json.dumps(params))
         if progress:
             print(f"wrote {total} samples in {elapsed:.1f} s "
@@ -189,7 +264,10 @@ def main(argv: Sequence[str]) -> dict[str, str]:
 
     from probloss.config import compose_config
 
+    from probloss.settings import check_make_data
+
     kwargs = OmegaConf.to_container(compose_config(argv, config_name="make_data"))
+    check_make_data(kwargs)
     patterns = write_shapes_shards(kwargs.pop("out"), **kwargs)
     print(json.dumps(patterns))
     return patterns

@@ -177,6 +177,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     from probloss.builders import make_tokenizer, make_trainee
     from probloss.config import apply_overrides
 
+    if Path(path).exists():  # a corrupt checkpoint is named and the previous readable one of its run used
+        found = ckpt.readable_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no readable checkpoint at {path}")
+        path = found
     raw = ckpt.read_checkpoint(path)
     cfg = apply_overrides(raw["config"], overrides, what=f"the config saved in {path}")
     run = RunSettings.from_config(cfg)
@@ -199,7 +204,8 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     except OSError as err:  # a read-only run folder: the table is still printed
         print(f"warning: could not write {out}: {err}", file=sys.stderr)
         out = None
-    print_summary(metrics, run_dir, f"{run.loss_name} / checkpoint step {step}", run.out_dir)
+    print_summary(metrics, run_dir, f"{run.loss_name} / checkpoint step {step}", run.out_dir,
+                  details=out or "(not written)")
     if out is not None:
         print(f"wrote {out}")
     return metrics

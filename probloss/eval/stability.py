@@ -28,7 +28,8 @@ reference; a collapsed one sits at it; a diverged one is above it.
 Definitions (all counts over the whole run, resumed runs included):
 
 - **non-finite step** (``stability/nonfinite_steps``: their count): the loss or the gradient norm is NaN or
-  +-Inf. Such steps feed neither the spike measures nor the gradient-norm statistics.
+  +-Inf, or the parameters hold NaN/Inf after the update (``params_finite=False``: the trainer checks after
+  every update and stops the run there, naming the newest checkpoint whose weights are finite). Such steps feed neither the spike measures nor the gradient-norm statistics.
 - **loss spike** (``stability/loss_spikes``, unchanged): a finite-loss step after ``warmup_steps`` whose loss
   exceeds ``spike_factor`` times the exponential moving average of the previous finite losses
   (``ema <- beta ema + (1 - beta) loss``), written ``loss - ema > (spike_factor - 1) |ema|``. A count that is
@@ -310,8 +311,8 @@ class StabilityTracker:
         if params_finite is False:
             self._diverge(step, "non-finite parameters")
 
-        if not math.isfinite(loss) or (gn is not None and not math.isfinite(gn)):
-            self.nonfinite_steps += 1
+        if params_finite is False or not math.isfinite(loss) or (gn is not None and not math.isfinite(gn)):
+            self.nonfinite_steps += 1  # ruined weights make a non-finite step even after a finite loss
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= self.nonfinite_patience:
                 self._diverge(step, f"{self.nonfinite_in_a_row} non-finite steps in a row")
