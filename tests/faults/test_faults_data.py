@@ -1,4 +1,4 @@
-"""Fault injection for issue 29, parts 1, 2, 5, 6 and 7 (docs/faults-r1.md): each test injects one fault with
+"""Fault injection for issue 29, parts 1, 2, 5, 6 and 7 (docs/faults.md): each test injects one fault with
 real files and, where the fault is about a process, a real ``scripts/*.py`` subprocess, and checks the exit
 status, the one-line message and what is (and is not) left on disk.
 

@@ -1,5 +1,5 @@
 """Faults injected into real runs (issue 29, r2's part): resume by name, preemption, blown-up weights, a full
-disk, corrupt checkpoints, and the console a person reads. docs/faults-r2.md is the table these tests check.
+disk, corrupt checkpoints, and the console a person reads. docs/faults.md is the table these tests check.
 
 Every fault is real where it is about processes and files: training runs as a subprocess of
 ``scripts/train.py`` (through ``probloss.cli``, so exit codes and the one-line messages are the user's), signals
