@@ -75,7 +75,7 @@ from omegaconf import OmegaConf
 from probloss.config import ConfigError, compose_config, config_dir, config_groups, override_key
 from probloss.report import (ALPHA, CI, TRIAL_TABLE, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci,
                              metric_range, paired_p, read_sweep, report_lines, row_value, run_stopped, save_figure,
-                             summarise, t_975, t_two_sided_p, verdict)
+                             summarise, t_975, t_two_sided_p, verdict, write_report)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
 from probloss.workers import choose_workers, launcher_of, run_local, run_submitit
@@ -528,8 +528,6 @@ def publish(folder: str | Path, dest: str | Path) -> Path:
     docs/results, committed): a recipe's recipe.json, comparisons.json and results.json slimmed to its reported
     metrics and ``KEPT_FIELDS`` (no run folder paths), re-rendered there (recipe.md and its PNGs); a sweep's
     per-trial table (trials.json, written first by probloss.report.write_report). Returns dest."""
-    from probloss.report import write_report
-
     folder, dest = Path(folder), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if not (folder / "results.json").is_file():

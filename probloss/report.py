@@ -882,7 +882,7 @@ def studies_from_table(table: Mapping[str, Any]) -> dict[str, tuple[optuna.Study
     """In-memory studies holding a :func:`trial_table`'s trials (the inverse of it, for the keys it keeps)."""
     def study_of(spec, rows):
         study = optuna.create_study(storage=optuna.storages.InMemoryStorage(),
-                                    directions=[optuna.study.StudyDirection[d].name.lower() for d in spec["directions"]])
+                                    directions=[d.lower() for d in spec["directions"]])
         for key, value in spec["user_attrs"].items():
             study.set_user_attr(key, value)
         for row in rows:

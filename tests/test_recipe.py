@@ -145,7 +145,9 @@ def test_unknown_recipe_and_keys_are_errors():
 
 def test_a_metric_added_after_training_is_filled_from_the_final_checkpoint(tmp_path):
     args = ["recipe=proposal", "recipe.seeds=[0]", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
-            *TINY, "recipe.arms={gaussian_var: ['loss=gaussian_var']}", "recipe.baseline=null", "recipe.primary=[]", "recipe.constants={}", "recipe.learning_rates=null"]
+            *TINY, "recipe.arms={gaussian_var: ['loss=gaussian_var']}", "recipe.baseline=null", "recipe.primary=[]",
+            "recipe.constants={}", "recipe.learning_rates=null",
+            "recipe.metrics=[test/zeroshot_top1,test/unc/sigma_vs_images_fit_spearman]"]
     run_recipe(args, log=lambda *a, **k: None)
     summary_path = next(tmp_path.glob("proposal/gaussian_var/*/summary.json"))
     trained = json.loads(summary_path.read_text())

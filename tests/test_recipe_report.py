@@ -259,3 +259,20 @@ def test_multiplicity_of_a_rendered_page_from_its_printed_intervals(folder, tmp_
     assert "| 0.030 |" not in old and "| new * |" not in old
     assert [r["p"] for r in page_comparisons(old)] == [r["p"] for r in parsed]
     assert "| handmade | 4 | 4 | 0.2 | 1 | 0 of 0 | 0 | 1 |" in page_multiplicity(old)  # no recipe file, no marks
+
+
+def test_sigma_statistics_of_a_run_without_sigma_are_not_re_evaluated(tmp_path, monkeypatch):
+    """A reported sigma statistic that a loss without log-stds never has (infonce) is not "missing": no
+    evaluation of the checkpoint is attempted for it; a run with sigma that lacks it is re-evaluated."""
+    import probloss.checkpoint
+    import probloss.recipe as recipe
+
+    calls = []
+    monkeypatch.setattr(probloss.checkpoint, "newest_checkpoint", lambda run_dir: tmp_path / "step-00000003.ckpt")
+    monkeypatch.setattr(recipe, "cached_evaluation", lambda *a, **k: calls.append(a) or {})
+    metrics = ["test/zeroshot_top1", "test/unc/specificity_level_coef", "test/unc/log_sigma_text_sd"]
+    assert recipe.backfill_metrics(tmp_path, {"test/zeroshot_top1": 0.3, "steps": 3}, metrics) == []
+    assert calls == []
+    with_sigma = {"test/zeroshot_top1": 0.3, "steps": 3, "test/unc/sigma_text_mean": 1.0}
+    assert recipe.backfill_metrics(tmp_path, with_sigma, metrics, log=lambda *a, **k: None) == []
+    assert len(calls) == 1  # tried (and filled nothing: the stand-in evaluation reproduces no test number)

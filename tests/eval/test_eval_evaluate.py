@@ -150,6 +150,7 @@ SIGMA_STATS = {"specificity_spearman", "specificity_partial_spearman", "specific
 CUE_KEYS = {f"unc/cue/{c}/{k}" for c in ("words", "objects", "token") for k in SIGMA_STATS}  # no training stats
 UNC_KEYS = {f"unc/{k}" for k in SIGMA_STATS | CURVES} | {
     "unc/image_sigma_vs_objects", "unc/sigma_image_mean", "unc/sigma_text_mean", "unc/sigma_text_image_log_ratio",
+    "unc/log_sigma_image_sd", "unc/log_sigma_text_sd",
     "unc/specificity_within_scene_n", "unc/specificity_within_scene_same_words_n"}
 UNIT_INTERVAL = ("val/i2t", "val/t2i", "val/r@1", "val/zeroshot_top", "val/zeroshot_seen", "val/zeroshot_unseen",
                  "val/relation_probe_acc", "val/binding_probe_acc", "val/control_probe_acc", "unc/sigma_text_rank",
