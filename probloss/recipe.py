@@ -75,7 +75,7 @@ from omegaconf import OmegaConf
 from probloss.config import ConfigError, compose_config, config_dir, config_groups, override_key
 from probloss.report import (ALPHA, CI, TRIAL_TABLE, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci,
                              metric_range, paired_p, read_sweep, report_lines, row_value, run_stopped, save_figure,
-                             summarise, t_975, t_two_sided_p, verdict, write_report)
+                             summarise, sweep_studies, t_975, t_two_sided_p, trial_table, verdict)
 from probloss.run_folder import run_base
 from probloss.settings import RunSettings
 from probloss.workers import choose_workers, launcher_of, run_local, run_submitit
@@ -527,12 +527,12 @@ def publish(folder: str | Path, dest: str | Path) -> Path:
     """Copy what the findings page needs from a finished recipe or sweep folder into ``dest`` (a folder under
     docs/results, committed): a recipe's recipe.json, comparisons.json and results.json slimmed to its reported
     metrics and ``KEPT_FIELDS`` (no run folder paths), re-rendered there (recipe.md and its PNGs); a sweep's
-    per-trial table (trials.json, written first by probloss.report.write_report). Returns dest."""
+    per-trial table (trials.json, from its journal). Returns dest."""
     folder, dest = Path(folder), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if not (folder / "results.json").is_file():
-        write_report(folder)
-        shutil.copyfile(folder / TRIAL_TABLE, dest / TRIAL_TABLE)
+        table = trial_table(sweep_studies(folder))
+        (dest / TRIAL_TABLE).write_text(json.dumps(table, indent=1) + "\n")
         return dest
     exp, results = read_recipe_folder(folder)
     keep = (*KEPT_FIELDS, *report_metrics(exp))

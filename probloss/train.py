@@ -230,7 +230,7 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
            table: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     t = run.trainer
-    check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
+    per_rank = check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
     fabric.seed_everything(run.seed, verbose=False)
 
     spec = prepare_data(run.data, t.batch_size, fabric)  # bad data fails here, before the run folder exists
@@ -240,17 +240,16 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
         stack.enter_context(run_folder_lock(run_dir))  # one process per run folder; a bad command leaves none
         stack.enter_context(tee_output(run_dir / "out.log"))
     try:
-        return _run(fabric, cfg, run, spec, on_eval, stack, run_dir, resume_from, signals, table, t_start)
+        return _run(fabric, cfg, run, spec, per_rank, on_eval, stack, run_dir, resume_from, signals, table, t_start)
     except _Interrupted as stop:  # outside the loop: the newest readable checkpoint is the resume point
         newest = ckpt.readable_checkpoint(run_dir, warn=lambda _: None) if ckpt.list_checkpoints(run_dir) else None
         step = int(newest.stem.split("-")[1]) if newest is not None else None
         raise Preempted(stop.signum, step, newest, run_dir) from None
 
 
-def _run(fabric, cfg: Mapping, run: RunSettings, spec, on_eval, stack: contextlib.ExitStack, run_dir: Path,
-         resume_from: str | None, signals: StopSignals, table: bool, t_start: float) -> dict[str, Any]:
+def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, stack: contextlib.ExitStack,
+         run_dir: Path, resume_from: str | None, signals: StopSignals, table: bool, t_start: float) -> dict[str, Any]:
     t = run.trainer
-    per_rank = check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
     tokenizer = make_tokenizer(run)
     matmul = run.trainer.cpu_matmul
     if resume_from is not None:
