@@ -159,6 +159,8 @@ def test_rank_retrieval_equals_the_reference_on_random_tied_scores_with_query_su
     done = []
     rank_retrieval(loss, x, y, None, None, pos, block=5, progress=done.append)
     assert sum(done) == n_img + n_txt
+    with pytest.raises(ValueError, match=r"within 13 images and 31 captions, got images 0\.\.13 and captions 0\.\.30"):
+        rank_retrieval(loss, x, y, None, None, torch.cat([pos, torch.tensor([[13, 0]])]))
 
 
 def test_a_perfect_scorer_scores_one_everywhere_with_extra_positives():

@@ -127,6 +127,10 @@ def rank_retrieval(loss: nn.Module, image_emb: Tensor, text_emb: Tensor, image_l
     """
     n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
     positives = torch.as_tensor(positives, dtype=torch.long).reshape(-1, 2)
+    if len(positives) and (positives.min() < 0 or positives[:, 0].max() >= n_img or positives[:, 1].max() >= n_txt):
+        raise ValueError(f"rank_retrieval: positives must be (image, caption) pairs within {n_img} images and {n_txt} "
+                         f"captions, got images {positives[:, 0].min().item()}..{positives[:, 0].max().item()} and "
+                         f"captions {positives[:, 1].min().item()}..{positives[:, 1].max().item()}")
     out = {}
     for d, queries, n_q, n_c, pairs in (("i2t", image_queries, n_img, n_txt, positives),
                                         ("t2i", caption_queries, n_txt, n_img, positives.flip(1))):
