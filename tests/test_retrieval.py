@@ -106,6 +106,8 @@ def test_rank_block_equals_the_reference_and_plausible_ranking_with_ties_nan_and
                     assert got[key][row].item() == pytest.approx(want, abs=1e-12)
                     assert got[key][row].item() == pytest.approx(sorted_[key][row].item(), abs=1e-15)
         assert torch.equal(got["rprecision"].nan_to_num(-1), sorted_["rprecision"].nan_to_num(-1))
+        free = metrics.training_free(scores)  # the top-1 score and margin come from the same pass
+        assert torch.equal(got["top1"], free["top1"]) and torch.equal(got["margin"], free["margin"])
 
 
 def test_hand_worked_3x6_matrix_two_captions_per_image():

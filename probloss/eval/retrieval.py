@@ -27,8 +27,6 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from probloss.eval import metrics
-
 
 def positive_pairs(caption_image: Tensor, extra: Tensor | None = None) -> Tensor:
     """``(P, 2)`` unique (image, caption) positives: each caption with its own image (``caption_image[c]``) plus
@@ -53,7 +51,8 @@ def _positive_rows(pairs: Tensor, rows: Tensor, n_rows: int, n_cols: int) -> Ten
 
 def rank_block(scores: Tensor, positive: Tensor) -> dict[str, Tensor]:
     """:func:`probloss.eval.metrics.plausible_ranking` (same definitions, pessimistic ties, same results) without
-    sorting the gallery: O(Q C) comparisons plus two top-R_max selections, R_max = the most positives of a query.
+    sorting the gallery: O(Q C) comparisons plus one top-k selection, k = max(2, R_max), R_max = the most
+    positives of a query.
 
     With R positives of a query, their scores ``p_0 >= p_1 >= ... >= p_{R-1}`` and
     ``m_j = #{non-positives scoring >= p_j}``, the j-th positive sits at position ``pos_j = 1 + j + m_j`` of the
@@ -72,25 +71,27 @@ def rank_block(scores: Tensor, positive: Tensor) -> dict[str, Tensor]:
         positive: ``(Q, C)`` bool.
 
     Returns:
-        ``{"rank": (Q,) long, "rprecision": (Q,) float64, "map_at_r": (Q,) float64, "n_positive": (Q,) long}``;
-        a query without positives gets rank C + 1 and NaN R-Precision and mAP@R.
+        ``{"rank": (Q,) long, "rprecision": (Q,) float64, "map_at_r": (Q,) float64, "n_positive": (Q,) long}``
+        (a query without positives gets rank C + 1 and NaN R-Precision and mAP@R), and the training-free
+        uncertainties ``top1``, ``margin`` (Q,) float64 of :func:`probloss.eval.metrics.training_free`.
     """
     s = torch.as_tensor(scores).nan_to_num(nan=-math.inf)
     positive = torch.as_tensor(positive, dtype=torch.bool)
     if s.dim() != 2 or positive.shape != s.shape:
         raise ValueError(f"rank_block: need scores (Q, C) and positive of the same shape, got {tuple(s.shape)} and "
                          f"{tuple(positive.shape)}")
-    c = s.shape[1]
+    q, c = s.shape
     n_pos = positive.sum(1)
-    pos_scores, neg_scores = s.masked_fill(~positive, -math.inf), s.masked_fill(positive, -math.inf)
-    best = pos_scores.amax(1, keepdim=True) if c else s.new_full((s.shape[0], 1), -math.inf)
-    rank = 1 + ((s >= best) & ~positive).sum(1)
-    k = min(max(int(n_pos.max()) if n_pos.numel() else 0, 1), c)
-    p = pos_scores.topk(k, dim=1).values  # (Q, k) p_j, best first; rows with fewer positives padded with -inf
-    top_neg = neg_scores.topk(k, dim=1).values.flip(1).contiguous()  # (Q, k) the top k non-positives, ascending
+    k = min(max(int(n_pos.max()) if q else 0, 2), c)  # >= R_max; >= 2 for the runner-up of the training-free margin
+    top_neg = s.masked_fill(positive, -math.inf).topk(k, dim=1).values  # (Q, k) the top k non-positives, best first
+    # p (Q, k): each row's positive scores, best first, padded with -inf (positives are few: no pass over C)
+    row, col = positive.nonzero(as_tuple=True)
+    slot = torch.arange(row.numel()) - (n_pos.cumsum(0) - n_pos)[row]
+    p = s.new_full((q, k), -math.inf).index_put_((row, slot), s[row, col]).sort(1, descending=True).values
+    rank = 1 + ((s >= p[:, :1]) & ~positive).sum(1)
     # m_j = #{top non-positives >= p_j}; the -inf pads (masked positives) only match p_j = -inf, where every
     # non-positive counts: hence the cap at their number
-    m = k - torch.searchsorted(top_neg, p.contiguous(), side="left")
+    m = k - torch.searchsorted(top_neg.flip(1).contiguous(), p.contiguous(), side="left")
     m = torch.minimum(m, (c - n_pos)[:, None])
     j = torch.arange(k)[None, :]
     pos = (1 + j + m).double()
@@ -100,7 +101,10 @@ def rank_block(scores: Tensor, positive: Tensor) -> dict[str, Tensor]:
     has = n_pos > 0
     rprecision = torch.where(has, hit.sum(1) / rr, math.nan)
     map_at_r = torch.where(has, torch.where(hit, (j + 1) / pos, 0.0).sum(1) / rr, math.nan)
-    return {"rank": rank, "rprecision": rprecision, "map_at_r": map_at_r, "n_positive": n_pos}
+    # the two best scores of the row are among the two best positives and the two best non-positives
+    top2 = torch.cat([p[:, :2], top_neg[:, :2]], 1).topk(min(2, c), dim=1).values.double()
+    return {"rank": rank, "rprecision": rprecision, "map_at_r": map_at_r, "n_positive": n_pos,
+            "top1": -top2[:, 0], "margin": -(top2[:, 0] - top2[:, -1])}
 
 
 @torch.no_grad()
@@ -126,6 +130,8 @@ def rank_retrieval(loss: nn.Module, image_emb: Tensor, text_emb: Tensor, image_l
         higher = less certain. Scores are ranked in float32, as the built-in evaluator ranks them.
     """
     n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    if not (n_img and n_txt):
+        raise ValueError(f"rank_retrieval: empty gallery ({n_img} images, {n_txt} captions)")
     positives = torch.as_tensor(positives, dtype=torch.long).reshape(-1, 2)
     if len(positives) and (positives.min() < 0 or positives[:, 0].max() >= n_img or positives[:, 1].max() >= n_txt):
         raise ValueError(f"rank_retrieval: positives must be (image, caption) pairs within {n_img} images and {n_txt} "
@@ -144,7 +150,6 @@ def rank_retrieval(loss: nn.Module, image_emb: Tensor, text_emb: Tensor, image_l
                 s = loss.score(image_emb, text_emb[rows], image_log_std, _take(text_log_std, rows)).T
             s = s.float().cpu()
             q = rank_block(s, _positive_rows(pairs, rows, n_q, n_c))
-            q.update(metrics.training_free(s))
             for key, value in q.items():
                 parts.setdefault(key, []).append(value)
             if progress is not None:
