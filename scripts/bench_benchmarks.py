@@ -74,6 +74,7 @@ def child(loss_name: str, n_images: int, per_image: int, block: int, batch: int)
 
     run = RunSettings.from_config(compose_config([f"loss={loss_name}", "model=tiny"]))
     tokenizer = make_tokenizer(run)
+    torch.manual_seed(0)  # the same random model in every arm: the metrics must agree across arms and versions
     trainee = make_trainee(run, tokenizer).eval()
     model, loss = trainee.model, trainee.loss
     images = torch.rand(n_images, 3, run.data.image_size, run.data.image_size,
@@ -100,7 +101,9 @@ def child(loss_name: str, n_images: int, per_image: int, block: int, batch: int)
     summary.update(benchmark_uncertainty(per_query, image_log_std, text_log_std))
     out["summarize_s"] = time.perf_counter() - t
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    out["i2t_r@1"], out["t2i_r@1"], out["n_keys"] = summary["i2t_r@1"], summary["t2i_r@1"], len(summary)
+    out["metrics"] = {k: summary[k] for k in ("i2t_r@1", "i2t_r@10", "t2i_r@1", "t2i_r@10", "i2t_rprecision",
+                                              "t2i_rprecision", "i2t_map@r", "t2i_map@r", "rsum")}
+    out["n_keys"] = len(summary)
     return out
 
 
