@@ -109,8 +109,8 @@ def plot_uncertainty_bins(results: dict[str, float], path: str | Path, title: st
         ax.set_xticks(range(n_bins))
         ax.set_xticklabels([f"{b}\nlow" if b == 0 else f"{b}\nhigh" if b == n_bins - 1 else str(b)
                             for b in range(n_bins)])
-        ax.set(xlabel="uncertainty bin (equal-count; low -> high sigma or training-free uncertainty)",
-               ylabel=label, title=f"{title}: {label} by uncertainty bin")
+        ax.set(xlabel="uncertainty bin (equal-count, low -> high)", ylabel=label,
+               title=f"{title}: {label} by uncertainty bin")
         if ax.lines:
             ax.legend(fontsize=7)
     return save_figure(fig, Path(path))
