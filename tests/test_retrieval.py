@@ -158,6 +158,11 @@ def test_rank_retrieval_equals_the_reference_on_random_tied_scores_with_query_su
                              caption_queries=torch.tensor(caption_queries), block=block)
         assert sub["i2t"]["query"].tolist() == image_queries
         assert_close_summary(summarize(sub), want_sub)
+    only_captions = rank_retrieval(loss, x, y, None, None, pos, image_queries=torch.arange(0))
+    assert only_captions["i2t"]["rank"].shape == (0,) and only_captions["t2i"]["rank"].shape == (n_txt,)
+    assert math.isnan(summarize(only_captions)["i2t_r@1"])
+    unc = benchmark_uncertainty(only_captions, None, None)
+    assert unc and all("/t2i_" in key for key in unc)  # no image queries: no i2t keys
     done = []
     rank_retrieval(loss, x, y, None, None, pos, block=5, progress=done.append)
     assert sum(done) == n_img + n_txt

@@ -141,20 +141,17 @@ def rank_retrieval(loss: nn.Module, image_emb: Tensor, text_emb: Tensor, image_l
     for d, queries, n_q, n_c, pairs in (("i2t", image_queries, n_img, n_txt, positives),
                                         ("t2i", caption_queries, n_txt, n_img, positives.flip(1))):
         queries = torch.arange(n_q) if queries is None else torch.as_tensor(queries, dtype=torch.long)
-        parts: dict[str, list[Tensor]] = {}
+        parts = [rank_block(torch.empty(0, n_c), torch.zeros(0, n_c, dtype=torch.bool))]  # no queries: empty
         for start in range(0, queries.numel(), block):
             rows = queries[start: start + block]
             if d == "i2t":
                 s = loss.score(image_emb[rows], text_emb, _take(image_log_std, rows), text_log_std)
             else:  # (N_img, b) -> (b, N_img): the loss scores images against texts
                 s = loss.score(image_emb, text_emb[rows], image_log_std, _take(text_log_std, rows)).T
-            s = s.float().cpu()
-            q = rank_block(s, _positive_rows(pairs, rows, n_q, n_c))
-            for key, value in q.items():
-                parts.setdefault(key, []).append(value)
+            parts.append(rank_block(s.float().cpu(), _positive_rows(pairs, rows, n_q, n_c)))
             if progress is not None:
                 progress(rows.numel())
-        out[d] = {key: torch.cat(values) for key, values in parts.items()} if parts else {}
+        out[d] = {key: torch.cat([q[key] for q in parts]) for key in parts[0]}
         out[d]["query"] = queries
     return out
 
