@@ -188,8 +188,8 @@ def test_float32_and_float64_embeddings_give_the_same_numbers_with_a_real_loss()
 
     gen = torch.Generator().manual_seed(3)
     loss = probloss.build_loss("gaussian_var")
-    x64, y64 = torch.randn(40, 8, generator=gen, dtype=torch.float64), torch.randn(120, 8, generator=gen, dtype=torch.float64)
-    lx, ly = 0.3 * torch.randn(40, generator=gen, dtype=torch.float64), 0.3 * torch.randn(120, generator=gen, dtype=torch.float64)
+    x64, y64 = (torch.randn(n, 8, generator=gen, dtype=torch.float64) for n in (40, 120))
+    lx, ly = (0.3 * torch.randn(n, generator=gen, dtype=torch.float64) for n in (40, 120))
     pos = positive_pairs(torch.arange(40).repeat_interleave(3))
     a = summarize(rank_retrieval(loss, x64, y64, lx, ly, pos, block=16))
     b = summarize(rank_retrieval(loss, x64.float(), y64.float(), lx.float(), ly.float(), pos, block=16))
@@ -278,9 +278,8 @@ def test_the_benchmark_curves_and_the_built_in_evaluators_are_one_definition():
     scores = torch.randint(0, 6, (n, n), generator=gen).float()
     image_log_std, text_log_std = torch.randn(n, generator=gen), torch.randn(n, 3, generator=gen)
     positive = torch.eye(n, dtype=torch.bool)
-    built_in = evaluate_module._uncertainty_vs_retrieval(
-        scores, {"i2t": metrics.plausible_ranking(scores, positive), "t2i": metrics.plausible_ranking(scores.T, positive)},
-        image_log_std, text_log_std, n_bins=10)
+    per_query = {"i2t": metrics.plausible_ranking(scores, positive), "t2i": metrics.plausible_ranking(scores.T, positive)}
+    built_in = evaluate_module._uncertainty_vs_retrieval(scores, per_query, image_log_std, text_log_std, n_bins=10)
     loss, x, y = by_matrix(scores)
     ours = benchmark_uncertainty(rank_retrieval(loss, x, y, None, None, positive_pairs(torch.arange(n)), block=7),
                                  image_log_std, text_log_std)
