@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import probloss
 from probloss.eval import metrics
 from probloss.eval.retrieval import fold_summary, positive_pairs, rank_block, rank_retrieval, summarize
 from probloss.eval.uncertainty import benchmark_uncertainty, plot_uncertainty_bins
@@ -184,8 +185,6 @@ def test_a_perfect_scorer_scores_one_everywhere_with_extra_positives():
 
 
 def test_float32_and_float64_embeddings_give_the_same_numbers_with_a_real_loss():
-    import probloss
-
     gen = torch.Generator().manual_seed(3)
     loss = probloss.build_loss("gaussian_var")
     x64, y64 = (torch.randn(n, 8, generator=gen, dtype=torch.float64) for n in (40, 120))
@@ -300,3 +299,87 @@ def test_plot_uncertainty_bins_writes_a_png_from_prefixed_keys(tmp_path):
     with pytest.raises(ValueError, match="no unc/..._bin_<b>_<metric> keys in the results for 'wds'"):
         plot_uncertainty_bins({"wds/i2t_r@1": 0.5}, tmp_path / "wds.png", "wds")
     assert not (tmp_path / "wds.png").exists()
+
+
+# --- agreement with the built-in evaluator ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_name", probloss.list_losses())
+def test_rank_retrieval_with_every_loss_ranks_as_the_built_in_score_matrix(loss_name):
+    loss = probloss.build_loss(loss_name)
+    gen = torch.Generator().manual_seed(10)
+    x, y = torch.randn(20, 8, generator=gen), torch.randn(60, 8, generator=gen)
+    lx, ly = (0.3 * torch.randn(n, generator=gen) if loss.needs_log_std else None for n in (20, 60))
+    caption_image = torch.arange(20).repeat_interleave(3)
+    pos = positive_pairs(caption_image, torch.tensor([[0, 5], [7, 59]]))
+    dense = torch.zeros(20, 60, dtype=torch.bool)
+    dense[pos[:, 0], pos[:, 1]] = True
+    scores = evaluate_module.score_matrix(loss, x, y, lx, ly).float()
+    ours = rank_retrieval(loss, x, y, lx, ly, pos, block=8)
+    for d, s, p in (("i2t", scores, dense), ("t2i", scores.T, dense.T)):
+        want = metrics.plausible_ranking(s, p)
+        assert torch.equal(ours[d]["rank"], want["rank"]), loss_name
+        assert torch.equal(ours[d]["rprecision"], want["rprecision"])
+        assert torch.allclose(ours[d]["map_at_r"], want["map_at_r"], rtol=0, atol=1e-15)
+        assert 1 < want["rank"].float().mean() < s.shape[1]  # neither perfect nor degenerate
+
+
+def _shapes_eval_set(tokenizer, n: int):
+    import numpy as np
+
+    from probloss.data import shapes
+
+    samples = [shapes.generate_sample(3, shapes.TEST_INDEX_OFFSET + i, 32) for i in range(n)]
+    images = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+                          for img, _, _ in samples])
+    captions = [caption for _, caption, _ in samples]
+
+    class EvalSet:
+        pass
+
+    eval_set = EvalSet()
+    eval_set.images, eval_set.tokens, eval_set.captions = images, tokenizer(captions), captions
+    eval_set.json = [meta for _, _, meta in samples]
+    return eval_set
+
+
+def test_the_engine_on_the_built_in_scores_gives_the_built_in_evaluators_numbers_on_shapes():
+    """The shapes test split's retrieval keys (exact strings, plausible matches) and uncertainty curves, from the
+    built-in evaluator and from rank_retrieval / summarize / benchmark_uncertainty on the same scores."""
+    from probloss.builders import make_tokenizer, make_trainee
+    from probloss.config import compose_config
+    from probloss.data import shapes
+    from probloss.eval import evaluate
+    from probloss.settings import RunSettings
+
+    run = RunSettings.from_config(compose_config(["loss=gaussian_var", "model=tiny"]))
+    tokenizer = make_tokenizer(run)
+    torch.manual_seed(0)
+    trainee = make_trainee(run, tokenizer)
+    model, loss = trainee.model.eval(), trainee.loss
+    eval_set = _shapes_eval_set(tokenizer, 48)
+    built_in = evaluate(model, loss, eval_set, tokenizer)
+
+    image_emb, image_log_std = evaluate_module.encode_images(model, eval_set.images)
+    text_emb, text_log_std = evaluate_module.encode_texts(model, eval_set.tokens)
+    scores = evaluate_module.score_matrix(loss, image_emb, text_emb, image_log_std, text_log_std).float()
+    fixed, x, y = by_matrix(scores)  # the evaluator's own scores, so only the metric code is compared
+    ids: dict[str, int] = {}
+    exact = metrics.same_group(torch.tensor([ids.setdefault(c, len(ids)) for c in eval_set.captions]))
+    plausible = exact | shapes.plausible_matrix(eval_set.captions, eval_set.json)
+    assert exact.sum() > 48 and plausible.sum() > exact.sum()  # repeated captions, extra plausible positives
+    n = torch.arange(48)
+    exact_q = rank_retrieval(fixed, x, y, None, None, positive_pairs(n, exact.nonzero()), block=10)
+    plausible_q = rank_retrieval(fixed, x, y, None, None, positive_pairs(n, plausible.nonzero()), block=10)
+    ours, ours_plausible = summarize(exact_q), summarize(plausible_q, ks=(1, 5))
+    for d in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            assert ours[f"{d}_r@{k}"] == built_in[f"val/{d}_r@{k}"]
+        for k in (1, 5):
+            assert ours_plausible[f"{d}_r@{k}"] == built_in[f"val/{d}_r@{k}_plausible"]
+        assert ours_plausible[f"{d}_rprecision"] == built_in[f"val/{d}_rprecision"]
+        assert ours_plausible[f"{d}_map@r"] == pytest.approx(built_in[f"val/{d}_map@r"], abs=1e-15)
+    unc = benchmark_uncertainty(plausible_q, image_log_std, text_log_std)
+    shared = [k for k in unc if "map@r" not in k]  # the built-in bins R-Precision where the benchmarks bin mAP@R
+    assert len(shared) == 2 * 3 * 14 and set(shared) <= set(built_in)
+    assert {k: unc[k] for k in shared} == pytest.approx({k: built_in[k] for k in shared}, nan_ok=True)
