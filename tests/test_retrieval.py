@@ -1,7 +1,7 @@
 """The benchmarks' metric engine (probloss/eval/retrieval.py) and uncertainty evaluation (probloss/eval/uncertainty.py)
 against a plain-Python reference written from the definitions (loops, float64; Musgrave et al. 2020 with
-pessimistic ties), hand-worked score matrices, a perfect scorer, the COCO 1K fold protocol, and known answers of
-the uncertainty curves."""
+pessimistic ties), hand-worked score matrices, a perfect scorer, the COCO 1K fold protocol, known answers of the
+uncertainty curves, and agreement with the built-in evaluator (every loss's scores; the shapes test split's keys)."""
 
 from __future__ import annotations
 
