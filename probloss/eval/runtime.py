@@ -164,13 +164,13 @@ def evaluate_command(argv: Sequence[str]) -> dict[str, Any]:
         if "=" not in arg:
             raise ConfigError(f"{arg!r} is not key=value; pass the checkpoint as checkpoint=<path>")
     own = [a for a in argv if override_key(a) in BENCHMARK_KEYS or override_key(a).startswith("benchmark.")]
-    cfg = compose_config(own, config_name="evaluate")
     selected = _chosen(own)
     for arg in own:  # a benchmark's key without the benchmark selected would be silently unused
         parts = override_key(arg).split(".")
         if parts[0] == "benchmark" and len(parts) > 2 and parts[1] not in selected:
             raise ConfigError(f"{override_key(arg)} is set but benchmark {parts[1]!r} is not selected; add it: "
                               f"benchmark=[{','.join([*selected, parts[1]])}]")
+    cfg = compose_config(own, config_name="evaluate")
     if not selected and (cfg.eval.output is not None or cfg.eval.save_embeddings):
         raise ConfigError("eval.output and eval.save_embeddings are for benchmarks; select one with "
                           "benchmark=[karpathy,...] (the run's own evaluation writes <run>/eval-step-<step>.json)")
