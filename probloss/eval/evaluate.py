@@ -732,24 +732,14 @@ def _images_fit(metas, captions: Sequence[str]) -> Tensor | None:
 
 
 def _curves(hits: Tensor, rprecision: Tensor, uncertainty: Tensor, n_bins: int) -> dict[str, float]:
-    """Per-bin R@1 and R-Precision by uncertainty, their Spearman with the bin index, and AURC (module docstring)."""
-    out = {}
-    for name, values in (("r@1", hits), ("rprecision", rprecision)):
-        bins = metrics.binned_means(values, uncertainty, n_bins)
-        out.update({f"bin_{b}_{name}": v for b, v in enumerate(bins)})
-        ok = [b for b, v in enumerate(bins) if not math.isnan(v)]
-        out[f"bin_{name}_spearman"] = metrics.spearman(torch.tensor(ok), torch.tensor([bins[b] for b in ok]))
-    out["aurc"] = metrics.risk_coverage(hits, uncertainty).mean().item()
-    out["aurc_oracle"] = metrics.risk_coverage(hits, -hits).mean().item()
-    out["aurc_random"] = 1 - hits.mean().item()
-    return out
+    """Per-bin R@1 and R-Precision by uncertainty, their Spearman with the bin index, and AURC (module docstring;
+    :func:`probloss.eval.metrics.uncertainty_curves`, shared with the benchmarks)."""
+    return metrics.uncertainty_curves(hits, {"r@1": hits, "rprecision": rprecision}, uncertainty, n_bins)
 
 
 def _training_free(s: Tensor) -> dict[str, Tensor]:
-    """The training-free uncertainties of the queries (rows) of ``s``, float64: ``top1`` = minus the best score (a
-    high best score = confident), ``margin`` = minus its margin over the runner-up (a wide margin = confident)."""
-    top2 = s.nan_to_num(nan=-math.inf).topk(min(2, s.shape[1]), dim=1).values.double()
-    return {"top1": -top2[:, 0], "margin": -(top2[:, 0] - top2[:, -1])}
+    """The training-free uncertainties ``top1`` and ``margin`` of the rows of ``s`` (:func:`metrics.training_free`)."""
+    return metrics.training_free(s)
 
 
 def _uncertainty_vs_retrieval(scores: Tensor, per_query: dict[str, dict[str, Tensor]], image_log_std, text_log_std,

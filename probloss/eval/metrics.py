@@ -412,6 +412,45 @@ def risk_coverage(hits: Tensor, uncertainty: Tensor) -> Tensor:
     return 1 - kept / torch.arange(1, hits.numel() + 1, dtype=torch.float64, device=hits.device)
 
 
+def uncertainty_curves(hits: Tensor, values: dict[str, Tensor], uncertainty: Tensor, n_bins: int = 10
+                       ) -> dict[str, float]:
+    """How a per-query uncertainty reads against retrieval: the one definition the built-in evaluator and the
+    benchmarks share (PCME++, Chun 2024; ProLIP, Chun et al. 2024).
+
+    For each ``values[name]`` (a per-query score: R@1 hits, an R-Precision, an mAP@R): ``bin_{b}_{name}`` the
+    mean over the b-th of ``n_bins`` equal-count uncertainty bins, lowest uncertainty first
+    (:func:`binned_means`), and ``bin_{name}_spearman`` the Spearman correlation of the non-empty bins' means with
+    the bin index (-1: the score falls with every step of uncertainty; NaN for a constant curve). From ``hits``:
+    ``aurc`` = the mean risk of :func:`risk_coverage` (lower = better), beside its two references ``aurc_oracle``
+    (the queries ordered by their own hits) and ``aurc_random`` = ``1 - mean(hits)`` (any order's expectation).
+
+    Args:
+        hits: ``(Q,)`` 1 for a query whose top candidate is a positive, else 0.
+        values: name -> ``(Q,)`` per-query score.
+        uncertainty: ``(Q,)`` higher = less certain (NaN: map it to +inf first, the least certain).
+        n_bins: number of bins.
+    """
+    hits = _as_float64(hits).flatten()
+    out = {}
+    for name, v in values.items():
+        bins = binned_means(v, uncertainty, n_bins)
+        out.update({f"bin_{b}_{name}": m for b, m in enumerate(bins)})
+        ok = [b for b, m in enumerate(bins) if not math.isnan(m)]
+        out[f"bin_{name}_spearman"] = spearman(torch.tensor(ok), torch.tensor([bins[b] for b in ok]))
+    out["aurc"] = risk_coverage(hits, uncertainty).mean().item()
+    out["aurc_oracle"] = risk_coverage(hits, -hits).mean().item()
+    out["aurc_random"] = 1 - hits.mean().item()
+    return out
+
+
+def training_free(scores: Tensor) -> dict[str, Tensor]:
+    """The training-free uncertainties of the queries (rows) of ``scores`` (Q, C), float64: ``top1`` = minus the
+    best score (a high best score = confident), ``margin`` = minus its margin over the runner-up (a wide margin =
+    confident). NaN scores count as -inf; with one candidate the margin is 0."""
+    top2 = torch.as_tensor(scores).nan_to_num(nan=-math.inf).topk(min(2, scores.shape[1]), dim=1).values.double()
+    return {"top1": -top2[:, 0], "margin": -(top2[:, 0] - top2[:, -1])}
+
+
 def exact_sum(x: Tensor) -> float:
     """The correctly rounded float64 sum of a tensor's elements (``math.fsum``): the same bits whatever the
     memory alignment, thread count or BLAS, unlike a vectorised reduction (two processes training identically
