@@ -225,7 +225,7 @@ def retrieval_metrics(loss: nn.Module, enc: Encoded, bench: Benchmark, *, block:
                       progress: bool = False) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
     """The benchmark's retrieval keys (module docstring; without the ``<b>/`` prefix) and the per-query rankings
     (``{"i2t": ..., "t2i": ...}`` of :func:`probloss.eval.retrieval.rank_retrieval`)."""
-    from probloss.eval.retrieval import positive_pairs, summarize
+    from probloss.eval.retrieval import fold_summary, positive_pairs, summarize
 
     if bench.associations is not None:  # ECCV Caption / CxC: each direction its own queries and positives
         pairs, queries = readers.match_associations(bench.associations, enc.image_ids, enc.caption_ids, bench.name)
@@ -246,25 +246,13 @@ def retrieval_metrics(loss: nn.Module, enc: Encoded, bench: Benchmark, *, block:
     if bench.folds is not None:
         n_folds, size = bench.folds
         if n_img >= n_folds * size:
-            out.update(fold_metrics(loss, enc, n_folds, size, block))
+            folds = fold_summary(loss, enc.image_emb, enc.text_emb, enc.image_log_std, enc.text_log_std,
+                                 enc.caption_image, n_folds=n_folds, fold_size=size, block=block)
+            out.update({f"1k/{k}": v for k, v in folds.items()})
         else:
             print(f"note: {bench.name}: {n_img} images, fewer than {n_folds} folds x {size}: no 1k/ keys",
                   file=sys.stderr)
     return out, per_query
-
-
-def fold_metrics(loss: nn.Module, enc: Encoded, n_folds: int, size: int, block: int) -> dict[str, float]:
-    """COCO's 1K protocol: fold f = images [f size, (f + 1) size) with their own captions, ranked among
-    themselves; ``1k/<key>`` = the mean over the folds of each :func:`summarize` key."""
-    from probloss.eval.retrieval import positive_pairs, summarize
-
-    folds = []
-    for f in range(n_folds):
-        img = torch.arange(f * size, (f + 1) * size)
-        cap = torch.nonzero((enc.caption_image >= f * size) & (enc.caption_image < (f + 1) * size)).flatten()
-        pos = positive_pairs(enc.caption_image[cap] - f * size)
-        folds.append(summarize(_rank(loss, enc, pos, block, False, "", rows=(img, cap))))
-    return {f"1k/{k}": sum(fold[k] for fold in folds) / n_folds for k in folds[0] if not k.endswith("n_queries")}
 
 
 def zeroshot_metrics(model: nn.Module, loss: nn.Module, tokenizer, enc: Encoded, bench: Benchmark, *,
@@ -307,7 +295,7 @@ def evaluate_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: S
                         image_size: int, lowercase: bool, batch_size: int = 256, block: int = 256, device=None,
                         progress: bool = False) -> tuple[dict[str, float], dict[str, Encoded]]:
     """Every benchmark's keys ``<b>/<metric>`` (module docstring) and each benchmark's embeddings."""
-    from probloss.eval import retrieval
+    from probloss.eval.uncertainty import benchmark_uncertainty
 
     device = device or next(model.parameters()).device
     text = CaseTokenizer(tokenizer, lowercase)
@@ -324,11 +312,8 @@ def evaluate_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: S
             if len(enc.caption_ids):
                 metrics, per_query = retrieval_metrics(loss, enc, bench, block=block, progress=progress)
                 out.update(metrics)
-                # Issue 31 item 3 (engineer C): uncertainty bins, risk-coverage and the training-free baselines of
-                # every retrieval benchmark, for losses with log-stds. Live once retrieval.py has them.
-                unc = getattr(retrieval, "benchmark_uncertainty", None)
-                if unc is not None and enc.image_log_std is not None:
-                    out.update(unc(per_query, enc.image_log_std, enc.text_log_std))
+                if enc.image_log_std is not None:  # sigma bins, risk-coverage, training-free baselines
+                    out.update(benchmark_uncertainty(per_query, enc.image_log_std, enc.text_log_std))
             if bench.classnames and any(label is not None for label in enc.labels):
                 out.update(zeroshot_metrics(model, loss, text, enc, bench, batch_size=batch_size, device=device))
             results.update({f"{bench.name}/{k}": v for k, v in out.items()})
@@ -363,6 +348,7 @@ def run_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: Sequen
                    save: bool = False, device=None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate, then write the results JSON (and with ``save`` the embeddings) and print the table. Nothing is
     written when any benchmark fails."""
+    from probloss.eval.uncertainty import plot_uncertainty_bins
     from probloss.run_folder import write_json
 
     results, encoded = evaluate_benchmarks(
@@ -376,6 +362,11 @@ def run_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: Sequen
     if save:
         for name, enc in encoded.items():
             print(f"wrote {save_embeddings(npz_path(output, name), enc)}")
+    for bench in benches:  # one plot of score against sigma bin per retrieval benchmark of a loss with sigma
+        if any(k.startswith(f"{bench.name}/unc/") for k in results):
+            png = npz_path(output, bench.name).with_suffix(".uncertainty.png")
+            bench_keys = {k: v for k, v in results.items() if k.startswith(f"{bench.name}/unc/")}
+            print(f"wrote {plot_uncertainty_bins(bench_keys, png, bench.name)}")
     print_table(results, [b.name for b in benches])
     print(f"wrote {output}", flush=True)
     return results
