@@ -21,6 +21,7 @@ from probloss.config import ConfigError
 from probloss.eval.benchmarks import export, readers
 from probloss.eval.benchmarks.run import CaseTokenizer, evaluate_benchmarks, lowercase_for, prepare
 from probloss.eval.evaluate import fill_template
+from probloss.eval.retrieval import positive_pairs, rank_retrieval
 from probloss.eval.runtime import evaluate_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +149,26 @@ def test_1k_protocol_is_the_mean_over_folds_of_consecutive_images(trained, loade
         assert "karpathy/1k/i2t_r@1" not in fold
     for key in ("i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@10", "rsum"):
         assert whole[f"karpathy/1k/{key}"] == pytest.approx(np.mean([p[f"karpathy/{key}"] for p in per_fold]))
+
+
+def test_every_kept_caption_of_an_image_is_a_positive(trained, loaded, tmp_path):
+    files = trained["files"]
+    data = json.loads((files / "karpathy" / "dataset_shapes.json").read_text())
+    images = data["images"][:10]
+    for im in images:  # three different sentences per image
+        im["sentences"] = [dict(im["sentences"][0], raw=im["sentences"][0]["raw"] + suffix)
+                           for suffix in ("", " here", " there")]
+    path = tmp_path / "three.json"
+    path.write_text(json.dumps({"images": images}))
+    section = {"annotations": str(path), "images": str(files / "karpathy" / "images"), "split": "test"}
+    for keep, n in ((2, 20), (None, 30)):
+        out, encoded = _run(loaded, [readers.read_karpathy({**section, "max_captions": keep}, "karpathy")])
+        assert encoded["karpathy"].caption_image.tolist() == [i // (n // 10) for i in range(n)]
+        assert out["karpathy/t2i_n_queries"] == n and out["karpathy/i2t_n_queries"] == 10
+        enc = encoded["karpathy"]
+        per_query = rank_retrieval(loaded[1], enc.image_emb, enc.text_emb, enc.image_log_std, enc.text_log_std,
+                                   positive_pairs(enc.caption_image))
+        assert per_query["i2t"]["n_positive"].tolist() == [n // 10] * 10  # each image: all its kept captions
 
 
 # --- ECCV Caption ids -------------------------------------------------------------------------------------------

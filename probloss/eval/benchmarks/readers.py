@@ -134,7 +134,8 @@ def coco_caption_ids(path: Path, key: str) -> dict[tuple[int, str], int]:
 def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool = False) -> Benchmark:
     """The images of ``section.split`` in file order, each with all its sentences (``raw``) as captions.
 
-    Image id: ``cocoid`` (COCO) else ``imgid`` (Flickr30k) else the filename. Caption id: the sentence's ``id``
+    ``section.max_captions``: keep the first k sentences of each image (None: all). Image id: ``cocoid`` (COCO)
+    else ``imgid`` (Flickr30k) else the filename. Caption id: the sentence's ``id``
     (a COCO annotation id) where the file has it, else the one matched in ``section.coco_captions``, else (only
     when ``need_caption_ids`` is False) its ``sentid``.
     """
@@ -164,11 +165,12 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
                           f"sentid): pass {prefix}.coco_captions=<COCO annotations/captions_val2014.json>")
     samples = []
     unmatched = 0
+    keep = section.get("max_captions")  # the first k sentences of each image (None: all)
     for im in chosen:
         image_id = im.get("cocoid", im.get("imgid", im.get("filename")))
         file = root / str(im.get("filepath", "")) / str(im["filename"])
         captions, ids = [], []
-        for s in im.get("sentences", []):
+        for s in im.get("sentences", [])[:keep]:
             text = s.get("raw") if s.get("raw") is not None else " ".join(s.get("tokens", []))
             captions.append(str(text).strip())
             if has_ids:
