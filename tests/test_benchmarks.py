@@ -19,7 +19,7 @@ from probloss import checkpoint as ckpt
 from probloss.cli import DataError
 from probloss.config import ConfigError
 from probloss.eval.benchmarks import export, readers
-from probloss.eval.benchmarks.run import CaseTokenizer, evaluate_benchmarks, lowercase_for, prepare
+from probloss.eval.benchmarks.run import evaluate_benchmarks, lowercase_for, prepare
 from probloss.eval.evaluate import fill_template
 from probloss.eval.retrieval import positive_pairs, rank_retrieval
 from probloss.eval.runtime import evaluate_command

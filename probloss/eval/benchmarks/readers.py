@@ -63,7 +63,6 @@ class Benchmark:
     templates: list[str] | None = None
     associations: dict[str, Any] | None = None
     folds: tuple[int, int] | None = None
-    caption_ids_known: bool = True
 
 
 def _need_file(path: Any, key: str) -> Path:
