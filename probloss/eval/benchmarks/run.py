@@ -314,8 +314,13 @@ def evaluate_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: S
                 out.update(metrics)
                 if enc.image_log_std is not None:  # sigma bins, risk-coverage, training-free baselines
                     out.update(benchmark_uncertainty(per_query, enc.image_log_std, enc.text_log_std))
-            if bench.classnames and any(label is not None for label in enc.labels):
+            labelled = any(label is not None for label in enc.labels)
+            if bench.classnames and labelled:
                 out.update(zeroshot_metrics(model, loss, text, enc, bench, batch_size=batch_size, device=device))
+            elif labelled:
+                print(f"note: {bench.name}: the samples have classes (.cls) but no class names were found "
+                      f"(benchmark.{bench.name}.classnames or classnames.txt beside the shards): no zero-shot keys",
+                      file=sys.stderr)
             results.update({f"{bench.name}/{k}": v for k, v in out.items()})
     finally:
         model.train(was_training)
