@@ -130,8 +130,11 @@ def compose_config(
     for o in choices:
         value = o.value()
         options = group_options(o.key_or_group, directory)
-        if not isinstance(value, str) or value not in options:
-            raise ConfigError(_unknown(f"{o.key_or_group} choice", str(value), options, o.key_or_group))
+        # a group whose default is a list takes several choices at once (benchmark=[karpathy,folder])
+        picked = value if isinstance(value, list) and isinstance(groups[o.key_or_group], list) else [value]
+        for one in picked:
+            if not isinstance(one, str) or one not in options:
+                raise ConfigError(_unknown(f"{o.key_or_group} choice", str(one), options, o.key_or_group))
     chosen = {o.key_or_group for o in choices}
     own_sections = set(groups) - set(config_groups("train", directory))  # sweep, recipe: the command's own
     for group, default in groups.items():

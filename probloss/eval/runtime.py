@@ -152,24 +152,52 @@ def log_projector(model, eval_set, logger, step: int, max_samples: int) -> None:
     writer.flush()
 
 
+BENCHMARK_KEYS = ("checkpoint", "benchmark", "eval.output", "eval.save_embeddings")  # configs/evaluate.yaml's own
+
+
 def evaluate_command(argv: Sequence[str]) -> dict[str, Any]:
-    """``scripts/evaluate.py checkpoint=<path> [key=value ...]`` (configs/evaluate.yaml)."""
-    from probloss.config import ConfigError, compose_config
+    """``scripts/evaluate.py checkpoint=<path> [benchmark=[...] benchmark.<name>.<key>=...] [key=value ...]``
+    (configs/evaluate.yaml; the benchmarks: probloss/eval/benchmarks/)."""
+    from probloss.config import ConfigError, compose_config, override_key
 
     for arg in argv:
         if "=" not in arg:
             raise ConfigError(f"{arg!r} is not key=value; pass the checkpoint as checkpoint=<path>")
-    own = [a for a in argv if a.split("=", 1)[0] == "checkpoint"]
+    own = [a for a in argv if override_key(a) in BENCHMARK_KEYS or override_key(a).startswith("benchmark.")]
+    selected = _chosen(own)
+    for arg in own:  # a benchmark's key without the benchmark selected would be silently unused
+        parts = override_key(arg).split(".")
+        if parts[0] == "benchmark" and len(parts) > 2 and parts[1] not in selected:
+            raise ConfigError(f"{override_key(arg)} is set but benchmark {parts[1]!r} is not selected; add it: "
+                              f"benchmark=[{','.join([*selected, parts[1]])}]")
     cfg = compose_config(own, config_name="evaluate")
-    return evaluate_checkpoint(cfg.checkpoint, [a for a in argv if a not in own])
+    if not selected and (cfg.eval.output is not None or cfg.eval.save_embeddings):
+        raise ConfigError("eval.output and eval.save_embeddings are for benchmarks; select one with "
+                          "benchmark=[karpathy,...] (the run's own evaluation writes <run>/eval-step-<step>.json)")
+    return evaluate_checkpoint(cfg.checkpoint, [a for a in argv if a not in own],
+                               benchmarks=cfg if selected else None, selected=selected)
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def _chosen(overrides: Sequence[str]) -> list[str]:
+    """The names of ``benchmark=[a,b]`` (or ``benchmark=a``) among the overrides, in order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    names: list[str] = []
+    for o in OverridesParser.create().parse_overrides([a for a in overrides if a.split("=", 1)[0] == "benchmark"]):
+        value = o.value()
+        names += [str(v) for v in (value if isinstance(value, list) else [value])]
+    return list(dict.fromkeys(names))
+
+
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), benchmarks=None,
+                        selected: Sequence[str] = ()) -> dict[str, Any]:
     """``scripts/evaluate.py checkpoint=<path> [key=value ...]``: rebuild the run's model and loss from the
     checkpoint, evaluate on its val data (or the data the overrides name) and write ``eval-step-<step>.json``.
 
     ``overrides`` change the config saved in the checkpoint and are checked against it like any command line
-    (an unknown key is an error that lists the keys there).
+    (an unknown key is an error that lists the keys there). ``benchmarks`` (the composed configs/evaluate.yaml)
+    with ``selected`` benchmark names: evaluate those instead (probloss/eval/benchmarks/), every file checked
+    before the checkpoint is read, and write ``eval.output``.
     """
     from lightning_fabric import Fabric
 
@@ -182,6 +210,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
         if found is None:
             raise FileNotFoundError(f"no readable checkpoint at {path}")
         path = found
+    benches = None
+    if benchmarks is not None:  # every benchmark file and key checked before anything is read or encoded
+        from probloss.eval.benchmarks import prepare
+
+        benches = prepare(benchmarks.benchmark, selected)
     raw = ckpt.read_checkpoint(path)
     cfg = apply_overrides(raw["config"], overrides, what=f"the config saved in {path}")
     run = RunSettings.from_config(cfg)
@@ -190,6 +223,17 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
     trainee.load_state_dict(raw["model"])
     fabric = Fabric(accelerator="auto", devices=1, precision="32-true")
     trainee = fabric.setup_module(trainee)
+    if benches is not None:
+        from probloss.eval.benchmarks import run_benchmarks
+        from probloss.eval.benchmarks.run import default_output
+
+        step = int(raw.get("position", {}).get("step", 0))
+        with cpu_matmul(run.trainer.cpu_matmul or "blas"):  # the products the run was trained with
+            return run_benchmarks(trainee.module.model, trainee.module.loss, tokenizer, benches,
+                                  image_size=run.data.image_size, tokenizer_kind=run.data.tokenizer,
+                                  cfg=benchmarks.benchmark, output=benchmarks.eval.output or default_output(path),
+                                  save=bool(benchmarks.eval.save_embeddings), device=fabric.device,
+                                  extra={"steps": step, "checkpoint": str(Path(path).resolve())})
     spec = prepare_data(run.data, run.trainer.batch_size)
     eval_set = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
                          image_noise=float(run.eval.image_noise or 0.0))

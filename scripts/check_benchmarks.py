@@ -1,0 +1,21 @@
+"""Export a checkpoint's test split into every benchmark format and compare each reader with the built-in
+evaluator on the same split (probloss/eval/benchmarks/export.py; docs/benchmarks.md has a measured table).
+
+    python scripts/check_benchmarks.py checkpoint=runs/default/infonce/<run>/checkpoints/step-00000020.ckpt \
+        [out=/tmp/exported] [json=agreement.json]
+
+Exit 0 when every row that measures the same thing agrees exactly, 1 when one differs, 2 for bad arguments.
+"""
+
+import sys
+
+from probloss.cli import DataError
+from probloss.config import ConfigError
+from probloss.eval.benchmarks.export import check_main
+
+if __name__ == "__main__":
+    try:
+        check_main(sys.argv[1:])
+    except (ConfigError, FileNotFoundError, DataError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
