@@ -285,6 +285,21 @@ def test_a_write_that_fails_is_one_line_naming_the_path_and_leaves_no_temp_file(
 
 
 @pytest.mark.slow
+def test_an_out_log_that_cannot_be_written_ends_the_run_with_one_line(tmp_path, cache_dir):
+    """out.log is /dev/full (every write fails with ENOSPC, a real device): the first line the run logs (the
+    evaluation of step 2) fails; the run ends at the next step boundary, one line naming out.log and the error."""
+    run_dir = tmp_path / "default" / "infonce" / "full"
+    run_dir.mkdir(parents=True)
+    (run_dir / "out.log").symlink_to("/dev/full")
+    full = train(*tiny(tmp_path, cache_dir, "run_name=full", "trainer.eval_every=2"))
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert one_line(full.stderr) == f"write error: cannot write {run_dir / 'out.log'}: [Errno 28] No space left on device"
+    assert "[eval step 2]" in full.stdout  # the console kept the line the log lost
+    assert "[eval step 4]" not in full.stdout and not ckpt.list_checkpoints(run_dir)  # stopped after step 2
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, cache_dir, straight, capsys):
     run_dir = copy_run(straight[0], tmp_path, "c")
     older, newest = ckpt.list_checkpoints(run_dir)
