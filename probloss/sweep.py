@@ -19,12 +19,23 @@ started by hand anywhere. Workers never repeat each other: trial k samples (TPE,
 ``sweep.seed`` and k (recorded as ``sampler_seed``; TPE with ``constant_liar``), a grid's points are enqueued
 units in a seeded order (``grid_point``), and so are the seed re-runs of the best configuration: each run once.
 
-A killed worker loses only its running trial, on any storage and any host. Every running trial records a
+An interrupted trial resumes, it does not restart. A worker stopped by SIGTERM/SIGINT saves a checkpoint at the
+next step boundary (probloss/train.py), tells its trial FAIL with the attribute ``interrupted`` and exits 143 /
+130 with one line naming the trial and the command that resumes it (the same sweep command). The next worker
+that asks for work first takes an interrupted trial nobody has taken over (:func:`interrupted_trials`; also one
+whose worker died, below): it enqueues the trial's parameters with ``resumes=<its number>`` (claimed once, like
+grid points: :func:`claim`) and trains them in the interrupted trial's run folder with ``resume=auto``, so the
+run continues from its checkpoint and ends bit-identically where an uninterrupted trial ends; without a
+checkpoint the folder is emptied and the trial starts again with the same parameters. A grid point carries
+``resumes`` too; a seed re-run resumes its ``<study>-seed<k>`` folder. A trial whose training raised an error
+(``crashed``) is not resumed.
+
+A killed worker loses only its running trial's steps since its last checkpoint, on any storage and any host. Every running trial records a
 heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB storage, timed by the database's
 clock; a trial attribute on a journal file), and any live worker marks a RUNNING trial whose heartbeat is
 older than ``sweep.grace_period`` FAIL before it counts the budget; on a journal file a worker on the same host
 fails a dead process's trial at once (process id check). A failed trial does not count towards
-``sweep.n_trials`` (a grid puts its point back in the queue), and a worker whose budget is taken by trials of
+``sweep.n_trials`` (it is resumed; a grid puts its point back in the queue), and a worker whose budget is taken by trials of
 other workers waits for them to finish or go stale, so the study always reaches its budget. A diverging trial
 is recorded with its stability metrics (objective: the worst value), never a crash of the study.
 """
