@@ -52,11 +52,11 @@ import torch
 
 from probloss import checkpoint as ckpt
 from probloss import dist
-from probloss.cli import DataError
 from probloss.builders import (
     check_batch_sizes, check_partial_views, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer,
     make_trainee, uninformative_reference,
 )
+from probloss.cli import DataError
 from probloss.config import ConfigError, compose_config, save_config, to_dict
 from probloss.console import log_error, note, quiet_runs, say, tee_output
 from probloss.data.prepare import load_eval, prepare_data, train_batches
@@ -411,9 +411,8 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
                 print_summary(summary, run_dir, title, run.out_dir)
             if (broken := log_error()) is not None:
                 raise ckpt.WriteError(*broken)
-        except OSError as err:
-            failure = err if isinstance(err, ckpt.WriteError) or err.filename is not None else \
-                ckpt.WriteError(run_dir / "summary.json", err)
+        except OSError as err:  # summary.json, the events, out.log: the path and the reason (probloss/cli.py)
+            failure = err
     dist.raise_together(fabric, failure, 1, only_rank0=True)  # the other ranks end with rank 0's outcome
     return summary if fabric.is_global_zero else {}
 

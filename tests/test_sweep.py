@@ -230,6 +230,12 @@ def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir, sampler
     assert len(complete) == 2
     if sampler == "grid":  # the killed grid point is run again, not skipped
         assert sorted(t.params["trainer.lr"] for t in complete) == [1e-3, 2e-3]
+    # the killed trial is taken over, not replaced by new parameters: same parameters, same run folder (lr.yaml
+    # saves no checkpoint before the end, so it starts again there from step 0)
+    assert trials[0].user_attrs["interrupted"] == "its worker died"
+    (taken,) = [t for t in complete if t.user_attrs.get("resumes") == 0]
+    assert taken.params == trials[0].params and taken.user_attrs["run_name"] == trials[0].user_attrs["run_name"]
+    assert taken.user_attrs["run_dir"].endswith("lr-infonce-trial0000") and taken.user_attrs["steps"] == 400
 
 
 # --- dead workers on other hosts: heartbeats ------------------------------------------------------------------
