@@ -341,6 +341,7 @@ def test_the_end_of_run_table_is_the_headline_and_names_summary_json(straight):
     assert {row.split("|")[1].strip() for row in rows} <= set(HEADLINE_KEYS)
     n = len(json.loads((run_dir / "summary.json").read_text()))
     assert f"all {n} values: {run_dir / 'summary.json'}" in stdout and n > 100
+    assert f"[eval step {STEPS}] val/loss" in stdout  # a plain run prints its eval lines (a study's runs do not)
 
 
 def test_a_process_forked_during_a_run_keeps_default_signal_handling():

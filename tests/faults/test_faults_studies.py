@@ -192,11 +192,12 @@ def test_a_preempted_recipe_run_is_resumed_by_the_same_command_bit_identically(t
     assert row["test/zeroshot_top1"] == ref_row["test/zeroshot_top1"]
 
 
+@pytest.mark.slow
 def test_a_study_prints_one_line_per_trial_or_run_and_keeps_eval_lines_in_out_log(straight_sweep, straight_recipe):
     for run_dir, stdout in (straight_sweep, straight_recipe):
         assert "[eval step" not in stdout, stdout
         log = (run_dir / "out.log").read_text()
-        assert f"[eval step 4]" in log and f"[eval step {STEPS}]" in log  # intermediate and final: in out.log
+        assert "[eval step 4]" in log and f"[eval step {STEPS}]" in log  # intermediate and final: in out.log
     sweep_lines = [line for line in straight_sweep[1].splitlines() if line.strip()]
     trial_lines = [line for line in sweep_lines if line.startswith("[lr-infonce] trial")]
     assert len(trial_lines) == 1 and "COMPLETE" in trial_lines[0]
