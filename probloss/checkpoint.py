@@ -66,31 +66,48 @@ class WriteError(OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    def __reduce__(self):  # pickled whole (dist.raise_together hands rank 0's error to the other ranks)
+        return _write_error, (self.errno, self.strerror)
+
+
+def _write_error(errno: int, message: str) -> WriteError:
+    error = WriteError.__new__(WriteError)
+    OSError.__init__(error, errno, message)
+    return error
+
 
 def save_checkpoint(fabric, run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:
     """Save ``state`` atomically as ``<run>/checkpoints/step-<step>.ckpt``; keep the newest ``keep_last``.
 
-    Must be called on every rank (``fabric.save`` decides who writes; under DDP only rank 0 does).
+    Must be called on every rank (``fabric.save`` decides who writes; under DDP only rank 0 does). A write that
+    fails (disk full, file-size limit, read-only folder) leaves no half-written file and raises
+    :class:`WriteError` on rank 0; the other ranks end with it (dist.raise_together: rank 0's outcome is
+    broadcast where the second barrier was, so no rank is left waiting).
     """
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
-    if fabric.is_global_zero:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    dist.barrier(fabric)
+    error = None
     try:
-        fabric.save(tmp, state)
+        if fabric.is_global_zero:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        dist.barrier(fabric)
+        if fabric.world_size > 1:  # fabric.save ends in a barrier that rank 0 would not reach if its write failed
+            from lightning_fabric.wrappers import _unwrap_objects
+
+            fabric.strategy.save_checkpoint(path=tmp, state=_unwrap_objects(state))
+        else:
+            fabric.save(tmp, state)
         if fabric.is_global_zero:
             if final.exists():  # a resumed run saving the same step again
                 _remove(final)
             os.replace(tmp, final)
-    except OSError as err:  # disk full, file-size limit, read-only folder: no half-written file stays behind
+            for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
+                _remove(old)
+    except OSError as err:  # no half-written file stays behind
         with contextlib.suppress(OSError):
             _remove(tmp)
-        raise WriteError(final, err) from None
-    if fabric.is_global_zero:
-        for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
-            _remove(old)
-    dist.barrier(fabric)
+        error = WriteError(final, err)
+    dist.raise_together(fabric, error, code=1, only_rank0=True)  # also the barrier after the write
     return final
 
 

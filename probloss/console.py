@@ -10,9 +10,14 @@ Everything the process writes to ``sys.stdout``/``sys.stderr`` while the block r
 data-loader workers) goes to both, and Python warnings are printed like :func:`say`; the progress bar's
 redraws (they start with a carriage return) stay on the console only, so out.log reads as a log.
 
-A log that cannot be written (disk full) never breaks the console: the first failure is reported once on the
-console and the log is left alone from then on (before, a full disk made every print fail and the process
-died with "lost sys.stderr" and no reason).
+A run that is one of many (a sweep's trial, a recipe's cell: ``train(..., table=False)``) keeps its progress
+lines (``[eval step N] ...``, ``resumed from ...``, written with :func:`note`) in out.log only, so a study's console
+shows one line per trial or run, plus warnings and errors; a plain ``probloss train`` prints them as well.
+
+A log that cannot be written (disk full) never breaks the console (before, a full disk made every print fail and
+the process died with "lost sys.stderr" and no reason): the first failure is remembered (:func:`log_error`),
+the log is left alone from then on, and the training loop ends the run at its next step boundary with one line,
+``write error: cannot write <run>/out.log: [Errno 28] No space left on device`` (exit 1).
 """
 
 from __future__ import annotations
@@ -55,27 +60,56 @@ class Tee(io.TextIOBase):
 
 
 def _log_write(log, text: str | None, console) -> None:
-    """Write (or, with ``text=None``, flush) the log; on an OS error say so once on the console and stop logging."""
+    """Write (or, with ``text=None``, flush) the log; on an OS error remember it (:func:`log_error`: the run ends
+    at its next step boundary with one line naming out.log and the error) and stop writing the log."""
     if getattr(log, "failed", False):
         return
     try:
         log.write(text) if text is not None else log.flush()
     except OSError as err:
-        log.failed = True
-        console.write(f"warning: cannot write {getattr(log, 'name', 'the log')}: {err}; logging to the console only\n")
+        log.failed, log.error = True, err
 
 
 class _Log:
     """The log file, remembering whether a write to it failed (file objects take no new attributes)."""
 
     def __init__(self, file):
-        self.file, self.failed, self.name = file, False, file.name
+        self.file, self.failed, self.error, self.name = file, False, None, file.name
 
     def write(self, text: str) -> None:
         self.file.write(text)
 
     def flush(self) -> None:
         self.file.flush()
+
+
+_LOGS: list[_Log] = []  # the logs of the tee_output blocks now open, innermost last
+_QUIET: list[bool] = []  # quiet_runs blocks now open
+
+
+@contextlib.contextmanager
+def quiet_runs(quiet: bool = True):
+    """For the block, :func:`note` lines go to the open out.log only (``quiet=False``: nothing changes)."""
+    _QUIET.append(bool(quiet))
+    try:
+        yield
+    finally:
+        _QUIET.pop()
+
+
+def log_error() -> tuple[str, OSError] | None:
+    """(path, OS error) of the first failed write to the innermost open out.log (disk full), or None."""
+    log = _LOGS[-1] if _LOGS else None
+    return (log.name, log.error) if log is not None and log.error is not None else None
+
+
+def note(message: str) -> None:
+    """A run's progress line: printed like :func:`say`, or inside :func:`quiet_runs` (a sweep's trial, a
+    recipe's run) written to the run's out.log only."""
+    if _QUIET and _QUIET[-1] and _LOGS:
+        _log_write(_LOGS[-1], message + "\n", sys.__stderr__)
+    else:
+        say(message)
 
 
 @contextlib.contextmanager
@@ -88,12 +122,14 @@ def tee_output(path: str | Path):
         saved = sys.stdout, sys.stderr, warnings.showwarning
         sys.stdout, sys.stderr = Tee(saved[0], log), Tee(saved[1], log)
         warnings.showwarning = _show_warning
+        _LOGS.append(log)
         try:
             yield
         except BaseException as err:  # the reason a run stopped belongs in its log too
             _log_write(log, f"stopped: {type(err).__name__}: {err}\n", saved[1])
             raise
         finally:
+            _LOGS.remove(log)
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
             sys.stdout, sys.stderr, warnings.showwarning = saved

@@ -304,3 +304,54 @@ def sum_over_ranks(fabric, value: int) -> int:
     if fabric.world_size == 1:
         return int(value)
     return int(all_reduce_sum(fabric, torch.tensor(float(value), device=fabric.device)).item())
+
+
+# --- ending every rank together ---------------------------------------------------------------------------------
+#
+# An error raised on one rank only (its data, rank 0's run-folder lock or writes) must not leave the other ranks
+# waiting at their next collective (gloo's timeout is 30 minutes). The training loop already all-reduces a
+# stop flag once per step; an error flag rides in the same tensor, and only when a flag is set do the ranks
+# exchange the error itself (below). Rank 0 then raises the failing rank's error, which the command prints as its
+# one line; every other rank ends quietly with the same exit status.
+
+
+class RankStopped(SystemExit):
+    """This rank ends because another rank failed: rank 0 raises (and the command prints) that rank's error."""
+
+
+def raise_together(fabric, error: BaseException | None, code: int, only_rank0: bool = False) -> None:
+    """End every rank when any rank has ``error`` (None: this rank has none); return when no rank has one.
+
+    Must be called on every rank at the same point. ``only_rank0``: only rank 0 can have failed (a write only
+    it makes): one broadcast; otherwise one all-gather of objects. ``code``: the exit status of the ranks that
+    did not fail (the command's own for the error: 2 for config and data errors, 1 for a failed write).
+    """
+    if fabric is None or fabric.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    payload = None if error is None else (fabric.global_rank, _portable(error), int(code))
+    if only_rank0:
+        gathered = [fabric.broadcast(payload, src=0)]
+    else:
+        gathered = [None] * fabric.world_size
+        dist.all_gather_object(gathered, payload)
+    failed = [p for p in gathered if p is not None]
+    if not failed:
+        return
+    rank, first, status = min(failed, key=lambda p: p[0])
+    if fabric.is_global_zero:
+        if error is not None and rank == fabric.global_rank:
+            raise error
+        raise first
+    raise RankStopped(status)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` as another process can unpickle it (else a RuntimeError with its message)."""
+    import pickle
+
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(str(error))

@@ -19,12 +19,23 @@ started by hand anywhere. Workers never repeat each other: trial k samples (TPE,
 ``sweep.seed`` and k (recorded as ``sampler_seed``; TPE with ``constant_liar``), a grid's points are enqueued
 units in a seeded order (``grid_point``), and so are the seed re-runs of the best configuration: each run once.
 
-A killed worker loses only its running trial, on any storage and any host. Every running trial records a
+An interrupted trial resumes, it does not restart. A worker stopped by SIGTERM/SIGINT saves a checkpoint at the
+next step boundary (probloss/train.py), tells its trial FAIL with the attribute ``interrupted`` and exits 143 /
+130 with one line naming the trial and the command that resumes it (the same sweep command). The next worker
+that asks for work first takes an interrupted trial nobody has taken over (:func:`interrupted_trials`; also one
+whose worker died, below): it enqueues the trial's parameters with ``resumes=<its number>`` (claimed once, like
+grid points: :func:`claim`) and trains them in the interrupted trial's run folder with ``resume=auto``, so the
+run continues from its checkpoint and ends bit-identically where an uninterrupted trial ends; without a
+checkpoint the folder is emptied and the trial starts again with the same parameters. A grid point carries
+``resumes`` too; a seed re-run resumes its ``<study>-seed<k>`` folder. A trial whose training raised an error
+(``crashed``) is not resumed.
+
+A killed worker loses only its running trial's steps since its last checkpoint, on any storage and any host. Every running trial records a
 heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB storage, timed by the database's
 clock; a trial attribute on a journal file), and any live worker marks a RUNNING trial whose heartbeat is
 older than ``sweep.grace_period`` FAIL before it counts the budget; on a journal file a worker on the same host
 fails a dead process's trial at once (process id check). A failed trial does not count towards
-``sweep.n_trials`` (a grid puts its point back in the queue), and a worker whose budget is taken by trials of
+``sweep.n_trials`` (it is resumed; a grid puts its point back in the queue), and a worker whose budget is taken by trials of
 other workers waits for them to finish or go stale, so the study always reaches its budget. A diverging trial
 is recorded with its stability metrics (objective: the worst value), never a crash of the study.
 """
@@ -37,6 +48,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import threading
@@ -227,10 +239,14 @@ def enqueue_grid(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> in
     (Optuna's grid sampler picks its point at ``ask`` from its own seeded generator, so two workers asking at the
     same moment took the same point: 3 distinct of 4 in a 2-worker LR grid, one point never run.)"""
     trials = study.get_trials(deepcopy=False)
+    interrupted = {t.user_attrs.get("grid_point"): t.number for t in interrupted_trials(trials)}
     for point in points:
         unit = json.dumps(point, sort_keys=True)
         if unit_owner(trials, "grid_point", unit) is None:  # never run, or its worker died (FAIL)
-            study.enqueue_trial(dict(point), user_attrs={"grid_point": unit}, skip_if_exists=False)
+            attrs = {"grid_point": unit}
+            if unit in interrupted:  # trained on from its checkpoint, not from step 0
+                attrs["resumes"] = interrupted[unit]
+            study.enqueue_trial(dict(point), user_attrs=attrs, skip_if_exists=False)
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
@@ -302,6 +318,9 @@ def fail_dead_trials(study: optuna.Study, storage, grace_period: float) -> list[
         gone = attrs.get("host") == host and "pid" in attrs and not _alive(int(attrs["pid"]))
         stale = "heartbeat" in attrs and now - float(attrs["heartbeat"]) > grace_period
         if gone or stale:
+            with contextlib.suppress(RuntimeError):  # (another worker may have failed it a moment ago)
+                study._storage.set_trial_user_attr(trial._trial_id, "interrupted", "its worker died" if gone else
+                                                   f"its worker's heartbeat stopped ({attrs.get('host')})")
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             failed.append(trial.number)
     return failed
@@ -347,6 +366,31 @@ def count_taken(study: optuna.Study) -> tuple[int, int]:
     return len(trials) - running, running
 
 
+def interrupted_trials(trials) -> list:
+    """FAIL trials whose training was interrupted and that no trial has taken over yet, oldest first.
+
+    Interrupted: the worker was stopped by SIGTERM/SIGINT (``interrupted`` attribute, set as it exits) or died
+    (SIGKILL, a lost node: failed by :func:`fail_dead_trials`) while the trial trained (it has a ``run_name``).
+    Not interrupted: a trial dropped by :func:`claim` (never trained) or one whose training raised an error
+    (``crashed``: running it again would fail again). Taken over: some trial carries ``resumes=<its number>``
+    and was not dropped (waiting, running, finished, or itself interrupted: then that one is resumed instead).
+    """
+    taken = {t.user_attrs["resumes"] for t in trials if "resumes" in t.user_attrs and "dropped" not in t.user_attrs}
+    return [t for t in sorted(trials, key=lambda t: t.number)
+            if t.state == optuna.trial.TrialState.FAIL and "run_name" in t.user_attrs and t.number not in taken
+            and "dropped" not in t.user_attrs and "crashed" not in t.user_attrs]
+
+
+def enqueue_resumes(study: optuna.Study) -> int:
+    """Enqueue every interrupted trial of a sampled search (:func:`interrupted_trials`) as a unit ``resumes``:
+    same parameters, trained on in the same run folder; returns how many such units wait. Workers racing here
+    may enqueue one twice: :func:`claim` runs one copy."""
+    for old in interrupted_trials(study.get_trials(deepcopy=False)):
+        study.enqueue_trial(dict(old.params), user_attrs={"resumes": old.number}, skip_if_exists=False)
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    return sum("resumes" in t.user_attrs for t in waiting)
+
+
 def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print) -> None:
     """Fail the trials of dead workers (:func:`fail_dead_trials`); a grid queues their points again
     (:func:`enqueue_grid`, called by the worker: a point whose trial failed has no live trial)."""
@@ -359,19 +403,34 @@ def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print
 
 
 def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss_name: str, study_name: str,
-              seed: int | None = None, fixed_params: Mapping | None = None) -> tuple[list[float], dict]:
-    """Train one configuration; report the first objective at every evaluation (for pruning)."""
+              seed: int | None = None, fixed_params: Mapping | None = None, run_name: str | None = None,
+              resume: bool = False) -> tuple[list[float], dict]:
+    """Train one configuration; report the first objective at every evaluation (for pruning).
+
+    ``run_name``: the run folder's name (default ``<study>-trial<N>``, ``<study>-seed<k>`` for a re-run seed).
+    ``resume``: the trial continues an interrupted one under its run folder: from its newest checkpoint
+    (``resume=auto``, the run rebuilt from its config.yaml: probloss/run_folder.py resume_config), or, where the
+    folder holds none, from step 0 in an emptied folder. Called on every rank.
+    """
+    from probloss.run_folder import resume_config, run_base
     from probloss.train import NonFiniteLossError, train
 
     if fixed_params is not None:
         params = [f"{key}={value}" for key, value in fixed_params.items()]
     else:
         params = suggest_overrides(trial, sweep_cfg.get("space") or {}, loss_name)
-    run_name = f"{study_name}-trial{trial.number:04d}" if seed is None else f"{study_name}-seed{seed}"
-    overrides = [*base_overrides, *params, f"run_name={run_name}", "resume=null"]
+    if run_name is None:
+        run_name = f"{study_name}-trial{trial.number:04d}" if seed is None else f"{study_name}-seed{seed}"
+    overrides = [*base_overrides, *params, f"run_name={run_name}"]
     if seed is not None:
         overrides.append(f"seed={seed}")
-    cfg = compose_config(overrides)
+    cfg = compose_config([*overrides, "resume=null"])
+    if resume:
+        run_dir = run_base(RunSettings.from_config(cfg)) / run_name
+        resume = dist.broadcast_object(fabric, _resumable(run_dir) if fabric.is_global_zero else None)
+    if resume:  # the same overrides as the interrupted trial's: resume_config refuses any change
+        overrides.append("resume=auto")
+        cfg, _ = resume_config(compose_config(overrides), overrides)
     objectives = list(sweep_cfg["objectives"])
     single = len(objectives) == 1
 
@@ -388,6 +447,21 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
     except NonFiniteLossError as err:  # diverged: a result, not a crash of the study
         summary = {"stability/diverged": 1.0, "error": str(err)}
     return objective_values(summary, objectives), summary
+
+
+def _resumable(run_dir: Path) -> bool:
+    """Whether an interrupted trial's run folder holds a checkpoint to resume from; a folder without one (the
+    worker stopped before its first checkpoint) is removed, so the trial starts again in a clean folder (one
+    event file, as recipes do). Rank 0 only."""
+    import shutil
+
+    from probloss.checkpoint import newest_checkpoint
+
+    if newest_checkpoint(run_dir) is not None:
+        return True
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    return False
 
 
 def _record(trial, summary: Mapping[str, Any]) -> None:
@@ -424,6 +498,9 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
                 else:
                     trial = claim(study, "grid_point")
                     decision = "run" if trial is not None else "again"  # another worker's copy of that point
+            elif decision == "run" and enqueue_resumes(study):  # an interrupted trial first, each resumed once
+                trial = claim(study, "resumes")
+                decision = "run" if trial is not None else "again"
         decision = dist.broadcast_object(fabric, decision)
         if decision == "stop":
             return ran
@@ -434,7 +511,12 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
             continue
         if fabric.is_global_zero and trial is None:
             trial = study.ask()
+        run_name, resumes = None, None
         if fabric.is_global_zero:
+            resumes = trial.user_attrs.get("resumes")
+            run_name = (study.trials[resumes].user_attrs["run_name"] if resumes is not None else
+                        f"{study.study_name}-trial{trial.number:04d}")
+            trial.set_user_attr("run_name", run_name)  # from now on an interruption leaves it to resume
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
             if worker_index() is not None:
@@ -443,13 +525,14 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
                 seed = trial_seed(int(sweep_cfg.get("seed", 0)), trial.number)
                 study.sampler = make_sampler(sweep_cfg, False, loss_name, seed=seed)
                 trial.set_user_attr("sampler_seed", seed)
+        run_name, resumes = dist.broadcast_object(fabric, (run_name, resumes))
         dist_trial = TorchDistributedTrial(trial) if fabric.world_size > 1 else trial
         start = time.time()
         state, values, summary = optuna.trial.TrialState.COMPLETE, None, {}
         try:
-            with heartbeat(storage, trial, interval):
+            with interruption(study, trial if fabric.is_global_zero else None), heartbeat(storage, trial, interval):
                 values, summary = run_trial(fabric, dist_trial, base_overrides, sweep_cfg, loss_name,
-                                            study.study_name)
+                                            study.study_name, run_name=run_name, resume=resumes is not None)
         except optuna.TrialPruned:
             state = optuna.trial.TrialState.PRUNED
         ran += 1
@@ -458,8 +541,41 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
             study.tell(trial, values if state == optuna.trial.TrialState.COMPLETE else None, state=state)
             shown = "pruned" if values is None else ", ".join(f"{v:.4g}" for v in values)
             diverged = " DIVERGED" if summary.get("stability/diverged") else ""
+            resumed = f" (resumed trial {resumes})" if resumes is not None else ""
             log(f"[{study.study_name}] trial {trial.number:3d} {state.name:8s} objective {shown}{diverged} "
-                f"params {trial.params} ({time.time() - start:.0f} s)", flush=True)
+                f"params {trial.params}{resumed} ({time.time() - start:.0f} s)", flush=True)
+
+
+@contextlib.contextmanager
+def interruption(study: optuna.Study, trial):
+    """Record how a trial's training ended when it did not return; ``trial`` None (ranks other than 0): only
+    re-raise. SIGTERM/SIGINT (:class:`probloss.train.Preempted`, or a KeyboardInterrupt outside the training
+    loop): the trial is told FAIL with the attribute ``interrupted`` and the next worker resumes it
+    (:func:`interrupted_trials`); the Preempted re-raised names the trial, so the command's one line says what
+    resumes and how. Any other error: FAIL with ``crashed`` (not resumed: it would fail again), re-raised."""
+    from probloss.train import Preempted
+
+    try:
+        yield
+    except (Preempted, KeyboardInterrupt) as stop:
+        if trial is None:
+            raise
+        if isinstance(stop, KeyboardInterrupt):
+            stop = Preempted(signal.SIGINT, None, None, None)
+        saved = f"step {stop.step} saved in {stop.checkpoint}" if stop.checkpoint else "no checkpoint"
+        trial.set_user_attr("interrupted", f"{signal.Signals(stop.signum).name} ({saved})")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        where = (f"at step {stop.step} of trial {trial.number} of study {study.study_name}: saved {stop.checkpoint};"
+                 " the sweep resumes the trial from it" if stop.checkpoint else
+                 f"before the first checkpoint of trial {trial.number} of study {study.study_name}: the sweep "
+                 "trains the trial again with the same parameters")
+        raise Preempted(stop.signum, stop.step, stop.checkpoint, stop.run_dir, where=where) from None
+    except Exception as err:
+        if trial is not None and not isinstance(err, optuna.TrialPruned):
+            with contextlib.suppress(Exception):  # the storage may be what failed; the error is what matters
+                trial.set_user_attr("crashed", f"{type(err).__name__}: {err}"[:500])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
 
 
 def best_params(study: optuna.Study) -> dict[str, Any]:
@@ -530,9 +646,10 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
         if decision != "run":
             continue
         seed = dist.broadcast_object(fabric, trial.user_attrs["seed"] if fabric.is_global_zero else None)
-        with heartbeat(storage, trial, interval):
+        # resume=True: the seed's run folder exists only when an earlier worker was stopped while training it
+        with interruption(rerun, trial if fabric.is_global_zero else None), heartbeat(storage, trial, interval):
             values, summary = run_trial(fabric, trial, base_overrides, sweep_cfg, loss_name, study.study_name,
-                                        seed=seed, fixed_params=params)
+                                        seed=seed, fixed_params=params, resume=True)
         if fabric.is_global_zero:
             _record(trial, summary)
             rerun.tell(trial, values)

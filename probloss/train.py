@@ -56,8 +56,9 @@ from probloss.builders import (
     check_batch_sizes, check_partial_views, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer,
     make_trainee, uninformative_reference,
 )
-from probloss.config import compose_config, save_config, to_dict
-from probloss.console import say, tee_output
+from probloss.cli import DataError
+from probloss.config import ConfigError, compose_config, save_config, to_dict
+from probloss.console import log_error, note, quiet_runs, say, tee_output
 from probloss.data.prepare import load_eval, prepare_data, train_batches
 from probloss.eval.runtime import evaluate, log_projector
 from probloss.false_negatives import batch_groups
@@ -77,13 +78,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGINT stopped the run; ``checkpoint`` (None: none yet) holds step ``step`` of ``run_dir``."""
+    """SIGTERM or SIGINT stopped the run; ``checkpoint`` (None: none yet) holds step ``step`` of ``run_dir``.
 
-    def __init__(self, signum: int, step: int | None, checkpoint: str | Path | None, run_dir: str | Path | None):
+    ``where``: what stopped, in place of "at step N: saved <checkpoint>" (a sweep names its trial)."""
+
+    def __init__(self, signum: int, step: int | None, checkpoint: str | Path | None, run_dir: str | Path | None,
+                 where: str | None = None):
         self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
         self.exit_code = 128 + int(signum)
         name = signal.Signals(signum).name
-        if checkpoint is not None:
+        if where is not None:
+            message = f"{name} {where}"
+        elif checkpoint is not None:
             message = f"{name} at step {step}: saved {checkpoint}"
         else:
             message = f"{name} before the first checkpoint: nothing to resume"
@@ -164,7 +170,7 @@ def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str
     cfg = compose_config(overrides)
     if cfg.resume is not None:  # the run as it was begun (its config.yaml), not defaults + this command line
         cfg, lines = resume_config(cfg, overrides)
-        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        if table and os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
             for line in lines:
                 print(line, file=sys.stderr, flush=True)
     run = RunSettings.from_config(cfg)
@@ -202,7 +208,9 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
 
     ``on_eval(step, metrics)`` is called on every rank after each intermediate evaluation (metrics on rank 0,
     ``{}`` elsewhere); sweeps use it to report to Optuna and to prune by raising. ``table``: print the
-    end-of-run table (else one line: the run folder). Raises :class:`Preempted` on SIGTERM/SIGINT.
+    end-of-run table and the ``[eval step N]`` lines; ``False`` (a sweep's trial, a recipe's run: the caller
+    prints one line per run) prints neither: the eval lines go to out.log only (probloss/console.py).
+    Raises :class:`Preempted` on SIGTERM/SIGINT.
     """
     run = RunSettings.from_config(cfg)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -215,7 +223,9 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     # (~490 per step, scripts/profile_step.py). The algorithms stay deterministic; results are bit-identical.
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
-        with contextlib.ExitStack() as stack, StopSignals() as signals:  # stack: the run's out.log, once known
+        # stack: the run's out.log, once known; quiet_runs: a sweep's trial or a recipe's run keeps its eval lines
+        # in out.log (one console line per run)
+        with contextlib.ExitStack() as stack, StopSignals() as signals, quiet_runs(not table):
             try:
                 return _train(fabric, cfg, run, on_eval, stack, signals, table)
             except _Interrupted as stop:  # before the run folder was known: nothing was saved
@@ -236,9 +246,14 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
     spec = prepare_data(run.data, t.batch_size, fabric)  # bad data fails here, before the run folder exists
     run_dir, resume_from = dist.broadcast_object(fabric, resolve_run_dir(run) if fabric.is_global_zero else None)
     run_dir = Path(run_dir)
+    failure = None
     if fabric.is_global_zero:
-        stack.enter_context(run_folder_lock(run_dir))  # one process per run folder; a bad command leaves none
-        stack.enter_context(tee_output(run_dir / "out.log"))
+        try:
+            stack.enter_context(run_folder_lock(run_dir))  # one process per run folder; a bad command leaves none
+            stack.enter_context(tee_output(run_dir / "out.log"))
+        except (ConfigError, OSError) as err:  # e.g. the folder is in use: every rank stops, not only rank 0
+            failure = err
+    dist.raise_together(fabric, failure, _exit_code(failure), only_rank0=True)
     try:
         return _run(fabric, cfg, run, spec, per_rank, on_eval, stack, run_dir, resume_from, signals, table, t_start)
     except _Interrupted as stop:  # outside the loop: the newest readable checkpoint is the resume point
@@ -272,14 +287,18 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
         ckpt.set_rng_state(state["rng"])
         if fabric.is_global_zero:
             extra = f" (extra keys: {list(rest)})" if rest else ""
-            say(f"resumed from {resume_from} at step {state['position'].step}{extra}")
+            note(f"resumed from {resume_from} at step {state['position'].step}{extra}")
     pos: Position = state["position"]
 
-    logger = None
+    logger, failure = None, None
     if fabric.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir)
-        logger = make_logger(run_dir, purge_step=pos.step + 1 if resume_from is not None else None)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir)
+            logger = make_logger(run_dir, purge_step=pos.step + 1 if resume_from is not None else None)
+        except OSError as err:
+            failure = err
+    dist.raise_together(fabric, failure, 1, only_rank0=True)
     eval_set = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
                          image_noise=float(run.eval.image_noise or 0.0))
     val_batch = min(t.batch_size, len(eval_set.captions) - len(eval_set.captions) % fabric.world_size)
@@ -301,10 +320,30 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
     bar = _progress(fabric, t, pos.step)
     try:
         signals.armed = True  # from here a signal stops the loop at the next step boundary, with a checkpoint
+        saved = None  # the checkpoint of the step just done, if one was written
         while pos.step < t.max_steps:
             timer.start()  # throughput includes reading the data
+            before, failure = pos.state_dict(), None
             with phase("data"):
-                batch = next(batches)
+                try:
+                    batch = next(batches)
+                except DataError as err:  # e.g. data.max_skipped_fraction: may hit one rank only
+                    failure = err
+            if failure is None and (broken := log_error()) is not None:  # out.log cannot be written (disk full)
+                failure = ckpt.WriteError(*broken)
+            # Every rank stops at the same step boundary, all of them when one has an error: one all-reduce of
+            # both flags (a signal reaches ranks at different times; an error may be one rank's), none in one process
+            stop, failed = signals.signum is not None, failure is not None
+            if fabric.world_size > 1:
+                flags = dist.all_reduce_sum(fabric, torch.tensor([float(stop), float(failed)], device=fabric.device))
+                stop, failed = bool(flags[0] > 0), bool(flags[1] > 0)
+            if failed:  # the failing rank's error on rank 0 (the one line), the others end quietly
+                dist.raise_together(fabric, failure, _exit_code(failure))
+            if stop:  # at the boundary after step pos.step: the batch just read is read again on resume
+                pos.load_state_dict(before)
+                with phase("checkpoint"):
+                    saved = saved or _save(fabric, run_dir, pos, state, t.keep_last)
+                raise Preempted(signals.signum or signal.SIGTERM, pos.step, saved, run_dir)
             torch.manual_seed(step_seed(run.seed, pos.step, fabric.global_rank))  # dropout etc.: a function of the step
             out = train_step(fabric, trainee, optimizer, batch, t.grad_clip, t.accum_steps,
                              relative_clip=tracker.clip_threshold if t.grad_clip_mode == "relative" else None)
@@ -335,13 +374,6 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
             if (t.ckpt_every and pos.step % t.ckpt_every == 0) or last:
                 with phase("checkpoint"):
                     saved = _save(fabric, run_dir, pos, state, t.keep_last)
-            stop = signals.signum is not None
-            if fabric.world_size > 1:  # every rank stops at the same step (a signal reaches ranks at different times)
-                stop = dist.sum_over_ranks(fabric, int(stop)) > 0
-            if stop and not last:
-                with phase("checkpoint"):
-                    saved = saved or _save(fabric, run_dir, pos, state, t.keep_last)
-                raise Preempted(signals.signum or signal.SIGTERM, pos.step, saved, run_dir)
         signals.armed = False  # the final evaluation: a signal stops at once (the last checkpoint is saved)
         if signals.signum is not None:
             raise _Interrupted(signals.signum)
@@ -367,16 +399,27 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
                     "status": "finished", "loss": run.loss_name, "world_size": fabric.world_size,
                     "run_dir": str(run_dir), "wall_time_s": time.perf_counter() - t_start})
     summary.update(planted_counts(fabric, run, pos))
-    if not fabric.is_global_zero:
-        return {}
-    logger.log_metrics({"data/skipped": skipped, "data/truncated_shards": len(spec.truncated)}, step=pos.step)
-    write_summary(run_dir, summary)
-    log_hparams(logger, cfg, summary)
-    logger.finalize("success")
-    if table:
-        title = f"{run.loss_name} / {run.model.get('name', '?')} / {fabric.world_size} rank(s)"
-        print_summary(summary, run_dir, title, run.out_dir)
-    return summary
+    failure = None
+    if fabric.is_global_zero:
+        try:
+            logger.log_metrics({"data/skipped": skipped, "data/truncated_shards": len(spec.truncated)}, step=pos.step)
+            write_summary(run_dir, summary)
+            log_hparams(logger, cfg, summary)
+            logger.finalize("success")
+            if table:
+                title = f"{run.loss_name} / {run.model.get('name', '?')} / {fabric.world_size} rank(s)"
+                print_summary(summary, run_dir, title, run.out_dir)
+            if (broken := log_error()) is not None:
+                raise ckpt.WriteError(*broken)
+        except OSError as err:  # summary.json, the events, out.log: the path and the reason (probloss/cli.py)
+            failure = err
+    dist.raise_together(fabric, failure, 1, only_rank0=True)  # the other ranks end with rank 0's outcome
+    return summary if fabric.is_global_zero else {}
+
+
+def _exit_code(error: BaseException | None) -> int:
+    """The command's exit status for ``error`` (probloss/cli.py): 2 for a bad config or bad data, else 1."""
+    return 2 if isinstance(error, (ConfigError, DataError, FileNotFoundError)) else 1
 
 
 def planted_counts(fabric, run: RunSettings, pos: Position) -> dict[str, float]:

@@ -129,6 +129,42 @@ def test_racing_workers_enqueue_the_grid_twice_and_still_run_each_point_once(tmp
     assert len(dropped) == 6 and all(t.state == optuna.trial.TrialState.FAIL for t in dropped)
 
 
+def test_racing_workers_resume_each_interrupted_trial_once_and_a_crashed_one_never(tmp_path):
+    """Interrupted trials (preempted, or their worker died) are taken over by exactly one trial each, with their
+    parameters, even when two workers enqueue them at the same moment; a taken-over trial that is interrupted in
+    turn is resumed in its place; a crashed or dropped trial is never resumed."""
+    from probloss.sweep import claim, enqueue_resumes, interrupted_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'resume.db'}")
+    FAIL = optuna.trial.TrialState.FAIL
+    for n, attrs in enumerate([{"interrupted": "SIGTERM (step 3 saved in x)"}, {}, {"crashed": "ValueError: bad"},
+                               {"dropped": "no unit left"}]):
+        trial = study.ask({"trainer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+        for key, value in {"run_name": f"s-trial{n:04d}", **attrs}.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, state=FAIL)  # 0: preempted, 1: its worker died, 2: crashed, 3: dropped by claim
+    assert [t.number for t in interrupted_trials(study.trials)] == [0, 1]
+    for _ in range(2):  # two workers, each enqueues both before either claims
+        for old in interrupted_trials(study.trials):
+            study.enqueue_trial(dict(old.params), user_attrs={"resumes": old.number}, skip_if_exists=False)
+    taken = []
+    while enqueue_resumes(study):  # nothing is enqueued again: each interrupted trial has a waiting copy
+        trial = claim(study, "resumes")
+        if trial is not None:
+            taken.append(trial)
+            trial.suggest_float("trainer.lr", 1e-4, 1e-1, log=True)  # as run_trial does: the enqueued value
+            if len(taken) == 1:  # the first take-over is itself preempted: it is resumed, not trial 0 again
+                trial.set_user_attr("run_name", "s-trial0000")
+                study.tell(trial, state=FAIL)
+            else:
+                study.tell(trial, 0.0)
+    resumed = [t.user_attrs["resumes"] for t in taken]
+    assert resumed == [0, 1, taken[0].number]
+    params = {t.number: t.params for t in study.trials}
+    assert all(params[t.number] == params[t.user_attrs["resumes"]] for t in taken)
+    assert interrupted_trials(study.trials) == []
+
+
 def test_grid_sampler_needs_categorical_parameters():
     from probloss.config import ConfigError
     from probloss.sweep import load_sweep, trial_budget
@@ -230,6 +266,12 @@ def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir, sampler
     assert len(complete) == 2
     if sampler == "grid":  # the killed grid point is run again, not skipped
         assert sorted(t.params["trainer.lr"] for t in complete) == [1e-3, 2e-3]
+    # the killed trial is taken over, not replaced by new parameters: same parameters, same run folder (lr.yaml
+    # saves no checkpoint before the end, so it starts again there from step 0)
+    assert trials[0].user_attrs["interrupted"] == "its worker died"
+    (taken,) = [t for t in complete if t.user_attrs.get("resumes") == 0]
+    assert taken.params == trials[0].params and taken.user_attrs["run_name"] == trials[0].user_attrs["run_name"]
+    assert taken.user_attrs["run_dir"].endswith("lr-infonce-trial0000") and taken.user_attrs["steps"] == 400
 
 
 # --- dead workers on other hosts: heartbeats ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from probloss import dist
-from probloss.console import say
+from probloss.console import note, say
 from probloss.data.prepare import DataSpec, load_eval, prepare_data
 from probloss.models.linear import cpu_matmul
 from probloss.run_folder import finite_scalars, print_summary, write_json
@@ -84,7 +84,7 @@ def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokeni
                 metrics["eval_test_s"] = time.perf_counter() - started
         if logger is not None:
             logger.log_metrics(finite_scalars(metrics), step=step)
-        say(metrics_line(step, metrics))
+        note(metrics_line(step, metrics))  # console and out.log; out.log only in sweeps and recipes
     dist.barrier(fabric)
     return metrics if fabric.is_global_zero else {}
 

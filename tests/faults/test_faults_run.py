@@ -285,6 +285,21 @@ def test_a_write_that_fails_is_one_line_naming_the_path_and_leaves_no_temp_file(
 
 
 @pytest.mark.slow
+def test_an_out_log_that_cannot_be_written_ends_the_run_with_one_line(tmp_path, cache_dir):
+    """out.log is /dev/full (every write fails with ENOSPC, a real device): the first line the run logs (the
+    evaluation of step 2) fails; the run ends at the next step boundary, one line naming out.log and the error."""
+    run_dir = tmp_path / "default" / "infonce" / "full"
+    run_dir.mkdir(parents=True)
+    (run_dir / "out.log").symlink_to("/dev/full")
+    full = train(*tiny(tmp_path, cache_dir, "run_name=full", "trainer.eval_every=2"))
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert one_line(full.stderr) == f"write error: cannot write {run_dir / 'out.log'}: [Errno 28] No space left on device"
+    assert "[eval step 2]" in full.stdout  # the console kept the line the log lost
+    assert "[eval step 4]" not in full.stdout and not ckpt.list_checkpoints(run_dir)  # stopped after step 2
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, cache_dir, straight, capsys):
     run_dir = copy_run(straight[0], tmp_path, "c")
     older, newest = ckpt.list_checkpoints(run_dir)
@@ -294,8 +309,10 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_p
     printed = capsys.readouterr()
     warnings = [line for line in printed.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipping corrupt checkpoint {newest} (")
-    assert f"resumed from {older} at step 8" in printed.out and summary["steps"] == STEPS
-    assert "| train/loss" not in printed.out  # table=False (recipes and sweeps): no end-of-run table
+    assert summary["steps"] == STEPS
+    # table=False (recipes and sweeps): no end-of-run table, and the run's progress lines in its out.log only
+    assert "| train/loss" not in printed.out and "resumed from" not in printed.out
+    assert f"resumed from {older} at step 8" in (run_dir / "out.log").read_text()
     assert_same_weights(newest, ckpt.newest_checkpoint(straight[0]))  # retrained: the same step 12
     assert summary["val/loss"] == json.loads((straight[0] / "summary.json").read_text())["val/loss"]
 
@@ -324,6 +341,7 @@ def test_the_end_of_run_table_is_the_headline_and_names_summary_json(straight):
     assert {row.split("|")[1].strip() for row in rows} <= set(HEADLINE_KEYS)
     n = len(json.loads((run_dir / "summary.json").read_text()))
     assert f"all {n} values: {run_dir / 'summary.json'}" in stdout and n > 100
+    assert f"[eval step {STEPS}] val/loss" in stdout  # a plain run prints its eval lines (a study's runs do not)
 
 
 def test_a_process_forked_during_a_run_keeps_default_signal_handling():
