@@ -11,7 +11,9 @@ the environment variable ``PROBLOSS_WORKER`` (0..N-1; sweeps seed their samplers
 
 Local workers run one process each with ``OMP_NUM_THREADS`` = ``trainer.num_threads`` (1 by default: two
 single-threaded runs side by side on 2 cores each keep about 97% of one run's speed) and die with the command
-that started them (Linux parent-death signal), so killing the command kills its workers. ``workers: null`` picks
+that started them (Linux parent-death signal), so killing the command kills its workers. SIGTERM or Ctrl-C to
+the command is passed on: each worker checkpoints its run at the next step boundary and exits, then the command
+exits 143 / 130 with one line, and running it again resumes those runs. ``workers: null`` picks
 one worker per usable core (``os.sched_getaffinity``) divided by the threads per run, at most one per unit of
 work, and one worker on an accelerator (a cell there uses Fabric's own launcher across ``fabric.devices``).
 """
@@ -23,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -101,12 +104,35 @@ def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: 
                "PYTHONUNBUFFERED": "1"}
         args = [sys.executable, "-c", "from probloss.cli import main; main()", command, *worker_argv(argv, section)]
         procs.append(subprocess.Popen(args, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+    stopped: list[int] = []
+
+    def forward(signum, frame) -> None:
+        # SIGTERM (a cluster's preemption) or Ctrl-C: each worker checkpoints its run at the next step boundary
+        # and exits 143 / 130; waiting for them keeps that checkpoint (the parent's death would SIGKILL them).
+        # A worker that got the same signal from the terminal ignores the second one.
+        stopped.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         codes = [p.wait() for p in procs]
-    except BaseException:  # Ctrl-C: the workers stop too (their cells go back to the queue)
+    except BaseException:  # anything else: the workers stop too (their units go back to the queue)
         for p in procs:
             p.terminate()
         raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopped:
+        from probloss.train import Preempted
+
+        resumable = sum(c in (128 + signal.SIGTERM, 128 + signal.SIGINT) for c in codes)
+        raise Preempted(stopped[0], None, None, None,
+                        where=f"({len(procs)} workers; {resumable} stopped at a step boundary with a checkpoint, "
+                              f"the others had no run in progress or had ended)")
     failed = [f"worker {i} (exit {c})" for i, c in enumerate(codes) if c != 0]
     if failed:
         raise RuntimeError(f"probloss {command}: {', '.join(failed)} failed; see its output above")

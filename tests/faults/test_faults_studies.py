@@ -208,3 +208,41 @@ def test_a_study_prints_one_line_per_trial_or_run_and_keeps_eval_lines_in_out_lo
     recipe_lines = [line for line in straight_recipe[1].splitlines() if line.strip()]
     assert [line for line in recipe_lines if "a seed 0" in line] == ["[bias_init] training a seed 0"], recipe_lines
     assert len(recipe_lines) <= 3, recipe_lines  # the run's line, the report written (and nothing per evaluation)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_recipe_with_two_workers_reaches_them_and_their_runs_resume(tmp_path, cache_dir,
+                                                                               straight_recipe):
+    """SIGTERM to the command (a cluster preempting the job's main process) is passed on to its local workers:
+    each saves a checkpoint at its next step boundary (periodic checkpoints are off, so a checkpoint can only be
+    the signal's), the command exits 143 with one line, and running it again resumes both runs."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW.split("from probloss.cli import main")[0])  # in every worker
+    mark = tmp_path / "mark"
+    args = [*recipe_args(tmp_path, cache_dir), "recipe.seeds=[0,1]", "recipe.workers=2", "trainer.ckpt_every=0"]
+    proc = subprocess.Popen([sys.executable, "-c", "from probloss.cli import main; main()", "experiment", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(SLOW_AFTER_STEP="3", MARK=str(mark), PYTHONPATH=f"{hook}{os.pathsep}{REPO}"))
+    while not mark.exists():
+        try:
+            proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(proc.communicate()[1][-3000:])
+    os.kill(proc.pid, signal.SIGTERM)  # the command only, not its process group
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert re.fullmatch(r"stopped by SIGTERM \(2 workers; \d stopped at a step boundary with a checkpoint, .*\); "
+                        r"resume with: .+", last_line(stderr)), last_line(stderr)
+    runs = [tmp_path / "bias_init" / "sigmoid" / f"a-seed{seed}" for seed in (0, 1)]
+    saved = {run_dir: ckpt.list_checkpoints(run_dir) for run_dir in runs if run_dir.is_dir()}
+    assert any(saved.values()), saved  # at least the worker past step 3 checkpointed at the signal
+
+    resumed = run("experiment", args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for run_dir, checkpoints in saved.items():
+        if checkpoints:
+            assert "resumed from" in (run_dir / "out.log").read_text()
+    reference, _ = straight_recipe
+    assert_same_headline(runs[0], reference)
