@@ -66,7 +66,12 @@ It reads the run's val and test data, or the shards the overrides name.
     probloss evaluate checkpoint=<ckpt> "data.val_shards='/data/val/{00000..00003}.tar'"
 
 Writes <run>/eval-step-<step>.json next to the checkpoints folder. Every other key=value changes the config
-saved in the checkpoint (e.g. data.val_shards, data.classnames or eval.max_samples), checked like training's."""),
+saved in the checkpoint (e.g. data.val_shards, data.classnames or eval.max_samples), checked like training's.
+
+    probloss evaluate checkpoint=<ckpt> benchmark=[karpathy,eccv_caption] benchmark.karpathy.annotations=...
+
+benchmark=[...] scores the checkpoint on the field's benchmarks instead (karpathy, eccv_caption, cxc, wds,
+folder; configs/benchmark/*.yaml, docs/benchmarks.md) and writes <ckpt>.benchmarks.json."""),
     "report": ("probloss.cli:report_command", None, """Write the report page and plots of a sweep or experiment.
 
 No training: it reads a finished sweep's storage or an experiment's results files.
