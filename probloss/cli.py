@@ -14,8 +14,9 @@ Every command but ``report`` takes Hydra ``key=value`` overrides composed with `
 (probloss.config): the same unknown-key and unknown-choice errors with suggestions, the same ``--help`` and the
 same exit status: 0 on success, 2 for a bad config or bad data (one line, no traceback), 1 when training stops
 on a non-finite loss or a write fails (disk full: one line naming the path and the OS error), 143 / 130 when
-SIGTERM / SIGINT stopped it (one line: the step, the checkpoint saved there and the command that resumes it). ``scripts/<command>.py`` are thin wrappers of the same commands, for ``fabric run``
-(``fabric run --devices=2 scripts/train.py loss=sigmoid``), which launches a script file.
+SIGTERM / SIGINT stopped it (one line: the step, the checkpoint saved there and the command that resumes it).
+``scripts/<command>.py`` are thin wrappers of the same commands, for ``fabric run`` (``fabric run --devices=2
+scripts/train.py loss=sigmoid``), which launches a script file.
 """
 
 from __future__ import annotations

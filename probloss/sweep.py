@@ -30,13 +30,14 @@ checkpoint the folder is emptied and the trial starts again with the same parame
 ``resumes`` too; a seed re-run resumes its ``<study>-seed<k>`` folder. A trial whose training raised an error
 (``crashed``) is not resumed.
 
-A killed worker loses only its running trial's steps since its last checkpoint, on any storage and any host. Every running trial records a
-heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB storage, timed by the database's
-clock; a trial attribute on a journal file), and any live worker marks a RUNNING trial whose heartbeat is
-older than ``sweep.grace_period`` FAIL before it counts the budget; on a journal file a worker on the same host
-fails a dead process's trial at once (process id check). A failed trial does not count towards
-``sweep.n_trials`` (it is resumed; a grid puts its point back in the queue), and a worker whose budget is taken by trials of
-other workers waits for them to finish or go stale, so the study always reaches its budget. A diverging trial
+A killed worker loses only its running trial's steps since its last checkpoint, on any storage and any host.
+Every running trial records a heartbeat every ``sweep.heartbeat_interval`` seconds (Optuna's own on an RDB
+storage, timed by the database's clock; a trial attribute on a journal file), and any live worker marks a
+RUNNING trial whose heartbeat is older than ``sweep.grace_period`` FAIL before it counts the budget; on a journal
+file a worker on the same host fails a dead process's trial at once (process id check). A failed trial does not
+count towards ``sweep.n_trials`` (it is resumed; a grid puts its point back in the queue), and a worker whose
+budget is taken by trials of other workers waits for them to finish or go stale, so the study always reaches
+its budget. A diverging trial
 is recorded with its stability metrics (objective: the worst value), never a crash of the study.
 """
 
