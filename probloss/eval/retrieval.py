@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from probloss.eval.evaluate import _rows  # x[rows], or None for a loss without log-stds
+
 
 def positive_pairs(caption_image: Tensor, extra: Tensor | None = None) -> Tensor:
     """``(P, 2)`` unique (image, caption) positives: each caption with its own image (``caption_image[c]``) plus
@@ -145,19 +147,15 @@ def rank_retrieval(loss: nn.Module, image_emb: Tensor, text_emb: Tensor, image_l
         for start in range(0, queries.numel(), block):
             rows = queries[start: start + block]
             if d == "i2t":
-                s = loss.score(image_emb[rows], text_emb, _take(image_log_std, rows), text_log_std)
+                s = loss.score(image_emb[rows], text_emb, _rows(image_log_std, rows), text_log_std)
             else:  # (N_img, b) -> (b, N_img): the loss scores images against texts
-                s = loss.score(image_emb, text_emb[rows], image_log_std, _take(text_log_std, rows)).T
+                s = loss.score(image_emb, text_emb[rows], image_log_std, _rows(text_log_std, rows)).T
             parts.append(rank_block(s.float().cpu(), _positive_rows(pairs, rows, n_q, n_c)))
             if progress is not None:
                 progress(rows.numel())
         out[d] = {key: torch.cat([q[key] for q in parts]) for key in parts[0]}
         out[d]["query"] = queries
     return out
-
-
-def _take(x: Tensor | None, rows: Tensor) -> Tensor | None:
-    return None if x is None else x[rows]
 
 
 def summarize(per_query: dict[str, dict[str, Tensor]], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -213,8 +211,8 @@ def fold_summary(loss: nn.Module, image_emb: Tensor, text_emb: Tensor, image_log
             e = torch.as_tensor(extra, dtype=torch.long).reshape(-1, 2)
             e = e[(e[:, 0] >= images[0]) & (e[:, 0] <= images[-1]) & (local[e[:, 1]] >= 0)]
             fold_extra = torch.stack([e[:, 0] - images[0], local[e[:, 1]]], 1)
-        per_query = rank_retrieval(loss, image_emb[images], text_emb[captions], _take(image_log_std, images),
-                                   _take(text_log_std, captions),
+        per_query = rank_retrieval(loss, image_emb[images], text_emb[captions], _rows(image_log_std, images),
+                                   _rows(text_log_std, captions),
                                    positive_pairs(caption_image[captions] - images[0], fold_extra),
                                    block=block, progress=progress)
         folds.append(summarize(per_query, ks))

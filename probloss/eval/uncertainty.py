@@ -26,7 +26,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from probloss.eval import metrics

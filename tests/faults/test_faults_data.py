@@ -25,6 +25,7 @@ import torch
 
 from probloss.cli import DataError
 from probloss.config import ConfigError, compose_config
+from faultkit import one_line_error, small_shards
 from probloss.data import write_shapes_shards
 from probloss.data.trust import ENV, check_shard_urls
 from probloss.run_folder import run_folder_lock
@@ -45,20 +46,10 @@ def script(name: str, *args: str, env=None) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env=env or _env())
 
 
-def one_line_error(out: subprocess.CompletedProcess, prefix: str) -> str:
-    """The last stderr line, after checking there is no traceback and it is the expected kind of error."""
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith(prefix), out.stderr[-3000:]
-    return line
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """A small shapes dataset written as real shards (train 200, val 60, test 60)."""
-    out = tmp_path_factory.mktemp("fault_shards")
-    write_shapes_shards(out, 200, 60, test_size=60, num_workers=1, progress=False)
-    return out
+    return small_shards(tmp_path_factory.mktemp("fault_shards"))
 
 
 def train_args(data: Path, out_dir: Path, *extra: str) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from probloss import checkpoint as ckpt
-from probloss.data import write_shapes_shards
+from faultkit import one_line_error, small_shards
 from probloss.run_folder import run_folder_lock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,20 +53,9 @@ def two_ranks(*args, preexec_fn=None, timeout: float = 90) -> subprocess.Complet
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def the_line(out: subprocess.CompletedProcess, prefix: str) -> str:
-    """The last stderr line: the expected kind of error, printed once (by rank 0 only), no traceback."""
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith(prefix), out.stderr[-3000:]
-    assert out.stderr.count(line) == 1, out.stderr[-3000:]
-    return line
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist_shards")
-    write_shapes_shards(out, 200, 60, test_size=60, num_workers=1, progress=False)
-    return out
+    return small_shards(tmp_path_factory.mktemp("dist_shards"))
 
 
 def data_args(shards: Path, out_dir: Path, train: str | None = None) -> list[str]:
@@ -80,7 +69,7 @@ def test_a_lock_error_on_rank_0_ends_both_ranks_with_exit_2(shards, tmp_path):
     with run_folder_lock(run_dir):  # this process holds the run folder: rank 0 of the run cannot take it
         out = two_ranks(*data_args(shards, tmp_path / "runs"), "run_name=busy", "trainer.max_steps=3")
     assert out.returncode == 2, out.stderr[-3000:]
-    line = the_line(out, "config error: run folder")
+    line = one_line_error(out, "config error: run folder", once=True)
     assert f"{run_dir} is in use by process {os.getpid()}" in line
 
 
@@ -102,7 +91,7 @@ def test_a_data_error_on_rank_1_only_ends_both_ranks_with_its_line_and_exit_2(sh
                 tout.addfile(info, io.BytesIO(raw))
     out = two_ranks(*data_args(shards, tmp_path / "runs", f"'{folder}/{{00000..00001}}.tar'"), "trainer.max_steps=6")
     assert out.returncode == 2, out.stderr[-3000:]
-    line = the_line(out, "data error: training data (rank 1): ")
+    line = one_line_error(out, "data error: training data (rank 1): ", once=True)
     assert f"worst shards: {folder / '00000.tar'}" in line and "data.max_skipped_fraction" in line
 
 
@@ -116,6 +105,6 @@ def test_a_failed_checkpoint_write_on_rank_0_ends_both_ranks(shards, tmp_path, c
                     "trainer.ckpt_every=2", preexec_fn=limit)
     run_dir = tmp_path / "runs" / "default" / "infonce" / "full"
     assert out.returncode == 1, out.stderr[-3000:]
-    assert the_line(out, "write error: ") == \
+    assert one_line_error(out, "write error: ", once=True) == \
         f"write error: cannot write {ckpt.checkpoint_path(run_dir, 2)}: [Errno 27] File too large"
     assert not list(run_dir.rglob(".tmp-*")) and not ckpt.list_checkpoints(run_dir)

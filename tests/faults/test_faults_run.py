@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from faultkit import SLOW  # the training command with the mid-run hook (faultkit's docstring)
 from probloss import checkpoint as ckpt
 from probloss.config import ConfigError
 from probloss.run_folder import HEADLINE_KEYS
@@ -34,26 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "scripts" / "train.py")
 STEPS = 12
 
-# The training command with a hook: after optimizer step SLOW_AFTER_STEP it writes its pid to MARK and holds
-# every later step for a moment, so that a signal the test sends on seeing MARK lands in the middle of the run
-# (nothing is timed: the test reads the step the run stopped at from its message).
-SLOW = """
-import os, sys, time
-from pathlib import Path
-import probloss.train as T
-after, original, done = int(os.environ.get("SLOW_AFTER_STEP", 0)), T.train_step, [0]
-def train_step(*args, **kwargs):
-    out = original(*args, **kwargs)
-    done[0] += 1
-    if after and done[0] == after:
-        Path(os.environ["MARK"]).write_text(str(os.getpid()))
-    if after and done[0] >= after:
-        time.sleep(0.5)
-    return out
-T.train_step = train_step
-from probloss.cli import main
-main(["train", *sys.argv[1:]])
-"""
 
 
 def tiny(out_dir, cache_dir, *extra):

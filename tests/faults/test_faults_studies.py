@@ -3,7 +3,7 @@ SIGTERM mid-trial leaves its trial or run to resume, and the same command resume
 bit-identically where an uninterrupted study ends; a study's console shows one line per trial or run.
 
 Real processes, real signals: the worker is ``probloss sweep`` / ``probloss experiment`` through probloss.cli (the
-user's exit codes and lines), with the fault suite's ``SLOW`` hook (tests/faults/test_faults_run.py): after
+user's exit codes and lines), with the fault suite's ``SLOW`` hook (tests/faults/faultkit.py): after
 optimizer step 3 it marks a file and holds every later step for a moment, so the SIGTERM sent once the trial's
 first checkpoint exists lands mid-run (nothing is timed: the step it stopped at is read from its line).
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from faultkit import SLOW, SLOW_HOOK
 from probloss import checkpoint as ckpt
 from probloss.run_folder import HEADLINE_KEYS
 from probloss.sweep import storage_for
@@ -30,23 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
 
-SLOW = """
-import os, sys, time
-from pathlib import Path
-import probloss.train as T
-after, original, done = int(os.environ.get("SLOW_AFTER_STEP", 0)), T.train_step, [0]
-def train_step(*args, **kwargs):
-    out = original(*args, **kwargs)
-    done[0] += 1
-    if after and done[0] == after:
-        Path(os.environ["MARK"]).write_text(str(os.getpid()))
-    if after and done[0] >= after:
-        time.sleep(0.5)
-    return out
-T.train_step = train_step
-from probloss.cli import main
-main([os.environ["COMMAND"], *sys.argv[1:]])
-"""
 
 TINY = ["data.train_size=256", "data.val_size=64", "data.test_size=64", "trainer.batch_size=32",
         f"trainer.max_steps={STEPS}", "trainer.warmup_steps=1", "trainer.eval_every=4", "trainer.ckpt_every=2",
@@ -118,22 +102,25 @@ def assert_same_headline(a: Path, b: Path) -> None:
     assert {k: sa[k] for k in shown} == {k: sb.get(k) for k in shown}
 
 
+def uninterrupted(out: Path, command: str, args, run_path: str) -> tuple[Path, str]:
+    """Run ``probloss <command> args`` to the end: (the run folder ``out / run_path``, its stdout)."""
+    done = run(command, args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / run_path, done.stdout
+
+
 @pytest.fixture(scope="module")
 def straight_sweep(tmp_path_factory, cache_dir):
     """An uninterrupted one-trial sweep: (its trial's run folder, its stdout)."""
     out = tmp_path_factory.mktemp("sweep")
-    done = run("sweep", sweep_args(out, cache_dir))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / "lr" / "infonce" / "lr-infonce-trial0000", done.stdout
+    return uninterrupted(out, "sweep", sweep_args(out, cache_dir), "lr/infonce/lr-infonce-trial0000")
 
 
 @pytest.fixture(scope="module")
 def straight_recipe(tmp_path_factory, cache_dir):
     """An uninterrupted one-run recipe: (its run folder, its stdout)."""
     out = tmp_path_factory.mktemp("recipe")
-    done = run("experiment", recipe_args(out, cache_dir))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / "bias_init" / "sigmoid" / "a-seed0", done.stdout
+    return uninterrupted(out, "experiment", recipe_args(out, cache_dir), "bias_init/sigmoid/a-seed0")
 
 
 @pytest.mark.slow
@@ -218,7 +205,7 @@ def test_sigterm_to_a_recipe_with_two_workers_reaches_them_and_their_runs_resume
     the signal's), the command exits 143 with one line, and running it again resumes both runs."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW.split("from probloss.cli import main")[0])  # in every worker
+    (hook / "sitecustomize.py").write_text(SLOW_HOOK)  # in every worker
     mark = tmp_path / "mark"
     args = [*recipe_args(tmp_path, cache_dir), "recipe.seeds=[0,1]", "recipe.workers=2", "trainer.ckpt_every=0"]
     proc = subprocess.Popen([sys.executable, "-c", "from probloss.cli import main; main()", "experiment", *args],

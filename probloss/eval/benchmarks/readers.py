@@ -65,21 +65,14 @@ class Benchmark:
     folds: tuple[int, int] | None = None
 
 
-def _need_file(path: Any, key: str) -> Path:
+def _need_path(path: Any, key: str, folder: bool = False) -> Path:
+    """``key``'s value as an existing file (or ``folder``), else the one-line error that names the key."""
+    kind = "folder" if folder else "file"
     if path is None or str(path) == "":
-        raise ConfigError(f"{key} is not set: give it as {key}=<path>")
+        raise ConfigError(f"{key} is not set: give it as {key}=<{'folder' if folder else 'path'}>")
     p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file; fix the path")
-    return p
-
-
-def _need_dir(path: Any, key: str) -> Path:
-    if path is None or str(path) == "":
-        raise ConfigError(f"{key} is not set: give it as {key}=<folder>")
-    p = Path(os.path.expanduser(str(path)))
-    if not p.is_dir():
-        raise FileNotFoundError(f"{key}={path}: no such folder; fix the path")
+    if not (p.is_dir() if folder else p.is_file()):
+        raise FileNotFoundError(f"{key}={path}: no such {kind}; fix the path")
     return p
 
 
@@ -101,7 +94,7 @@ def read_templates(path: Any, key: str) -> list[str]:
     """Prompt templates, one per line, each with one ``{}``; None: CLIP's 80 ImageNet prompts."""
     from probloss.cli import DataError
 
-    p = CLIP_TEMPLATES_FILE if path is None else _need_file(path, key)
+    p = CLIP_TEMPLATES_FILE if path is None else _need_path(path, key)
     templates = read_lines(p)
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:
@@ -141,8 +134,8 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
     from probloss.cli import DataError
 
     prefix = f"benchmark.{name}"
-    path = _need_file(section.get("annotations"), f"{prefix}.annotations")
-    root = _need_dir(section.get("images"), f"{prefix}.images")
+    path = _need_path(section.get("annotations"), f"{prefix}.annotations")
+    root = _need_path(section.get("images"), f"{prefix}.images", folder=True)
     data = _read_json(path, f"{prefix}.annotations")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
@@ -156,7 +149,7 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
                           f"{', '.join(splits)}")
     coco_ids = None
     if section.get("coco_captions"):
-        coco_ids = coco_caption_ids(_need_file(section["coco_captions"], f"{prefix}.coco_captions"),
+        coco_ids = coco_caption_ids(_need_path(section["coco_captions"], f"{prefix}.coco_captions"),
                                     f"{prefix}.coco_captions")
     has_ids = all("id" in s for im in chosen for s in im.get("sentences", []))
     if need_caption_ids and not has_ids and coco_ids is None:
@@ -212,7 +205,7 @@ def read_associations(section: Mapping[str, Any], name: str) -> dict[str, Any]:
     from probloss.cli import DataError
 
     key = f"benchmark.{name}.extra_positives"
-    folder = _need_dir(section.get("extra_positives"), key)
+    folder = _need_path(section.get("extra_positives"), key, folder=True)
     out: dict[str, Any] = {"file": str(folder)}
     for d, kind in (("i2t", "image_to_caption"), ("t2i", "caption_to_image")):
         path = _association_file(folder, kind, name, key)
@@ -285,7 +278,7 @@ def read_wds(section: Mapping[str, Any], name: str = "wds") -> Benchmark:
     if not pattern:
         raise ConfigError(f"{prefix}.shards is not set: give it as {prefix}=<brace pattern of the tar shards>")
     shards = expand_shards(str(pattern))  # FileNotFoundError naming the pattern
-    names_file = _need_file(section["classnames"], f"{prefix}.classnames") if section.get("classnames") \
+    names_file = _need_path(section["classnames"], f"{prefix}.classnames") if section.get("classnames") \
         else _beside(shards, "classnames.txt")
     templates_file = section.get("templates") or _beside(shards, "zeroshot_classification_templates.txt")
     classnames = read_lines(names_file) if names_file is not None else None
@@ -329,13 +322,13 @@ def read_folder(section: Mapping[str, Any], name: str = "folder") -> Benchmark:
     from probloss.cli import DataError
 
     prefix = f"benchmark.{name}"
-    root = _need_dir(section.get("root"), f"{prefix}.root")
+    root = _need_path(section.get("root"), f"{prefix}.root", folder=True)
     dirs = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not dirs:
         raise DataError(f"{prefix}.root={root}: no class folders in it; give the folder that holds one folder per "
                         "class")
     if section.get("classnames"):
-        path = _need_file(section["classnames"], f"{prefix}.classnames")
+        path = _need_path(section["classnames"], f"{prefix}.classnames")
         if path.suffix == ".json":
             raw = _read_json(path, f"{prefix}.classnames")
             classnames = [raw.get(d) for d in dirs] if isinstance(raw, dict) else list(raw)

@@ -208,12 +208,12 @@ def encode(model: nn.Module, bench: Benchmark, tokenizer, *, image_size: int, ba
 
 def _rank(loss, enc: Encoded, positives: Tensor, block: int, progress: bool, desc: str, image_queries=None,
           caption_queries=None, rows: tuple[Tensor, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
+    from probloss.eval.evaluate import _rows
     from probloss.eval.retrieval import rank_retrieval
 
     img, cap = rows if rows is not None else (slice(None), slice(None))
     image_emb, text_emb = enc.image_emb[img], enc.text_emb[cap]
-    ils = None if enc.image_log_std is None else enc.image_log_std[img]
-    tls = None if enc.text_log_std is None else enc.text_log_std[cap]
+    ils, tls = _rows(enc.image_log_std, img), _rows(enc.text_log_std, cap)
     n_q = (image_emb.shape[0] if image_queries is None else len(image_queries)) + \
         (text_emb.shape[0] if caption_queries is None else len(caption_queries))
     with _bar(n_q, desc, progress) as bar:
