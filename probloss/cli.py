@@ -136,20 +136,29 @@ def run_command(command: Callable[[list[str]], Any], config_name: str, usage: st
         command(argv)
     except (ConfigError, FileNotFoundError) as err:  # bad config or missing data: one line, no traceback
         print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except NonFiniteLossError as err:
         print(f"training stopped: {err}", file=sys.stderr)
-        sys.exit(1)
+        _exit(1)
     except Preempted as err:
         print(f"stopped by {err}; resume with: {resume_command(config_name, argv, err)}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
+        _exit(err.exit_code)
     except OSError as err:  # a failed write (disk full, file-size limit, read-only folder): the path and the reason
         print(f"write error: {err}" if err.filename is None else
               f"write error: {err.filename}: [Errno {err.errno}] {err.strerror}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _exit(1)
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``; a rank of a multi-process run leaves without the interpreter's teardown
+    (probloss.dist.leave: gloo can deadlock there)."""
+    from probloss import dist
+
+    dist.leave(code)
+    sys.exit(code)
 
 
 def resume_command(config_name: str, argv: Sequence[str], stop) -> str:
