@@ -200,6 +200,29 @@ def test_coco_captions_give_the_caption_ids_the_karpathy_file_lacks(trained, loa
                                                    if k.startswith("eccv_caption/")}
 
 
+def test_benchmarks_on_one_gallery_encode_it_once_with_their_own_ids(trained, loaded, tmp_path, monkeypatch):
+    """karpathy, eccv_caption and cxc on one COCO split: the images are encoded once, each benchmark keeps its
+    own caption ids, and every value equals the one of the benchmark run alone."""
+    files = trained["files"]
+    data = json.loads((files / "karpathy" / "dataset_shapes.json").read_text())
+    n_images = sum(im["split"] == "test" for im in data["images"])
+    sections = {b: _eccv_section(files) for b in ("eccv_caption", "cxc")}
+    sections["karpathy"] = {k: v for k, v in _eccv_section(files).items() if k in ("annotations", "images", "split")}
+    model = loaded[0]
+    encoded_images = []
+    original = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda x: encoded_images.append(len(x)) or original(x))
+    benches = prepare(sections, ["karpathy", "eccv_caption", "cxc"])
+    together, by_name = _run(loaded, benches)
+    assert sum(encoded_images) == n_images
+    assert by_name["karpathy"].image_emb is by_name["cxc"].image_emb
+    for bench in benches:  # each benchmark's own ids (the Karpathy file's, or COCO caption ids)
+        assert by_name[bench.name].caption_ids == [c for s in bench.samples() for c in s.caption_ids]
+    for name in ("karpathy", "cxc"):
+        alone, _ = _run(loaded, prepare(sections, [name]))
+        assert alone == {k: v for k, v in together.items() if k.startswith(f"{name}/")}
+
+
 def _write_assoc(folder: Path, i2t: dict, t2i: dict, prefix: str = "") -> None:
     folder.mkdir()
     (folder / f"{prefix}image_to_caption.json").write_text(json.dumps(i2t))

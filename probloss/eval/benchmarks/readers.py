@@ -54,7 +54,9 @@ class Benchmark:
     """A benchmark ready to encode: ``samples()`` yields the gallery in order (read once); ``n_images`` (None:
     unknown until read) sizes the progress bar. Retrieval when the samples carry captions; zero-shot when they
     carry labels and ``classnames`` is set. ``associations`` (ECCV Caption, CxC): ``{"i2t": {image id: [caption
-    ids]}, "t2i": {caption id: [image ids]}, "file": where}``; ``folds`` (Karpathy): ``(n_folds, fold_size)``."""
+    ids]}, "t2i": {caption id: [image ids]}, "file": where}``; ``folds`` (Karpathy): ``(n_folds, fold_size)``;
+    ``gallery``: what identifies its images and captions (two benchmarks with one gallery, e.g. karpathy,
+    eccv_caption and cxc on one COCO split, are encoded once; None: not shared)."""
 
     name: str
     samples: Callable[[], Iterator[Sample]]
@@ -63,6 +65,7 @@ class Benchmark:
     templates: list[str] | None = None
     associations: dict[str, Any] | None = None
     folds: tuple[int, int] | None = None
+    gallery: tuple | None = None
 
 
 def _need_path(path: Any, key: str, folder: bool = False) -> Path:
@@ -185,7 +188,8 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
     folds = None
     if section.get("n_folds") and section.get("fold_size"):
         folds = (int(section["n_folds"]), int(section["fold_size"]))
-    return Benchmark(name, lambda: iter(samples), len(samples), folds=folds)
+    return Benchmark(name, lambda: iter(samples), len(samples), folds=folds,
+                     gallery=("karpathy", str(path.resolve()), str(root.resolve()), split, keep))
 
 
 # --- ECCV Caption / CxC association files ---------------------------------------------------------------------

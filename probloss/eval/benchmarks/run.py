@@ -39,6 +39,7 @@ against every image; R@K = the fraction of queries with a positive in the top K;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -203,6 +204,14 @@ def encode(model: nn.Module, bench: Benchmark, tokenizer, *, image_size: int, ba
                    torch.tensor(caption_image, dtype=torch.long), labels)
 
 
+def with_ids(enc: Encoded, bench: Benchmark) -> Encoded:
+    """``enc`` (the same gallery, encoded for an earlier benchmark) with ``bench``'s image and caption ids: the
+    Karpathy file's own ids and the COCO caption ids of ECCV Caption / CxC differ, the images and texts do not."""
+    samples = list(bench.samples())
+    return dataclasses.replace(enc, image_ids=[s.image_id for s in samples],
+                               caption_ids=[cid for s in samples for cid in s.caption_ids])
+
+
 # --- scoring ----------------------------------------------------------------------------------------------------
 
 
@@ -301,12 +310,18 @@ def evaluate_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: S
     text = CaseTokenizer(tokenizer, lowercase)
     results: dict[str, float] = {}
     encoded: dict[str, Encoded] = {}
+    galleries: dict[tuple, Encoded] = {}  # gallery -> its encoding (one encoding per gallery)
     was_training = model.training
     model.eval()
     try:
         for bench in benches:
-            enc = encode(model, bench, text, image_size=image_size, batch_size=batch_size, device=device,
-                         needs_log_std=bool(loss.needs_log_std), progress=progress)
+            if bench.gallery in galleries:
+                enc = with_ids(galleries[bench.gallery], bench)
+            else:
+                enc = encode(model, bench, text, image_size=image_size, batch_size=batch_size, device=device,
+                             needs_log_std=bool(loss.needs_log_std), progress=progress)
+                if bench.gallery is not None:
+                    galleries[bench.gallery] = enc
             encoded[bench.name] = enc
             out: dict[str, float] = {}
             if len(enc.caption_ids):
