@@ -53,7 +53,7 @@ Options beyond the proposal (defaults reproduce it exactly):
 Matching InfoNCE at initialisation. At init the heads give log-std ~ 0 (sigma ~ 1), so the logits are ~ -d_ij,
 whose per-row spread grows with the raw embeddings' scale, whereas InfoNCE's are t_clip = 1/0.07 times cosines.
 Measured with the default config (tiny model, shapes data, batch 128, init_log_std 0) on the first training
-batch of seeds 0, 1, 2, towers and heads as ``probloss.builders.make_trainee`` builds them after
+batch of seeds 0, 1, 2, towers and heads as ``probloss.training.builders.make_trainee`` builds them after
 ``torch.manual_seed(seed)`` (as training does); spread = the std over candidates of each image's image->text
 logits, averaged over the 128 rows; loss = the loss's value on that batch; grad = the global gradient norm of
 every parameter (before clipping, which is at 1.0); mean over the seeds (min-max):

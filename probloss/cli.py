@@ -11,7 +11,7 @@
     probloss <command> --help          # the command's groups, choices and defaults
 
 Every command but ``report`` takes Hydra ``key=value`` overrides composed with ``configs/<config>.yaml``
-(probloss.config): the same unknown-key and unknown-choice errors with suggestions, the same ``--help`` and the
+(probloss.training.config): the same unknown-key and unknown-choice errors with suggestions, the same ``--help`` and the
 same exit status: 0 on success, 2 for a bad config or bad data (one line, no traceback), 1 when training stops
 on a non-finite loss or a write fails (disk full: one line naming the path and the OS error), 143 / 130 when
 SIGTERM / SIGINT stopped it (one line: the step, the checkpoint saved there and the command that resumes it).
@@ -21,37 +21,50 @@ scripts/train.py loss=sigmoid``), which launches a script file.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import json
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from omegaconf import OmegaConf
+
+from probloss import dist
+from probloss.data.settings import check_make_data
+from probloss.data.shards import write_shapes_shards
+from probloss.data.trust import trust_command_line
+from probloss.errors import ConfigError, DataError, NonFiniteLossError, Preempted
+from probloss.studies.recipe import findings, page_multiplicity, publish, render_recipe
+from probloss.studies.report import instrument_tables, write_report
+from probloss.training.config import compose_config, describe
 
 # command -> (module:function taking the argument list, primary config (None: own arguments), usage)
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
-    "train": ("probloss.train:main", "train", """Train a dual encoder with a contrastive loss.
+    "train": ("probloss.training.loop:main", "train", """Train a dual encoder with a contrastive loss.
 
     probloss train loss=gaussian_var                       # one process
     fabric run scripts/train.py loss=gaussian_var          # the same through Fabric's launcher
     OMP_NUM_THREADS=1 fabric run --devices=2 scripts/train.py loss=sigmoid trainer.max_steps=100"""),
-    "sweep": ("probloss.sweep:main", "sweep", """Optuna studies over training runs (probloss/sweep.py).
+    "sweep": ("probloss.studies.sweep:main", "sweep", """Optuna studies over training runs (probloss/studies/sweep.py).
 
     probloss sweep sweep=lr loss=sigmoid [sweep.n_trials=..] [training overrides]
     probloss sweep sweep=lr loss=sigmoid sweep.storage=postgresql://user@host/db   # workers on many machines
     probloss sweep sweep=lr loss=sigmoid sweep.workers=4               # four local workers (default: one per core)
     OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce"""),
-    "experiment": ("probloss.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds, paired comparisons.
+    "experiment": ("probloss.studies.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds, paired comparisons.
 
 The report (recipe.md, results.json, comparisons.json, plots) is written into the recipe's folder
-(probloss/recipe.py).
+(probloss/studies/recipe.py).
 
     probloss experiment recipe=proposal
     probloss experiment recipe=bias_init recipe.seeds=[0] trainer.max_steps=50   # a quick look
     probloss experiment recipe=proposal recipe.workers=2        # two local workers (default: one per core)
     probloss experiment recipe=proposal recipe.launcher=submitit recipe.workers=16 recipe.slurm.partition=cpu"""),
-    "make-data": ("probloss.data.shards:main", "make_data", """Generate the built-in shapes data as webdataset shards.
+    "make-data": ("probloss.cli:make_data_command", "make_data", """Generate the built-in shapes data as webdataset shards.
 
 The shards are written by probloss/data/shards.py.
 
@@ -59,7 +72,7 @@ The shards are written by probloss/data/shards.py.
 
 Writes out/train/*.tar, out/val/*.tar, out/test/*.tar ({key}.png, {key}.txt, {key}.json), classes.json and
 splits.json; prints the brace patterns for data.train_shards / data.val_shards / data.test_shards."""),
-    "evaluate": ("probloss.eval.runtime:evaluate_command", "evaluate", """Evaluate a checkpoint, print its metrics.
+    "evaluate": ("probloss.training.evaluation:evaluate_command", "evaluate", """Evaluate a checkpoint, print its metrics.
 
 It reads the run's val and test data, or the shards the overrides name.
 
@@ -84,13 +97,9 @@ No training: it reads a finished sweep's storage or an experiment's results file
     probloss report --multiplicity docs/findings.md   # how many of a page's comparisons survive Holm
     probloss report --instruments runs/instruments    # every run's instruments beside their trivial cues
 
-A folder with results.json is a recipe (probloss/recipe.py); any other is a sweep, read from its Optuna
-storage (probloss/report.py). --findings reads only results.json + recipe.json of each recipe folder."""),
+A folder with results.json is a recipe (probloss/studies/recipe.py); any other is a sweep, read from its Optuna
+storage (probloss/studies/report.py). --findings reads only results.json + recipe.json of each recipe folder."""),
 }
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as asked (e.g. a truncated shard with ``data.strict=true``)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -122,15 +131,11 @@ def _usage() -> str:
 
 def run_command(command: Callable[[list[str]], Any], config_name: str, usage: str, argv: Sequence[str]) -> None:
     """Call ``command(argv)``: ``--help``, one-line errors and exit codes (see the module docstring)."""
-    from probloss.config import ConfigError, describe
-    from probloss.train import NonFiniteLossError, Preempted
 
     argv = list(argv)
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage.strip() + "\n\n" + describe(config_name))
         sys.exit(0)
-    from probloss.data.trust import trust_command_line
-
     trust_command_line(argv)  # the only source of shard URLs that run a command (probloss/data/trust.py)
     try:
         command(argv)
@@ -155,8 +160,6 @@ def run_command(command: Callable[[list[str]], Any], config_name: str, usage: st
 def _exit(code: int) -> None:
     """Exit with ``code``; a rank of a multi-process run leaves without the interpreter's teardown
     (probloss.dist.leave: gloo can deadlock there)."""
-    from probloss import dist
-
     dist.leave(code)
     sys.exit(code)
 
@@ -172,15 +175,18 @@ def resume_command(config_name: str, argv: Sequence[str], stop) -> str:
     return shlex.join([*program, *argv])
 
 
+def make_data_command(argv: Sequence[str]) -> dict[str, str]:
+    """``probloss make-data out=<dir> train_size=<n> val_size=<m> [test_size=<k> heldout_combos=8 ...]``
+    (configs/make_data.yaml); prints the shard patterns as JSON."""
+    kwargs = OmegaConf.to_container(compose_config(argv, config_name="make_data"))
+    check_make_data(kwargs)
+    patterns = write_shapes_shards(kwargs.pop("out"), **kwargs)
+    print(json.dumps(patterns))
+    return patterns
+
+
 def report_command(argv: Sequence[str]) -> None:
     """``probloss report <folder> [--storage URL] [--findings]``."""
-    import argparse
-    from pathlib import Path
-
-    from probloss.config import ConfigError
-    from probloss.recipe import findings, page_multiplicity, publish, render_recipe
-    from probloss.report import instrument_tables, write_report
-
     parser = argparse.ArgumentParser(prog="probloss report", description=COMMANDS["report"][2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="<out_dir>/<recipe or sweep name>, or with --findings <out_dir>, or with "

@@ -65,12 +65,12 @@ def child(loss_name: str, n_images: int, per_image: int, block: int, batch: int)
     """One loss, in this process: encode, rank, summarise; the times and the peak RSS."""
     import torch
 
-    from probloss.builders import make_tokenizer, make_trainee
-    from probloss.config import compose_config
+    from probloss.training.builders import make_tokenizer, make_trainee
+    from probloss.training.config import compose_config
     from probloss.eval.evaluate import encode_captions, encode_images
     from probloss.eval.retrieval import positive_pairs, rank_retrieval, summarize
     from probloss.eval.uncertainty import benchmark_uncertainty
-    from probloss.settings import RunSettings
+    from probloss.training.settings import RunSettings
 
     run = RunSettings.from_config(compose_config([f"loss={loss_name}", "model=tiny"]))
     tokenizer = make_tokenizer(run)

@@ -52,7 +52,7 @@ def recipe_results(out_dir: Path, recipe: str) -> dict:
 def sweep_results(out_dir: Path, loss: str) -> dict:
     import optuna
 
-    from probloss.sweep import storage_for
+    from probloss.studies.sweep import storage_for
 
     storage = storage_for(None, out_dir, "lr_grid")
     study = optuna.load_study(study_name=f"lr_grid-{loss}", storage=storage)

@@ -27,10 +27,10 @@ def child(overrides: list[str]) -> dict:
     """Run one training in this process; its summary numbers and this process's peak memory."""
     import torch
 
-    from probloss.builders import make_optimizer, make_tokenizer, make_trainee
-    from probloss.config import compose_config
-    from probloss.settings import RunSettings
-    from probloss.train import main
+    from probloss.training.builders import make_optimizer, make_tokenizer, make_trainee
+    from probloss.training.config import compose_config
+    from probloss.training.settings import RunSettings
+    from probloss.training.loop import main
 
     run = RunSettings.from_config(compose_config(overrides))
     trainee = make_trainee(run, make_tokenizer(run))

@@ -1,5 +1,5 @@
 """Export a checkpoint's test split into every benchmark format and compare each reader with the built-in
-evaluator on the same split (probloss/eval/benchmarks/export.py; docs/benchmarks.md has a measured table).
+evaluator on the same split (probloss/studies/benchmark_check.py; docs/benchmarks.md has a measured table).
 
     python scripts/check_benchmarks.py checkpoint=runs/default/infonce/<run>/checkpoints/step-00000020.ckpt \
         [out=/tmp/exported] [json=agreement.json]
@@ -9,9 +9,8 @@ Exit 0 when every row that measures the same thing agrees exactly, 1 when one di
 
 import sys
 
-from probloss.cli import DataError
-from probloss.config import ConfigError
-from probloss.eval.benchmarks.export import check_main
+from probloss.errors import ConfigError, DataError
+from probloss.studies.benchmark_check import check_main
 
 if __name__ == "__main__":
     try:

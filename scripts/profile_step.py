@@ -7,10 +7,10 @@
 Options: --steps (300), --top (operators listed, 15), --no-profiler, --out (profile_step.json); every other
 argument is a training override, checked like ``probloss train``'s (an unknown key: one line, exit 2).
 
-Runs ``probloss.train.main`` with the given overrides (a throwaway run folder under a temporary out_dir unless
+Runs ``probloss.training.loop.main`` with the given overrides (a throwaway run folder under a temporary out_dir unless
 ``out_dir=`` is given; ``trainer.eval_every`` and ``ckpt_every`` as configured, so evaluation and checkpoints
 cost what they cost in a real run) and reports the time inside each range the loop marks with
-``probloss.train.phase``: data (waiting for the next batch), forward (both towers), loss, backward, optimizer
+``probloss.training.loop.phase``: data (waiting for the next batch), forward (both towers), loss, backward, optimizer
 (gradient clipping and the AdamW step), logging (TensorBoard scalars and the loss's diagnostics), evaluation and
 checkpoint; "other" is the rest of the run's wall time (setup, data generation, progress bar, scheduler). Then
 the top operators by self CPU time. Prints markdown tables and writes JSON (``--out``).
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-profiler", action="store_true", help="time the run without torch.profiler")
     parser.add_argument("--out", default="profile_step.json", help="JSON output path")
     args, user_overrides = parser.parse_known_args(argv)
-    from probloss.config import compose_config
-    from probloss.train import main as train_main
+    from probloss.training.config import compose_config
+    from probloss.training.loop import main as train_main
 
     compose_config(user_overrides)  # every key checked before the profiler starts
 

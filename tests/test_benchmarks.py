@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from probloss import checkpoint as ckpt
-from probloss.cli import DataError
-from probloss.config import ConfigError
-from probloss.eval.benchmarks import export, readers
+from probloss.errors import ConfigError, DataError
+from probloss.eval.benchmarks import readers
 from probloss.eval.benchmarks.run import evaluate_benchmarks, lowercase_for, prepare
 from probloss.eval.evaluate import fill_template
 from probloss.eval.retrieval import positive_pairs, rank_retrieval
-from probloss.eval.runtime import evaluate_command
+from probloss.studies import benchmark_check
+from probloss.training import checkpoint as ckpt
+from probloss.training.evaluation import evaluate_command
 
 REPO = Path(__file__).resolve().parents[1]
 N_TEST = 48
@@ -31,7 +31,7 @@ N_TEST = 48
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     """A 3-step gaussian_var run (log-stds: the uncertainty keys and plot) and its test split exported."""
-    from probloss.train import main
+    from probloss.training.loop import main
 
     out = tmp_path_factory.mktemp("bench_run")
     main([f"out_dir={out}", f"data.cache_dir={cache_dir}", "data.train_size=256", "data.val_size=32",
@@ -41,16 +41,16 @@ def trained(tmp_path_factory, cache_dir):
     run_dir = next((out / "default" / "gaussian_var").iterdir())
     path = ckpt.newest_checkpoint(run_dir)
     exported = tmp_path_factory.mktemp("bench_files")
-    result = export.check(path, exported)
+    result = benchmark_check.check(path, exported)
     return {"ckpt": path, "files": exported, "check": result}
 
 
 @pytest.fixture(scope="module")
 def loaded(trained):
     """(model, loss, tokenizer, run) rebuilt from the checkpoint, as the command does."""
-    from probloss.builders import make_tokenizer, make_trainee
-    from probloss.config import apply_overrides
-    from probloss.settings import RunSettings
+    from probloss.training.builders import make_tokenizer, make_trainee
+    from probloss.training.config import apply_overrides
+    from probloss.training.settings import RunSettings
 
     raw = ckpt.read_checkpoint(trained["ckpt"])
     run = RunSettings.from_config(apply_overrides(raw["config"], [], what="test"))
@@ -97,7 +97,7 @@ def test_every_reader_agrees_with_the_builtin_evaluator_on_the_exported_split(tr
     # the table says which rows differ by design, and why
     by_design = [r for r in rows if not r["same_measure"]]
     assert by_design and all("by design" in r["why"] for r in by_design)
-    assert "n/a: by design" in export.format_table(rows)
+    assert "n/a: by design" in benchmark_check.format_table(rows)
 
 
 # --- the command ----------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_command_writes_every_benchmark_json_npz_and_plot(trained, tmp_path, cap
     npz = np.load(tmp_path / "bench.karpathy.npz")
     assert npz["image_emb"].shape[0] == N_TEST and npz["text_emb"].shape[0] == N_TEST
     assert list(npz["image_ids"]) == list(range(1, N_TEST + 1))  # cocoid
-    assert list(npz["caption_ids"]) == [export.CAPTION_ID_BASE + i for i in range(N_TEST)]
+    assert list(npz["caption_ids"]) == [benchmark_check.CAPTION_ID_BASE + i for i in range(N_TEST)]
     assert npz["image_log_std"].shape[0] == N_TEST and npz["text_log_std"].shape[0] == N_TEST
     assert (tmp_path / "bench.karpathy.uncertainty.png").stat().st_size > 0
     assert not (tmp_path / "bench.folder.uncertainty.png").exists()  # zero-shot only: no retrieval bins
@@ -309,7 +309,7 @@ def test_lowercasing_and_templates_reach_the_tokenizer(trained, loaded, tmp_path
 def test_wds_with_several_captions_per_image_and_folder_json_names(trained, loaded, tmp_path):
     import webdataset as wds
 
-    samples = export.read_split(str(trained["files"] / "wds" / "test" / "0.tar"))
+    samples = benchmark_check.read_split(str(trained["files"] / "wds" / "test" / "0.tar"))
     (tmp_path / "multi").mkdir()
     with wds.TarWriter(str(tmp_path / "multi" / "0.tar")) as sink:
         for s in samples[:12]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from probloss.recipe import claims_lines, findings, read_claims
+from probloss.studies.recipe import claims_lines, findings, read_claims
 
 REPO = Path(__file__).resolve().parents[1]
 

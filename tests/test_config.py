@@ -3,7 +3,8 @@
 import pytest
 
 import probloss
-from probloss.config import ConfigError, compose_config, loss_kwargs, save_config
+from probloss.errors import ConfigError
+from probloss.training.config import compose_config, loss_kwargs, save_config
 
 
 def test_defaults_compose_and_resolve():
@@ -84,13 +85,13 @@ def test_save_config_round_trip(tmp_path):
 
 
 def test_settings_fields_are_exactly_the_config_keys():
-    """configs/ holds the defaults, probloss/settings.py the types: a key added to one and not the other fails."""
+    """configs/ holds the defaults, probloss/training/settings.py the types: a key added to one and not the other fails."""
     from dataclasses import fields
 
     from omegaconf import OmegaConf
 
-    from probloss.config import config_dir
-    from probloss.settings import DataSettings, EvalSettings, FabricSettings, RunSettings, TrainerSettings
+    from probloss.training.config import config_dir
+    from probloss.training.settings import DataSettings, EvalSettings, FabricSettings, RunSettings, TrainerSettings
 
     train = OmegaConf.load(config_dir() / "train.yaml")
     for section, cls in (("trainer", TrainerSettings), ("fabric", FabricSettings), ("eval", EvalSettings)):

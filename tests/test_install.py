@@ -52,7 +52,7 @@ def test_wheel_installs_and_trains_outside_the_repo(tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LT_CLI_USED", "PROBLOSS_CONFIG_DIR")}
     env.update(OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
-    where = subprocess.run([str(python), "-c", "import probloss, probloss.config as c; print(probloss.__file__); "
+    where = subprocess.run([str(python), "-c", "import probloss, probloss.training.config as c; print(probloss.__file__); "
                             "print(c.config_dir()); print(probloss.list_losses())"],
                            cwd=work, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
     assert where[0].startswith(site) and where[1].startswith(site), where

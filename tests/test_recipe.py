@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from probloss.config import ConfigError
-from probloss.recipe import load_recipe, run_recipe
+from probloss.errors import ConfigError
+from probloss.studies.recipe import load_recipe, run_recipe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ TINY = ["data.train_size=256", "data.val_size=64", "data.test_size=64", "trainer
 
 
 def test_every_recipe_file_loads():
-    from probloss.config import compose_config, group_options
+    from probloss.training.config import compose_config, group_options
 
     assert {"batch_size", "bias_init", "neg_masking", "robustness", "proposal", "relations"} <= set(
         group_options("recipe"))
@@ -101,7 +101,7 @@ def test_recipe_runs_arms_and_seeds_then_resumes(tmp_path):
 
 
 def test_the_data_draw_follows_the_seed_unless_set():
-    from probloss.recipe import data_draw
+    from probloss.studies.recipe import data_draw
 
     assert data_draw({}, ["loss=infonce"], 3) == ["data.gen_seed=3"]  # vary_data defaults to true
     assert data_draw({"vary_data": True}, [], 3) == ["data.gen_seed=3"]

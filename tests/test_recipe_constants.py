@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from probloss.config import ConfigError
-from probloss.recipe import compare, constants, load_recipe, primaries, render_recipe
+from probloss.errors import ConfigError
+from probloss.studies.recipe import compare, constants, load_recipe, primaries, render_recipe
 
 AUROC = "test/unc/planted_auroc"
 RECIPE = {"description": "arms against chance", "seeds": [0, 1, 2], "overrides": [],

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from probloss.config import ConfigError
-from probloss.recipe import baselines, findings, primaries, render_recipe
+from probloss.errors import ConfigError
+from probloss.studies.recipe import baselines, findings, primaries, render_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ["test/zeroshot_top1", "test/i2t_r@1", "test/embed/modality_gap", "stability/loss_spikes",
@@ -211,7 +211,7 @@ def test_findings_page_reads_committed_folders(folder, tmp_path):
     recipe's learning rates and their sources are printed."""
     from test_learning_rates import grid_study
 
-    from probloss.report import trial_table
+    from probloss.studies.report import trial_table
 
     render_recipe(folder)
     kept = tmp_path / "kept"
@@ -238,7 +238,7 @@ def test_multiplicity_of_a_rendered_page_from_its_printed_intervals(folder, tmp_
     """p recovered from a page's printed mean, interval and n matches the p of comparisons.json (up to the page's
     3 decimals); primaries come from the page's marks; on a page without marks or p columns (as rendered before
     multiplicity existed) every row joins the Holm family."""
-    from probloss.recipe import page_comparisons, page_multiplicity
+    from probloss.studies.recipe import page_comparisons, page_multiplicity
 
     render_recipe(folder)
     page = findings(tmp_path)
@@ -264,11 +264,10 @@ def test_multiplicity_of_a_rendered_page_from_its_printed_intervals(folder, tmp_
 def test_sigma_statistics_of_a_run_without_sigma_are_not_re_evaluated(tmp_path, monkeypatch):
     """A reported sigma statistic that a loss without log-stds never has (infonce) is not "missing": no
     evaluation of the checkpoint is attempted for it; a run with sigma that lacks it is re-evaluated."""
-    import probloss.checkpoint
-    import probloss.recipe as recipe
+    import probloss.studies.recipe as recipe
 
     calls = []
-    monkeypatch.setattr(probloss.checkpoint, "newest_checkpoint", lambda run_dir: tmp_path / "step-00000003.ckpt")
+    monkeypatch.setattr(recipe, "newest_checkpoint", lambda run_dir: tmp_path / "step-00000003.ckpt")
     monkeypatch.setattr(recipe, "cached_evaluation", lambda *a, **k: calls.append(a) or {})
     metrics = ["test/zeroshot_top1", "test/unc/specificity_level_coef", "test/unc/log_sigma_text_sd"]
     assert recipe.backfill_metrics(tmp_path, {"test/zeroshot_top1": 0.3, "steps": 3}, metrics) == []

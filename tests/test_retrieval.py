@@ -346,11 +346,11 @@ def _shapes_eval_set(tokenizer, n: int):
 def test_the_engine_on_the_built_in_scores_gives_the_built_in_evaluators_numbers_on_shapes():
     """The shapes test split's retrieval keys (exact strings, plausible matches) and uncertainty curves, from the
     built-in evaluator and from rank_retrieval / summarize / benchmark_uncertainty on the same scores."""
-    from probloss.builders import make_tokenizer, make_trainee
-    from probloss.config import compose_config
+    from probloss.training.builders import make_tokenizer, make_trainee
+    from probloss.training.config import compose_config
     from probloss.data import shapes
     from probloss.eval import evaluate
-    from probloss.settings import RunSettings
+    from probloss.training.settings import RunSettings
 
     run = RunSettings.from_config(compose_config(["loss=gaussian_var", "model=tiny"]))
     tokenizer = make_tokenizer(run)

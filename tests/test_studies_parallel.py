@@ -18,7 +18,7 @@ import optuna
 import pytest
 from test_sweep import postgres_url  # noqa: F401  (the fixture: a PostgreSQL server of its own)
 
-from probloss.config import ConfigError
+from probloss.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_size=256", "data.val_size=64", "data.test_size=64", "trainer.batch_size=32",
@@ -54,7 +54,7 @@ def finish(process, timeout=600):
 
 
 def queue(out_dir, url=None):
-    from probloss.sweep import storage_for
+    from probloss.studies.sweep import storage_for
 
     storage = storage_for(url or str(Path(out_dir) / "proposal" / "queue.journal"), out_dir, "proposal")
     (name,) = [n for n in optuna.get_all_study_names(storage) if n.startswith("recipe-proposal-")]
@@ -70,7 +70,7 @@ def rows(out_dir):
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory, cache_dir):
     """The grid run by one worker in one process: the reference every parallel run must reproduce bit for bit."""
-    from probloss.recipe import run_recipe
+    from probloss.studies.recipe import run_recipe
 
     out = tmp_path_factory.mktemp("sequential")
     run_recipe(recipe_args(out, cache_dir, "recipe.workers=1"), log=lambda *a, **k: None)
@@ -177,13 +177,13 @@ def test_parallel_sweep_workers_never_repeat_a_parameter_set(tmp_path, cache_dir
 
 
 def _journal(path):
-    from probloss.sweep import storage_for
+    from probloss.studies.sweep import storage_for
 
     return storage_for(str(path), path.parent, "x")
 
 
 def test_trial_seeds_differ_per_trial_and_are_reproducible():
-    from probloss.sweep import trial_seed
+    from probloss.studies.sweep import trial_seed
 
     seeds = [trial_seed(0, n) for n in range(100)]
     assert len(set(seeds)) == 100 and seeds == [trial_seed(0, n) for n in range(100)]
@@ -191,7 +191,7 @@ def test_trial_seeds_differ_per_trial_and_are_reproducible():
 
 
 def test_two_sweeps_get_their_own_studies_and_a_reused_name_with_another_space_is_an_error(tmp_path):
-    from probloss.sweep import default_study_name, load_sweep, open_study, storage_for
+    from probloss.studies.sweep import default_study_name, load_sweep, open_study, storage_for
 
     assert default_study_name("lr", "lr", "infonce") == "lr-infonce"  # the default experiment: unchanged
     assert default_study_name("shared", "lr", "infonce") != default_study_name("shared", "stability", "infonce")
@@ -207,7 +207,7 @@ def test_two_sweeps_get_their_own_studies_and_a_reused_name_with_another_space_i
 CREATE = """
 import os, sys, time
 from pathlib import Path
-from probloss.sweep import load_sweep, open_study, storage_for
+from probloss.studies.sweep import load_sweep, open_study, storage_for
 barrier, url = Path(sys.argv[1]), sys.argv[2]
 cfg, _ = load_sweep(["sweep=lr"])
 (barrier / str(os.getpid())).touch()
@@ -245,7 +245,7 @@ def test_workers_creating_a_fresh_database_at_once_all_start(tmp_path, database,
 
 
 def test_default_workers_follow_the_usable_cores_and_the_work():
-    from probloss.workers import choose_workers, usable_cores, worker_argv
+    from probloss.studies.workers import choose_workers, usable_cores, worker_argv
 
     cores = usable_cores()
     assert cores == len(os.sched_getaffinity(0))

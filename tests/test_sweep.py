@@ -17,8 +17,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from probloss.report import write_report
-from probloss.sweep import run_sweep, storage_for
+from probloss.studies.report import write_report
+from probloss.studies.sweep import run_sweep, storage_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_grid_sweep_runs_every_point_once_and_reports_the_mean_per_learning_rate
 def test_racing_workers_enqueue_the_grid_twice_and_still_run_each_point_once(tmp_path):
     """Two workers enqueue the grid at the same moment (every point twice): claiming hands each point to one
     trial and drops the copies, so the four points of a 2 x 2 grid run once each, in the seeded order."""
-    from probloss.sweep import claim, enqueue_grid, grid_points
+    from probloss.studies.sweep import claim, enqueue_grid, grid_points
 
     cfg = {"seed": 0, "space": {"trainer.lr": {"type": "categorical", "choices": [1e-3, 3e-3]},
                                 "seed": {"type": "categorical", "choices": [0, 1]}}}
@@ -133,7 +133,7 @@ def test_racing_workers_resume_each_interrupted_trial_once_and_a_crashed_one_nev
     """Interrupted trials (preempted, or their worker died) are taken over by exactly one trial each, with their
     parameters, even when two workers enqueue them at the same moment; a taken-over trial that is interrupted in
     turn is resumed in its place; a crashed or dropped trial is never resumed."""
-    from probloss.sweep import claim, enqueue_resumes, interrupted_trials
+    from probloss.studies.sweep import claim, enqueue_resumes, interrupted_trials
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'resume.db'}")
     FAIL = optuna.trial.TrialState.FAIL
@@ -166,8 +166,8 @@ def test_racing_workers_resume_each_interrupted_trial_once_and_a_crashed_one_nev
 
 
 def test_grid_sampler_needs_categorical_parameters():
-    from probloss.config import ConfigError
-    from probloss.sweep import load_sweep, trial_budget
+    from probloss.errors import ConfigError
+    from probloss.studies.sweep import load_sweep, trial_budget
 
     grid, _ = load_sweep(["sweep=lr_grid"])
     assert trial_budget(grid, "infonce") == 7 * 5
@@ -179,8 +179,8 @@ def test_grid_sampler_needs_categorical_parameters():
 
 
 def test_sweep_command_line_is_checked_like_training():
-    from probloss.config import ConfigError
-    from probloss.sweep import load_sweep
+    from probloss.errors import ConfigError
+    from probloss.studies.sweep import load_sweep
 
     sweep, train = load_sweep(["sweep=lr", "loss=sigmoid", "sweep.n_trials=2", "trainer.max_steps=5"])
     assert sweep["n_trials"] == 2 and train == ["loss=sigmoid", "trainer.max_steps=5"]
@@ -278,7 +278,7 @@ def test_killed_worker_loses_only_its_running_trial(tmp_path, cache_dir, sampler
 
 
 def test_journal_heartbeat_fails_a_silent_trial_of_another_host(tmp_path):
-    from probloss.sweep import fail_dead_trials, heartbeat
+    from probloss.studies.sweep import fail_dead_trials, heartbeat
 
     storage = storage_for(None, tmp_path, "lr")
     study = optuna.create_study(study_name="s", storage=storage)

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 import probloss
-from probloss import checkpoint as ckpt
-from probloss.config import ConfigError, compose_config
-from probloss.builders import Trainee, check_batch_sizes, make_tokenizer, make_trainee
-from probloss.settings import RunSettings
-from probloss.train import NonFiniteLossError, main, train_step
+from probloss.errors import ConfigError, NonFiniteLossError
+from probloss.training import checkpoint as ckpt
+from probloss.training.builders import Trainee, check_batch_sizes, make_tokenizer, make_trainee
+from probloss.training.config import compose_config
+from probloss.training.loop import main, train_step
+from probloss.training.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {  # summary keys that apply to every loss (docs/design.md)
@@ -114,7 +115,7 @@ def test_run_writes_tensorboard_summary_checkpoints(loss, tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_evaluate_checkpoint(tmp_path, cache_dir):
-    from probloss.eval.runtime import evaluate_checkpoint
+    from probloss.training.evaluation import evaluate_checkpoint
 
     main(small(tmp_path, cache_dir, "loss=infonce", "trainer.max_steps=3", "trainer.eval_every=0"))
     path = ckpt.newest_checkpoint(only_run(tmp_path, "infonce"))
@@ -137,7 +138,7 @@ def test_evaluate_checkpoint(tmp_path, cache_dir):
 
 KILLER = """
 import os, signal, sys
-import probloss.train as T
+import probloss.training.loop as T
 kill_at, original, done = int(os.environ.get("KILL_AT_STEP", 0)), T.train_step, [0]
 def train_step(*args, **kwargs):  # SIGKILL ourselves right after the optimizer step `kill_at`
     out = original(*args, **kwargs)
@@ -234,7 +235,7 @@ def test_resume_refuses_a_different_model_shape(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_a_run_uses_its_own_cpu_matmul_and_one_from_before_the_key_resumes_on_blas(tmp_path, cache_dir, monkeypatch):
-    import probloss.train as train_module
+    import probloss.training.loop as train_module
     from probloss.models.linear import onednn_available
 
     if not onednn_available():
@@ -281,7 +282,7 @@ def test_two_rank_fabric_run(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_sharding_strategies_are_a_clear_error(tmp_path):
-    from probloss.launch import check_strategy
+    from probloss.training.launch import check_strategy
 
     for ok in ("auto", "ddp", "ddp_spawn", "single_device", "xla"):
         check_strategy(ok)
@@ -299,7 +300,7 @@ def test_sharding_strategies_are_a_clear_error(tmp_path):
 def test_console_output_goes_to_out_log_without_the_progress_bar(tmp_path):
     from tqdm import tqdm
 
-    from probloss.console import say, tee_output
+    from probloss.training.console import say, tee_output
 
     with tee_output(tmp_path / "out.log"):
         bar = tqdm(total=3, file=sys.stderr, mininterval=0)
@@ -583,7 +584,7 @@ def test_train_step_passes_caption_and_scene_groups_to_the_loss():
     """The step's loss equals the loss called by hand with ids hashed from the token rows (positives, then
     extras) and the json's scenes; without duplicates ``mask`` equals ``keep``."""
     from probloss.false_negatives import caption_groups, scene_groups
-    from probloss.grad_cache import with_negatives
+    from probloss.training.grad_cache import with_negatives
 
     batch = _false_negatives_batch()
     out, _ = _step_with_negatives("infonce", batch, 1, false_negatives="mask")

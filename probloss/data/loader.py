@@ -37,7 +37,7 @@ caption, undecodable text or unparsable json is skipped through webdataset's ``h
 (first few per worker, each naming the sample key and its shard) and counted per shard, never raised mid-epoch;
 counted on every pass that reads it, so once where a cache keeps its shard. ``max_skipped_fraction`` bounds it:
 more skipped samples than that fraction of those read (an eval split: the whole split; training: judged once
-:data:`SKIP_JUDGE_AFTER` samples have been read, per rank) is a :class:`probloss.cli.DataError` naming the worst
+:data:`SKIP_JUDGE_AFTER` samples have been read, per rank) is a :class:`probloss.errors.DataError` naming the worst
 shards. A pattern that matches no file raises FileNotFoundError, an unbalanced brace pattern and shards without
 a single readable sample a DataError, before any batch is made. :func:`check_labels` checks zero-shot labels
 (json ``label``: an integer class index) against the class list, naming the sample.
@@ -70,11 +70,12 @@ import webdataset as wds
 from PIL import Image, ImageFilter, ImageOps
 
 from probloss.data.shapes import HARD_NEGATIVES, NEGATIVE_KINDS, plausible_matrix
+from probloss.errors import ConfigError, DataError
+from probloss.models._blocks import MEAN, STD  # the images every tower takes: normalised to [-1, 1]
 
 log = logging.getLogger("probloss.data")
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-MEAN, STD = 0.5, 0.5  # images are normalised to [-1, 1]; x_pixel = x * STD + MEAN
 
 
 # --- shard lists ----------------------------------------------------------------------------------------------
@@ -93,8 +94,6 @@ def expand_shards(pattern: str | Sequence[str]) -> list[str]:
             try:
                 expanded = list(braceexpand.braceexpand(p))
             except braceexpand.UnbalancedBracesError:
-                from probloss.cli import DataError
-
                 raise DataError(f"shard pattern {str(pattern)!r} has unbalanced braces; write a range as "
                                 "{00000..00099} or alternatives as {a,b}") from None
             for u in expanded:
@@ -264,7 +263,6 @@ def check_skipped(skipped: int, seen: int, by_shard: Mapping[str, int], max_frac
     shards with the most skipped samples."""
     if max_fraction is None or not skipped or skipped <= max_fraction * seen:
         return
-    from probloss.cli import DataError
 
     worst = sorted(by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     shards = ", ".join(f"{url} ({n})" for url, n in worst)
@@ -282,8 +280,6 @@ def check_labels(metas: Sequence[Mapping], keys: Sequence[str], n_classes: int, 
         if label is None:
             continue
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n_classes:
-            from probloss.cli import DataError
-
             raise DataError(f"{where}: sample {key} has label {label!r}, not a class index in [0, {n_classes}) "
                             f"(data.classnames has {n_classes} classes); fix the sample's json or the class list")
 
@@ -376,7 +372,6 @@ def _negatives(samples: list[dict], kinds: Sequence[str], option: str) -> list[s
         for kind in kinds:
             text = negatives.get(kind) or negatives.get("control")
             if not text:  # a config error (exit 2): the option asks for what these shards do not have
-                from probloss.config import ConfigError
 
                 raise ConfigError(
                     f"data.hard_negatives={option}: sample {s['key']!r} of shard {s['url']} has no {kind!r} (nor "
@@ -392,8 +387,6 @@ def _partial_captions(samples: list[dict], captions: list[str], noisy: np.ndarra
     for i, s in enumerate(samples):
         levels, level = s["json"].get("captions"), s["json"].get("level")
         if not levels or not isinstance(level, int):
-            from probloss.config import ConfigError
-
             raise ConfigError(
                 f"data.partial_captions=true: sample {s['key']!r} of shard {s['url']} has no json `captions` by "
                 "level and `level`; use the shapes data (scripts/make_data.py) or set data.partial_captions=false")
@@ -406,14 +399,12 @@ def holds_attribute(meta: dict, attribute: str) -> bool:
     """Whether a sample's scene has an object of colour or shape ``attribute`` (json ``objects``).
 
     Raises:
-        probloss.config.ConfigError: the json has no ``objects`` with a colour and a shape (planted noise needs
+        probloss.errors.ConfigError: the json has no ``objects`` with a colour and a shape (planted noise needs
             the shapes data's scene description).
     """
     objects = meta.get("objects")
     if not isinstance(objects, list) or not objects or not all(isinstance(o, dict) and "colour" in o and "shape" in o
                                                                for o in objects):
-        from probloss.config import ConfigError
-
         raise ConfigError(f"data.noise_attribute={attribute}: sample {meta.get('index', '?')} has no json `objects` "
                           "(colour and shape of every object); use the shapes data (scripts/make_data.py) or unset "
                           "data.noise_attribute")
@@ -499,8 +490,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             for n, sample in enumerate(samples, 1):
                 yield sample
             if n == 0:
-                from probloss.cli import DataError
-
                 raise DataError(f"no readable sample in shards {mine[:3]}... for rank {self.rank} "
                                 f"(reader {slot} of {n_slots}); {handler.count} errors were skipped: the shards are "
                                 "empty or corrupt")
@@ -653,7 +642,7 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
 
     Args:
         pattern: shard brace/glob pattern or list of paths.
-        tokenizer: ``list[str] -> (B, L)`` long, e.g. ``probloss.models.build_tokenizer("word")``.
+        tokenizer: ``list[str] -> (B, L)`` long, e.g. ``probloss.models.build_tokenizer("word", vocab=caption_words())``.
         batch_size: per-rank batch size (the global batch is world_size x batch_size).
         image_size: images are centre-cropped/resized to this side.
         rank, world_size: this process's place among the data-parallel ranks.
@@ -675,7 +664,7 @@ def make_train_loader(pattern: str | Sequence[str], tokenizer: Callable[[list[st
     Raises:
         FileNotFoundError: the pattern matches no shard (before any reading).
         ValueError: an unknown ``hard_negatives``.
-        probloss.config.ConfigError: while reading, a sample without the negatives ``hard_negatives`` asks for.
+        probloss.errors.ConfigError: while reading, a sample without the negatives ``hard_negatives`` asks for.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")

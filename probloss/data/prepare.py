@@ -27,7 +27,15 @@ from typing import Iterator, Mapping
 import braceexpand
 
 from probloss import dist
-from probloss.settings import DataSettings
+from probloss.data import load_eval_set, make_train_loader, shapes, write_shapes_shards
+from probloss.data.loader import (
+    SKIP_JUDGE_AFTER, check_labels, check_skipped, count_samples, empty_shards, expand_shards, scan_labels,
+    truncated_shards,
+)
+from probloss.data.settings import DataSettings
+from probloss.data.shapes import DEFAULT_TEMPLATES
+from probloss.data.trust import check_shard_urls
+from probloss.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,6 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
 
     Rank 0 generates while the others wait (``fabric=None``: one process).
     """
-    from probloss.data.trust import check_shard_urls
-
     train, val, test, classnames = data.train_shards, data.val_shards, data.test_shards, data.classnames
     # Before any shard is listed or opened: a pattern that runs a command must come from this command line.
     check_shard_urls({"data.train_shards": train, "data.val_shards": val, "data.test_shards": test})
@@ -72,13 +78,10 @@ def prepare_data(data: DataSettings, global_batch: int, fabric=None) -> DataSpec
         print("no splits.json next to the shards: seen/unseen zero-shot keys are skipped")
     templates = data.templates or (tuple(splits["templates"]) if splits and splits.get("templates") else None)
     if templates is None and data.name == "shapes":
-        from probloss.data.shapes import DEFAULT_TEMPLATES
-
         templates = DEFAULT_TEMPLATES  # prompts no caption equals (shards written before splits.json existed)
     check_not_empty({"train": train, "val": val, "test": test})
     truncated = check_shards({"train": train, "val": val, "test": test}, data.strict, cache, fabric)
     if classnames and cache is None:  # given shards: every zero-shot label names a class, before training
-        from probloss.data.loader import expand_shards, scan_labels
 
         for split, pattern in (("val", val), ("test", test)):
             if pattern is not None:
@@ -103,9 +106,6 @@ def _train_captions(folder: Path, train: str) -> str | None:
 def check_not_empty(patterns: Mapping[str, str | None]) -> None:
     """A split whose shards hold no sample at all is a DataError (exit 2) before training, not a crash in the
     first batch."""
-    from probloss.cli import DataError
-    from probloss.data.loader import empty_shards, expand_shards
-
     for split, pattern in patterns.items():
         if pattern is None:
             continue
@@ -119,11 +119,8 @@ def check_not_empty(patterns: Mapping[str, str | None]) -> None:
 def check_shards(patterns: Mapping[str, str | None], strict: bool, cache_folder: Path | None, fabric=None
                  ) -> tuple[str, ...]:
     """Find shards that were cut short (rank 0 reads, every rank gets the answer): each is named once, with
-    where it ends; ``strict`` makes any of them an error (:class:`probloss.cli.DataError`, exit 2) before
+    where it ends; ``strict`` makes any of them an error (:class:`probloss.errors.DataError`, exit 2) before
     training. Returns their paths."""
-    from probloss.cli import DataError
-    from probloss.data.loader import expand_shards, truncated_shards
-
     found: dict[str, tuple[str, str]] = {}
     if fabric is None or fabric.is_global_zero:
         for split, pattern in patterns.items():
@@ -147,8 +144,6 @@ def check_shards(patterns: Mapping[str, str | None], strict: bool, cache_folder:
 def _train_samples(data: DataSettings, pattern: str, fabric=None) -> int:
     """Training samples, to size an epoch when ``data.batches_per_epoch`` is null: the shapes data's train_size,
     else sizes.json beside the shards, else every tar header is read (rank 0; slow for many shards)."""
-    from probloss.data.loader import count_samples, expand_shards
-
     if data.train_size is not None:
         return int(data.train_size)
     if fabric is not None and not fabric.is_global_zero:
@@ -168,8 +163,6 @@ def _read_classes(path: Path) -> list[str] | None:
 
 def shapes_cache_folder(data: DataSettings) -> Path:
     """``<cache_dir>/shapes-<hash of the generation parameters>``."""
-    from probloss.data import shapes
-
     params = {"train_size": int(data.train_size), "val_size": int(data.val_size), "test_size": int(data.test_size),
               "heldout_combos": int(data.heldout_combos), "seed": int(data.gen_seed),
               "image_size": int(data.image_size), "version": shapes.VERSION}
@@ -179,8 +172,6 @@ def shapes_cache_folder(data: DataSettings) -> Path:
 
 def generate_shapes(folder: Path, data: DataSettings) -> dict[str, str]:
     """Write the shapes shards into ``folder`` unless a finished copy is there; return the shard patterns."""
-    from probloss.data import write_shapes_shards
-
     return write_shapes_shards(folder, train_size=int(data.train_size), val_size=int(data.val_size),
                                test_size=int(data.test_size), heldout_combos=int(data.heldout_combos),
                                seed=int(data.gen_seed), image_size=int(data.image_size), out_key="data.cache_dir")
@@ -197,9 +188,6 @@ def train_batches(spec: DataSpec, data: DataSettings, tokenizer, per_rank: int, 
     corrupt-sample counts; with ``data.noise_attribute``, ``pos.planted_{samples,scenes,replaced}`` count the
     samples read, those whose scene holds the attribute and those given a wrong caption.
     """
-    from probloss.data import make_train_loader
-    from probloss.data.loader import SKIP_JUDGE_AFTER, check_skipped
-
     seen = skipped = 0  # this process's samples read + skipped, and skipped (data.max_skipped_fraction)
     judged_first_epoch = False
     by_shard: dict[str, int] = {}
@@ -244,15 +232,11 @@ def load_eval(spec: DataSpec, data: DataSettings, tokenizer, *, split: str = "va
     Raises:
         ValueError: an unknown split, or ``"test"`` when the run has no test split (``spec.test`` is None).
     """
-    from probloss.data import load_eval_set
-
     patterns = {"val": spec.val, "test": spec.test}
     if split not in patterns:
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if patterns[split] is None:
         raise ValueError("this run has no test split: set data.test_shards (or use the built-in shapes data)")
-    from probloss.cli import DataError
-    from probloss.data.loader import check_labels, check_skipped
 
     try:
         eval_set = load_eval_set(patterns[split], tokenizer, image_size=data.image_size, max_samples=max_samples,

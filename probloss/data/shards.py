@@ -46,6 +46,7 @@ from probloss.data.shapes import (
     DEFAULT_LEVEL_PROBS, DEFAULT_TEMPLATES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, class_names, generate_sample,
     heldout_combos as draw_heldout,
 )
+from probloss.errors import ConfigError
 
 
 def _write_shard(job: tuple) -> tuple[int, Counter]:
@@ -100,8 +101,6 @@ def _write_manifest(out: Path, files: set[str]) -> None:
 
 def refuse_foreign(out: Path, out_key: str) -> None:
     """Raise ConfigError (exit 2) naming the files in ``out`` that this writer did not write."""
-    from probloss.config import ConfigError
-
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file, not a folder: choose another {out_key}=")
     foreign = foreign_files(out)
@@ -255,19 +254,3 @@ def write_shapes_shards(
             print(f"wrote {total} samples in {elapsed:.1f} s "
                   f"({total / max(elapsed, 1e-9):.0f} samples/s, {num_workers} processes)")
         return patterns
-
-
-def main(argv: Sequence[str]) -> dict[str, str]:
-    """``scripts/make_data.py out=<dir> train_size=<n> val_size=<m> [test_size=<k> heldout_combos=8 ...]``
-    (configs/make_data.yaml); prints the shard patterns as JSON."""
-    from omegaconf import OmegaConf
-
-    from probloss.config import compose_config
-
-    from probloss.settings import check_make_data
-
-    kwargs = OmegaConf.to_container(compose_config(argv, config_name="make_data"))
-    check_make_data(kwargs)
-    patterns = write_shapes_shards(kwargs.pop("out"), **kwargs)
-    print(json.dumps(patterns))
-    return patterns

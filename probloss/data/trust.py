@@ -22,6 +22,7 @@ import json
 import os
 from typing import Iterable, Mapping
 from urllib.parse import urlparse
+from probloss.errors import ConfigError
 
 ENV = "PROBLOSS_COMMAND_URLS"
 
@@ -79,8 +80,6 @@ def trust_command_line(arguments: Iterable[str]) -> None:
 def check_shard_urls(patterns: Mapping[str, str | None]) -> None:
     """Raise ConfigError for a pattern (``{"data.val_shards": pattern, ...}``) that would run a command and was
     not given on this invocation's command line."""
-    from probloss.config import ConfigError
-
     allowed = trusted()
     for key, pattern in patterns.items():
         if pattern is None or not runs_command(pattern) or str(pattern) in allowed:

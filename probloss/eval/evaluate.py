@@ -173,7 +173,7 @@ null, tests/eval/test_eval_planted.py). Chance 0.5; > 0.5 = more uncertainty whe
   differ in caption levels (an L0 caption is true of many images), so read the cost of the noise across arms
   (p = 0.5 against p = 0, paired), not planted against unplanted within a run.
 
-``val/loss`` is not computed here: probloss/eval/runtime.py computes it once, in the training batches of every
+``val/loss`` is not computed here: probloss/training/evaluation.py computes it once, in the training batches of every
 rank, so it is comparable with ``train/loss`` for any world size.
 """
 

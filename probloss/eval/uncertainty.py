@@ -30,6 +30,7 @@ from torch import Tensor
 
 from probloss.eval import metrics
 from probloss.eval.evaluate import sigma_of
+from probloss.files import pyplot, save_figure
 
 DIRECTIONS = {"i2t": "image queries (image sigma)", "t2i": "caption queries (text sigma)"}
 SOURCES = {"unc/": "sigma", "unc/free/top1/": "top-1 score", "unc/free/margin/": "margin"}
@@ -80,12 +81,7 @@ def plot_uncertainty_bins(results: dict[str, float], path: str | Path, title: st
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from probloss.report import save_figure
+    plt = pyplot()
 
     curves: dict[tuple[str, str, str], dict[int, float]] = {}
     for key, value in results.items():

@@ -1,4 +1,5 @@
-"""Pre-norm Transformer blocks shared by the ViT and the text Transformer."""
+"""What the towers share: the images they take (``MEAN``, ``STD``) and the pre-norm Transformer blocks of the ViT
+and the text Transformer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from einops import rearrange
 from torch import nn
 
 from probloss.models.linear import Linear
+
+# Every image tower takes images normalised to [-1, 1] (the data loader writes them so): x_pixel = x * STD + MEAN.
+MEAN, STD = 0.5, 0.5
 
 
 class Attention(nn.Module):

@@ -1,4 +1,5 @@
-"""Tokenizers that need no downloads: byte-level (any UTF-8 text) and word-level (a fixed vocabulary).
+"""Tokenizers: byte-level (any UTF-8 text), word-level (a fixed vocabulary, handed in: the shapes data's is
+``probloss.data.shapes.caption_words()``) and a Hugging Face model's own (``hf:<name>``, the towers extra).
 
 Both map ``list[str] -> LongTensor (B, max_len)``: token ids, then one EOS, then padding with id 0. Text longer
 than ``max_len - 1`` tokens is cut so the EOS always survives (the Transformer text tower pools at the EOS).
@@ -11,7 +12,10 @@ from typing import Sequence
 
 import torch
 
+from probloss.models.hub import from_pretrained, hf_max_len, import_transformers
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+PAD = -1  # padding in the ids of an HFTokenizer: not a token id (see HFTokenizer)
 
 
 class Tokenizer:
@@ -74,11 +78,33 @@ class WordTokenizer(Tokenizer):
         return [self.ids.get(w, UNK_ID) for w in self._word.findall(text.lower())]
 
 
-def shapes_vocab() -> list[str]:
-    """The words of the shapes caption grammar (sorted), for ``build_tokenizer("word")``."""
-    from probloss.data.shapes import caption_words
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer behind probloss's ``list[str] -> (B, max_len)`` contract.
 
-    return caption_words()
+    Special tokens are the model's own ([CLS] ... [SEP], <s> ... </s>); padding is -1, not the model's pad id:
+    some models pad with a real token (CLIP pads with its end token), and the tower needs to tell them apart.
+    """
+
+    pad_id = PAD
+
+    def __init__(self, name: str, max_len: int | None = None, allow_download: bool = False):
+        transformers = import_transformers(f"hf:{name}")
+        self.tokenizer = from_pretrained(transformers.AutoTokenizer, name, allow_download, "tokenizer")
+        own = hf_max_len(name, allow_download, self.tokenizer)
+        if max_len is not None and max_len > own:
+            raise ValueError(f"data.max_len={max_len} is longer than the {own} tokens of hf:{name} (null: its own)")
+        super().__init__(int(max_len or own))
+        self.name = name
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, truncation=True, max_length=self.max_len)["input_ids"]
+
+    def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        return enc["input_ids"].long().masked_fill(enc["attention_mask"] == 0, PAD)
 
 
 def build_tokenizer(kind: str = "byte", max_len: int | None = 16, vocab: Sequence[str] | None = None,
@@ -90,12 +116,10 @@ def build_tokenizer(kind: str = "byte", max_len: int | None = 16, vocab: Sequenc
             every shapes caption fits in 16 tokens) or "hf:<name or folder>" (a Hugging Face text tower's own,
             probloss/models/towers.py).
         max_len: tokens per text including the EOS (SigLIP uses 16); None only for "hf:" (its own maximum).
-        vocab: word list for "word"; default :func:`shapes_vocab`.
+        vocab: the word list of "word" (required; the shapes captions': ``probloss.data.shapes.caption_words()``).
         allow_download: "hf:" names that are not in the local cache may be downloaded.
     """
     if kind.startswith("hf:"):
-        from probloss.models.towers import HFTokenizer
-
         return HFTokenizer(kind[len("hf:"):], max_len, allow_download)
     if max_len is None:
         raise ValueError(f"the {kind} tokenizer needs data.max_len (null is for hf: tokenizers)")
@@ -104,5 +128,8 @@ def build_tokenizer(kind: str = "byte", max_len: int | None = 16, vocab: Sequenc
             raise ValueError("the byte tokenizer takes no vocab")
         return ByteTokenizer(max_len)
     if kind == "word":
-        return WordTokenizer(shapes_vocab() if vocab is None else vocab, max_len)
+        if vocab is None:
+            raise ValueError("the word tokenizer needs its vocabulary: build_tokenizer('word', vocab=[...]), e.g. "
+                             "probloss.data.shapes.caption_words()")
+        return WordTokenizer(vocab, max_len)
     raise ValueError(f"unknown tokenizer kind {kind!r}; choose 'byte', 'word' or 'hf:<name or folder>'")

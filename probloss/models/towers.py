@@ -36,66 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probloss.models._blocks import MEAN, STD
+from probloss.models.hub import from_pretrained, hf_max_len, import_timm, import_transformers
 from probloss.models.text import masked_mean
-from probloss.models.tokenizer import Tokenizer
+from probloss.models.tokenizer import PAD
 from probloss.registry import ENCODERS
-
-INSTALL = 'pip install -c constraints.txt "probloss[towers]"'
-PAD = -1  # padding in the ids of an HFTokenizer: not a token id (see HFTokenizer)
-
-
-def _missing_extra(tower: str, package: str) -> ValueError:
-    return ValueError(f"{tower} needs {package}, which is not installed: {INSTALL}")
-
-
-def _import_torchvision() -> None:
-    """Import torchvision (timm needs its Python parts; transformers imports it) beside torch's CPU build.
-
-    PyPI's torchvision wheel for Linux is built against torch's CUDA build, so beside the CPU build its C++ ops
-    (nms, roi_align, ...) cannot load. torchvision then still imports, except that 0.28 registers fake kernels
-    for two of those ops (nms, qnms) without checking that they loaded, and fails. timm never calls them; so
-    the two schemas are declared and the import is retried. ``torchvision.ops.nms`` still raises torchvision's
-    own "Couldn't load custom C++ ops" error.
-    """
-    try:
-        import torchvision  # noqa: F401
-        return
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]  # the half-imported package
-    for op in ("nms", "qnms"):
-        try:
-            getattr(torch.ops.torchvision, op)
-        except (AttributeError, RuntimeError):
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401,F811
-
-
-def import_timm(tower: str = "a timm tower"):
-    try:
-        _import_torchvision()
-        import timm
-    except ImportError:
-        raise _missing_extra(tower, "timm") from None
-    return timm
-
-
-def import_transformers(tower: str = "an hf tower"):
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in forked loader workers
-    try:
-        _import_torchvision()  # transformers imports it where it is installed
-    except ImportError:
-        pass  # transformers works without it
-    try:
-        import transformers
-    except ImportError:
-        raise _missing_extra(tower, "transformers") from None
-    transformers.logging.set_verbosity_error()  # "weights not used/initialised" lists: the pooler, the LM head
-    transformers.logging.disable_progress_bar()
-    return transformers
-
 
 # --- timm image towers ---------------------------------------------------------------------------------------
 
@@ -199,8 +144,6 @@ class TimmImageTower(nn.Module):
         self.register_buffer("std", torch.tensor(list(std or default["std"])).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from probloss.data.loader import MEAN, STD
-
         x = images * STD + MEAN  # pixels in [0, 1]
         if x.shape[-2:] != (self.input_size, self.input_size):
             smooth = self.interpolation != "nearest"
@@ -221,33 +164,6 @@ class TimmImageTower(nn.Module):
 # --- Hugging Face text towers --------------------------------------------------------------------------------
 
 
-def _from_pretrained(factory, source: str, allow_download: bool, what: str):
-    try:
-        return factory.from_pretrained(source, local_files_only=not allow_download)
-    except Exception as err:  # not found (OSError, ValueError), or a damaged file (SafetensorError, ...)
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}"
-        if Path(source).expanduser().exists():
-            raise ValueError(f"cannot load the {what} of hf:{source} from that folder ({reason})") from None
-        raise ValueError(f"cannot load the {what} of hf:{source} (no such folder and not in the local Hugging Face "
-                         f"cache: {reason}); give a local folder, or allow the download "
-                         "(model.allow_download=true)") from None
-
-
-def hf_max_len(name: str, allow_download: bool = False, tokenizer=None) -> int:
-    """The most tokens the named text model takes: its tokenizer's ``model_max_length``, capped by the model's
-    position table (tokenizers without a limit say 1e30)."""
-    transformers = import_transformers(f"hf:{name}")
-    tokenizer = tokenizer or _from_pretrained(transformers.AutoTokenizer, name, allow_download, "tokenizer")
-    config = _text_config(_from_pretrained(transformers.AutoConfig, name, allow_download, "config"))
-    limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 1e6 else []
-    limits += [int(config.max_position_embeddings)] if getattr(config, "max_position_embeddings", None) else []
-    return min(limits) if limits else 512
-
-
-def _text_config(config):
-    return getattr(config, "text_config", None) or config  # CLIP/SigLIP: the text half
-
-
 def _text_encoder(model: nn.Module) -> nn.Module:
     if getattr(model.config, "is_encoder_decoder", False):
         return model.get_encoder()  # T5 and friends: the encoder
@@ -264,7 +180,7 @@ def _family_pool(model_type: str) -> str:
 
 @ENCODERS.register("hf")
 class HFTextTower(nn.Module):
-    """A transformers text encoder, pooled to (B, width). Input: the ids of :class:`HFTokenizer` (padding -1).
+    """A transformers text encoder, pooled to (B, width). Input: the ids of :class:`probloss.models.tokenizer.HFTokenizer` (padding -1).
 
     Args:
         name: a Hugging Face model name (in the local cache) or a local folder (config, tokenizer, weights).
@@ -282,11 +198,11 @@ class HFTextTower(nn.Module):
         super().__init__()
         transformers = import_transformers(f"hf:{name}")
         if pretrained in (None, False):
-            config = _from_pretrained(transformers.AutoConfig, name, allow_download, "config")
+            config = from_pretrained(transformers.AutoConfig, name, allow_download, "config")
             model = transformers.AutoModel.from_config(config)
         else:
             source = name if pretrained is True else os.path.expanduser(str(pretrained))
-            model = _from_pretrained(transformers.AutoModel, source, allow_download, "weights")
+            model = from_pretrained(transformers.AutoModel, source, allow_download, "weights")
         self.model = _text_encoder(model)
         config = self.model.config
         self.pool = pool or _family_pool(config.model_type)
@@ -328,35 +244,6 @@ class HFTextTower(nn.Module):
             else:
                 groups[-1 if len(groups) > 1 else 0].append(name)
         return groups
-
-
-class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer behind probloss's ``list[str] -> (B, max_len)`` contract.
-
-    Special tokens are the model's own ([CLS] ... [SEP], <s> ... </s>); padding is -1, not the model's pad id:
-    some models pad with a real token (CLIP pads with its end token), and the tower needs to tell them apart.
-    """
-
-    pad_id = PAD
-
-    def __init__(self, name: str, max_len: int | None = None, allow_download: bool = False):
-        transformers = import_transformers(f"hf:{name}")
-        self.tokenizer = _from_pretrained(transformers.AutoTokenizer, name, allow_download, "tokenizer")
-        own = hf_max_len(name, allow_download, self.tokenizer)
-        if max_len is not None and max_len > own:
-            raise ValueError(f"data.max_len={max_len} is longer than the {own} tokens of hf:{name} (null: its own)")
-        super().__init__(int(max_len or own))
-        self.name = name
-        self.vocab_size = len(self.tokenizer)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, truncation=True, max_length=self.max_len)["input_ids"]
-
-    def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
-        return enc["input_ids"].long().masked_fill(enc["attention_mask"] == 0, PAD)
 
 
 # --- the run config ------------------------------------------------------------------------------------------

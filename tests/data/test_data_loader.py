@@ -16,9 +16,10 @@ from PIL import Image
 
 import probloss
 from probloss.data import load_eval_set, make_train_loader, write_shapes_shards
+from probloss.data.shapes import caption_words
 from probloss.models import build_dual_encoder, build_tokenizer
 
-TOK = build_tokenizer("word", max_len=16)
+TOK = build_tokenizer("word", vocab=caption_words(), max_len=16)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_hard_negative_tokens(shapes, option, kinds):
 
 
 def test_hard_negatives_from_shards_without_them_name_the_shard_and_the_fix(tmp_path):
-    from probloss.config import ConfigError
+    from probloss.errors import ConfigError
 
     _write_tar(tmp_path / "0.tar", [{"__key__": f"k{i}", "png": _png(i), "txt": "x", "json": b'{"label": 1}'}
                                     for i in range(8)])

@@ -5,13 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from probloss.config import ConfigError, compose_config
 from probloss.data import make_train_loader, shapes, write_shapes_shards
 from probloss.data.loader import _planted_captions, holds_attribute
+from probloss.data.shapes import caption_words
+from probloss.errors import ConfigError
 from probloss.models import build_tokenizer
-from probloss.settings import RunSettings
+from probloss.training.config import compose_config
+from probloss.training.settings import RunSettings
 
-TOK = build_tokenizer("word", max_len=16)
+TOK = build_tokenizer("word", vocab=caption_words(), max_len=16)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_every_colour_and_shape_is_a_valid_attribute():
 def test_a_run_with_planted_noise_reports_the_rate_and_the_planted_keys(tmp_path, cache_dir):
     """End to end: the training loop passes the options to the loader, counts what it replaced, and the final
     evaluation adds the planted keys on val and test."""
-    from probloss.train import main
+    from probloss.training.loop import main
 
     summary = main([f"out_dir={tmp_path}", f"data.cache_dir={cache_dir}", "data.train_size=512", "data.val_size=64",
                     "data.test_size=64", "trainer.batch_size=64", "trainer.max_steps=8", "trainer.warmup_steps=2",

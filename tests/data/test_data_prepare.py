@@ -7,14 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from probloss.config import ConfigError, compose_config
 from probloss.data import write_shapes_shards
 from probloss.data.prepare import load_eval, prepare_data, shapes_cache_folder, train_batches
-from probloss.data.shapes import DEFAULT_TEMPLATES, class_names, heldout_combos
+from probloss.data.shapes import DEFAULT_TEMPLATES, caption_words, class_names, heldout_combos
+from probloss.errors import ConfigError
 from probloss.models import build_tokenizer
-from probloss.settings import RunSettings
+from probloss.training.config import compose_config
+from probloss.training.settings import RunSettings
 
-TOK = build_tokenizer("word", max_len=16)
+TOK = build_tokenizer("word", vocab=caption_words(), max_len=16)
 
 
 def _data(*overrides):
@@ -109,7 +110,7 @@ def test_truncated_shards_are_found_and_say_where_they_end(tmp_path):
 
 
 def test_a_truncated_shard_among_real_ones_is_named_once_counted_and_an_error_when_strict(tmp_path, capsys):
-    from probloss.cli import DataError
+    from probloss.errors import DataError
     from probloss.data.loader import load_eval_set
 
     patterns = write_shapes_shards(tmp_path, 60, 8, test_size=0, seed=1, shard_size=20, progress=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from probloss.data.shapes import (
-    COLOURS, DEFAULT_TEMPLATES, PLACEHOLDER_WORDS, PLACEHOLDERS, RELATIONS, SHAPES, SIZES, TEST_INDEX_OFFSET,
+    COLOURS, DEFAULT_TEMPLATES, PLACEHOLDERS, PLACEHOLDER_WORDS, RELATIONS, SHAPES, SIZES, TEST_INDEX_OFFSET,
     VAL_INDEX_OFFSET, caption_words, class_names, generate_sample, heldout_combos,
 )
 
@@ -234,5 +234,5 @@ def test_zero_shot_prompts_are_never_training_captions():
     assert "the orange cross" in prompts and "an orange cross object" in prompts  # the article rule applied
     assert not {_words(p) for p in prompts} & captions
     assert {_words(fill_template("a {}", n)) for n in class_names()} <= captions  # "a {}" would be: it can fail
-    tokens = build_tokenizer("word", max_len=16)(prompts)
+    tokens = build_tokenizer("word", vocab=caption_words(), max_len=16)(prompts)
     assert (tokens != 2).all()  # every prompt word is in the vocabulary (2: unknown)

@@ -8,12 +8,14 @@ import tarfile
 import numpy as np
 import pytest
 
-from probloss.config import ConfigError
+from probloss.cli import make_data_command as main
 from probloss.data import (
     expand_shards, generate_sample, load_eval_set, make_train_loader, read_train_captions, write_shapes_shards,
 )
-from probloss.data.shapes import DEFAULT_TEMPLATES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, class_names, heldout_combos
-from probloss.data.shards import main
+from probloss.data.shapes import (
+    DEFAULT_TEMPLATES, TEST_INDEX_OFFSET, VAL_INDEX_OFFSET, caption_words, class_names, heldout_combos,
+)
+from probloss.errors import ConfigError
 from probloss.models import build_tokenizer
 
 
@@ -49,7 +51,7 @@ def test_layout(shards):
                                             ("test", TEST_INDEX_OFFSET, 20)])
 def test_round_trip(shards, split, offset, n):
     _, patterns = shards
-    tok = build_tokenizer("word", max_len=16)
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=16)
     ev = load_eval_set(patterns[split], tok, image_size=32)
     assert len(ev) == n and ev.skipped == 0 and ev.images.shape == (n, 3, 32, 32)
     heldout = frozenset(heldout_combos(5))
@@ -65,7 +67,7 @@ def test_round_trip(shards, split, offset, n):
 
 def test_train_captions_json_counts_what_the_training_shards_hold(shards):
     out, patterns = shards
-    tok = build_tokenizer("word", max_len=16)
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=16)
     train = load_eval_set(patterns["train"], tok, image_size=32)
     counted = {}
     for caption, meta in zip(train.captions, train.json):
@@ -84,7 +86,7 @@ def test_train_captions_json_counts_what_the_training_shards_hold(shards):
 
 def test_val_and_test_flag_heldout_mentions_and_train_never_does(tmp_path):
     write_shapes_shards(tmp_path, 300, 300, test_size=0, seed=2, shard_size=300, num_workers=1, progress=False)
-    tok = build_tokenizer("word", max_len=16)
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=16)
     flags = {split: [any(m["heldout_mentions"].values()) for m in load_eval_set(
         str(tmp_path / split / "00000.tar"), tok, image_size=32).json] for split in ("train", "val")}
     assert not any(flags["train"]) and sum(flags["val"]) > 30
@@ -104,7 +106,7 @@ def test_heldout_setting_changes_train_only(tmp_path, shards):
     assert "test" not in other and not (tmp_path / "test").exists()
     assert json.loads((tmp_path / "splits.json").read_text())["heldout_combos"] == []
     assert json.loads((tmp_path / "splits.json").read_text())["sizes"] == {"train": 50, "val": 12, "test": 0}
-    tok = build_tokenizer("word", max_len=16)
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=16)
     read = lambda p: load_eval_set(p, tok, image_size=32).captions  # noqa: E731
     assert read(other["val"]) == read(patterns["val"])  # val does not depend on the held-out setting
     assert read(other["train"]) == [generate_sample(5, i)[1] for i in range(50)]

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 import probloss
-from probloss.eval import evaluate, fill_template, image_sigma_vs_noise
-from probloss.eval import metrics
+from probloss.eval import evaluate, fill_template, image_sigma_vs_noise, metrics
 from probloss.eval.evaluate import _images_fit
 
 evaluate_module = importlib.import_module("probloss.eval.evaluate")  # the module (the package exports the function)

@@ -9,8 +9,8 @@ from lightning_fabric import Fabric
 from torch import nn
 
 import probloss
-from probloss.eval.runtime import val_loss
 from probloss.models.dual import Embeddings
+from probloss.training.evaluation import val_loss
 
 
 class IdentityDual(nn.Module):

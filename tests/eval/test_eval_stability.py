@@ -11,9 +11,7 @@ import torch
 
 import probloss
 from probloss.eval import StabilityTracker, params_finite
-from probloss.eval.stability import (
-    binomial_sf, loss_jump, single_process, uninformative_loss, zeroshot_p_above_chance,
-)
+from probloss.eval.stability import binomial_sf, loss_jump, single_process, uninformative_loss, zeroshot_p_above_chance
 
 LN128 = math.log(128)
 

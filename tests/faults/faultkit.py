@@ -1,6 +1,6 @@
 """Pieces the fault suite's modules share (imported as ``faultkit``: pytest puts this folder on sys.path).
 
-- :data:`SLOW_HOOK`: patches ``probloss.train.train_step`` so that after optimizer step ``$SLOW_AFTER_STEP`` the
+- :data:`SLOW_HOOK`: patches ``probloss.training.loop.train_step`` so that after optimizer step ``$SLOW_AFTER_STEP`` the
   process writes its pid to ``$MARK`` and holds every later step for a moment; a signal the test sends on
   seeing MARK then lands in the middle of the run (nothing is timed: tests read the step a run stopped at from
   its message). As a ``sitecustomize.py`` it reaches every worker process a study starts.
@@ -17,7 +17,7 @@ from probloss.data import write_shapes_shards
 SLOW_HOOK = """
 import os, sys, time
 from pathlib import Path
-import probloss.train as T
+import probloss.training.loop as T
 after, original, done = int(os.environ.get("SLOW_AFTER_STEP", 0)), T.train_step, [0]
 def train_step(*args, **kwargs):
     out = original(*args, **kwargs)

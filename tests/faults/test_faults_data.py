@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from probloss.cli import DataError
-from probloss.config import ConfigError, compose_config
+from probloss.errors import DataError
+from probloss.training.config import compose_config
+from probloss.errors import ConfigError
 from faultkit import one_line_error, small_shards
 from probloss.data import write_shapes_shards
 from probloss.data.trust import ENV, check_shard_urls
-from probloss.run_folder import run_folder_lock
-from probloss.settings import RunSettings
+from probloss.training.run_folder import run_folder_lock
+from probloss.training.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +95,7 @@ def with_label(data: Path, dst: Path, label) -> Path:
 
 @pytest.mark.slow
 def test_a_checkpoint_whose_config_pipes_a_shell_command_is_refused(shards, tmp_path, monkeypatch):
-    from probloss.train import main
+    from probloss.training.loop import main
 
     monkeypatch.delenv(ENV, raising=False)
     main(train_args(shards, tmp_path / "runs", "run_name=r"))
@@ -112,7 +113,7 @@ def test_a_checkpoint_whose_config_pipes_a_shell_command_is_refused(shards, tmp_
     assert "would run a command" in line and "give it on the command line" in line
 
     # The recipes' cached evaluations call evaluate_checkpoint in-process: the same refusal.
-    from probloss.eval.runtime import evaluate_checkpoint
+    from probloss.training.evaluation import evaluate_checkpoint
 
     with pytest.raises(ConfigError, match="would run a command"):
         evaluate_checkpoint(evil)
@@ -285,7 +286,7 @@ def test_malformed_yaml_names_its_file_and_line(tmp_path):
 
 
 def test_make_data_settings_are_checked(tmp_path):
-    from probloss.data.shards import main
+    from probloss.cli import make_data_command as main
 
     with pytest.raises(ConfigError, match="shard_size must be a positive integer"):
         main([f"out={tmp_path / 'd'}", "train_size=10", "val_size=10", "shard_size=0"])
@@ -356,7 +357,7 @@ def test_mass_skipping_in_training_is_a_data_error_naming_the_shard(shards, tmp_
 
 
 def test_mass_skipping_in_the_val_split_is_a_data_error(shards, tmp_path):
-    from probloss.builders import make_tokenizer
+    from probloss.training.builders import make_tokenizer
     from probloss.data.prepare import load_eval, prepare_data
 
     bad = _undecodable_captions(shards, tmp_path / "bad", "val")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from probloss import checkpoint as ckpt
+from probloss.training import checkpoint as ckpt
 from faultkit import one_line_error, small_shards
-from probloss.run_folder import run_folder_lock
+from probloss.training.run_folder import run_folder_lock
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from faultkit import SLOW  # the training command with the mid-run hook (faultkit's docstring)
-from probloss import checkpoint as ckpt
-from probloss.config import ConfigError
-from probloss.run_folder import HEADLINE_KEYS
-from probloss.train import NonFiniteLossError, main
+from probloss.errors import ConfigError, NonFiniteLossError
+from probloss.training import checkpoint as ckpt
+from probloss.training.loop import main
+from probloss.training.run_folder import HEADLINE_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -300,7 +300,7 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_p
 
 @pytest.mark.slow
 def test_evaluate_skips_an_empty_newest_checkpoint(tmp_path, straight, capsys):
-    from probloss.eval.runtime import evaluate_checkpoint
+    from probloss.training.evaluation import evaluate_checkpoint
 
     run_dir = copy_run(straight[0], tmp_path, "e")
     older, newest = ckpt.list_checkpoints(run_dir)
@@ -328,7 +328,7 @@ def test_the_end_of_run_table_is_the_headline_and_names_summary_json(straight):
 def test_a_process_forked_during_a_run_keeps_default_signal_handling():
     """A child forked inside a run (the shapes generator's pool, data-loader workers) must die of SIGTERM as
     before: with the run's Python handler inherited, a pool worker blocked on a lock ignored Pool.terminate."""
-    from probloss.train import StopSignals
+    from probloss.training.loop import StopSignals
 
     with StopSignals():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held until the child is inside its try

@@ -23,9 +23,9 @@ import optuna
 import pytest
 
 from faultkit import SLOW, SLOW_HOOK
-from probloss import checkpoint as ckpt
-from probloss.run_folder import HEADLINE_KEYS
-from probloss.sweep import storage_for
+from probloss.studies.sweep import storage_for
+from probloss.training import checkpoint as ckpt
+from probloss.training.run_folder import HEADLINE_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8

@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import probloss
-from probloss.false_negatives import (
-    caption_groups, false_negative_pairs, group_keys, key_match, scene_groups,
-)
+from probloss.false_negatives import caption_groups, false_negative_pairs, group_keys, key_match, scene_groups
 from probloss.testing import loss_and_grads, loss_class
 
 MODES = ("keep", "mask", "positive")

@@ -33,7 +33,7 @@ def constructor_defaults(name):
 def test_loss_yaml_lists_exactly_the_constructor_defaults(name, loader):
     path = CONFIGS / f"{name}.yaml"
     if not path.is_file():
-        pytest.skip(f"{name} has no {path.name}: its config is its constructor's defaults (probloss.config)")
+        pytest.skip(f"{name} has no {path.name}: its config is its constructor's defaults (probloss.training.config)")
     assert name in probloss.list_losses(), f"{path.name} configures {name!r}, which is not a registered loss"
     section = LOADERS[loader](path)
     assert section.pop("name") == name

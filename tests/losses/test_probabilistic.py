@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import probloss
-from probloss.builders import make_tokenizer, make_trainee
-from probloss.config import compose_config
-from probloss.settings import RunSettings
+from probloss.training.builders import make_tokenizer, make_trainee
+from probloss.training.config import compose_config
+from probloss.training.settings import RunSettings
 from test_parity import assert_same, inclusion_reference, pcmepp_reference, per_dim_var, prolip_reference
 
 F64 = torch.float64

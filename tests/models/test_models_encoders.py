@@ -9,6 +9,7 @@ import yaml
 
 import probloss
 from probloss import ENCODERS
+from probloss.data.shapes import caption_words
 from probloss.models import DualEncoder, Embeddings, build_dual_encoder, build_tokenizer
 from probloss.models.dual import DATA_KWARGS
 
@@ -94,7 +95,7 @@ def _cfg(name: str) -> dict:
 def test_dual_encoder_log_std_heads(config, per_dim):
     torch.manual_seed(0)
     cfg = dict(_cfg(config), log_std_per_dim=per_dim, init_log_std=-1.5)
-    tok = build_tokenizer("word", max_len=L)
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=L)
     model = build_dual_encoder(cfg, vocab_size=tok.vocab_size, max_len=L, image_size=S, log_std=True)
     emb = model(torch.randn(B, 3, S, S), tok(["a red circle", "two objects", "a blue square left of a red circle",
                                                "an object"]))
@@ -124,7 +125,7 @@ def test_dual_encoder_without_log_std():
 def test_one_training_step_with_every_registered_loss(loss_name):
     torch.manual_seed(0)
     loss = probloss.build_loss(loss_name)
-    tok = build_tokenizer("word", max_len=L)
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=L)
     model = build_dual_encoder(_cfg("tiny"), vocab_size=tok.vocab_size, max_len=L, image_size=S,
                                log_std=loss.needs_log_std)
     value = loss(*model(torch.randn(8, 3, S, S), tok(["a red circle"] * 4 + ["a blue square"] * 4)).loss_args())

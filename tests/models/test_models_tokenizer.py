@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from probloss.data.shapes import generate_sample
-from probloss.models import build_tokenizer, shapes_vocab
+from probloss.data.shapes import caption_words, generate_sample
+from probloss.models import build_tokenizer
 
 
 def test_byte_tokenizer():
@@ -20,8 +20,8 @@ def test_byte_tokenizer():
 
 
 def test_word_tokenizer_and_vocab():
-    tok = build_tokenizer("word", max_len=6)
-    assert tok.vocab == shapes_vocab()
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=6)
+    assert tok.vocab == caption_words()
     out = tok(["A Red, circle!", "a zebra"])
     ids = tok.ids
     assert out[0].tolist() == [ids["a"], ids["red"], ids["circle"], tok.eos_id, 0, 0]
@@ -33,7 +33,7 @@ def test_word_tokenizer_and_vocab():
 
 
 def test_every_shapes_caption_fits_16_word_tokens():
-    tok = build_tokenizer("word", max_len=16)
+    tok = build_tokenizer("word", vocab=caption_words(), max_len=16)
     for index in range(300):
         _, _, meta = generate_sample(1, index)
         texts = meta["captions"] + [t for t in meta["negatives"].values() if t]

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from probloss.builders import make_optimizer, make_tokenizer, make_trainee
-from probloss.config import ConfigError, compose_config
+from probloss.errors import ConfigError
 from probloss.models.towers import PAD, import_timm, import_transformers
-from probloss.settings import RunSettings
-from probloss.train import main, train_step
+from probloss.training.builders import make_optimizer, make_tokenizer, make_trainee
+from probloss.training.config import compose_config
+from probloss.training.loop import main, train_step
+from probloss.training.settings import RunSettings
 
 # A locked timm tower with the tiny text tower, on 32 px shapes: test_resnet is timm's own test-sized ResNet.
 LIT_SHAPES = ["model=lit_shapes", "model.image_tower=timm:test_resnet", "model.image_input_size=32"]
@@ -219,7 +220,8 @@ def test_hf_tower_and_its_tokenizer_from_a_local_folder(hf_folder):
 
 @pytest.mark.parametrize("tower", ["timm:test_vit", "hf"])
 def test_gradients_reach_every_parameter_of_a_tower_by_name(tower, hf_folder):
-    from probloss.models.towers import HFTextTower, HFTokenizer, TimmImageTower
+    from probloss.models.tokenizer import HFTokenizer
+    from probloss.models.towers import HFTextTower, TimmImageTower
 
     torch.manual_seed(0)
     if tower == "hf":
@@ -347,8 +349,8 @@ def test_short_lit_run_on_shapes_with_a_locked_timm_tower(tmp_path, cache_dir, t
     import yaml
     from safetensors.torch import load_file
 
-    from probloss.checkpoint import newest_checkpoint, read_checkpoint
-    from probloss.eval.runtime import evaluate_checkpoint
+    from probloss.training.checkpoint import newest_checkpoint, read_checkpoint
+    from probloss.training.evaluation import evaluate_checkpoint
 
     weights = tmp_path / "weights.safetensors"
     shutil.copy(timm_weights, weights)
@@ -395,7 +397,7 @@ def test_two_ranks_train_a_locked_timm_tower_and_a_partly_unlocked_hf_tower(tmp_
     import subprocess
     import sys
 
-    from probloss.checkpoint import newest_checkpoint, read_checkpoint
+    from probloss.training.checkpoint import newest_checkpoint, read_checkpoint
     from probloss.testing import free_port
 
     args = ["model=lit", "model.image_tower=timm:test_resnet", "model.image_input_size=32",

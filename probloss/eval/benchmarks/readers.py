@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from probloss.config import ConfigError
+from probloss.data.loader import IMAGE_EXTS, expand_shards
+from probloss.errors import ConfigError, DataError
 
 CLIP_TEMPLATES_FILE = Path(__file__).resolve().parent / "clip_imagenet_templates.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -80,8 +81,6 @@ def _need_path(path: Any, key: str, folder: bool = False) -> Path:
 
 
 def _read_json(path: Path, key: str) -> Any:
-    from probloss.cli import DataError
-
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
@@ -95,8 +94,6 @@ def read_lines(path: Path) -> list[str]:
 
 def read_templates(path: Any, key: str) -> list[str]:
     """Prompt templates, one per line, each with one ``{}``; None: CLIP's 80 ImageNet prompts."""
-    from probloss.cli import DataError
-
     p = CLIP_TEMPLATES_FILE if path is None else _need_path(path, key)
     templates = read_lines(p)
     bad = [t for t in templates if t.count("{}") != 1]
@@ -115,8 +112,6 @@ def _normal_text(text: str) -> str:
 
 def coco_caption_ids(path: Path, key: str) -> dict[tuple[int, str], int]:
     """``{(COCO image id, caption text with whitespace collapsed): annotation id}`` from COCO's captions file."""
-    from probloss.cli import DataError
-
     coco = _read_json(path, key)
     anns = coco.get("annotations") if isinstance(coco, dict) else None
     if not isinstance(anns, list) or not all(isinstance(a, dict) and {"id", "image_id", "caption"} <= set(a)
@@ -134,8 +129,6 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
     (a COCO annotation id) where the file has it, else the one matched in ``section.coco_captions``, else (only
     when ``need_caption_ids`` is False) its ``sentid``.
     """
-    from probloss.cli import DataError
-
     prefix = f"benchmark.{name}"
     path = _need_path(section.get("annotations"), f"{prefix}.annotations")
     root = _need_path(section.get("images"), f"{prefix}.images", folder=True)
@@ -206,8 +199,6 @@ def _association_file(folder: Path, kind: str, name: str, key: str) -> Path:
 
 def read_associations(section: Mapping[str, Any], name: str) -> dict[str, Any]:
     """``{"i2t": {image id: [caption ids]}, "t2i": {caption id: [image ids]}, "file": folder}`` with int ids."""
-    from probloss.cli import DataError
-
     key = f"benchmark.{name}.extra_positives"
     folder = _need_path(section.get("extra_positives"), key, folder=True)
     out: dict[str, Any] = {"file": str(folder)}
@@ -227,9 +218,7 @@ def match_associations(assoc: Mapping[str, Any], image_ids: Sequence[Any], capti
     """Ids -> gallery indices, per direction as the files give them (the caller ranks each direction with its own
     relation): ``({"i2t": [[image, caption], ...], "t2i": [...]}, {"i2t": image query indices, "t2i": caption
     query indices})``, the queries being the keys of each file. Ids that match nothing: a warning with the count when
-    they are at most 1 % of the ids in the files, else a :class:`probloss.cli.DataError` naming how many and one."""
-    from probloss.cli import DataError
-
+    they are at most 1 % of the ids in the files, else a :class:`probloss.errors.DataError` naming how many and one."""
     img = {int(i): k for k, i in enumerate(image_ids)}
     cap = {int(c): k for k, c in enumerate(caption_ids) if c is not None}
     missing_img, missing_cap, total = [], [], 0
@@ -274,9 +263,6 @@ def _beside(shards: list[str], filename: str) -> Path | None:
 def read_wds(section: Mapping[str, Any], name: str = "wds") -> Benchmark:
     """CLIP_benchmark's layout, read in shard order with webdataset (probloss's shard patterns: braces, globs,
     ``::``). A sample's ``.txt`` lines are its captions; its ``.cls`` its class index."""
-    from probloss.cli import DataError
-    from probloss.data.loader import expand_shards
-
     prefix = f"benchmark.{name}"
     pattern = section.get("shards")
     if not pattern:
@@ -291,7 +277,6 @@ def read_wds(section: Mapping[str, Any], name: str = "wds") -> Benchmark:
     def samples() -> Iterator[Sample]:
         import webdataset as wds
 
-        from probloss.data.loader import IMAGE_EXTS
 
         stream = wds.tarfile_to_samples()(iter([{"url": u} for u in shards]))
         for raw in stream:
@@ -323,8 +308,6 @@ def read_folder(section: Mapping[str, Any], name: str = "folder") -> Benchmark:
     """``root/<class dir>/<image>``: class k is the k-th dir in sorted order (torchvision ImageFolder); images
     sorted within each dir. Class names: the file (lines in dir order, or JSON {dir: name} or [names]), else the
     dir names with ``_`` as spaces."""
-    from probloss.cli import DataError
-
     prefix = f"benchmark.{name}"
     root = _need_path(section.get("root"), f"{prefix}.root", folder=True)
     dirs = sorted(d.name for d in root.iterdir() if d.is_dir())

@@ -6,7 +6,7 @@ Preprocessing is the run's, so a number here is the number of the model as train
 - images: opened with PIL, RGB, centre-cropped/resized to ``data.image_size`` (bicubic) and normalised to
   [-1, 1] by exactly the code that decodes training shards (:func:`probloss.data.loader.decode_clean`,
   :func:`probloss.data.loader._to_tensor`); timm/HF towers then do their own resize, mean/std and interpolation;
-- text: the run's tokenizer and maximum length (:func:`probloss.builders.make_tokenizer`), after the tower
+- text: the run's tokenizer and maximum length (:func:`probloss.training.builders.make_tokenizer`), after the tower
   family's normalisation (``benchmark.lowercase``: ``auto`` lower-cases for the built-in towers, whose word and
   byte tokenizers were trained on lower-case captions, and leaves hf: towers to their tokenizer's own handling).
   Why it matters: COCO captions start with a capital letter, and a SigLIP reproduction lost 3.5 points of COCO
@@ -50,9 +50,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probloss.config import ConfigError
+from probloss.data.loader import BadSample, _to_tensor, decode_clean
+from probloss.errors import ConfigError, DataError
 from probloss.eval.benchmarks import readers
 from probloss.eval.benchmarks.readers import Benchmark
+from probloss.eval.evaluate import _rows, _zeroshot
+from probloss.eval.retrieval import fold_summary, positive_pairs, rank_retrieval, summarize
+from probloss.eval.uncertainty import benchmark_uncertainty, plot_uncertainty_bins
+from probloss.files import write_json
 
 NAMES = ("karpathy", "eccv_caption", "cxc", "wds", "folder")
 SHOWN = {  # the console line of each benchmark (every value: the JSON)
@@ -132,9 +137,6 @@ class Encoded:
 
 def decode_image(sample: readers.Sample, image_size: int) -> np.ndarray:
     """uint8 (H, W, 3): the training decode path (RGB, centre crop/resize to ``image_size``, bicubic)."""
-    from probloss.cli import DataError
-    from probloss.data.loader import BadSample, decode_clean
-
     try:
         data = sample.source if isinstance(sample.source, bytes) else Path(sample.source).read_bytes()
     except OSError as err:
@@ -158,8 +160,6 @@ def _bar(total: int | None, desc: str, enabled: bool):
 def encode(model: nn.Module, bench: Benchmark, tokenizer, *, image_size: int, batch_size: int, device,
            needs_log_std: bool, progress: bool = False) -> Encoded:
     """Read the gallery once, encode its images and then its captions in batches of ``batch_size``."""
-    from probloss.data.loader import _to_tensor
-
     images, image_stds, image_ids, labels, captions, caption_ids, caption_image = [], [], [], [], [], [], []
     pixels: list[np.ndarray] = []
 
@@ -185,8 +185,6 @@ def encode(model: nn.Module, bench: Benchmark, tokenizer, *, image_size: int, ba
             bar.update(1)
         flush()
     if not image_ids:
-        from probloss.cli import DataError
-
         raise DataError(f"benchmark {bench.name}: no image was read; check its files")
     texts, text_stds = [], []
     with _bar(len(captions), f"{bench.name} captions", progress and bool(captions)) as bar:
@@ -217,9 +215,6 @@ def with_ids(enc: Encoded, bench: Benchmark) -> Encoded:
 
 def _rank(loss, enc: Encoded, positives: Tensor, block: int, progress: bool, desc: str, image_queries=None,
           caption_queries=None, rows: tuple[Tensor, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
-    from probloss.eval.evaluate import _rows
-    from probloss.eval.retrieval import rank_retrieval
-
     img, cap = rows if rows is not None else (slice(None), slice(None))
     image_emb, text_emb = enc.image_emb[img], enc.text_emb[cap]
     ils, tls = _rows(enc.image_log_std, img), _rows(enc.text_log_std, cap)
@@ -234,8 +229,6 @@ def retrieval_metrics(loss: nn.Module, enc: Encoded, bench: Benchmark, *, block:
                       progress: bool = False) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
     """The benchmark's retrieval keys (module docstring; without the ``<b>/`` prefix) and the per-query rankings
     (``{"i2t": ..., "t2i": ...}`` of :func:`probloss.eval.retrieval.rank_retrieval`)."""
-    from probloss.eval.retrieval import fold_summary, positive_pairs, summarize
-
     if bench.associations is not None:  # ECCV Caption / CxC: each direction its own queries and positives
         pairs, queries = readers.match_associations(bench.associations, enc.image_ids, enc.caption_ids, bench.name)
         per_query = {}
@@ -267,8 +260,6 @@ def retrieval_metrics(loss: nn.Module, enc: Encoded, bench: Benchmark, *, block:
 def zeroshot_metrics(model: nn.Module, loss: nn.Module, tokenizer, enc: Encoded, bench: Benchmark, *,
                      batch_size: int, device) -> dict[str, float]:
     """Top-1 / top-5 over the labelled images (the built-in evaluator's zero-shot, so both agree exactly)."""
-    from probloss.eval.evaluate import _zeroshot
-
     return _zeroshot(model, loss, tokenizer, enc.image_emb, enc.image_log_std, enc.labels, list(bench.classnames),
                      list(bench.templates), None, batch_size, device)
 
@@ -304,8 +295,6 @@ def evaluate_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: S
                         image_size: int, lowercase: bool, batch_size: int = 256, block: int = 256, device=None,
                         progress: bool = False) -> tuple[dict[str, float], dict[str, Encoded]]:
     """Every benchmark's keys ``<b>/<metric>`` (module docstring) and each benchmark's embeddings."""
-    from probloss.eval.uncertainty import benchmark_uncertainty
-
     device = device or next(model.parameters()).device
     text = CaseTokenizer(tokenizer, lowercase)
     results: dict[str, float] = {}
@@ -368,9 +357,6 @@ def run_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: Sequen
                    save: bool = False, device=None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate, then write the results JSON (and with ``save`` the embeddings) and print the table. Nothing is
     written when any benchmark fails."""
-    from probloss.eval.uncertainty import plot_uncertainty_bins
-    from probloss.run_folder import write_json
-
     results, encoded = evaluate_benchmarks(
         model, loss, tokenizer, benches, image_size=image_size,
         lowercase=lowercase_for(cfg.get("lowercase", "auto"), tokenizer_kind), batch_size=int(cfg.get("batch_size", 256)),

@@ -2,7 +2,7 @@
 
 Why the compose API and not ``@hydra.main``: under ``fabric run``/torchrun every rank would run Hydra and pick
 its own output folder. Here every rank composes the same config from ``configs/`` (no Hydra run folder, no
-chdir, no logging setup) and rank 0 makes the run folder (probloss.train).
+chdir, no logging setup) and rank 0 makes the run folder (probloss.training.loop).
 
 ::
 
@@ -21,7 +21,6 @@ constructor's defaults become its config (so a plugin needs no config file).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from pathlib import Path
@@ -30,18 +29,17 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import probloss
+from probloss.checks import unknown
+from probloss.errors import ConfigError
+from probloss.models.towers import resolve_tower_config
 
 # An installed wheel carries the configs as package data (probloss/configs); a source checkout (editable
 # install, PYTHONPATH) has them in the top-level configs/ folder, the one copy.
-_PACKAGED = Path(__file__).resolve().parent / "configs"
-CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+_PACKAGED = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 # Sections whose keys are checked by the code that consumes them rather than against the defaults: a loss's
 # keywords against its constructor (check_loss_kwargs), a model's against build_dual_encoder.
 FREE_SECTIONS = ("loss", "model")
-
-
-class ConfigError(ValueError):
-    """A bad key, choice or value in the run configuration."""
 
 
 def override_key(override: str) -> str:
@@ -134,7 +132,7 @@ def compose_config(
         picked = value if isinstance(value, list) and isinstance(groups[o.key_or_group], list) else [value]
         for one in picked:
             if not isinstance(one, str) or one not in options:
-                raise ConfigError(_unknown(f"{o.key_or_group} choice", str(one), options, o.key_or_group))
+                raise ConfigError(unknown(f"{o.key_or_group} choice", str(one), options, o.key_or_group))
     chosen = {o.key_or_group for o in choices}
     own_sections = set(groups) - set(config_groups("train", directory))  # sweep, recipe: the command's own
     for group, default in groups.items():
@@ -193,7 +191,6 @@ def _resolve_towers(cfg: DictConfig) -> None:
     interpolation; its tokenizer and length), so that config.yaml says what the run used (models/towers.py)."""
     if "model" not in cfg or "data" not in cfg:
         return
-    from probloss.models.towers import resolve_tower_config  # imports timm/transformers only for their towers
 
     before = OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data)
     try:
@@ -215,7 +212,7 @@ def _is_new_loss_kwarg(schema: DictConfig, key: str) -> bool:
     if parts[1] in accepted or var_kw:
         return True
     raise ConfigError(
-        _unknown(f"keyword for loss {name!r}:", parts[1], list(accepted), f"{name}.__init__")
+        unknown(f"keyword for loss {name!r}:", parts[1], list(accepted), f"{name}.__init__")
         + " (set them as loss.<keyword>=value)"
     )
 
@@ -234,7 +231,7 @@ def _check_key(schema: DictConfig, key: str) -> None:
         where = ".".join(parts[:depth]) or "the top level"
         existing = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
         hint = "" if existing else f" ({where} is a value, not a section)"
-        raise ConfigError(_unknown("config key", key, existing, where, candidate=part) + hint)
+        raise ConfigError(unknown("config key", key, existing, where, candidate=part) + hint)
 
 
 def _check_no_new_keys(schema: DictConfig, cfg: DictConfig, prefix: str, free: set[str] = frozenset()) -> None:
@@ -243,7 +240,7 @@ def _check_no_new_keys(schema: DictConfig, cfg: DictConfig, prefix: str, free: s
         if prefix == "" and key in FREE_SECTIONS or full in free:
             continue
         if key not in schema.keys():  # (`in schema` is False for ??? values)
-            raise ConfigError(_unknown("config key", full, sorted(map(str, schema.keys())), prefix.rstrip(".") or "the top level", candidate=str(key)))
+            raise ConfigError(unknown("config key", full, sorted(map(str, schema.keys())), prefix.rstrip(".") or "the top level", candidate=str(key)))
         if isinstance(cfg._get_node(key), DictConfig) and isinstance(schema._get_node(key), DictConfig):
             _check_no_new_keys(schema[key], cfg[key], f"{full}.", free)
 
@@ -268,13 +265,6 @@ def _check_types(schema: DictConfig, cfg: DictConfig, prefix: str, free: set[str
         ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
             raise ConfigError(f"config key {full!r} must be {expected.__name__} (default {default!r}), got {value!r}")
-
-
-def _unknown(what: str, name: str, existing: Sequence[str], where: str, candidate: str | None = None) -> str:
-    close = difflib.get_close_matches(candidate or name, list(existing), n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    listing = ", ".join(existing) if existing else "(none)"
-    return f"unknown {what} {name!r}.{hint} Available in {where}: {listing}"
 
 
 # --- losses ---------------------------------------------------------------------------------------------------

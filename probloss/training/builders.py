@@ -16,8 +16,12 @@ import torch
 from torch import nn
 
 import probloss
-from probloss.config import ConfigError
-from probloss.settings import DataSettings, RunSettings, TrainerSettings
+from probloss.data.settings import DataSettings
+from probloss.data.shapes import caption_words
+from probloss.errors import ConfigError
+from probloss.eval.stability import StabilityTracker, uninformative_loss
+from probloss.models import build_dual_encoder, build_tokenizer
+from probloss.training.settings import RunSettings, TrainerSettings
 
 
 class Trainee(nn.Module):
@@ -69,10 +73,8 @@ def check_partial_views(loss, data: DataSettings, accum_steps: int) -> None:
 
 def make_tokenizer(run: RunSettings):
     """The data's tokenizer (``data.tokenizer``; with an ``hf:`` text tower, the tower's own)."""
-    from probloss.models import build_tokenizer, shapes_vocab
-
     data = run.data
-    vocab = shapes_vocab() if data.tokenizer == "word" else None
+    vocab = caption_words() if data.tokenizer == "word" else None
     try:
         return build_tokenizer(data.tokenizer, max_len=data.max_len, vocab=vocab,
                                allow_download=bool(run.model.get("allow_download", False)))
@@ -86,8 +88,6 @@ def make_trainee(run: RunSettings, tokenizer, from_checkpoint: bool = False) -> 
     ``from_checkpoint``: a checkpoint's weights are loaded next (resume, evaluation), so pretrained tower
     weights are not read: the run's weights file need not exist any more.
     """
-    from probloss.models import build_dual_encoder
-
     loss = probloss.build_loss(run.loss_name, **run.loss_kwargs)
     model_cfg = dict(run.model)
     if model_cfg.get("init_log_std") is None:  # null: where the loss's paper starts its log-std heads
@@ -133,8 +133,6 @@ def make_scheduler(optimizer, trainer: TrainerSettings):
 def uninformative_reference(trainee: Trainee, run: RunSettings, batch_size: int) -> float:
     """The run's loss at equal scores for a global batch of ``batch_size`` (probloss/eval/stability.py
     ``uninformative_loss``), with the model's embedding size and log-std shape."""
-    from probloss.eval.stability import uninformative_loss
-
     dim = int(getattr(trainee.model, "embed_dim", run.model.get("embed_dim", 64)))
     return uninformative_loss(trainee.loss, batch_size, dim, bool(run.model.get("log_std_per_dim", False)))
 
@@ -147,7 +145,5 @@ def make_stability_tracker(trainer: TrainerSettings, reference: float | None = N
     the run diverged at the same count at which the loop stops it. Warmup steps (``trainer.warmup_steps``) are
     never spikes or jumps and never count towards divergence.
     """
-    from probloss.eval.stability import StabilityTracker
-
     return StabilityTracker(reference=reference, warmup_steps=trainer.warmup_steps,
                             nonfinite_patience=trainer.max_nonfinite)

@@ -12,7 +12,7 @@ What a step does (``trainer.batch_size`` is the global batch; each of W ranks ge
     -> DDP averages gradients (the loss's own logit_scale/logit_bias included: they live in the same module)
     -> clip -> AdamW -> warmup+cosine schedule
 
-With ``trainer.accum_steps = k`` the step is GradCache (probloss/grad_cache.py): the same update as one
+With ``trainer.accum_steps = k`` the step is GradCache (probloss/training/grad_cache.py): the same update as one
 k-times larger batch, with the activation memory of one micro-batch.
 
 Reproducibility: one ``seed``. Parameters are initialised from it; every step re-seeds torch from
@@ -28,9 +28,9 @@ final evaluation) stops at once; the resume point is then the newest checkpoint.
 Non-finite parameters after an update (a learning rate that blows the weights up while the loss still looks
 finite) stop the run at that step as diverged, naming the newest checkpoint whose weights are finite.
 
-What is not the loop lives in rooms named for their job: probloss/launch.py (Fabric), probloss/builders.py
-(model, loss, optimizer), probloss/data/prepare.py (shards, cache, batches), probloss/run_folder.py (run
-folder, resume, summary), probloss/eval/runtime.py (evaluation, val/loss), probloss/checkpoint.py.
+What is not the loop lives in rooms named for their job: probloss/training/launch.py (Fabric), probloss/training/builders.py
+(model, loss, optimizer), probloss/data/prepare.py (shards, cache, batches), probloss/training/run_folder.py (run
+folder, resume, summary), probloss/training/evaluation.py (evaluation, val/loss), probloss/training/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -50,50 +50,26 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from probloss import checkpoint as ckpt
 from probloss import dist
-from probloss.builders import (
+from probloss.data.prepare import load_eval, prepare_data, train_batches
+from probloss.errors import ConfigError, DataError, NonFiniteLossError, Preempted, WriteError
+from probloss.false_negatives import batch_groups
+from probloss.models.linear import cpu_matmul
+from probloss.training import checkpoint as ckpt
+from probloss.training.builders import (
     check_batch_sizes, check_partial_views, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer,
     make_trainee, uninformative_reference,
 )
-from probloss.cli import DataError
-from probloss.config import ConfigError, compose_config, save_config, to_dict
-from probloss.console import log_error, note, quiet_runs, say, tee_output
-from probloss.data.prepare import load_eval, prepare_data, train_batches
-from probloss.eval.runtime import evaluate, log_projector
-from probloss.false_negatives import batch_groups
-from probloss.grad_cache import detach, grad_cache_backward, with_negatives
-from probloss.launch import launch, make_fabric
-from probloss.models.linear import cpu_matmul
-from probloss.run_folder import (
+from probloss.training.config import compose_config, save_config, to_dict
+from probloss.training.console import log_error, note, quiet_runs, say, tee_output
+from probloss.training.evaluation import evaluate, log_projector
+from probloss.training.grad_cache import detach, grad_cache_backward, with_negatives
+from probloss.training.launch import launch, make_fabric
+from probloss.training.run_folder import (
     check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, resume_config, run_folder_lock,
     write_summary,
 )
-from probloss.settings import RunSettings, TrainerSettings
-
-
-class NonFiniteLossError(RuntimeError):
-    """A NaN/Inf loss or gradient with ``trainer.on_nonfinite=stop`` (or too many in a row with ``skip``), or
-    non-finite parameters after an update."""
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT stopped the run; ``checkpoint`` (None: none yet) holds step ``step`` of ``run_dir``.
-
-    ``where``: what stopped, in place of "at step N: saved <checkpoint>" (a sweep names its trial)."""
-
-    def __init__(self, signum: int, step: int | None, checkpoint: str | Path | None, run_dir: str | Path | None,
-                 where: str | None = None):
-        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
-        self.exit_code = 128 + int(signum)
-        name = signal.Signals(signum).name
-        if where is not None:
-            message = f"{name} {where}"
-        elif checkpoint is not None:
-            message = f"{name} at step {step}: saved {checkpoint}"
-        else:
-            message = f"{name} before the first checkpoint: nothing to resume"
-        super().__init__(message)
+from probloss.training.settings import RunSettings, TrainerSettings
 
 
 class _Interrupted(BaseException):
@@ -160,7 +136,7 @@ os.register_at_fork(after_in_child=_default_signals_in_child)
 def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str, Any]:
     """Compose the config from ``overrides`` (``key=value`` strings), launch Fabric and train.
 
-    With ``resume`` set, the config is the resumed run's own (probloss.run_folder.resume_config). ``table``:
+    With ``resume`` set, the config is the resumed run's own (probloss.training.run_folder.resume_config). ``table``:
     print the end-of-run table (recipes and sweeps print one line per run instead).
 
     Returns:
@@ -209,7 +185,7 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     ``on_eval(step, metrics)`` is called on every rank after each intermediate evaluation (metrics on rank 0,
     ``{}`` elsewhere); sweeps use it to report to Optuna and to prune by raising. ``table``: print the
     end-of-run table and the ``[eval step N]`` lines; ``False`` (a sweep's trial, a recipe's run: the caller
-    prints one line per run) prints neither: the eval lines go to out.log only (probloss/console.py).
+    prints one line per run) prints neither: the eval lines go to out.log only (probloss/training/console.py).
     Raises :class:`Preempted` on SIGTERM/SIGINT.
     """
     run = RunSettings.from_config(cfg)
@@ -330,7 +306,7 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
                 except DataError as err:  # e.g. data.max_skipped_fraction: may hit one rank only
                     failure = err
             if failure is None and (broken := log_error()) is not None:  # out.log cannot be written (disk full)
-                failure = ckpt.WriteError(*broken)
+                failure = WriteError(*broken)
             # Every rank stops at the same step boundary, all of them when one has an error: one all-reduce of
             # both flags (a signal reaches ranks at different times; an error may be one rank's), none in one process
             stop, failed = signals.signum is not None, failure is not None
@@ -410,7 +386,7 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
                 title = f"{run.loss_name} / {run.model.get('name', '?')} / {fabric.world_size} rank(s)"
                 print_summary(summary, run_dir, title, run.out_dir)
             if (broken := log_error()) is not None:
-                raise ckpt.WriteError(*broken)
+                raise WriteError(*broken)
         except OSError as err:  # summary.json, the events, out.log: the path and the reason (probloss/cli.py)
             failure = err
     dist.raise_together(fabric, failure, 1, only_rank0=True)  # the other ranks end with rank 0's outcome

@@ -3,14 +3,14 @@
 ::
 
     run_dir/
-      config.yaml                  the resolved config (probloss.config.save_config)
+      config.yaml                  the resolved config (probloss.training.config.save_config)
       events.out.tfevents.*        TensorBoard scalars, hparams, projector (make_logger)
-      checkpoints/step-*.ckpt      probloss.checkpoint
+      checkpoints/step-*.ckpt      probloss.training.checkpoint
       summary.json                 final metrics (write_summary; NaN/Inf written as null)
       .lock                        held by the process that runs in the folder (run_folder_lock)
 
 The run folder is a sandbox: ``experiment`` and ``run_name`` are single folder names (checked with every other
-setting in probloss/settings.py, before the folder exists), and one process at a time runs in a folder
+setting in probloss/training/settings.py, before the folder exists), and one process at a time runs in a folder
 (:func:`run_folder_lock`): a second run with the same run_name stops with "run folder X is in use by process P"
 (exit 2) and touches nothing of the first. A run that stops on a bad config or bad data before it writes its
 config.yaml (before training) removes the folder it made, so a bad command leaves nothing behind.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import sys
@@ -30,9 +29,11 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig
 
-from probloss import checkpoint as ckpt
-from probloss.config import ConfigError, to_dict
-from probloss.settings import RunSettings
+from probloss.errors import ConfigError, DataError
+from probloss.files import write_json
+from probloss.training import checkpoint as ckpt
+from probloss.training.config import override_key, to_dict
+from probloss.training.settings import RunSettings
 
 def run_base(run: RunSettings) -> Path:
     """``<out_dir>/<experiment>/<loss>``: the folder that holds a run's folder."""
@@ -112,7 +113,6 @@ def resume_config(cfg: Mapping, overrides: Sequence[str]) -> tuple[DictConfig, l
     """
     from omegaconf import OmegaConf
 
-    from probloss.config import override_key
 
     run = RunSettings.from_config(cfg)
     keys = [override_key(o) for o in overrides]
@@ -263,7 +263,6 @@ def run_folder_lock(run_dir: str | Path):
     try:
         yield
     except Exception as err:
-        from probloss.cli import DataError
 
         bad_command = isinstance(err, (ConfigError, DataError, FileNotFoundError))
         nothing_written = {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, "out.log"}
@@ -325,20 +324,6 @@ def finite_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(float(value)):
             out[key] = float(value)
     return out
-
-
-def write_json(path: Path, values: Mapping[str, Any]) -> Path:
-    """Atomic json write; NaN/Inf become null (json has no NaN). A failed write leaves no temporary file and
-    raises :class:`probloss.checkpoint.WriteError` naming ``path``."""
-    tmp = path.with_suffix(".json.tmp")
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-    try:
-        tmp.write_text(json.dumps(clean, indent=2, default=str))
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ckpt.WriteError(path, err) from None
-    return path
 
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:

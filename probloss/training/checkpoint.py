@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from probloss import dist
+from probloss.errors import WriteError
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})\.ckpt$")
@@ -54,26 +55,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-class WriteError(OSError):
-    """A checkpoint (or another run file) could not be written; the message names the path and the OS error."""
-
-    def __init__(self, path: str | Path, err: OSError):
-        reason = f"[Errno {err.errno}] {err.strerror}" if err.errno else str(err)
-        super().__init__(err.errno or 0, f"cannot write {path}: {reason}")
-
-    def __str__(self) -> str:
-        return self.strerror
-
-    def __reduce__(self):  # pickled whole (dist.raise_together hands rank 0's error to the other ranks)
-        return _write_error, (self.errno, self.strerror)
-
-
-def _write_error(errno: int, message: str) -> WriteError:
-    error = WriteError.__new__(WriteError)
-    OSError.__init__(error, errno, message)
-    return error
 
 
 def save_checkpoint(fabric, run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:

@@ -20,7 +20,7 @@ started by hand anywhere. Workers never repeat each other: trial k samples (TPE,
 units in a seeded order (``grid_point``), and so are the seed re-runs of the best configuration: each run once.
 
 An interrupted trial resumes, it does not restart. A worker stopped by SIGTERM/SIGINT saves a checkpoint at the
-next step boundary (probloss/train.py), tells its trial FAIL with the attribute ``interrupted`` and exits 143 /
+next step boundary (probloss/training/loop.py), tells its trial FAIL with the attribute ``interrupted`` and exits 143 /
 130 with one line naming the trial and the command that resumes it (the same sweep command). The next worker
 that asks for work first takes an interrupted trial nobody has taken over (:func:`interrupted_trials`; also one
 whose worker died, below): it enqueues the trial's parameters with ``resumes=<its number>`` (claimed once, like
@@ -63,11 +63,15 @@ import optuna
 from omegaconf import OmegaConf
 
 from probloss import dist
-from probloss.config import ConfigError, compose_config, override_key
-from probloss.console import say
-from probloss.launch import launch, make_fabric
-from probloss.settings import RunSettings
-from probloss.workers import choose_workers, launcher_of, run_local, run_submitit, worker_index
+from probloss.errors import ConfigError, NonFiniteLossError, Preempted
+from probloss.studies.workers import choose_workers, launcher_of, run_local, run_submitit, worker_index
+from probloss.training.checkpoint import newest_checkpoint
+from probloss.training.config import compose_config, override_key
+from probloss.training.console import say
+from probloss.training.launch import launch, make_fabric
+from probloss.training.loop import train
+from probloss.training.run_folder import resume_config, run_base
+from probloss.training.settings import RunSettings
 
 PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -410,12 +414,9 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
 
     ``run_name``: the run folder's name (default ``<study>-trial<N>``, ``<study>-seed<k>`` for a re-run seed).
     ``resume``: the trial continues an interrupted one under its run folder: from its newest checkpoint
-    (``resume=auto``, the run rebuilt from its config.yaml: probloss/run_folder.py resume_config), or, where the
+    (``resume=auto``, the run rebuilt from its config.yaml: probloss/training/run_folder.py resume_config), or, where the
     folder holds none, from step 0 in an emptied folder. Called on every rank.
     """
-    from probloss.run_folder import resume_config, run_base
-    from probloss.train import NonFiniteLossError, train
-
     if fixed_params is not None:
         params = [f"{key}={value}" for key, value in fixed_params.items()]
     else:
@@ -456,7 +457,6 @@ def _resumable(run_dir: Path) -> bool:
     event file, as recipes do). Rank 0 only."""
     import shutil
 
-    from probloss.checkpoint import newest_checkpoint
 
     if newest_checkpoint(run_dir) is not None:
         return True
@@ -550,12 +550,10 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
 @contextlib.contextmanager
 def interruption(study: optuna.Study, trial):
     """Record how a trial's training ended when it did not return; ``trial`` None (ranks other than 0): only
-    re-raise. SIGTERM/SIGINT (:class:`probloss.train.Preempted`, or a KeyboardInterrupt outside the training
+    re-raise. SIGTERM/SIGINT (:class:`probloss.errors.Preempted`, or a KeyboardInterrupt outside the training
     loop): the trial is told FAIL with the attribute ``interrupted`` and the next worker resumes it
     (:func:`interrupted_trials`); the Preempted re-raised names the trial, so the command's one line says what
     resumes and how. Any other error: FAIL with ``crashed`` (not resumed: it would fail again), re-raised."""
-    from probloss.train import Preempted
-
     try:
         yield
     except (Preempted, KeyboardInterrupt) as stop:
@@ -720,7 +718,7 @@ def summary_table(studies: Mapping[str, optuna.Study]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of scripts/sweep.py: ``sweep.workers`` worker processes (probloss/workers.py), or this process
+    """Entry point of scripts/sweep.py: ``sweep.workers`` worker processes (probloss/studies/workers.py), or this process
     as the one worker with one Fabric for all trials (``fabric run`` sets devices; its ranks are one worker)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep_cfg, train_overrides = load_sweep(argv)

@@ -1,5 +1,5 @@
 """Turn an experiment's Optuna studies and run folders into report.md with tables and PNG plots; and the shared
-statistics of every report (this module and probloss/recipe.py).
+statistics of every report (this module and probloss/studies/recipe.py).
 
     python scripts/report.py runs/compare_losses       # reads runs/sweeps/compare_losses.journal + run folders
 
@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import optuna
+
+from probloss.files import pyplot, save_figure
+from probloss.studies.sweep import storage_for
 
 # two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -741,10 +744,7 @@ def _fmt(value: Any) -> str:
 
 
 def plot(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
 
@@ -797,21 +797,9 @@ def error_bars(cis: Sequence[CI]) -> list[list[float]]:
     return [below, above]
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG and free it."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
 def sweep_studies(experiment_dir: str | Path, storage=None) -> dict[str, tuple]:
     """The studies ``<experiment>-<loss>`` of a sweep folder: from ``storage`` (URL or journal path), by default
     the journal ``<out_dir>/sweeps/<experiment>.journal`` next to the folder."""
-    from probloss.sweep import storage_for
-
     experiment_dir = Path(experiment_dir)
     experiment = experiment_dir.name
     journal = experiment_dir.parent / "sweeps" / f"{experiment}.journal"

@@ -5,7 +5,7 @@
     probloss experiment recipe=proposal recipe.launcher=submitit recipe.workers=16 recipe.slurm.partition=gpu
 
 Every worker runs the same command with ``<section>.workers=1`` and finds its work in the study's Optuna storage
-(probloss/sweep.py for sweeps, probloss/recipe.py for recipes): the storage is the only thing workers share, so
+(probloss/studies/sweep.py for sweeps, probloss/studies/recipe.py for recipes): the storage is the only thing workers share, so
 workers started here, on another machine or by hand join the same study. A spawned worker knows its index from
 the environment variable ``PROBLOSS_WORKER`` (0..N-1; sweeps seed their samplers with it).
 
@@ -29,9 +29,11 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from probloss.config import ConfigError, override_key
+from probloss.errors import ConfigError, Preempted
+from probloss.training.config import override_key
 
 WORKER_ENV = "PROBLOSS_WORKER"
+COMMAND_LINE = "from probloss.cli import main; main()"  # a worker runs the command in a process of its own
 LAUNCHERS = ("local", "submitit")
 
 
@@ -102,7 +104,7 @@ def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: 
     for index in range(n):
         env = {**os.environ, WORKER_ENV: str(index), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-c", "from probloss.cli import main; main()", command, *worker_argv(argv, section)]
+        args = [sys.executable, "-c", COMMAND_LINE, command, *worker_argv(argv, section)]
         procs.append(subprocess.Popen(args, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
     stopped: list[int] = []
 
@@ -127,8 +129,6 @@ def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: 
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopped:
-        from probloss.train import Preempted
-
         resumable = sum(c in (128 + signal.SIGTERM, 128 + signal.SIGINT) for c in codes)
         raise Preempted(stopped[0], None, None, None,
                         where=f"({len(procs)} workers; {resumable} stopped at a step boundary with a checkpoint, "
@@ -139,16 +139,13 @@ def run_local(command: str, argv: Sequence[str], section: str, n: int, threads: 
 
 
 def _submitit_worker(command: str, argv: list[str], index: int, threads: int) -> None:
-    """One array job: the command as worker ``index`` (module level, so submitit can pickle it by name)."""
-    os.environ[WORKER_ENV] = str(index)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    from probloss.cli import main
-
-    try:
-        main([command, *argv])
-    except SystemExit as err:  # the command's exit status becomes the job's outcome
-        if err.code not in (0, None):
-            raise RuntimeError(f"probloss {command} exited with {err.code}") from None
+    """One array job: ``probloss <command>`` as worker ``index``, in its own process as a local worker is
+    (module level, so submitit can pickle it by name)."""
+    env = {**os.environ, WORKER_ENV: str(index), "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    code = subprocess.call([sys.executable, "-c", COMMAND_LINE, command, *argv], env=env)
+    if code != 0:  # the command's exit status becomes the job's outcome
+        raise RuntimeError(f"probloss {command} exited with {code}")
 
 
 def run_submitit(command: str, argv: Sequence[str], section: str, n: int, slurm: Mapping[str, Any],

@@ -17,11 +17,19 @@ from typing import Any, Sequence
 import torch
 
 from probloss import dist
-from probloss.console import note, say
 from probloss.data.prepare import DataSpec, load_eval, prepare_data
+from probloss.errors import ConfigError
+from probloss.eval import evaluate as evaluate_fn, image_sigma_vs_noise
+from probloss.eval.benchmarks import prepare, run_benchmarks
+from probloss.eval.benchmarks.run import default_output
+from probloss.files import write_json
 from probloss.models.linear import cpu_matmul
-from probloss.run_folder import finite_scalars, print_summary, write_json
-from probloss.settings import RunSettings
+from probloss.training import checkpoint as ckpt
+from probloss.training.builders import make_tokenizer, make_trainee
+from probloss.training.config import apply_overrides, compose_config, override_key
+from probloss.training.console import note, say
+from probloss.training.run_folder import finite_scalars, print_summary
+from probloss.training.settings import RunSettings
 
 
 @torch.no_grad()
@@ -107,9 +115,6 @@ def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None
     With ``noisy_eval_set`` (the same images with Gaussian pixel noise) and a loss with log-std, also the
     image sigma on noisy vs clean images (``unc/image_sigma_noise_ratio``; > 1 when noise raises sigma).
     """
-    from probloss.eval import evaluate as evaluate_fn
-    from probloss.eval import image_sigma_vs_noise
-
     metrics = dict(evaluate_fn(model, loss, eval_set, tokenizer, device=device, classnames=spec.classnames,
                                templates=spec.templates, prefix=prefix, heldout_classnames=spec.heldout,
                                planted_attribute=planted_attribute))
@@ -158,8 +163,6 @@ BENCHMARK_KEYS = ("checkpoint", "benchmark", "eval.output", "eval.save_embedding
 def evaluate_command(argv: Sequence[str]) -> dict[str, Any]:
     """``scripts/evaluate.py checkpoint=<path> [benchmark=[...] benchmark.<name>.<key>=...] [key=value ...]``
     (configs/evaluate.yaml; the benchmarks: probloss/eval/benchmarks/)."""
-    from probloss.config import ConfigError, compose_config, override_key
-
     for arg in argv:
         if "=" not in arg:
             raise ConfigError(f"{arg!r} is not key=value; pass the checkpoint as checkpoint=<path>")
@@ -201,9 +204,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), benchma
     """
     from lightning_fabric import Fabric
 
-    from probloss import checkpoint as ckpt
-    from probloss.builders import make_tokenizer, make_trainee
-    from probloss.config import apply_overrides
 
     if Path(path).exists():  # a corrupt checkpoint is named and the previous readable one of its run used
         found = ckpt.readable_checkpoint(path)
@@ -212,7 +212,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), benchma
         path = found
     benches = None
     if benchmarks is not None:  # every benchmark file and key checked before anything is read or encoded
-        from probloss.eval.benchmarks import prepare
 
         benches = prepare(benchmarks.benchmark, selected)
     raw = ckpt.read_checkpoint(path)
@@ -224,9 +223,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), benchma
     fabric = Fabric(accelerator="auto", devices=1, precision="32-true")
     trainee = fabric.setup_module(trainee)
     if benches is not None:
-        from probloss.eval.benchmarks import run_benchmarks
-        from probloss.eval.benchmarks.run import default_output
-
         step = int(raw.get("position", {}).get("step", 0))
         with cpu_matmul(run.trainer.cpu_matmul or "blas"):  # the products the run was trained with
             return run_benchmarks(trainee.module.model, trainee.module.loss, tokenizer, benches,

@@ -20,7 +20,7 @@ it stopped. A run that stops on a non-finite loss (diverged) is a result, not a 
 The grid is a work queue on an Optuna study (``recipe-<name>-<settings hash>`` in ``recipe.storage``, by default
 the journal file ``<out_dir>/<recipe>/queue.journal``): each cell is a trial that one worker claims, trains
 (heartbeat while it runs) and completes. Any number of workers share it -- ``recipe.workers`` local processes
-(probloss/workers.py), the same command started again in another shell or on another machine with the same
+(probloss/studies/workers.py), the same command started again in another shell or on another machine with the same
 storage, or a Slurm job array (``recipe.launcher=submitit``) -- and every cell is trained once. A worker that
 dies loses nothing: a live worker fails its trial (process id on this host, heartbeat older than
 ``recipe.grace_period`` elsewhere), queues the cell again, and the worker that takes it resumes the run from its
@@ -46,7 +46,7 @@ The recipe folder ``<out_dir>/<recipe>/`` holds:
   paired difference against the baseline over seeds (``mean_diff``, ``n``, ``n_dropped``), its 95% interval
   (``ci_low``, ``ci_high``), ``p`` (two-sided, of the same paired t; null below two seeds), ``primary``,
   ``p_adjusted`` (Holm over the recipe's non-primary rows; ``p`` on primary rows) and the verdict word (the
-  interval's on primary rows, probloss.report.verdict; else also p_adjusted < 0.05, adjusted_verdict).
+  interval's on primary rows, probloss.studies.report.verdict; else also p_adjusted < 0.05, adjusted_verdict).
 - ``recipe.md`` + one PNG per metric, rendered from the two files above: the arms x metrics table (mean ± 95%
   interval, clipped to the metric's range, diverged seeds counted) and the paired comparison table.
 
@@ -72,13 +72,21 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from probloss.config import ConfigError, compose_config, config_dir, config_groups, override_key
-from probloss.report import (ALPHA, CI, TRIAL_TABLE, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci,
-                             metric_range, paired_p, read_sweep, report_lines, row_value, run_stopped, save_figure,
-                             summarise, sweep_studies, t_975, t_two_sided_p, trial_table, verdict)
-from probloss.run_folder import run_base
-from probloss.settings import RunSettings
-from probloss.workers import choose_workers, launcher_of, run_local, run_submitit
+from probloss.errors import ConfigError, NonFiniteLossError
+from probloss.files import pyplot, save_figure
+from probloss.studies.report import (
+    ALPHA, CI, TRIAL_TABLE, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range, paired_p,
+    read_sweep, report_lines, row_value, run_stopped, summarise, sweep_studies, t_975, t_two_sided_p, trial_table,
+    verdict,
+)
+from probloss.studies.sweep import claim as claim_unit, heartbeat, reap_dead_trials, retry_concurrent, storage_for, unit_owner
+from probloss.studies.workers import choose_workers, launcher_of, run_local, run_submitit
+from probloss.training.checkpoint import newest_checkpoint
+from probloss.training.config import compose_config, config_dir, config_groups, override_key
+from probloss.training.evaluation import evaluate_checkpoint
+from probloss.training.loop import main as train_main
+from probloss.training.run_folder import run_base
+from probloss.training.settings import RunSettings
 
 
 def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
@@ -112,7 +120,7 @@ def arm_learning_rates(exp: Mapping[str, Any], train_overrides: Sequence[str] = 
     ``learning_rates`` is null (every arm trains at what its overrides or the training config say: {} here), a
     mapping {arm or loss name: lr} (an arm's own name first, then its loss's), or a finished learning-rate sweep:
     the path of its per-trial table (``trials.json``, or the sweep folder holding it) or of its Optuna journal,
-    from which each arm takes the val-best learning rate of its loss (probloss.report.summarise: the best mean
+    from which each arm takes the val-best learning rate of its loss (probloss.studies.report.summarise: the best mean
     over seeds of the sweep's first objective). A learning rate set by the recipe's shared overrides, the arm or
     the command line wins over both, and is recorded as such.
     """
@@ -282,7 +290,7 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
 # key, claimed by whichever worker asks for it (Optuna hands a waiting trial to one worker only), heartbeated
 # while it trains, told COMPLETE (its value: the run's wall time) when its run folder holds summary.json.
 # Several workers may enqueue the same cell at the same moment: only the unit's lowest-numbered trial that is
-# not FAIL runs, and a worker handed another drops it (probloss.sweep.unit_owner, claim), so every unit runs
+# not FAIL runs, and a worker handed another drops it (probloss.studies.sweep.unit_owner, claim), so every unit runs
 # once. The report is the last unit: enqueued once every cell is COMPLETE, run by one worker.
 
 def _unit(arm: str, seed: Any) -> str:
@@ -303,7 +311,6 @@ def open_recipe_study(exp: Mapping[str, Any], name: str, train_overrides: Sequen
     file ``<out_dir>/<recipe>/queue.journal``."""
     import optuna
 
-    from probloss.sweep import retry_concurrent, storage_for
 
     storage = storage_for(exp.get("storage") or str(exp_dir / "queue.journal"), exp_dir, name,
                           exp["heartbeat_interval"], exp["grace_period"])
@@ -318,10 +325,9 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
                   log=print) -> Path:
     """Claim cells of the recipe's queue and train them until every cell is COMPLETE; the worker that claims the
     report unit writes results.json, comparisons.json and recipe.md. Dead workers' cells (heartbeat or process
-    id, probloss.sweep.fail_dead_trials) are failed, queued again and resumed from their newest checkpoint."""
+    id, probloss.studies.sweep.fail_dead_trials) are failed, queued again and resumed from their newest checkpoint."""
     import optuna
 
-    from probloss.sweep import claim, heartbeat, reap_dead_trials, unit_owner
 
     state = optuna.trial.TrialState
     started = time.perf_counter()
@@ -346,7 +352,7 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
         if not any(t.state == state.WAITING for t in study.get_trials(deepcopy=False, states=(state.WAITING,))):
             time.sleep(min(2.0, interval))  # the rest is running on other workers: they finish or go stale
             continue
-        trial = claim(study, "unit")
+        trial = claim_unit(study, "unit")
         if trial is None:  # another worker took the queue's last unit, or this was a second copy of a unit
             continue
         unit = trial.user_attrs["unit"]
@@ -388,10 +394,6 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
              log=print) -> float | None:
     """Train one cell unless its run folder holds summary.json (resuming from its newest checkpoint, if a dead
     worker left one), then its extra evaluations; returns the training wall time, None when nothing trained."""
-    from probloss.checkpoint import newest_checkpoint
-    from probloss.train import NonFiniteLossError
-    from probloss.train import main as train_main
-
     overrides = cell_overrides(exp, name, arm, exp["arms"][arm], seed, train_overrides)
     run_dir = run_base(RunSettings.from_config(compose_config(overrides))) / f"{_slug(arm)}-seed{seed}"
     trained_for = None
@@ -552,9 +554,6 @@ def render_recipe(exp_dir: str | Path) -> Path:
 def cached_evaluation(run_dir: Path, name: str, overrides: Sequence[str] = ()) -> dict[str, float]:
     """The numbers of one evaluation of the run's newest checkpoint with ``overrides``, computed once and kept
     as ``<run>/eval-<name>.json``."""
-    from probloss.checkpoint import newest_checkpoint
-    from probloss.eval.runtime import evaluate_checkpoint
-
     cached = run_dir / f"eval-{_slug(name)}.json"
     if not cached.is_file():
         metrics = evaluate_checkpoint(newest_checkpoint(run_dir), overrides)
@@ -572,8 +571,6 @@ def backfill_metrics(run_dir: Path, summary: dict[str, Any], metrics: Sequence[s
     final one, or evaluation code whose meaning changed since, fills nothing and says why. Keys absent from the
     evaluation too (e.g. sigma metrics of a loss without sigma) stay absent.
     """
-    from probloss.checkpoint import newest_checkpoint
-
     missing = [k for k in metrics if k not in summary and not _sigma_key_without_sigma(k, summary)]
     ckpt = newest_checkpoint(run_dir) if missing else None
     if ckpt is None:
@@ -639,7 +636,7 @@ def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metric
     Multiplicity: ``p`` is the two-sided p of the same paired t (None below two seeds); ``primary`` marks the
     recipe's declared comparisons (``primaries``), whose ``p_adjusted`` is their ``p`` and whose verdict is the
     interval's; every other row's ``p_adjusted`` is Holm's over all non-primary rows with a p, and its verdict
-    says better / worse only when that is below 0.05 (probloss.report.adjusted_verdict).
+    says better / worse only when that is below 0.05 (probloss.studies.report.adjusted_verdict).
     """
     by_run = {(r["arm"], r["seed"]): r for r in results}
     declared = primaries(exp)
@@ -797,10 +794,7 @@ def _diff_cell(c: Mapping[str, Any]) -> str:
 def write_recipe_report(exp: Mapping[str, Any], name: str, results: Sequence[Mapping[str, Any]],
                         exp_dir: Path) -> Path:
     """Write comparisons.json, then recipe.md and its PNGs (tables and plots from results + comparisons)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     arms, metrics = list(exp["arms"]), report_metrics(exp)
     comparisons = compare(results, exp, metrics)
@@ -866,10 +860,7 @@ def forest_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
     rows = [r for r in rows if r.get("mean_diff") is not None]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(rows), 1, figsize=(8.5, 0.62 * len(rows) + 0.7), squeeze=False)
     for ax, row in zip(axes[:, 0], rows):

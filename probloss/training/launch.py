@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 
 from probloss import dist
-from probloss.settings import FabricSettings
+from probloss.errors import ConfigError
+from probloss.training.settings import FabricSettings
 
 
 def under_fabric_cli() -> bool:
@@ -52,8 +53,6 @@ def check_strategy(name: str) -> None:
     parameters, logit_scale and bias). FSDP and DeepSpeed shard parameters and gather them only inside
     forward, so the loss would see shards; DataParallel would split the batch the loss needs whole.
     """
-    from probloss.config import ConfigError
-
     lowered = str(name).lower()
     if lowered.startswith(("auto", "ddp", "single", "xla")) and not lowered.startswith("xla_fsdp"):
         return

@@ -18,7 +18,7 @@ into ``out/``:
   ``wds/zeroshot_classification_templates.txt``: CLIP_benchmark's layout;
 - ``folder/<NNN>_<class name>/<key>.png`` (labelled images), ``folder/classnames.txt``, ``folder/templates.txt``.
 
-:func:`check` evaluates the checkpoint on every format and with :func:`probloss.eval.runtime.evaluate_model` on
+:func:`check` evaluates the checkpoint on every format and with :func:`probloss.training.evaluation.evaluate_model` on
 the same split and returns the table :data:`AGREEMENT` of paired keys: they must agree exactly where they measure
 the same thing (same positives, same pessimistic ties); the rows marked "by design" differ, and say why.
 """
@@ -32,6 +32,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from probloss.data.loader import IMAGE_EXTS, expand_shards
+from probloss.data.prepare import load_eval, prepare_data
+from probloss.errors import ConfigError
+from probloss.eval import metrics
+from probloss.eval.benchmarks.run import evaluate_benchmarks, prepare
+from probloss.eval.evaluate import _plausible_positives
+from probloss.models.linear import cpu_matmul
+from probloss.training import checkpoint as ckpt
+from probloss.training.builders import make_tokenizer, make_trainee
+from probloss.training.config import apply_overrides, compose_config
+from probloss.training.evaluation import evaluate_model
+from probloss.training.settings import RunSettings
 
 CAPTION_ID_BASE = 1_000_000
 # (benchmark key, built-in key, what differs: "" = the same measurement, must agree exactly)
@@ -63,7 +75,6 @@ def read_split(pattern: str) -> list[dict[str, Any]]:
     """The raw samples of a split's shards in reading order: ``key``, ``png`` (bytes), ``caption``, ``json``."""
     import webdataset as wds
 
-    from probloss.data.loader import IMAGE_EXTS, expand_shards
 
     out = []
     for raw in wds.tarfile_to_samples()(iter([{"url": u} for u in expand_shards(pattern)])):
@@ -76,9 +87,6 @@ def read_split(pattern: str) -> list[dict[str, Any]]:
 def positives_of(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
     """``(N, N)`` bool, image i x caption j: the built-in evaluator's plausible-match positives (identical caption
     strings or every fact of caption j true of scene i)."""
-    from probloss.eval import metrics
-    from probloss.eval.evaluate import _plausible_positives
-
     captions = [s["caption"] for s in samples]
     ids: dict[str, int] = {}
     same = metrics.same_group(torch.tensor([ids.setdefault(c, len(ids)) for c in captions]))
@@ -177,19 +185,10 @@ def check(checkpoint: str | Path, out: str | Path | None = None, progress: bool 
     "builtin": ...}``."""
     from lightning_fabric import Fabric
 
-    from probloss import checkpoint as ckpt
-    from probloss.builders import make_tokenizer, make_trainee
-    from probloss.config import compose_config
-    from probloss.data.prepare import load_eval, prepare_data
-    from probloss.eval.benchmarks.run import evaluate_benchmarks, prepare
-    from probloss.eval.runtime import evaluate_model
-    from probloss.models.linear import cpu_matmul
-    from probloss.settings import RunSettings
 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint}: no such file")
     raw = ckpt.read_checkpoint(checkpoint)
-    from probloss.config import apply_overrides
 
     run = RunSettings.from_config(apply_overrides(raw["config"], [], what=f"the config saved in {checkpoint}"))
     tokenizer = make_tokenizer(run)
@@ -222,8 +221,6 @@ def check(checkpoint: str | Path, out: str | Path | None = None, progress: bool 
 def check_main(argv: Sequence[str]) -> dict[str, Any]:
     """``scripts/check_benchmarks.py checkpoint=<ckpt> [out=<folder>] [json=<file>]``: print the agreement
     table; exit 1 when a row that measures the same thing disagrees."""
-    from probloss.config import ConfigError
-
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = sorted(set(args) - {"checkpoint", "out", "json"}) + [a for a in argv if "=" not in a]
     if unknown or "checkpoint" not in args:
