@@ -1,10 +1,10 @@
-"""The ``probloss`` command: one grammar for train, sweep, experiment, make-data, evaluate and report.
+"""The ``probloss`` command: one grammar for train, sweep, recipe, make-data, evaluate and report.
 
 ::
 
     probloss train loss=gaussian_var trainer.max_steps=500
     probloss sweep sweep=lr loss=sigmoid
-    probloss experiment recipe=proposal
+    probloss recipe recipe=proposal
     probloss make-data out=data/shapes train_size=50000 val_size=2000
     probloss evaluate checkpoint=runs/default/gaussian_var/<run>/checkpoints/step-00000500.ckpt
     probloss report runs/proposal
@@ -55,15 +55,15 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     probloss sweep sweep=lr loss=sigmoid sweep.storage=postgresql://user@host/db   # workers on many machines
     probloss sweep sweep=lr loss=sigmoid sweep.workers=4               # four local workers (default: one per core)
     OMP_NUM_THREADS=1 fabric run --devices=2 --main-port=29501 scripts/sweep.py sweep=lr loss=infonce"""),
-    "experiment": ("probloss.studies.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds, paired comparisons.
+    "recipe": ("probloss.studies.recipe:run_recipe", "recipe", """Run a recipe: arms x seeds, paired comparisons.
 
 The report (recipe.md, results.json, comparisons.json, plots) is written into the recipe's folder
 (probloss/studies/recipe.py).
 
-    probloss experiment recipe=proposal
-    probloss experiment recipe=bias_init recipe.seeds=[0] trainer.max_steps=50   # a quick look
-    probloss experiment recipe=proposal recipe.workers=2        # two local workers (default: one per core)
-    probloss experiment recipe=proposal recipe.launcher=submitit recipe.workers=16 recipe.slurm.partition=cpu"""),
+    probloss recipe recipe=proposal
+    probloss recipe recipe=bias_init recipe.seeds=[0] trainer.max_steps=50   # a quick look
+    probloss recipe recipe=proposal recipe.workers=2        # two local workers (default: one per core)
+    probloss recipe recipe=proposal recipe.launcher=submitit recipe.workers=16 recipe.slurm.partition=cpu"""),
     "make-data": ("probloss.cli:make_data_command", "make_data", """Generate the built-in shapes data as webdataset shards.
 
 The shards are written by probloss/data/shards.py.
@@ -86,9 +86,9 @@ saved in the checkpoint (e.g. data.val_shards, data.classnames or eval.max_sampl
 
 benchmark=[...] scores the checkpoint on the field's benchmarks instead (karpathy, eccv_caption, cxc, wds,
 folder; configs/benchmark/*.yaml, docs/benchmarks.md) and writes <ckpt>.benchmarks.json."""),
-    "report": ("probloss.cli:report_command", None, """Write the report page and plots of a sweep or experiment.
+    "report": ("probloss.cli:report_command", None, """Write the report page and plots of a sweep or recipe.
 
-No training: it reads a finished sweep's storage or an experiment's results files.
+No training: it reads a finished sweep's storage or a recipe's results files.
 
     probloss report runs/compare_losses [--storage postgresql://...]   # sweep -> report.md
     probloss report runs/batch_size            # recipe -> recipe.md + comparisons.json
@@ -102,6 +102,11 @@ storage (probloss/studies/report.py). --findings reads only results.json + recip
 }
 
 
+# Old command names -> new ones (0.2: `experiment` ran recipes, but "experiment" is also the key that groups run
+# folders, out_dir/<experiment>/...).
+RENAMED = {"experiment": "recipe"}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``probloss <command> [arguments]`` (the console script; see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -109,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(_usage())
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
+    if name in RENAMED:  # refused for one release, with the new spelling
+        print(f"probloss: the command {name!r} is now {RENAMED[name]!r}: probloss {RENAMED[name]} "
+              f"{shlex.join(rest) or '...'}", file=sys.stderr)
+        sys.exit(2)
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -169,7 +178,7 @@ def resume_command(config_name: str, argv: Sequence[str], stop) -> str:
     run from its config.yaml), the same command line for a recipe or sweep (they resume their runs)."""
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else None
     program = [os.path.basename(sys.executable), script] if script else \
-        ["probloss", {"recipe": "experiment", "make_data": "make-data"}.get(config_name, config_name)]
+        ["probloss", {"make_data": "make-data"}.get(config_name, config_name)]
     if config_name == "train" and stop.run_dir is not None and stop.checkpoint is not None:
         return shlex.join([*program, f"resume={stop.run_dir}"])
     return shlex.join([*program, *argv])

@@ -67,7 +67,7 @@ def child(loss_name: str, n_images: int, per_image: int, block: int, batch: int)
 
     from probloss.training.builders import make_tokenizer, make_trainee
     from probloss.training.config import compose_config
-    from probloss.eval.evaluate import encode_captions, encode_images
+    from probloss.eval.dual_encoder import encode_captions, encode_images
     from probloss.eval.retrieval import positive_pairs, rank_retrieval, summarize
     from probloss.eval.uncertainty import benchmark_uncertainty
     from probloss.training.settings import RunSettings

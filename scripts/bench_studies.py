@@ -4,7 +4,7 @@
     python scripts/bench_studies.py --seeds 0 1 --workers 1 2 --out bench_results/studies.json
     python scripts/bench_studies.py --steps 50 --sweep-steps 50       # a quick check that it works
 
-Each measurement is one ``probloss experiment`` / ``probloss sweep`` command (``recipe.workers=N`` /
+Each measurement is one ``probloss recipe`` / ``probloss sweep`` command (``recipe.workers=N`` /
 ``sweep.workers=N``, one thread per run: trainer.num_threads=1) in a fresh output folder, timed from start to exit,
 after one warm-up run has generated the shapes data into a shared cache. The recipe is ``--recipe`` with
 ``recipe.seeds=--seeds`` and the recipe's own steps unless ``--steps``; the sweep is ``sweep=lr_grid`` on one loss
@@ -86,7 +86,7 @@ def main() -> None:
     rows, reference = [], {}
     for n in args.workers:
         out = work / f"recipe-w{n}"
-        wall = timed(["experiment", f"recipe={args.recipe}", f"recipe.seeds={seeds}", f"recipe.workers={n}",
+        wall = timed(["recipe", f"recipe={args.recipe}", f"recipe.seeds={seeds}", f"recipe.workers={n}",
                       f"out_dir={out}", *common, *steps])
         results = recipe_results(out, args.recipe)
         reference.setdefault("recipe", results)

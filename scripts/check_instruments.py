@@ -3,7 +3,7 @@
     python scripts/check_instruments.py [--gen-seed 0] [--test-size 5000] [--out bench_results/instruments.json]
 
 Regenerates the shapes test split exactly as training does (``probloss.data.shapes.generate_sample`` with the
-split's held-out combinations) and scores it with three oracle scorers (``probloss.eval.evaluate
+split's held-out combinations) and scores it with three oracle scorers (``probloss.eval.dual_encoder
 .oracle_retrieval``): every plausible key must be 1.0, and the exact-string R@1 shows what a specificity preference
 alone does to it. Prints a table and writes JSON.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from probloss.data import shapes
-from probloss.eval.evaluate import oracle_retrieval
+from probloss.eval.dual_encoder import oracle_retrieval
 
 
 def main() -> None:

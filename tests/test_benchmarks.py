@@ -18,7 +18,7 @@ import torch
 from probloss.errors import ConfigError, DataError
 from probloss.eval.benchmarks import readers
 from probloss.eval.benchmarks.run import evaluate_benchmarks, lowercase_for, prepare
-from probloss.eval.evaluate import fill_template
+from probloss.eval.dual_encoder import fill_template
 from probloss.eval.retrieval import positive_pairs, rank_retrieval
 from probloss.studies import benchmark_check
 from probloss.training import checkpoint as ckpt

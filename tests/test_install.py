@@ -84,5 +84,9 @@ def test_console_command_lists_and_checks_its_commands(capsys):
         main(["tran"])
     assert exit_.value.code == 2 and "Did you mean 'train'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        main(["experiment", "--help"])
+        main(["recipe", "--help"])
     assert exit_.value.code == 0 and "recipe=" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # the old name of `recipe`, refused with the new spelling
+        main(["experiment", "recipe=proposal"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "probloss: the command 'experiment' is now 'recipe': probloss recipe recipe=proposal"

@@ -5,7 +5,6 @@ uncertainty curves, and agreement with the built-in evaluator (every loss's scor
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -13,11 +12,9 @@ import torch
 from torch import nn
 
 import probloss
-from probloss.eval import metrics
+from probloss.eval import dual_encoder as evaluate_module, metrics
 from probloss.eval.retrieval import fold_summary, positive_pairs, rank_block, rank_retrieval, summarize
 from probloss.eval.uncertainty import benchmark_uncertainty, plot_uncertainty_bins
-
-evaluate_module = importlib.import_module("probloss.eval.evaluate")  # the module (the package exports the function)
 
 # --- the reference ----------------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@
     metrics = evaluate(model, loss, test_set, tokenizer, classnames=class_names(), prefix="test")  # "test/..."
 """
 
-from probloss.eval.evaluate import (
+from probloss.eval.dual_encoder import (
     encode_captions, encode_images, encode_texts, evaluate, fill_template, image_sigma_vs_noise, paired_scores,
     score_matrix, sigma_of,
 )

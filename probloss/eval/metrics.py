@@ -10,7 +10,7 @@ Conventions shared by every function here:
 - Embedding-space metrics (:func:`uniformity`, :func:`alignment`, :func:`modality_gap`) L2-normalise their inputs
   themselves, as in the papers, unless ``normalize=False`` (then they measure the vectors as given: the view a
   distance loss scores); :func:`effective_rank` and :func:`participation_ratio` use the embeddings as given
-  (``probloss.eval.evaluate`` chooses the view: its ``embed/*`` and ``embed/scored/*`` keys).
+  (``probloss.eval.dual_encoder`` chooses the view: its ``embed/*`` and ``embed/scored/*`` keys).
 - Plausible-match retrieval (:func:`plausible_ranking`): many positives per query, ranked with pessimistic ties
   (every non-positive tied with a positive ranks first); R-Precision and mAP@R as in Musgrave et al. (2020).
 - Uncertainty curves (:func:`binned_means`, :func:`risk_coverage`) take an uncertainty per query (higher = less

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from probloss.eval.evaluate import _rows  # x[rows], or None for a loss without log-stds
+from probloss.eval.dual_encoder import _rows  # x[rows], or None for a loss without log-stds
 
 
 def positive_pairs(caption_image: Tensor, extra: Tensor | None = None) -> Tensor:

@@ -29,7 +29,7 @@ from pathlib import Path
 from torch import Tensor
 
 from probloss.eval import metrics
-from probloss.eval.evaluate import sigma_of
+from probloss.eval.dual_encoder import sigma_of
 from probloss.files import pyplot, save_figure
 
 DIRECTIONS = {"i2t": "image queries (image sigma)", "t2i": "caption queries (text sigma)"}

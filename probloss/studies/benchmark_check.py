@@ -37,7 +37,7 @@ from probloss.data.prepare import load_eval, prepare_data
 from probloss.errors import ConfigError
 from probloss.eval import metrics
 from probloss.eval.benchmarks.run import evaluate_benchmarks, prepare
-from probloss.eval.evaluate import _plausible_positives
+from probloss.eval.dual_encoder import _plausible_positives
 from probloss.models.linear import cpu_matmul
 from probloss.training import checkpoint as ckpt
 from probloss.training.builders import make_tokenizer, make_trainee

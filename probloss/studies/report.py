@@ -922,7 +922,7 @@ def write_report(experiment_dir: str | Path, storage=None) -> Path:
 
 # --- one run's instruments beside their trivial cues ------------------------------------------------------------
 
-CUES = ("words", "frequency", "objects", "token")  # probloss/eval/evaluate.py: unc/cue/<c>/<stat>
+CUES = ("words", "frequency", "objects", "token")  # probloss/eval/dual_encoder.py: unc/cue/<c>/<stat>
 SPECIFICITY_STATS = ("specificity_level_coef", "specificity_level_t", "specificity_within_scene_acc",
                      "specificity_within_scene_same_words_acc", "specificity_matched_acc",
                      "specificity_matched_log_ratio", "specificity_spearman", "specificity_partial_spearman",

@@ -1,8 +1,8 @@
 """Worker processes of a study: N local processes, or a Slurm job array through submitit.
 
-    probloss experiment recipe=proposal recipe.workers=2                  # two local workers
+    probloss recipe recipe=proposal recipe.workers=2                  # two local workers
     probloss sweep sweep=lr sweep.workers=4 sweep.storage=postgresql://...
-    probloss experiment recipe=proposal recipe.launcher=submitit recipe.workers=16 recipe.slurm.partition=gpu
+    probloss recipe recipe=proposal recipe.launcher=submitit recipe.workers=16 recipe.slurm.partition=gpu
 
 Every worker runs the same command with ``<section>.workers=1`` and finds its work in the study's Optuna storage
 (probloss/studies/sweep.py for sweeps, probloss/studies/recipe.py for recipes): the storage is the only thing workers share, so

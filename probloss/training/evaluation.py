@@ -3,7 +3,7 @@ checkpoint (``scripts/evaluate.py``).
 
 ``val/loss`` is computed here and only here (:func:`val_loss`): the training loss on the val set in global
 batches, each rank embedding its slice exactly as in training, so it is comparable with ``train/loss`` and
-the same for any world size. Every other metric comes from :func:`probloss.eval.evaluate` on rank 0: on val
+the same for any world size. Every other metric comes from :func:`probloss.eval.dual_encoder` on rank 0: on val
 (selection: sweeps, pruning, best learning rate) at every evaluation, and on test (reporting) at the end.
 """
 
@@ -19,7 +19,7 @@ import torch
 from probloss import dist
 from probloss.data.prepare import DataSpec, load_eval, prepare_data
 from probloss.errors import ConfigError
-from probloss.eval import evaluate as evaluate_fn, image_sigma_vs_noise
+from probloss.eval import evaluate, image_sigma_vs_noise
 from probloss.eval.benchmarks import prepare, run_benchmarks
 from probloss.eval.benchmarks.run import default_output
 from probloss.files import write_json
@@ -59,9 +59,9 @@ def val_loss(fabric, trainee, eval_set, global_batch: int) -> float:
     return total / max(1, count)
 
 
-def evaluate(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokenizer, logger, step: int,
+def evaluate_at_step(fabric, run: RunSettings, trainee, eval_set, spec: DataSpec, tokenizer, logger, step: int,
              final: bool = False) -> dict[str, Any]:
-    """val/loss (all ranks) and every metric of probloss.eval.evaluate (rank 0; the others wait).
+    """val/loss (all ranks) and every metric of probloss.eval.dual_encoder (rank 0; the others wait).
 
     Returns the metrics on rank 0 and ``{}`` elsewhere; logs them to TensorBoard. ``final`` adds the test
     split (``test/*``: reported, never used to choose anything; read from disk only here, so intermediate
@@ -109,13 +109,13 @@ def metrics_line(step: int, metrics: dict[str, Any]) -> str:
 
 def evaluate_model(model, loss, eval_set, spec: DataSpec, tokenizer, device=None, noisy_eval_set=None,
                    prefix: str = "val", planted_attribute: str | None = None) -> dict[str, Any]:
-    """probloss.eval.evaluate with the run's zero-shot classes, templates and held-out classes (model in eval
+    """probloss.eval.dual_encoder with the run's zero-shot classes, templates and held-out classes (model in eval
     mode); keys under ``prefix`` ("val" or "test").
 
     With ``noisy_eval_set`` (the same images with Gaussian pixel noise) and a loss with log-std, also the
     image sigma on noisy vs clean images (``unc/image_sigma_noise_ratio``; > 1 when noise raises sigma).
     """
-    metrics = dict(evaluate_fn(model, loss, eval_set, tokenizer, device=device, classnames=spec.classnames,
+    metrics = dict(evaluate(model, loss, eval_set, tokenizer, device=device, classnames=spec.classnames,
                                templates=spec.templates, prefix=prefix, heldout_classnames=spec.heldout,
                                planted_attribute=planted_attribute))
     if noisy_eval_set is not None and loss.needs_log_std:
@@ -234,7 +234,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), benchma
     eval_set = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,
                          image_noise=float(run.eval.image_noise or 0.0))
     with cpu_matmul(run.trainer.cpu_matmul or "blas"):  # the products the run was trained and evaluated with
-        metrics = evaluate(fabric, run, trainee, eval_set, spec, tokenizer, logger=None, step=0, final=True)
+        metrics = evaluate_at_step(fabric, run, trainee, eval_set, spec, tokenizer, logger=None, step=0, final=True)
     step = int(raw.get("position", {}).get("step", 0))
     metrics["steps"] = step
     run_dir = Path(path).resolve().parent.parent

@@ -62,7 +62,7 @@ from probloss.training.builders import (
 )
 from probloss.training.config import compose_config, save_config, to_dict
 from probloss.training.console import log_error, note, quiet_runs, say, tee_output
-from probloss.training.evaluation import evaluate, log_projector
+from probloss.training.evaluation import evaluate_at_step, log_projector
 from probloss.training.grad_cache import detach, grad_cache_backward, with_negatives
 from probloss.training.launch import launch, make_fabric
 from probloss.training.run_folder import (
@@ -282,7 +282,7 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
                      uninformative_reference(trainee.module, run, val_batch) if val_batch > 1 else None)
 
     def run_evaluation(final: bool = False) -> dict[str, Any]:
-        metrics = evaluate(fabric, run, trainee, eval_set, spec, tokenizer, logger, pos.step, final=final)
+        metrics = evaluate_at_step(fabric, run, trainee, eval_set, spec, tokenizer, logger, pos.step, final=final)
         if fabric.is_global_zero:  # collapse is judged on val (rank 0 holds the metrics)
             n = metrics.get("val/zeroshot_n_labelled")
             tracker.judge_collapse(pos.step, metrics.get("val/loss"), val_reference, metrics.get("val/zeroshot_top1"),

@@ -219,7 +219,7 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def test_zero_shot_prompts_are_never_training_captions():
-    from probloss.eval.evaluate import fill_template
+    from probloss.eval.dual_encoder import fill_template
     from probloss.models import build_tokenizer
 
     assert len(DEFAULT_TEMPLATES) >= 4

@@ -9,7 +9,6 @@ specificity effect beyond length), image 0.1 * n_objects + mean |channel 1|. A t
 makes a model blind to them.
 """
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -19,10 +18,8 @@ import torch
 from torch import nn
 
 import probloss
-from probloss.eval import evaluate, fill_template, image_sigma_vs_noise, metrics
-from probloss.eval.evaluate import _images_fit
-
-evaluate_module = importlib.import_module("probloss.eval.evaluate")  # the module (the package exports the function)
+from probloss.eval import dual_encoder as evaluate_module, evaluate, fill_template, image_sigma_vs_noise, metrics
+from probloss.eval.dual_encoder import _images_fit
 
 CLASSNAMES = ["red circle", "blue square", "orange cross", "green triangle", "white diamond", "cyan circle"]
 SHAPE_WORDS = {"circle", "square", "cross", "triangle", "diamond"}

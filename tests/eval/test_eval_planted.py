@@ -11,7 +11,7 @@ from torch import nn
 
 from probloss.data import shapes
 from probloss.eval import evaluate, metrics
-from probloss.eval.evaluate import mentions
+from probloss.eval.dual_encoder import mentions
 
 ATTRIBUTE = "magenta"
 

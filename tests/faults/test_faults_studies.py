@@ -2,7 +2,7 @@
 SIGTERM mid-trial leaves its trial or run to resume, and the same command resumes it from its checkpoint and ends
 bit-identically where an uninterrupted study ends; a study's console shows one line per trial or run.
 
-Real processes, real signals: the worker is ``probloss sweep`` / ``probloss experiment`` through probloss.cli (the
+Real processes, real signals: the worker is ``probloss sweep`` / ``probloss recipe`` through probloss.cli (the
 user's exit codes and lines), with the fault suite's ``SLOW`` hook (tests/faults/faultkit.py): after
 optimizer step 3 it marks a file and holds every later step for a moment, so the SIGTERM sent once the trial's
 first checkpoint exists lands mid-run (nothing is timed: the step it stopped at is read from its line).
@@ -120,7 +120,7 @@ def straight_sweep(tmp_path_factory, cache_dir):
 def straight_recipe(tmp_path_factory, cache_dir):
     """An uninterrupted one-run recipe: (its run folder, its stdout)."""
     out = tmp_path_factory.mktemp("recipe")
-    return uninterrupted(out, "experiment", recipe_args(out, cache_dir), "bias_init/sigmoid/a-seed0")
+    return uninterrupted(out, "recipe", recipe_args(out, cache_dir), "bias_init/sigmoid/a-seed0")
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ def test_a_preempted_recipe_run_is_resumed_by_the_same_command_bit_identically(t
                                                                                straight_recipe):
     args = recipe_args(tmp_path, cache_dir)
     run_dir = tmp_path / "bias_init" / "sigmoid" / "a-seed0"
-    stopped = stop_mid_run(tmp_path, "experiment", args, run_dir)
+    stopped = stop_mid_run(tmp_path, "recipe", args, run_dir)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     found = re.fullmatch(r"stopped by SIGTERM at step (\d+): saved (\S+); resume with: (.+)", last_line(stopped.stderr))
     assert found, last_line(stopped.stderr)
@@ -167,7 +167,7 @@ def test_a_preempted_recipe_run_is_resumed_by_the_same_command_bit_identically(t
     assert 3 <= step < STEPS and saved == ckpt.checkpoint_path(run_dir, step) and saved.is_file()
     assert command[2:] == args and not (run_dir / "summary.json").exists()
 
-    resumed = subprocess.run([sys.executable, *command[1:]], env=env(COMMAND="experiment"), capture_output=True,
+    resumed = subprocess.run([sys.executable, *command[1:]], env=env(COMMAND="recipe"), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"training a seed 0 (resuming from {saved.name})" in resumed.stdout
@@ -208,7 +208,7 @@ def test_sigterm_to_a_recipe_with_two_workers_reaches_them_and_their_runs_resume
     (hook / "sitecustomize.py").write_text(SLOW_HOOK)  # in every worker
     mark = tmp_path / "mark"
     args = [*recipe_args(tmp_path, cache_dir), "recipe.seeds=[0,1]", "recipe.workers=2", "trainer.ckpt_every=0"]
-    proc = subprocess.Popen([sys.executable, "-c", "from probloss.cli import main; main()", "experiment", *args],
+    proc = subprocess.Popen([sys.executable, "-c", "from probloss.cli import main; main()", "recipe", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(SLOW_AFTER_STEP="3", MARK=str(mark), PYTHONPATH=f"{hook}{os.pathsep}{REPO}"))
     while not mark.exists():
@@ -226,7 +226,7 @@ def test_sigterm_to_a_recipe_with_two_workers_reaches_them_and_their_runs_resume
     saved = {run_dir: ckpt.list_checkpoints(run_dir) for run_dir in runs if run_dir.is_dir()}
     assert any(saved.values()), saved  # at least the worker past step 3 checkpointed at the signal
 
-    resumed = run("experiment", args)
+    resumed = run("recipe", args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run_dir, checkpoints in saved.items():
         if checkpoints:

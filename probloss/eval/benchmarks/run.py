@@ -32,7 +32,7 @@ against every image; R@K = the fraction of queries with a positive in the top K;
 - ``wds`` (CLIP_benchmark): retrieval as ``karpathy`` (every line of a sample's .txt is a positive) and zero-shot
   as ``folder`` on the samples with a .cls.
 - ``folder``: zero-shot classification; the prompt of class c and template t is ``fill_template(t, name_c)``
-  (:func:`probloss.eval.evaluate.fill_template`), scores averaged over templates (CLIP averages normalised text
+  (:func:`probloss.eval.dual_encoder.fill_template`), scores averaged over templates (CLIP averages normalised text
   embeddings; a loss with its own geometry and sigma cannot, so the scores are averaged, as the built-in
   evaluator does); ``zeroshot_top1`` / ``zeroshot_top5`` with pessimistic ties, ``zeroshot_n_labelled``.
 """
@@ -54,7 +54,7 @@ from probloss.data.loader import BadSample, _to_tensor, decode_clean
 from probloss.errors import ConfigError, DataError
 from probloss.eval.benchmarks import readers
 from probloss.eval.benchmarks.readers import Benchmark
-from probloss.eval.evaluate import _rows, _zeroshot
+from probloss.eval.dual_encoder import _rows, _zeroshot
 from probloss.eval.retrieval import fold_summary, positive_pairs, rank_retrieval, summarize
 from probloss.eval.uncertainty import benchmark_uncertainty, plot_uncertainty_bins
 from probloss.files import write_json
