@@ -137,26 +137,6 @@ def test_dict_overrides_of_a_recipe_replace_the_dict():
     assert OmegaConf.to_container(cfg.recipe.arms) == {"a": ["loss=infonce"], "b": ["loss=sigmoid"]}
 
 
-def test_only_dist_talks_to_torch_distributed():
-    """The wall of docs/design.md: every torch.distributed call and Fabric collective goes through
-    probloss/dist.py."""
-    import re
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    offenders = []
-    for folder in ("probloss", "losses", "scripts"):
-        for path in (repo / folder).rglob("*.py"):
-            if path.name == "dist.py" and path.parent.name == "probloss":
-                continue
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                code = line.split("#")[0]
-                if re.search(r"import torch\.distributed|torch\.distributed\.|from torch import distributed"
-                             r"|fabric\.(all_reduce|all_gather|broadcast|barrier)\(", code):
-                    offenders.append(f"{path.relative_to(repo)}:{number}: {line.strip()}")
-    assert not offenders, "\n".join(offenders)
-
-
 @pytest.mark.slow
 def test_unknown_hard_negatives_exits_2_listing_the_choices(tmp_path):
     import subprocess
