@@ -22,6 +22,7 @@ import json
 import os
 from typing import Iterable, Mapping
 from urllib.parse import urlparse
+
 from probloss.errors import ConfigError
 
 ENV = "PROBLOSS_COMMAND_URLS"
