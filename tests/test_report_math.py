@@ -445,3 +445,29 @@ def test_new_stability_keys_have_directions_and_ranges():
         assert metric_direction(key) == 0, key  # descriptive
     assert metric_range("stability/collapsed") == (0.0, 1.0) and metric_range("stability/max_loss_jump") == (0.0, math.inf)
     assert verdict("stability/max_loss_jump", mean_ci([-3.0, -2.0, -2.5])) == "better"
+
+
+def test_one_number_format_for_study_tables_and_the_console():
+    """probloss.files.fmt_number is the one number formatter: a study table's cell (3 decimals, "-" for a seed
+    without a number) and a run's console summary (4 decimals, nan as nan, significant digits from 1e5)."""
+    from probloss.files import fmt_number
+    from probloss.training.run_folder import CONSOLE_NUMBER
+
+    assert [fmt_number(v) for v in (0.12345, -2.0, NAN, math.inf, 3, True, None)] == [
+        "0.123", "-2.000", "-", "-", "3", "True", "None"]
+    assert [fmt_number(v, **CONSOLE_NUMBER) for v in (0.12345, 99999.5, 123456.7, NAN, -math.inf, 7, False)] == [
+        "0.1235", "99999.5000", "1.235e+05", "nan", "-inf", "7", "False"]
+
+
+def test_statistics_module_computes_only():
+    """probloss/studies/stats.py takes numbers and gives numbers: it imports nothing that reads files, draws or
+    renders (readers.py reads, render.py prints)."""
+    import ast
+    from pathlib import Path
+
+    import probloss.studies.stats as stats
+
+    tree = ast.parse(Path(stats.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "re", "statistics", "typing", "numpy", "optuna"}, imported

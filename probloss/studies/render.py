@@ -22,6 +22,8 @@ from probloss.studies.stats import (
 )
 
 
+# --- Table cells -------------------------------------------------------------------------------------------------
+
 def fmt_ci(ci: CI) -> str:
     """A table cell: ``mean ± half``, ``mean [low, high]`` when clipped, then ``(k of n seeds diverged)``."""
     text = "-" if ci.n == 0 else f"{ci.mean:.3f}"
@@ -58,6 +60,8 @@ def error_bars(cis: Sequence[CI]) -> list[list[float]]:
     above = [ci.high - ci.mean if math.isfinite(ci.high) else 0.0 for ci in cis]
     return [below, above]
 
+
+# --- The sweep report: LR retention and robustness tables, the page, its plots -----------------------------------
 
 RETENTION_NOTE = ("LR retention: the fraction of its best mean val score (at its best learning rate on val, lr*) a "
                   "loss keeps at 3 x and 10 x lr*, the grid point there or linear in log10(lr) between the two around "
@@ -210,6 +214,8 @@ def sweep_plots(rows: Mapping[str, Mapping[str, Any]], out_dir: Path) -> list[Pa
     paths.append(save_figure(fig, out_dir / "sigma_vs_specificity.png"))
     return paths
 
+
+# --- A recipe's page: arms x metrics, paired comparisons, a PNG per metric, the forest plot ----------------------
 
 ARMS_NOTE = ("Mean ± 95% interval (Student t over seeds), or mean [low, high] where the interval is clipped to the "
              "metric's range; - : no value. A seed that diverged (stopped, or a non-finite value) is counted in its "
@@ -397,6 +403,8 @@ def forest_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
     fig.subplots_adjust(left=0.03, right=0.74, hspace=1.1, top=1 - 0.45 / (0.62 * len(rows) + 0.7))
     return save_figure(fig, path)
 
+
+# --- The findings page's claims table ----------------------------------------------------------------------------
 
 def claims_lines(claims: Sequence[Mapping[str, Any]]) -> list[str]:
     """The claims table of the findings page: claim -> comparison -> its difference and verdict."""

@@ -29,9 +29,10 @@ import optuna
 # two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
 INF = math.inf
+
+
+# --- Intervals and verdicts: what a metric can take, mean and 95% interval, the word it earns --------------------
 
 # Where a metric's values can lie, by key (matched at the end of the key after a "/" or the start, so val/, test/
 # and evaluation prefixes share a rule; the first match wins). Intervals are clipped to it: a t interval knows
@@ -273,6 +274,8 @@ def adjusted_verdict(metric: str, diff: CI, p_adjusted: float | None) -> str:
     return "inside noise"
 
 
+# --- A recipe's paired comparisons: arms x metrics over seeds, the rows of comparisons.json ----------------------
+
 def row_value(row: Mapping[str, Any], metric: str) -> float | None:
     """``metric`` of one run (a results row or a trial's user attrs): a float, nan when the run stopped without
     producing it (diverged: counted, not dropped), None when it does not apply to this run."""
@@ -365,6 +368,8 @@ def multiplicity_counts(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, i
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # comparisons.json stays strict JSON
 
+
+# --- LR-robust width: the widest learning-rate range near a loss's best ------------------------------------------
 
 def lr_robust_width(lrs: Sequence[float], scores: Sequence[float], fraction: float = 0.9) -> float:
     """Width in decades of the widest contiguous learning-rate range whose scores all reach ``fraction`` x best.
@@ -597,6 +602,8 @@ def add_lr_retention(rows: Mapping[str, dict[str, Any]]) -> None:
     for loss, table in tables.items():
         rows[loss]["lr_retention"] = lr_retention(table, seeds)
 
+
+# --- A sweep's numbers, per loss, from its studies (probloss.studies.readers) ------------------------------------
 
 SEED_METRICS = [  # reported on test; the study selects (best learning rate, best trial) on val
     "test/zeroshot_top1", "test/zeroshot_unseen_top1", "test/i2t_r@1_plausible", "test/t2i_r@1_plausible",
