@@ -27,7 +27,7 @@ TRIAL_KEYS = (*SEED_METRICS, "val/zeroshot_top1", "stability/diverged", "seed", 
 def trial_table(studies: Mapping[str, tuple[optuna.Study, optuna.Study | None]]) -> dict[str, Any]:
     """The per-trial table of a sweep's studies ({loss: (search, seed re-run or None)}): per loss its directions,
     study attributes and, per trial, its number, state, parameters (with their distributions), objective values
-    and the ``TRIAL_KEYS`` of its metrics. :func:`studies_from_table` rebuilds studies that :func:`summarise`
+    and the ``TRIAL_KEYS`` of its metrics. :func:`studies_from_table` rebuilds studies that stats.summarise
     reads as it reads the storage (a journal holds every metric of every trial, megabytes for a grid)."""
     def trials(study):
         return [{"number": t.number, "state": t.state.name, "params": t.params,
