@@ -38,8 +38,10 @@ from probloss.data.settings import check_make_data
 from probloss.data.shards import write_shapes_shards
 from probloss.data.trust import trust_command_line
 from probloss.errors import ConfigError, DataError, NonFiniteLossError, Preempted
-from probloss.studies.recipe import findings, page_multiplicity, publish, render_recipe
-from probloss.studies.report import instrument_tables, write_report
+from probloss.studies.findings import findings, page_multiplicity, publish
+from probloss.studies.recipe import render_recipe
+from probloss.studies.render import instrument_tables
+from probloss.studies.report import write_report
 from probloss.training.config import compose_config, describe
 
 # command -> (module:function taking the argument list, primary config (None: own arguments), usage)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from probloss.studies.recipe import claims_lines, findings, read_claims
+from probloss.studies.findings import findings, read_claims
+from probloss.studies.render import claims_lines
 
 REPO = Path(__file__).resolve().parents[1]
 

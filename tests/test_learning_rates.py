@@ -7,7 +7,8 @@ import pytest
 
 from probloss.errors import ConfigError
 from probloss.studies.recipe import arm_learning_rates, cell_overrides
-from probloss.studies.report import read_sweep, studies_from_table, summarise, trial_table
+from probloss.studies.readers import read_sweep, studies_from_table, trial_table
+from probloss.studies.stats import summarise
 
 LR = optuna.distributions.CategoricalDistribution([1e-4, 1e-3, 1e-2])
 SEED = optuna.distributions.CategoricalDistribution([0, 1, 2])

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from probloss.errors import ConfigError
-from probloss.studies.recipe import baselines, findings, primaries, render_recipe
+from probloss.studies.findings import findings
+from probloss.studies.recipe import baselines, primaries, render_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ["test/zeroshot_top1", "test/i2t_r@1", "test/embed/modality_gap", "stability/loss_spikes",
@@ -211,7 +212,7 @@ def test_findings_page_reads_committed_folders(folder, tmp_path):
     recipe's learning rates and their sources are printed."""
     from test_learning_rates import grid_study
 
-    from probloss.studies.report import trial_table
+    from probloss.studies.readers import trial_table
 
     render_recipe(folder)
     kept = tmp_path / "kept"
@@ -238,7 +239,7 @@ def test_multiplicity_of_a_rendered_page_from_its_printed_intervals(folder, tmp_
     """p recovered from a page's printed mean, interval and n matches the p of comparisons.json (up to the page's
     3 decimals); primaries come from the page's marks; on a page without marks or p columns (as rendered before
     multiplicity existed) every row joins the Holm family."""
-    from probloss.studies.recipe import page_comparisons, page_multiplicity
+    from probloss.studies.findings import page_comparisons, page_multiplicity
 
     render_recipe(folder)
     page = findings(tmp_path)

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from probloss.studies.report import (
-    T_975, adjusted_verdict, diff_range, draw_means, fmt_ci, fmt_width, holm, incomplete_beta, lr_robust_width,
-    lr_robustness, mean_ci, metric_direction, metric_range, paired_p, row_value, score_table, t_two_sided_p, verdict,
-    width_verdict,
+from probloss.studies.render import fmt_ci, fmt_width
+from probloss.studies.stats import (
+    T_975, adjusted_verdict, diff_range, draw_means, holm, incomplete_beta, lr_robust_width, lr_robustness, mean_ci,
+    metric_direction, metric_range, paired_p, row_value, score_table, t_two_sided_p, verdict, width_verdict,
 )
 
 NAN = float("nan")
@@ -215,7 +215,7 @@ def test_lr_robust_width_averages_seeds_at_one_learning_rate():
 
 def test_sweep_seed_table_counts_a_diverged_seed_and_clips():
     optuna = pytest.importorskip("optuna")
-    from probloss.studies.report import summarise
+    from probloss.studies.stats import summarise
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     complete = optuna.trial.TrialState.COMPLETE
@@ -313,7 +313,8 @@ def test_a_diverged_seed_fails_its_learning_rate(bad):
 
 def test_sweep_report_widths_best_lr_on_val_and_test_at_it():
     optuna = pytest.importorskip("optuna")
-    from probloss.studies.report import robustness_lines, summarise
+    from probloss.studies.render import robustness_lines
+    from probloss.studies.stats import summarise
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = {"trainer.lr": optuna.distributions.CategoricalDistribution([1e-3, 1e-2, 1e-1]),
@@ -357,7 +358,7 @@ def half_decade_grid(curve, seeds=5, noise=0.0):
 
 
 def test_retention_on_grid_points_and_interpolated_between_them():
-    from probloss.studies.report import curve_at, lr_retention
+    from probloss.studies.stats import curve_at, lr_retention
 
     # best at 1e-3 (0.8): 3x = 3e-3 is a grid point (0.6), 10x = 1e-2 too (0.2)
     cells = lr_retention(half_decade_grid([0.1, 0.5, 0.8, 0.6, 0.2, 0.1, 0.0]), resamples=50)
@@ -376,7 +377,8 @@ def test_retention_on_grid_points_and_interpolated_between_them():
 
 
 def test_retention_beyond_the_grid_is_not_measured():
-    from probloss.studies.report import fmt_retention, lr_retention
+    from probloss.studies.render import fmt_retention
+    from probloss.studies.stats import lr_retention
 
     cells = lr_retention(half_decade_grid([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9]), resamples=20)  # best at 1e-1
     assert math.isnan(cells["x3"]["point"]) and cells["x3"]["lr"] == pytest.approx(0.3)
@@ -384,7 +386,8 @@ def test_retention_beyond_the_grid_is_not_measured():
 
 
 def test_retention_interval_diverged_seeds_and_few_seed_label():
-    from probloss.studies.report import fmt_retention, lr_retention
+    from probloss.studies.render import fmt_retention
+    from probloss.studies.stats import lr_retention
 
     table = half_decade_grid([0.1, 0.5, 0.8, 0.6, 0.2, 0.1, 0.0])
     table[3e-3][4] = -math.inf  # seed 4 diverged at 3x: it scores 0 there (and 3e-3 cannot be the best)
@@ -399,7 +402,7 @@ def test_retention_interval_diverged_seeds_and_few_seed_label():
 
 
 def test_retention_reselects_the_best_lr_in_each_resample():
-    from probloss.studies.report import retention_at
+    from probloss.studies.stats import retention_at
 
     # seed 0 peaks at 1e-3, seed 1 at 3e-3: each resample retains from its own best learning rate
     table = {1e-3: {0: 1.0, 1: 0.2}, 3e-3: {0: 0.5, 1: 1.0}, 1e-2: {0: 0.1, 1: 0.9}, 3e-2: {0: 0.0, 1: 0.0}}
@@ -414,7 +417,8 @@ def test_sweep_report_rows_and_table_carry_retention():
     optuna = pytest.importorskip("optuna")
     import json
 
-    from probloss.studies.report import report_lines, summarise
+    from probloss.studies.render import report_lines
+    from probloss.studies.stats import summarise
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lrs = [1e-3, 3e-3, 1e-2]
@@ -441,3 +445,29 @@ def test_new_stability_keys_have_directions_and_ranges():
         assert metric_direction(key) == 0, key  # descriptive
     assert metric_range("stability/collapsed") == (0.0, 1.0) and metric_range("stability/max_loss_jump") == (0.0, math.inf)
     assert verdict("stability/max_loss_jump", mean_ci([-3.0, -2.0, -2.5])) == "better"
+
+
+def test_one_number_format_for_study_tables_and_the_console():
+    """probloss.files.fmt_number is the one number formatter: a study table's cell (3 decimals, "-" for a seed
+    without a number) and a run's console summary (4 decimals, nan as nan, significant digits from 1e5)."""
+    from probloss.files import fmt_number
+    from probloss.training.run_folder import CONSOLE_NUMBER
+
+    assert [fmt_number(v) for v in (0.12345, -2.0, NAN, math.inf, 3, True, None)] == [
+        "0.123", "-2.000", "-", "-", "3", "True", "None"]
+    assert [fmt_number(v, **CONSOLE_NUMBER) for v in (0.12345, 99999.5, 123456.7, NAN, -math.inf, 7, False)] == [
+        "0.1235", "99999.5000", "1.235e+05", "nan", "-inf", "7", "False"]
+
+
+def test_statistics_module_computes_only():
+    """probloss/studies/stats.py takes numbers and gives numbers: it imports nothing that reads files, draws or
+    renders (readers.py reads, render.py prints)."""
+    import ast
+    from pathlib import Path
+
+    import probloss.studies.stats as stats
+
+    tree = ast.parse(Path(stats.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "re", "statistics", "typing", "numpy", "optuna"}, imported

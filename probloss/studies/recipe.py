@@ -5,8 +5,6 @@
     python scripts/run_recipe.py recipe=proposal recipe.storage=postgresql://user@host/db   # on every machine
     python scripts/run_recipe.py recipe=proposal recipe.report_only=true   # the report of what is complete
     python scripts/report.py runs/bias_init              # re-render recipe.md + comparisons.json, no training
-    python scripts/report.py --findings runs             # every recipe folder's tables as one markdown page
-    python scripts/report.py --multiplicity docs/findings.md   # a rendered page's comparisons under Holm
 
 A recipe names its ``arms`` (arm -> training overrides), the ``seeds``, ``overrides`` shared by every run,
 optional extra ``evaluations`` of each final checkpoint (name -> overrides, e.g. image noise), the ``metrics`` to
@@ -46,9 +44,14 @@ The recipe folder ``<out_dir>/<recipe>/`` holds:
   paired difference against the baseline over seeds (``mean_diff``, ``n``, ``n_dropped``), its 95% interval
   (``ci_low``, ``ci_high``), ``p`` (two-sided, of the same paired t; null below two seeds), ``primary``,
   ``p_adjusted`` (Holm over the recipe's non-primary rows; ``p`` on primary rows) and the verdict word (the
-  interval's on primary rows, probloss.studies.report.verdict; else also p_adjusted < 0.05, adjusted_verdict).
+  interval's on primary rows, probloss.studies.stats.verdict; else also p_adjusted < 0.05, adjusted_verdict).
 - ``recipe.md`` + one PNG per metric, rendered from the two files above: the arms x metrics table (mean ± 95%
   interval, clipped to the metric's range, diverged seeds counted) and the paired comparison table.
+
+This module runs the grid and collects its rows; the numbers of its report are computed by
+probloss/studies/stats.py (``compare`` hands it the recipe's pairs, constants and primaries), its page and plots
+drawn by probloss/studies/render.py, and pages across recipes (``--findings``, ``--publish``, ``--multiplicity``)
+live in probloss/studies/findings.py.
 
 Paired design: seed s gives every arm the same data order (the loader is seeded by seed, epoch, rank and world
 size) and the same initial weights of the layers the arms share (the towers and projections are built first,
@@ -64,7 +67,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -73,12 +75,10 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from probloss.errors import ConfigError, NonFiniteLossError
-from probloss.files import pyplot, save_figure
-from probloss.studies.report import (
-    ALPHA, CI, TRIAL_TABLE, adjusted_verdict, diff_range, error_bars, fmt_ci, holm, mean_ci, metric_range, paired_p,
-    read_sweep, report_lines, row_value, run_stopped, summarise, sweep_studies, t_975, t_two_sided_p, trial_table,
-    verdict,
-)
+from probloss.files import slug
+from probloss.studies.readers import read_recipe_folder, read_sweep
+from probloss.studies.render import write_recipe_page
+from probloss.studies.stats import is_number, paired_comparisons, summarise
 from probloss.studies.sweep import claim as claim_unit, heartbeat, reap_dead_trials, retry_concurrent, storage_for, unit_owner
 from probloss.studies.workers import choose_workers, launcher_of, run_local, run_submitit
 from probloss.training.checkpoint import newest_checkpoint
@@ -120,7 +120,7 @@ def arm_learning_rates(exp: Mapping[str, Any], train_overrides: Sequence[str] = 
     ``learning_rates`` is null (every arm trains at what its overrides or the training config say: {} here), a
     mapping {arm or loss name: lr} (an arm's own name first, then its loss's), or a finished learning-rate sweep:
     the path of its per-trial table (``trials.json``, or the sweep folder holding it) or of its Optuna journal,
-    from which each arm takes the val-best learning rate of its loss (probloss.studies.report.summarise: the best mean
+    from which each arm takes the val-best learning rate of its loss (probloss.studies.stats.summarise: the best mean
     over seeds of the sweep's first objective). A learning rate set by the recipe's shared overrides, the arm or
     the command line wins over both, and is recorded as such.
     """
@@ -201,7 +201,7 @@ def constants(exp: Mapping[str, Any]) -> list[tuple[str, str, str, float]]:
     metrics = report_metrics(exp)
     out = []
     for metric, value in spec.items():
-        if metric not in metrics or not _is_number(value) or not math.isfinite(value):
+        if metric not in metrics or not is_number(value) or not math.isfinite(value):
             raise ConfigError(f"recipe constants: {metric}: {value!r} must be a reported metric ({metrics}) with a "
                               "finite number")
         out.extend((arm, f"constant {value:g}", str(metric), float(value)) for arm in exp["arms"])
@@ -251,7 +251,7 @@ def cell_overrides(exp: Mapping[str, Any], name: str, arm: str, arm_overrides: S
     chosen = (exp.get("learning_rates_used") or {}).get(arm)
     lr = [f"trainer.lr={chosen['lr']!r}"] if chosen and not chosen["source"].startswith("set by") else []
     overrides = [*exp.get("overrides", []), *lr, *arm_overrides, *train_overrides, f"experiment={name}",
-                 f"seed={seed}", f"run_name={_slug(arm)}-seed{seed}"]
+                 f"seed={seed}", f"run_name={slug(arm)}-seed{seed}"]
     return [*overrides, *data_draw(exp, overrides, seed)]
 
 
@@ -384,7 +384,7 @@ def run_dirs(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str]) 
         base = run_base(RunSettings.from_config(cfg))
         for seed in seeds:
             overrides = cell_overrides(exp, name, arm, arm_overrides, seed, train_overrides)
-            found[(arm, seed)] = base / f"{_slug(arm)}-seed{seed}"
+            found[(arm, seed)] = base / f"{slug(arm)}-seed{seed}"
             _check_reused_draw(found[(arm, seed)],
                                seed if f"data.gen_seed={seed}" in overrides else cfg.data.get("gen_seed"))
     return found
@@ -395,7 +395,7 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
     """Train one cell unless its run folder holds summary.json (resuming from its newest checkpoint, if a dead
     worker left one), then its extra evaluations; returns the training wall time, None when nothing trained."""
     overrides = cell_overrides(exp, name, arm, exp["arms"][arm], seed, train_overrides)
-    run_dir = run_base(RunSettings.from_config(compose_config(overrides))) / f"{_slug(arm)}-seed{seed}"
+    run_dir = run_base(RunSettings.from_config(compose_config(overrides))) / f"{slug(arm)}-seed{seed}"
     trained_for = None
     if not (run_dir / "summary.json").is_file():
         if run_dir.is_dir() and newest_checkpoint(run_dir) is None:
@@ -449,7 +449,7 @@ def write_results(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
         if complete_only and not (run_dir / "summary.json").is_file():
             continue
         results.append(cell_row(exp, arm, seed, run_dir, times.get(_unit(arm, seed)), log=log))
-    walls = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
+    walls = [r["wall_time_s"] for r in results if is_number(r.get("wall_time_s"))]
     first_start = None
     if study is not None:
         starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start is not None]
@@ -510,41 +510,6 @@ def _check_reused_draw(run_dir: Path, gen_seed: Any) -> None:
                           "study with one data draw")
 
 
-def read_recipe_folder(exp_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(recipe.json, results.json) of a finished recipe folder."""
-    exp_dir = Path(exp_dir)
-    results_path, exp_path = exp_dir / "results.json", exp_dir / "recipe.json"
-    for path in (results_path, exp_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: run python scripts/run_recipe.py "
-                                    f"recipe={exp_dir.name} first")
-    return json.loads(exp_path.read_text()), json.loads(results_path.read_text())
-
-
-KEPT_FIELDS = ("arm", "seed", "gen_seed", "status", "error", "wall_time_s", "steps", "stability/diverged",
-               "backfilled")
-
-
-def publish(folder: str | Path, dest: str | Path) -> Path:
-    """Copy what the findings page needs from a finished recipe or sweep folder into ``dest`` (a folder under
-    docs/results, committed): a recipe's recipe.json, comparisons.json and results.json slimmed to its reported
-    metrics and ``KEPT_FIELDS`` (no run folder paths), re-rendered there (recipe.md and its PNGs); a sweep's
-    per-trial table (trials.json, from its journal). Returns dest."""
-    folder, dest = Path(folder), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    if not (folder / "results.json").is_file():
-        table = trial_table(sweep_studies(folder))
-        (dest / TRIAL_TABLE).write_text(json.dumps(table, indent=1) + "\n")
-        return dest
-    exp, results = read_recipe_folder(folder)
-    keep = (*KEPT_FIELDS, *report_metrics(exp))
-    slim = [{k: row[k] for k in keep if k in row} for row in results]
-    (dest / "recipe.json").write_text(json.dumps(exp, indent=1))
-    (dest / "results.json").write_text(json.dumps(slim, indent=1, default=str))
-    render_recipe(dest)
-    return dest
-
-
 def render_recipe(exp_dir: str | Path) -> Path:
     """Write ``recipe.md``, its PNGs and ``comparisons.json`` again from a finished recipe folder (no training)."""
     exp, results = read_recipe_folder(exp_dir)  # the recipe as it was run (with overrides)
@@ -554,10 +519,10 @@ def render_recipe(exp_dir: str | Path) -> Path:
 def cached_evaluation(run_dir: Path, name: str, overrides: Sequence[str] = ()) -> dict[str, float]:
     """The numbers of one evaluation of the run's newest checkpoint with ``overrides``, computed once and kept
     as ``<run>/eval-<name>.json``."""
-    cached = run_dir / f"eval-{_slug(name)}.json"
+    cached = run_dir / f"eval-{slug(name)}.json"
     if not cached.is_file():
         metrics = evaluate_checkpoint(newest_checkpoint(run_dir), overrides)
-        cached.write_text(json.dumps({k: v for k, v in metrics.items() if _is_number(v)}, indent=1))
+        cached.write_text(json.dumps({k: v for k, v in metrics.items() if is_number(v)}, indent=1))
     return json.loads(cached.read_text())
 
 
@@ -587,7 +552,7 @@ def backfill_metrics(run_dir: Path, summary: dict[str, Any], metrics: Sequence[s
         log(f"warning: re-evaluating {ckpt} does not reproduce its summary's {shared or 'test metrics'}: "
             f"{missing} not filled", flush=True)
         return []
-    filled = [k for k in missing if _is_number(evaluated.get(k))]
+    filled = [k for k in missing if is_number(evaluated.get(k))]
     summary.update({k: evaluated[k] for k in filled})
     if filled:
         summary["backfilled"] = filled
@@ -604,14 +569,6 @@ def _sigma_key_without_sigma(key: str, summary: Mapping[str, Any]) -> bool:
     return f"{split}/unc/sigma_text_mean" not in summary
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))  # also safe in Hydra overrides
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def report_metrics(exp: Mapping[str, Any]) -> list[str]:
     """The recipe's headline metrics, then the val/test ones again under each extra evaluation's prefix."""
     metrics = list(exp.get("metrics") or ["test/zeroshot_top1"])
@@ -619,456 +576,18 @@ def report_metrics(exp: Mapping[str, Any]) -> list[str]:
     return metrics + [f"{e}/{m}" for e in evaluations for m in metrics if m.startswith(("val/", "test/"))]
 
 
-def aggregate(results: Sequence[Mapping[str, Any]], arms: Sequence[str], metrics: Sequence[str]):
-    """{arm: {metric: CI}} over seeds; a seed that diverged counts in ``n_nonfinite``."""
-    return {arm: {m: mean_ci([row_value(r, m) for r in results if r["arm"] == arm], metric_range(m))
-                  for m in metrics} for arm in arms}
-
-
 def compare(results: Sequence[Mapping[str, Any]], exp: Mapping[str, Any], metrics: Sequence[str]) -> list[dict]:
-    """The rows of comparisons.json: per compared arm and metric, the paired difference against its baseline.
-
-    Per seed d = arm - baseline (the same seed: same data order and shared initial weights, so the seed's own
-    luck cancels); mean and paired Student t interval (n - 1 dof) over the seeds finite in both arms, clipped to
-    the metric's possible differences. A seed where either side is missing or non-finite is left out and
-    counted in ``n_dropped``; a seed where the metric applies to neither arm is not a seed of this metric.
-
-    Multiplicity: ``p`` is the two-sided p of the same paired t (None below two seeds); ``primary`` marks the
-    recipe's declared comparisons (``primaries``), whose ``p_adjusted`` is their ``p`` and whose verdict is the
-    interval's; every other row's ``p_adjusted`` is Holm's over all non-primary rows with a p, and its verdict
-    says better / worse only when that is below 0.05 (probloss.studies.report.adjusted_verdict).
-    """
-    by_run = {(r["arm"], r["seed"]): r for r in results}
+    """The rows of comparisons.json: the recipe's (arm, baseline) pairs (``baselines``), its fixed values
+    (``constants``) and its declared primary comparisons (``primaries``), compared seed by seed
+    (probloss.studies.stats.paired_comparisons)."""
     declared = primaries(exp)
-    rows, diffs_of = [], []
-    for arm, base in baselines(exp):
-        seeds = sorted({seed for a, seed in by_run if a in (arm, base)}, key=str)
-        for metric in metrics:
-            diffs = []
-            for seed in seeds:
-                a, b = (row_value(by_run[(x, seed)], metric) if (x, seed) in by_run else None for x in (arm, base))
-                if a is None and b is None:
-                    continue
-                diffs.append(math.nan if a is None or b is None else a - b)  # nan (also from nan - x): left out
-            diff = mean_ci(diffs, diff_range(metric))
-            diffs_of.append(diff)
-            rows.append(_comparison_row(arm, base, metric, diff, diffs, declared))
-    for arm, base, metric, value in constants(exp):  # an arm against a fixed value: d = arm - value per seed
-        diffs = [None if v is None else v - value
-                 for v in (row_value(r, metric) for (a, _), r in by_run.items() if a == arm)]
-        low, high = metric_range(metric)
-        diff = mean_ci(diffs, (low - value, high - value))
-        diffs_of.append(diff)
-        rows.append(_comparison_row(arm, base, metric, diff, diffs, declared))
-    others = [row for row in rows if not row["primary"]]
-    for row, adjusted in zip(others, holm([row["p"] for row in others])):
-        row["p_adjusted"] = adjusted
-    for row, diff in zip(rows, diffs_of):
-        if row["primary"]:
-            row["p_adjusted"] = row["p"]
-        else:
-            row["verdict"] = adjusted_verdict(row["metric"], diff, row["p_adjusted"])
-    return rows
-
-
-def _comparison_row(arm: str, base: str, metric: str, diff: CI, diffs: Sequence[float | None],
-                    declared: set[tuple[str, str, str]]) -> dict[str, Any]:
-    """One comparisons.json row before the multiplicity adjustment (``compare``)."""
-    return {"arm": arm, "baseline": base, "metric": metric, "mean_diff": _finite(diff.mean),
-            "ci_low": _finite(diff.low), "ci_high": _finite(diff.high), "n": diff.n, "n_dropped": diff.n_nonfinite,
-            "verdict": verdict(metric, diff), "p": paired_p(diffs), "p_adjusted": None,
-            "primary": (arm, base, metric) in declared}
-
-
-SURVIVING = ("better", "worse", "higher", "lower")
-
-
-def multiplicity_counts(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """How many comparisons a table holds and how many survive: ``primary`` / ``others`` rows with a p (an
-    interval), and of those ``primary_survive`` (by their interval) / ``others_survive`` (after Holm)."""
-    counted = [c for c in comparisons if c.get("p") is not None]
-    primary = [c for c in counted if c.get("primary")]
-    others = [c for c in counted if not c.get("primary")]
-    return {"primary": len(primary), "primary_survive": sum(c["verdict"] in SURVIVING for c in primary),
-            "others": len(others), "others_survive": sum(c["verdict"] in SURVIVING for c in others)}
-
-
-def multiplicity_line(counts: Mapping[str, int]) -> str:
-    """One sentence: comparisons held and surviving, primary and others."""
-    total = counts["primary"] + counts["others"]
-    return (f"{total} comparison(s) with an interval: {counts['primary']} primary ({counts['primary_survive']} "
-            f"survive: interval excludes 0), {counts['others']} others ({counts['others_survive']} survive Holm: "
-            "p adj. < 0.05).")
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # comparisons.json stays strict JSON
-
-
-ARMS_NOTE = ("Mean ± 95% interval (Student t over seeds), or mean [low, high] where the interval is clipped to the "
-             "metric's range; - : no value. A seed that diverged (stopped, or a non-finite value) is counted in its "
-             "cell, not averaged; seeds: runs per arm, with those stopped on a non-finite loss and those the "
-             "stability tracker flagged as diverged.")
-DIFF_NOTE = ("Paired per seed (the same seed: same data order, same initial weights of shared layers): mean of "
-             "arm - baseline with its 95% interval (paired Student t, n - 1 dof) over the seeds finite in both arms, "
-             "clipped to the metric's possible differences; left out: seeds missing or non-finite in either arm. "
-             "p: two-sided, of the same paired t. Primary comparisons (declared by the recipe before it ran, marked "
-             "*) are judged by their interval: better / worse only when it excludes 0. Every other row is one of "
-             "many: its p is Holm-adjusted over the recipe's non-primary rows (p adj.), and it is better / worse "
-             "only when its interval excludes 0 and p adj. < 0.05. Lower is better for losses, stability counts, "
-             "uniformity and the specificity statistics (more negative is the stronger effect); higher / lower "
-             "for metrics without a better direction (modality gap, alignment, ...) under the same rule; inside "
-             "noise otherwise; one seed (no data) when one (no) seed pairs.")
-
-
-def learning_rate_lines(exp: Mapping[str, Any]) -> list[str]:
-    """One sentence: each arm's learning rate and its source (``learning_rates_used``; none when not set)."""
-    used = exp.get("learning_rates_used") or {}
-    if not used:
-        return []
-    by_source: dict[str, list[str]] = {}
-    for arm, chosen in used.items():
-        by_source.setdefault(chosen["source"], []).append(f"{arm} {chosen['lr']:g}")
-    return ["Learning rates: " + "; ".join(f"{', '.join(arms)} ({source})" for source, arms in by_source.items())
-            + ".", ""]
-
-
-def recipe_sections(exp: Mapping[str, Any], results: Sequence[Mapping[str, Any]] | None,
-                    comparisons: Sequence[Mapping], heading: str = "##") -> list[str]:
-    """The markdown body shared by recipe.md and the findings page: description, arms table, comparison table
-    (``results`` None: the comparison table alone)."""
-    arms, metrics = list(exp["arms"]), report_metrics(exp)
-    if results is None:  # a committed folder without its runs' rows: the comparisons alone
-        return [str(exp.get("description") or "").strip(), "", *learning_rate_lines(exp)] + _comparison_lines(
-            comparisons, heading)
-    table = aggregate(results, arms, metrics)
-    seeds = sorted({r["seed"] for r in results}, key=lambda seed: (not isinstance(seed, int), str(seed).zfill(12)))
-    times = [r["wall_time_s"] for r in results if _is_number(r.get("wall_time_s"))]
-    lines = [str(exp.get("description") or "").strip(), "",
-             f"Seeds {seeds}; {len(results)} runs"
-             + (f", {sum(times) / 60:.1f} min of training in total (wall time summed over {len(times)} runs)" if times
-                else "") + ".", "",
-             *learning_rate_lines(exp),
-             f"{heading} Arms", "", ARMS_NOTE, "",
-             "| arm | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for arm in arms:
-        lines.append(f"| {arm} | {_seeds_cell([r for r in results if r['arm'] == arm])} | "
-                     + " | ".join(fmt_ci(table[arm][m]) for m in metrics) + " |")
-    return lines + [""] + _comparison_lines(comparisons, heading)
-
-
-def _comparison_lines(comparisons: Sequence[Mapping], heading: str) -> list[str]:
-    lines = [f"{heading} Paired differences against the baseline", "", DIFF_NOTE, "",
-             multiplicity_line(multiplicity_counts(comparisons)), "",
-             "| arm | baseline | metric | difference [95% interval] | seeds paired | p | p adj. | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in comparisons:
-        left_out = f" ({c['n_dropped']} left out)" if c["n_dropped"] else ""
-        star = " *" if c.get("primary") else ""
-        lines.append(f"| {c['arm']}{star} | {c['baseline']} | {c['metric']} | {_diff_cell(c)} | {c['n']}{left_out} | "
-                     f"{_p_cell(c.get('p'))} | {_p_cell(c.get('p_adjusted'))} | {c['verdict']} |")
-    return lines
-
-
-def _p_cell(p: float | None) -> str:
-    if p is None:
-        return "-"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _seeds_cell(rows: Sequence[Mapping[str, Any]]) -> str:
-    stopped = sum(run_stopped(r) for r in rows)
-    flagged = sum(bool(r.get("stability/diverged")) for r in rows if not run_stopped(r))  # finished, but flagged
-    notes = ([f"{stopped} stopped"] if stopped else []) + ([f"{flagged} flagged diverged"] if flagged else [])
-    return f"{len(rows)}" + (f" ({', '.join(notes)})" if notes else "")
-
-
-def _diff_cell(c: Mapping[str, Any]) -> str:
-    if c["mean_diff"] is None:
-        return "-"
-    if c["ci_low"] is None:
-        return f"{c['mean_diff']:+.3f}"
-    return f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+    return paired_comparisons(results, baselines(exp), constants(exp), declared, metrics)
 
 
 def write_recipe_report(exp: Mapping[str, Any], name: str, results: Sequence[Mapping[str, Any]],
                         exp_dir: Path) -> Path:
-    """Write comparisons.json, then recipe.md and its PNGs (tables and plots from results + comparisons)."""
-    plt = pyplot()
-
-    arms, metrics = list(exp["arms"]), report_metrics(exp)
+    """Write comparisons.json, then recipe.md and its PNGs (probloss.studies.render.write_recipe_page)."""
+    metrics = report_metrics(exp)
     comparisons = compare(results, exp, metrics)
     (exp_dir / "comparisons.json").write_text(json.dumps(comparisons, indent=1))
-    table = aggregate(results, arms, metrics)
-    plots = []
-    for m in metrics:
-        cis: list[CI] = [table[a][m] for a in arms]
-        means = [ci.mean for ci in cis]
-        if not any(math.isfinite(v) for v in means):
-            continue
-        errors = error_bars(cis)
-        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(arms) + 2), 3.6))
-        if exp.get("x"):  # numeric arms (e.g. batch sizes): a line per group, x on a log axis
-            groups: dict[str, list] = {}
-            for arm, mean, below, above in zip(arms, means, *errors):
-                group, x = exp["x"][arm]
-                groups.setdefault(group, []).append((x, mean, below, above))
-            for group, points in groups.items():
-                xs, ys, below, above = zip(*sorted(points))
-                ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, label=group)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel(exp.get("x_label", ""))
-            ax.legend()
-        else:
-            ax.bar(range(len(arms)), means, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(arms))],
-                   alpha=0.6)
-            for i, arm in enumerate(arms):  # every seed's own value over its arm's bar
-                seeds = [v for v in (row_value(r, m) for r in results if r["arm"] == arm)
-                         if v is not None and math.isfinite(v)]
-                jitter = [0.25 * ((k % 5) / 4 - 0.5) for k in range(len(seeds))]
-                ax.scatter([i + j for j in jitter], seeds, s=9, color="black", zorder=3,
-                           label="each dot: one seed" if i == 0 and seeds else None)
-            ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
-        chance = chance_level(exp, m)
-        if chance is not None:
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.set_ylabel(m)
-        ax.set_title(f"{name}: {m}")
-        plots.append(save_figure(fig, exp_dir / f"{_slug(m).replace('/', '_')}.png"))
-    forest = forest_plot([c for c in comparisons if c.get("primary")], exp_dir / "forest.png",
-                         f"{name}: primary comparisons")
-    lines = [f"# Recipe {name}", "", *recipe_sections(exp, results, comparisons), ""]
-    lines += [f"![{p.stem}]({p.name})" for p in ([forest] if forest else []) + plots]
-    report = exp_dir / "recipe.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
-
-
-def chance_level(exp: Mapping[str, Any], metric: str) -> float | None:
-    """The metric's chance level for its plot: the recipe's ``chance`` entry, else its ``constants`` value."""
-    for source in (exp.get("chance") or {}, exp.get("constants") or {}):
-        if metric in source and _is_number(source[metric]):
-            return float(source[metric])
-    return None
-
-
-def forest_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path | None:
-    """A forest plot of comparison rows (comparisons.json): per row the paired difference and its 95% interval
-    on its own axis (each metric keeps its units), zero marked, the verdict beside it. None without rows."""
-    rows = [r for r in rows if r.get("mean_diff") is not None]
-    if not rows:
-        return None
-    plt = pyplot()
-
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8.5, 0.62 * len(rows) + 0.7), squeeze=False)
-    for ax, row in zip(axes[:, 0], rows):
-        low, high, mean = (row[k] if row[k] is not None else row["mean_diff"] for k in ("ci_low", "ci_high", "mean_diff"))
-        span = max(abs(low), abs(high), 1e-12) * 1.15
-        colour = {"better": "C2", "worse": "C3"}.get(row["verdict"], "C0" if row["verdict"] in SURVIVING else "grey")
-        ax.errorbar([mean], [0], xerr=[[mean - low], [high - mean]], fmt="o", color=colour, capsize=4)
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_xlim(-span, span)
-        ax.set_yticks([])
-        ax.tick_params(axis="x", labelsize=7)
-        base = row["baseline"]
-        ax.set_title(f"{row['arm']} − {base}: {row['metric']}" if not base.startswith("constant") else
-                     f"{row['arm']} − {base[len('constant '):]} ({row['metric']})", fontsize=8, loc="left", pad=2)
-        ax.text(1.01, 0.5, f"{row['verdict']}\n{mean:+.3g} [{low:+.3g}, {high:+.3g}], n={row['n']}",
-                transform=ax.transAxes, fontsize=7, va="center")
-        for side in ("top", "right", "left"):
-            ax.spines[side].set_visible(False)
-    fig.suptitle(title + " (paired difference, 95% interval, zero marked)", fontsize=9)
-    fig.subplots_adjust(left=0.03, right=0.74, hspace=1.1, top=1 - 0.45 / (0.62 * len(rows) + 0.7))
-    return save_figure(fig, path)
-
-
-CLAIMS = "claims.yaml"
-
-
-def read_claims(runs_dir: str | Path) -> list[dict[str, Any]]:
-    """The claims table ``<runs_dir>/claims.yaml``: every sentence the README says about a result, each with the
-    comparison that supports it ({claim, recipe, arm, baseline, metric}) and, added here, that comparison's row
-    of ``<runs_dir>/<recipe>/comparisons.json`` (``row``: None when there is no such comparison). Empty when the
-    file does not exist."""
-    import yaml
-
-    path = Path(runs_dir) / CLAIMS
-    if not path.is_file():
-        return []
-    claims = yaml.safe_load(path.read_text()) or []
-    for claim in claims:
-        found = Path(runs_dir) / str(claim["recipe"]) / "comparisons.json"
-        rows = json.loads(found.read_text()) if found.is_file() else []
-        key = (claim["arm"], claim["baseline"], claim["metric"])
-        claim["row"] = next((r for r in rows if (r["arm"], r["baseline"], r["metric"]) == key), None)
-    return claims
-
-
-def claims_lines(claims: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The claims table of the findings page: claim -> comparison -> its difference and verdict."""
-    lines = ["## Claims", "", "Every sentence the README says about a result, the comparison in the recipe's "
-             "comparisons.json that supports it, and that comparison's verdict (tests/test_claims.py checks that "
-             "each claim names an existing comparison and copies its verdict word).", "",
-             "| claim (README) | recipe: arm − baseline, metric | difference [95% interval] | seeds | verdict |",
-             "|---|---|---|---|---|"]
-    for claim in claims:
-        row = claim["row"]
-        where = f"{claim['recipe']}: {claim['arm']} − {claim['baseline']}, {claim['metric']}"
-        if row is None:
-            lines.append(f"| {claim['claim']} | {where} | no such comparison | - | - |")
-            continue
-        star = " (primary)" if row.get("primary") else ""
-        lines.append(f"| {claim['claim']} | {where}{star} | {_diff_cell(row)} | {row['n']} | {row['verdict']} |")
-    return lines + [""]
-
-
-def findings(runs_dir: str | Path) -> str:
-    """A markdown page of every recipe folder under ``runs_dir`` (recipe.json with results.json, or with only its
-    comparisons.json), every sweep's per-trial table (``trials.json``) or journal in ``runs_dir/sweeps/``, and the
-    claims table ``runs_dir/claims.yaml``, computed from those files alone. Paths print as given, so the page is
-    the same from any clone: ``python scripts/report.py --findings docs/results > docs/findings.md``."""
-    runs_dir = Path(runs_dir)
-    folders = sorted(p.parent for p in runs_dir.rglob("recipe.json"))
-    tables = sorted(p.parent for p in runs_dir.rglob(TRIAL_TABLE))
-    journals = sorted((runs_dir / "sweeps").glob("*.journal"))
-    lines = ["# Findings", "",
-             f"Generated by `python scripts/report.py --findings {runs_dir.as_posix()}` from the results files below: "
-             "every number and verdict word is computed from them (docs/design.md, \"Measurements and claims\"). "
-             f"{len(folders)} recipe folder(s), {len(tables) + len(journals)} sweep(s).", ""]
-    body, counted = [], []
-    for folder in folders:
-        exp = json.loads((folder / "recipe.json").read_text())
-        if (folder / "results.json").is_file():
-            body += [f"## {folder.name}", "", f"Source: `{(folder / 'results.json').as_posix()}`.", ""]
-            results = json.loads((folder / "results.json").read_text())
-            comparisons = compare(results, exp, report_metrics(exp))
-        elif (folder / "comparisons.json").is_file():
-            body += [f"## {folder.name}", "", f"Source: `{(folder / 'comparisons.json').as_posix()}` (its runs' "
-                     "results.json was not kept: the paired comparisons only).", ""]
-            results, comparisons = None, json.loads((folder / "comparisons.json").read_text())
-        else:
-            body += [f"## {folder.name}", "", "Not summarised: neither results.json nor comparisons.json.", ""]
-            continue
-        counted.append((folder.name, multiplicity_counts(comparisons)))
-        body += recipe_sections(exp, results, comparisons, heading="###") + [""]
-    claims = read_claims(runs_dir)
-    if claims:
-        lines += claims_lines(claims)
-    if counted:
-        lines += ["## Multiplicity", "", "Each recipe's primary comparisons (declared before it ran) are judged by "
-                  "their 95% interval; all its other comparisons by p-values Holm-adjusted within the recipe (the rule "
-                  "under each comparison table). The sweeps' width differences (bootstrap intervals, no p) are not "
-                  "counted here.", "", "| recipe | comparisons | primary | primary surviving | others | others "
-                  "surviving Holm |", "|---|---|---|---|---|---|"]
-        for recipe, c in counted:
-            lines.append(f"| {recipe} | {c['primary'] + c['others']} | {c['primary']} | {c['primary_survive']} | "
-                         f"{c['others']} | {c['others_survive']} |")
-        total = {k: sum(c[k] for _, c in counted) for k in counted[0][1]}
-        lines += [f"| total | {total['primary'] + total['others']} | {total['primary']} | {total['primary_survive']} "
-                  f"| {total['others']} | {total['others_survive']} |", ""]
-    lines += body
-    sweeps = [(folder.name, folder / TRIAL_TABLE, "per-trial table") for folder in tables]
-    sweeps += [(journal.stem, journal, "Optuna journal storage") for journal in journals]
-    for name, source, kind in sweeps:
-        lines += [f"## {name} (sweep)", "", f"Source: `{source.as_posix()}` ({kind}).", ""]
-        try:
-            rows = summarise(read_sweep(source))
-        except FileNotFoundError as err:
-            lines += [f"Not summarised: {err}", ""]
-            continue
-        lines += report_lines(name, rows)[1:] + [""]  # its title is the section heading above
-    return "\n".join(lines)
-
-
-# --- Multiplicity of a rendered findings page ---------------------------------------------------------------------
-#
-# Pages rendered before comparisons.json had p-values (docs/findings.md as committed) print only each comparison's
-# mean, 95% interval and seeds paired. The p of the paired t is recovered from them: the unclipped half-width is
-# h = t_975(n - 1) * sd / sqrt(n), so t = mean / (h / t_975(n - 1)) with n - 1 dof. Clipping to the metric's range
-# cuts one side and never past the mean, so h is the larger of mean - low and high - mean (the brief's
-# (high - low) / 2 equals it for an unclipped interval, and understates it for a clipped one). The page rounds
-# to 3 decimals, so a derived p is approximate; a zero-width interval gives p = 1 for a zero mean, else 0.
-
-_ROW = re.compile(r"^\| (?P<arm>.+?)(?P<star> \*)? \| (?P<base>.+?) \| (?P<metric>\S+) \| "
-                  r"(?P<mean>[-+]\d+\.\d+) \[(?P<low>[-+]\d+\.\d+), (?P<high>[-+]\d+\.\d+)\] \| "
-                  r"(?P<n>\d+)(?: \(\d+ left out\))? \|(?:.*\|)? (?P<verdict>[a-z ]+) \|$")
-
-
-def page_comparisons(text: str) -> list[dict[str, Any]]:
-    """The comparisons with an interval on a findings page (or recipe.md): recipe (the ``## `` section), arm,
-    baseline, metric, mean, low, high, n, verdict as printed, and ``p`` derived from them (see above)."""
-    rows, recipe = [], None
-    for line in text.splitlines():
-        if line.startswith("## "):
-            recipe = line[3:].strip()
-        match = _ROW.match(line)
-        if not match:
-            continue
-        mean, low, high, n = (float(match[k]) for k in ("mean", "low", "high", "n"))
-        half = max(mean - low, high - mean)
-        dof = int(n) - 1
-        p = (1.0 if mean == 0 else 0.0) if half <= 0 else t_two_sided_p(mean * t_975(dof) / half, dof)
-        rows.append({"recipe": recipe, "arm": match["arm"], "baseline": match["base"], "metric": match["metric"],
-                     "mean": mean, "low": low, "high": high, "n": int(n), "verdict": match["verdict"], "p": p,
-                     "primary": bool(match["star"]),
-                     "clipped": abs((mean - low) - (high - mean)) > 0.0015})  # beyond the page's rounding
-    return rows
-
-
-def declared_primaries(recipe: str) -> set[tuple[str, str, str]]:
-    """The primary comparisons configs/recipe/<recipe>.yaml declares now (empty for an unknown recipe)."""
-    path = config_dir() / "recipe" / f"{recipe}.yaml"
-    if not path.is_file():
-        return set()
-    entries = OmegaConf.to_container(OmegaConf.load(path)).get("primary") or []
-    return {(str(e["arm"]), str(e["baseline"]), str(e["metric"])) for e in entries}
-
-
-def page_multiplicity(text: str) -> str:
-    """A markdown summary of how many comparisons a rendered findings page holds and how many survive: as printed
-    (interval excludes 0), Holm within each recipe over all its comparisons (no primaries), and with primaries
-    (those by their interval, the others Holm-adjusted within the recipe); and, for reference, Holm over the whole
-    page at once. Primaries: the rows the page marks (*), or for a recipe without marks (pages rendered before
-    primaries existed) those its recipe file declares now."""
-    rows = page_comparisons(text)
-    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
-
-    def survives(row, p_adjusted):  # the interval excludes 0, and the adjusted p is below 0.05
-        return row["verdict"] in SURVIVING and p_adjusted < ALPHA
-
-    table = ["| recipe | comparisons with an interval | printed better/worse/higher/lower | expected by chance "
-             "(5%) | surviving Holm, no primaries | primaries declared (on the page) | primaries surviving | "
-             "others surviving Holm |", "|---|---|---|---|---|---|---|---|"]
-    totals = [0] * 7
-    for recipe in recipes:
-        mine = [r for r in rows if r["recipe"] == recipe]
-        plain = sum(survives(r, q) for r, q in zip(mine, holm([r["p"] for r in mine])))
-        marked = {(r["arm"], r["baseline"], r["metric"]) for r in mine if r["primary"]}
-        declared = marked or declared_primaries(recipe)
-        first = [r for r in mine if (r["arm"], r["baseline"], r["metric"]) in declared]
-        others = [r for r in mine if (r["arm"], r["baseline"], r["metric"]) not in declared]
-        counts = [len(mine), sum(r["verdict"] in SURVIVING for r in mine), 0, plain,
-                  len(first), sum(r["verdict"] in SURVIVING for r in first),
-                  sum(survives(r, q) for r, q in zip(others, holm([r["p"] for r in others])))]
-        totals = [t + c for t, c in zip(totals, counts)]
-        table.append(f"| {recipe} | {counts[0]} | {counts[1]} | {ALPHA * counts[0]:.1f} | {counts[3]} | "
-                     f"{counts[4]} of {len(declared)} | {counts[5]} | {counts[6]} |")
-    table.append(f"| total | {totals[0]} | {totals[1]} | {ALPHA * totals[0]:.1f} | {totals[3]} | {totals[4]} | "
-                 f"{totals[5]} | {totals[6]} |")
-    page_wide = sum(survives(r, q) for r, q in zip(rows, holm([r["p"] for r in rows])))
-    n_clipped = sum(r["clipped"] for r in rows)
-    n_flat = sum(r["low"] == r["high"] == r["mean"] for r in rows)
-    return "\n".join([
-        "# Multiplicity of a findings page", "",
-        f"{len(rows)} comparisons with a 95% interval in {len(recipes)} recipe(s); every one prints its seeds paired "
-        f"(n), so each gets a p. p: the paired t recovered from the printed mean, interval and n, t = mean / (h / "
-        f"t_975(n - 1)), h = max(mean - low, high - mean) ({n_clipped} intervals are clipped to the metric's range, "
-        "where (high - low) / 2 would understate h), two-sided with n - 1 dof; the page rounds to 3 decimals. A "
-        "comparison survives when its interval excludes 0 and its Holm-adjusted p < 0.05; primaries (those the "
-        "page marks, else those the recipe files declare now) survive by their interval alone. Rows without an "
-        "interval (no data, one seed) and the sweeps' width differences (bootstrap, no p) are not counted; "
-        f"{n_flat} of the {len(rows)} have a zero-width interval at 0 (every seed equal in both arms, p = 1) and "
-        "are counted in their recipe's family.", "", *table, "",
-        f"Holm over the whole page at once (one family of {len(rows)}): {page_wide} survive.", ""])
+    return write_recipe_page(exp, name, results, comparisons, metrics, exp_dir)

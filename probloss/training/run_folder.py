@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig
 
 from probloss.errors import ConfigError, DataError
-from probloss.files import write_json
+from probloss.files import fmt_number, write_json
 from probloss.training import checkpoint as ckpt
 from probloss.training.config import override_key, to_dict
 from probloss.training.settings import RunSettings
@@ -360,13 +360,15 @@ HEADLINE_KEYS = (
     "stability/diverged", "stability/collapsed", "stability/nonfinite_steps",  # stability flags
     "steps", "samples_per_s",
 )
+# How the console prints a value (probloss.files.fmt_number): 4 decimals, nan as nan, 4 significant digits from 1e5
+CONSOLE_NUMBER = {"places": 4, "nonfinite": None, "general_from": 1e5}
 
 
 def print_summary(summary: Mapping[str, Any], run_dir: Path, title: str, out_dir: str,
                   details: str | Path | None = None) -> None:
     """The end-of-run table: HEADLINE_KEYS that apply, then where the rest is (``details``, by default
     ``<run_dir>/summary.json``)."""
-    rows = [(k, _fmt(summary[k])) for k in HEADLINE_KEYS if k in summary]
+    rows = [(k, fmt_number(summary[k], **CONSOLE_NUMBER)) for k in HEADLINE_KEYS if k in summary]
     width = max(len(k) for k, _ in rows) if rows else 10
     vwidth = max(len(v) for _, v in rows) if rows else 10
     line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
@@ -384,18 +386,10 @@ def summary_line(summary: Mapping[str, Any], label: str) -> str:
     """One line for a run inside a sweep or recipe: its headline values that apply, compactly."""
     keys = ("test/zeroshot_top1", "test/i2t_r@1_plausible", "test/embed/effective_rank", "stability/diverged",
             "steps")
-    shown = " ".join(f"{k.split('/', 1)[-1]}={_fmt(summary[k])}" for k in keys if k in summary)
+    shown = " ".join(f"{k.split('/', 1)[-1]}={fmt_number(summary[k], **CONSOLE_NUMBER)}" for k in keys if k in summary)
     return f"{label}: {shown}  ({summary.get('run_dir', '')})"
 
 
 def _curve_key(key: str) -> bool:
     """Keys left out of the end-of-run table (too many to read there): per-bin curves and baselines."""
     return "_bin_" in key or "/cue/" in key or "/free/" in key
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e5 else f"{value:.4g}"
-    return str(value)
