@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import sys
 import warnings
 
@@ -364,8 +365,6 @@ def raise_together(fabric, error: BaseException | None, code: int, only_rank0: b
 
 def _portable(error: BaseException) -> BaseException:
     """``error`` as another process can unpickle it (else a RuntimeError with its message)."""
-    import pickle
-
     try:
         return pickle.loads(pickle.dumps(error))
     except Exception:

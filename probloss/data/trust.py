@@ -23,6 +23,9 @@ import os
 from typing import Iterable, Mapping
 from urllib.parse import urlparse
 
+import braceexpand
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from probloss.errors import ConfigError
 
 ENV = "PROBLOSS_COMMAND_URLS"
@@ -31,8 +34,6 @@ ENV = "PROBLOSS_COMMAND_URLS"
 def _schemes(pattern: str) -> set[str]:
     """The URL schemes of a shard pattern's parts (``::``-joined, brace alternatives expanded) that webdataset
     would open through a program (every scheme but ``file``)."""
-    import braceexpand
-
     found = set()
     for part in str(pattern).split("::"):
         try:
@@ -62,8 +63,6 @@ def trusted() -> set[str]:
 def trust_command_line(arguments: Iterable[str]) -> None:
     """Record the command-running values among ``key=value`` command-line arguments (Hydra's grammar, so
     ``"data.val_shards='pipe:cat x.tar'"`` gives ``pipe:cat x.tar``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     values = set()
     for argument in arguments:
         if "=" not in argument:

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import webdataset as wds
+from lightning_fabric import Fabric
+
 from probloss.data.loader import IMAGE_EXTS, expand_shards
 from probloss.data.prepare import load_eval, prepare_data
 from probloss.errors import ConfigError
@@ -73,8 +76,6 @@ AGREEMENT = (
 
 def read_split(pattern: str) -> list[dict[str, Any]]:
     """The raw samples of a split's shards in reading order: ``key``, ``png`` (bytes), ``caption``, ``json``."""
-    import webdataset as wds
-
 
     out = []
     for raw in wds.tarfile_to_samples()(iter([{"url": u} for u in expand_shards(pattern)])):
@@ -97,8 +98,6 @@ def positives_of(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
 def export_split(samples: Sequence[dict[str, Any]], out: str | Path, classnames: Sequence[str] | None,
                  templates: Sequence[str] | None) -> dict[str, str]:
     """Write every format (module docstring) under ``out``; returns the benchmark overrides that read them."""
-    import webdataset as wds
-
     out = Path(out)
     kdir = out / "karpathy" / "images" / "test"
     kdir.mkdir(parents=True, exist_ok=True)
@@ -183,8 +182,6 @@ def check(checkpoint: str | Path, out: str | Path | None = None, progress: bool 
     """Export the checkpoint's test split (into ``out``, default a temporary folder), evaluate it with every
     benchmark reader and with the built-in evaluator; ``{"rows": agreement rows, "benchmarks": ...,
     "builtin": ...}``."""
-    from lightning_fabric import Fabric
-
 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint}: no such file")

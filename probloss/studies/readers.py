@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from probloss.studies.stats import SEED_METRICS
 from probloss.studies.sweep import storage_for
@@ -116,7 +117,6 @@ def tensorboard_scalars(run_dir: str | None, tag: str) -> list[tuple[int, float]
     """(step, value) of one TensorBoard tag in a run folder (empty when missing)."""
     if not run_dir or not Path(run_dir).is_dir():
         return []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()

@@ -29,6 +29,8 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from probloss.errors import ConfigError, Preempted
 from probloss.training.config import override_key
 
@@ -74,8 +76,6 @@ def choose_workers(requested: int | None, units: int, threads: int | None, accel
 
 
 def _has_accelerator() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import webdataset as wds
+
 from probloss.data.loader import IMAGE_EXTS, expand_shards
 from probloss.errors import ConfigError, DataError
 
@@ -275,8 +277,6 @@ def read_wds(section: Mapping[str, Any], name: str = "wds") -> Benchmark:
     templates = read_templates(templates_file, f"{prefix}.templates") if classnames else None
 
     def samples() -> Iterator[Sample]:
-        import webdataset as wds
-
 
         stream = wds.tarfile_to_samples()(iter([{"url": u} for u in shards]))
         for raw in stream:

@@ -49,6 +49,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from probloss.data.loader import BadSample, _to_tensor, decode_clean
 from probloss.errors import ConfigError, DataError
@@ -150,8 +151,6 @@ def decode_image(sample: readers.Sample, image_size: int) -> np.ndarray:
 
 
 def _bar(total: int | None, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="item", disable=not enabled, file=sys.stderr, dynamic_ncols=True,
                 mininterval=1.0)
 
