@@ -39,7 +39,8 @@ with sigma = 1 every CSD starts near 2D, every logit near -a 2D + b (-635 at D =
 while positives are pulled together; the released model survives that on a frozen pretrained backbone (its first
 two epochs), a tower trained from scratch collapses (on the shapes data its effective rank and zero-shot fall
 far below those of a start at log sigma^2 = -10: docs/notebook.md, "Numbers moved out of the code"). The
-release's quirk of ignoring a KL above 1e4 is left out on purpose: no term is silently dropped. PCME++'s mixed-sample augmentation (Sec. 2.4) changes the data, not the loss: not here.
+release's quirk of ignoring a KL above 1e4 is left out on purpose: no term is silently dropped. PCME++'s
+mixed-sample augmentation (Sec. 2.4) changes the data, not the loss: not here.
 
 Shapes: image_emb (N, D), text_emb (M, D) with M >= N (extras after the positives: negatives only), log-stds
 (N,) and (M,) or (N, D) and (M, D). Distributed: positives and local pairs on each rank, the other ranks' texts
