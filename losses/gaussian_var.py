@@ -51,22 +51,13 @@ Options beyond the proposal (defaults reproduce it exactly):
   weight decay act on), not a temperature for ever.
 
 Matching InfoNCE at initialisation. At init the heads give log-std ~ 0 (sigma ~ 1), so the logits are ~ -d_ij,
-whose per-row spread grows with the raw embeddings' scale, whereas InfoNCE's are t_clip = 1/0.07 times cosines.
-Measured with the default config (tiny model, shapes data, batch 128, init_log_std 0) on the first training
-batch of seeds 0, 1, 2, towers and heads as ``probloss.training.builders.make_trainee`` builds them after
-``torch.manual_seed(seed)`` (as training does); spread = the std over candidates of each image's image->text
-logits, averaged over the 128 rows; loss = the loss's value on that batch; grad = the global gradient norm of
-every parameter (before clipping, which is at 1.0); mean over the seeds (min-max):
-
-    loss (options)                    spread              initial loss         grad
-    infonce                            0.89 (0.61-1.22)   5.07 (4.97-5.19)     22 (9-35)   chance: ln 128 = 4.85
-    gaussian_var                      12.07 (8.94-14.79)  16.16 (14.42-18.43)  892 (771-1107)
-    gaussian_var freeze_log_std=true  12.43 (9.25-14.99)  16.41 (14.86-18.29)  837 (704-995)
-    gaussian_var inverse_temp.=0.074   0.89 (0.66-1.09)   5.05 (4.98-5.11)     22 (13-32)
-
-The matched t = 0.888 / 12.07 = 0.0736 ~ 0.074 (the ratio of the seed-mean spreads), the value of the arm
-"gaussian_var matched scale" in configs/recipe/proposal.yaml. It is specific to that model, data and
-init_log_std: re-measure for another (the same statistic, the same batches).
+whose per-row spread grows with the raw embeddings' scale, whereas InfoNCE's are t_clip = 1/0.07 times cosines:
+the proposal starts with far larger logits, initial loss and gradients than InfoNCE. The matched t is the ratio
+of the two losses' initial spreads (the std over candidates of each image's image->text logits, averaged over
+the rows of the first training batch, mean over seeds), the value of the arm "gaussian_var matched scale" in
+configs/recipe/proposal.yaml. It is specific to the model, data and init_log_std it was measured on:
+re-measure for another (the same statistic, the same batches). The measurement, with what it gave on the
+default config: docs/notebook.md, "Numbers moved out of the code".
 
 Distances are computed as ||x||^2 + ||y||^2 - 2 x.y (never a (B, B, D) tensor) and the cross-entropies with a
 stable log-sum-exp. Distributed: embeddings and log-stds are all-gathered with autograd (a softmax needs every

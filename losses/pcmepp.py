@@ -37,9 +37,10 @@ Defaults are the released config: a = 5, b = 5, smoothness_alpha 0.1, vib_beta 1
 start at log sigma^2 = -10 (``init_log_std = -5``, ProLIP's start), not at the released heads' log sigma^2 ~ 0:
 with sigma = 1 every CSD starts near 2D, every logit near -a 2D + b (-635 at D = 64), so negatives get no gradient
 while positives are pulled together; the released model survives that on a frozen pretrained backbone (its first
-two epochs), a tower trained from scratch collapses (measured on the shapes data, 200 steps: effective rank 1.7
-and zero-shot 0.03 from sigma = 1, against 7.1 and 0.13 from log sigma^2 = -10). The release's quirk of ignoring
-a KL above 1e4 is left out on purpose: no term is silently dropped. PCME++'s mixed-sample augmentation (Sec. 2.4) changes the data, not the loss: not here.
+two epochs), a tower trained from scratch collapses (on the shapes data its effective rank and zero-shot fall
+far below those of a start at log sigma^2 = -10: docs/notebook.md, "Numbers moved out of the code"). The
+release's quirk of ignoring a KL above 1e4 is left out on purpose: no term is silently dropped. PCME++'s
+mixed-sample augmentation (Sec. 2.4) changes the data, not the loss: not here.
 
 Shapes: image_emb (N, D), text_emb (M, D) with M >= N (extras after the positives: negatives only), log-stds
 (N,) and (M,) or (N, D) and (M, D). Distributed: positives and local pairs on each rank, the other ranks' texts

@@ -16,8 +16,8 @@ t * (-ln sqrt(v)) + b, i.e. an uncertain sample is neither a confident match nor
 Initialisation: t = 10 as SigLIP, and b chosen so the first logits equal SigLIP's t * cos - 10. For unit
 vectors d_ij = 2 - 2 cos_ij, so with sigma = 1 (v = 2, the towers' default ``init_log_std=0``)
 logits_ij = t * cos_ij - t * (1 + ln(2) / 2) + b, hence b = -10 + 10 * (1 + ln(2) / 2) = 3.47. SigLIP's own
-b = -10 here starts every logit near -24 and trains poorly (configs/experiment/sigmoid_var_init.yaml:
-zero-shot 0.16 vs 0.26, effective rank 3.4 vs 9.8 at 600 steps).
+b = -10 here starts every logit near -24 and trains poorly (``probloss recipe recipe=sigmoid_var_init``; what it
+measured: docs/notebook.md, "Numbers moved out of the code").
 
 Hard negatives: ``text_emb`` may have M >= N rows, the N positives then M - N extra texts (with their own
 log-stds); every (image, extra text) pair is one more negative pair (z = -1) and the sum is still divided by the

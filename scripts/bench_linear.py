@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from probloss.models.linear import _OneDNNLinear, onednn_available
-from probloss.training.loop import reuse_freed_memory
+from probloss.training.launch import reuse_freed_memory
 
 # (rows = batch 128 x tokens 17, in, out): the tiny ViT's qkv, attention output, MLP in and out; then one large.
 SHAPES = [(2176, 64, 192), (2176, 64, 64), (2176, 64, 256), (2176, 256, 64), (4096, 1024, 1024)]

@@ -25,7 +25,7 @@ from probloss.errors import ConfigError, NonFiniteLossError
 from probloss.training import checkpoint as ckpt
 from probloss.training.builders import Trainee, check_batch_sizes, make_tokenizer, make_trainee
 from probloss.training.config import compose_config
-from probloss.training.loop import main, train_step
+from probloss.training.loop import main, run_training, train_step
 from probloss.training.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,13 +235,13 @@ def test_resume_refuses_a_different_model_shape(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_a_run_uses_its_own_cpu_matmul_and_one_from_before_the_key_resumes_on_blas(tmp_path, cache_dir, monkeypatch):
-    import probloss.training.loop as train_module
+    import probloss.training.launch as launch_module
     from probloss.models.linear import onednn_available
 
     if not onednn_available():
         pytest.skip("this torch build has no oneDNN linear op")
-    used, real = [], train_module.cpu_matmul
-    monkeypatch.setattr(train_module, "cpu_matmul", lambda backend: used.append(backend) or real(backend))
+    used, real = [], launch_module.cpu_matmul
+    monkeypatch.setattr(launch_module, "cpu_matmul", lambda backend: used.append(backend) or real(backend))
     args = small(tmp_path, cache_dir, "trainer.max_steps=3", "trainer.eval_every=0", "eval.projector_samples=0",
                  "run_name=r")
     main([*args, "trainer.cpu_matmul=onednn"])
@@ -357,9 +357,11 @@ def test_train_step_adds_the_partial_view_term():
 def test_stability_keys_of_a_real_run_against_the_reference(tmp_path, cache_dir):
     """40 steps of the proposal with relative clipping: the reference is ln B (its closed form), the first
     gradient norm is recorded, a healthy short run is neither diverged nor without a jump measure."""
-    summary = main(small(tmp_path, cache_dir, "loss=gaussian_var", "trainer.max_steps=40", "trainer.warmup_steps=5",
-                         "trainer.eval_every=20", "trainer.ckpt_every=0", "eval.projector_samples=0",
-                         "trainer.grad_clip_mode=relative"))
+    result = run_training(small(tmp_path, cache_dir, "loss=gaussian_var", "trainer.max_steps=40",
+                                "trainer.warmup_steps=5", "trainer.eval_every=20", "trainer.ckpt_every=0",
+                                "eval.projector_samples=0", "trainer.grad_clip_mode=relative"), table=False)
+    summary = result.summary  # the one entry hands back the run folder it trained in
+    assert result.run_dir == Path(summary["run_dir"]) and (result.run_dir / "summary.json").is_file()
     assert summary["stability/reference_loss"] == pytest.approx(math.log(32), rel=1e-9)
     assert summary["stability/diverged"] is False and summary["stability/diverged_step"] == -1
     assert isinstance(summary["stability/collapsed"], bool)
@@ -584,7 +586,7 @@ def test_train_step_passes_caption_and_scene_groups_to_the_loss():
     """The step's loss equals the loss called by hand with ids hashed from the token rows (positives, then
     extras) and the json's scenes; without duplicates ``mask`` equals ``keep``."""
     from probloss.false_negatives import caption_groups, scene_groups
-    from probloss.training.grad_cache import with_negatives
+    from probloss.models.dual import with_negatives
 
     batch = _false_negatives_batch()
     out, _ = _step_with_negatives("infonce", batch, 1, false_negatives="mask")
@@ -603,6 +605,54 @@ def test_train_step_passes_caption_and_scene_groups_to_the_loss():
     masked, _ = _step_with_negatives("infonce", distinct, 1, false_negatives="mask")
     kept, _ = _step_with_negatives("infonce", distinct, 1)
     assert masked.loss == pytest.approx(kept.loss, rel=1e-12)
+
+
+def test_a_plain_step_runs_no_grad_cache_code_and_an_accumulating_one_does():
+    """GradCache only where the step accumulates: with accum_steps=1 no function of grad_cache.py is called."""
+    batch = _negatives_batch()
+    for k, expected in ((1, False), (2, True)):
+        called = set()
+
+        def profile(frame, event, arg):
+            if event == "call":
+                called.add(Path(frame.f_code.co_filename).name)
+
+        sys.setprofile(profile)
+        try:
+            out, _ = _step_with_negatives("infonce", batch, k)
+        finally:
+            sys.setprofile(None)
+        assert out.finite and ("grad_cache.py" in called) is expected, (k, sorted(called))
+
+
+def test_host_tuning_is_one_context_that_restores_the_process():
+    """Threads, determinism and the CPU products for the block, the caller's settings after it; a run resumed
+    from a checkpoint whose config predates trainer.cpu_matmul runs on BLAS."""
+    from types import SimpleNamespace
+
+    from probloss.models.linear import onednn_available
+    from probloss.training.launch import host_tuning
+
+    fabric = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    trainer = RunSettings.from_config(compose_config(["trainer.num_threads=2", "trainer.deterministic=true",
+                                                      "trainer.cpu_matmul=auto"])).trainer
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.set_num_threads(1)
+    try:
+        with host_tuning(fabric, trainer) as backend:
+            assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled()
+            assert torch.utils.deterministic.fill_uninitialized_memory is False
+            assert backend == ("onednn" if onednn_available() else "blas")
+        assert torch.get_num_threads() == 1
+        assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) \
+            == before[1:]
+        with host_tuning(fabric, trainer, resumed={"trainer": {"lr": 1e-3}}) as backend:
+            assert backend == "blas"
+        with host_tuning(fabric, trainer, resumed={"trainer": {"cpu_matmul": "auto"}}) as backend:
+            assert backend == ("onednn" if onednn_available() else "blas")
+    finally:
+        torch.set_num_threads(before[0])
 
 
 def test_negative_tokens_of_the_wrong_shape_are_a_clear_error():

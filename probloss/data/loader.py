@@ -339,7 +339,7 @@ class DecodedCache:
     """Decoded samples (:func:`decode_clean`) of whole shards, by url, up to ``budget_mb`` (an estimate: pixels
     plus 8 bytes per byte of caption and json, for the parsed objects). A reader keeps one for its lifetime, so
     from the second pass over a shard on, nothing is read or decoded again: reading and decoding were most of
-    a batch's cost on the default run (about 23 ms of a batch of 128 in-process, 1.4 ms from the cache)."""
+    a batch's cost on the default run (the two costs: docs/performance.md)."""
 
     def __init__(self, budget_mb: float):
         self.budget, self.used, self.shards = float(budget_mb) * 2**20, 0.0, {}
@@ -583,10 +583,10 @@ def _init_worker(parent_pid: int, worker_id: int) -> None:
     """DataLoader worker init.
 
     - Die with the training process: a worker whose parent is SIGKILLed otherwise hangs for ever at exit, its
-      feeder thread blocked on the full result pipe (~300 MB resident each).
+      feeder thread blocked on the full result pipe, holding its memory.
     - ``gc.freeze()``: everything imported so far (torch alone is ~10^5 objects) lives as long as the worker;
-      out of the collector's sight, the worker's full collections (which stalled a batch every ~50) get cheap
-      (about 2 ms per training step on the default run).
+      out of the collector's sight, the worker's full collections, which stalled a batch now and then, get
+      cheap (what they cost before and after: docs/performance.md).
     """
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG

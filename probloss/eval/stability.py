@@ -74,8 +74,9 @@ Definitions (all counts over the whole run, resumed runs included):
 **Relative gradient clipping** (``trainer.grad_clip_mode=relative``): the threshold is ``grad_clip`` times the
 median of the pre-clip norms of the run's first ``clip_ref_steps`` (20) finite steps (the median so far while
 fewer exist, the current step included), so every loss is clipped relative to its own gradient scale (the
-proposal's gradient at init is ~40x InfoNCE's, and one absolute clip of 1.0 clips one and not the other).
-:meth:`StabilityTracker.clip_threshold` returns it; the reference norms are checkpointed with the tracker.
+proposal's gradient at init is many times InfoNCE's, docs/notebook.md, and one absolute clip of 1.0 clips one
+and not the other). :meth:`StabilityTracker.clip_threshold` returns it; the reference norms are checkpointed with
+the tracker.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ from probloss.registry import ENCODERS
 Tensor = torch.Tensor
 
 
+EMBEDDING_FIELDS = ("image_emb", "text_emb", "image_log_std", "text_log_std")
+
+
 @dataclass
 class Embeddings:
     """What the dual encoder hands the loss: raw projections and log-stds ((B,), (B, D) or None) per modality.
@@ -43,6 +46,32 @@ class Embeddings:
     def loss_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``loss(*emb.loss_args())``: (image_emb, text_emb, image_log_std, text_log_std)."""
         return self.image_emb, self.text_emb, self.image_log_std, self.text_log_std
+
+    def present_fields(self) -> list[str]:
+        """The names of the tensors present (log-stds are None without log-std heads)."""
+        return [f for f in EMBEDDING_FIELDS if getattr(self, f, None) is not None]
+
+    def detach(self, texts: int | None = None) -> Embeddings:
+        """A copy with every tensor detached; ``texts``: keep only the first ``texts`` text rows (the positives,
+        dropping extra texts)."""
+        def rows(field, t):
+            return t if texts is None or not field.startswith("text") else t[:texts]
+
+        return type(self)(**{f: rows(f, getattr(self, f).detach()) for f in self.present_fields()})
+
+
+def with_negatives(tokens: Tensor, negative_tokens: Tensor | None) -> Tensor:
+    """The texts to encode: ``tokens`` (B, L), then ``negative_tokens`` (B, k, L) as (B k, L), sample by sample.
+
+    So the text embeddings are [B positives, B k extras], the loss contract's order (probloss/loss.py).
+    """
+    if negative_tokens is None:
+        return tokens
+    if negative_tokens.dim() != 3 or negative_tokens.shape[0] != tokens.shape[0] or \
+            negative_tokens.shape[2] != tokens.shape[1]:
+        raise ValueError(f"negative_tokens must be (B, k, L) = ({tokens.shape[0]}, k, {tokens.shape[1]}) to go with "
+                         f"tokens {tuple(tokens.shape)}, got {tuple(negative_tokens.shape)}")
+    return torch.cat([tokens, negative_tokens.flatten(0, 1)])
 
 
 class LogStdHead(nn.Module):

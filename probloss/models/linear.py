@@ -1,9 +1,9 @@
 """``Linear``: ``nn.Linear`` whose float32 CPU matrix products may run on oneDNN instead of the BLAS.
 
 Why: torch's CPU wheels send float32 ``mm``/``addmm`` to Intel MKL, and MKL takes its AVX2 code path on
-non-Intel CPUs. On this project's AMD EPYC (AVX-512) MKL reaches about 107 GFLOP/s at any size, oneDNN
-(also inside torch, the library behind its CPU convolutions) 200-245 GFLOP/s on the same products
-(``scripts/bench_linear.py``). The tiny default model spends about half its step in these products.
+non-Intel CPUs, so on an AVX-512 AMD CPU oneDNN (also inside torch, the library behind its CPU convolutions)
+runs the same products faster, and the tiny default model spends much of its step in them. How much, on which
+CPU: docs/performance.md; ``scripts/bench_linear.py`` measures it on the machine it runs on.
 
 Backends (:func:`cpu_matmul`, the config key ``trainer.cpu_matmul``):
 
@@ -67,7 +67,7 @@ def cpu_matmul(backend: str) -> Iterator[str]:
 def _dense(t: Tensor) -> Tensor:
     """``t`` if it is row-major or the transpose of a row-major 2-D matrix, else a contiguous copy: oneDNN takes
     both without a copy, but other strides (a column slice such as ``x[:, 0]`` of a sequence, then transposed)
-    run about 50x slower than copying first."""
+    run far slower than copying first (docs/performance.md)."""
     if t.is_contiguous() or (t.dim() == 2 and t.stride() == (1, t.shape[0])):
         return t
     return t.contiguous()

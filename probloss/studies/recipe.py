@@ -84,7 +84,7 @@ from probloss.studies.workers import choose_workers, launcher_of, run_local, run
 from probloss.training.checkpoint import newest_checkpoint
 from probloss.training.config import compose_config, config_dir, config_groups, override_key
 from probloss.training.evaluation import evaluate_checkpoint
-from probloss.training.loop import main as train_main
+from probloss.training.loop import run_training
 from probloss.training.run_folder import run_base
 from probloss.training.settings import RunSettings
 
@@ -404,7 +404,7 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
         log(f"[{name}] training {arm} seed {seed}{resumed}", flush=True)
         t0 = time.perf_counter()
         try:  # resume=auto (same overrides: the run's saved config must agree) only where there is a checkpoint
-            train_main([*overrides, "resume=auto"] if run_dir.is_dir() else overrides, table=False)
+            run_dir = run_training([*overrides, "resume=auto"] if run_dir.is_dir() else overrides, table=False).run_dir
         except NonFiniteLossError as err:  # diverged: a result to count and show, not a crash
             log(f"[{name}] {arm} seed {seed} diverged: {err}", flush=True)
         trained_for = time.perf_counter() - t0

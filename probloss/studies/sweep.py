@@ -69,7 +69,7 @@ from probloss.training.checkpoint import newest_checkpoint
 from probloss.training.config import compose_config, override_key
 from probloss.training.console import say
 from probloss.training.launch import launch, make_fabric
-from probloss.training.loop import train
+from probloss.training.loop import run_training
 from probloss.training.run_folder import resume_config, run_base
 from probloss.training.settings import RunSettings
 
@@ -445,7 +445,7 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
     try:
-        summary = train(fabric, cfg, on_eval=on_eval, table=False)  # one line per trial
+        summary = run_training(cfg, fabric, on_eval=on_eval, table=False).summary  # one line per trial
     except NonFiniteLossError as err:  # diverged: a result, not a crash of the study
         summary = {"stability/diverged": 1.0, "error": str(err)}
     return objective_values(summary, objectives), summary

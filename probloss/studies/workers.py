@@ -10,8 +10,8 @@ workers started here, on another machine or by hand join the same study. A spawn
 the environment variable ``PROBLOSS_WORKER`` (0..N-1; sweeps seed their samplers with it).
 
 Local workers run one process each with ``OMP_NUM_THREADS`` = ``trainer.num_threads`` (1 by default: two
-single-threaded runs side by side on 2 cores each keep about 97% of one run's speed) and die with the command
-that started them (Linux parent-death signal), so killing the command kills its workers. SIGTERM or Ctrl-C to
+single-threaded runs side by side on 2 cores keep most of one run's speed: docs/performance.md) and die with the
+command that started them (Linux parent-death signal), so killing the command kills its workers. SIGTERM or Ctrl-C to
 the command is passed on: each worker checkpoints its run at the next step boundary and exits, then the command
 exits 143 / 130 with one line, and running it again resumes those runs. ``workers: null`` picks
 one worker per usable core (``os.sched_getaffinity``) divided by the threads per run, at most one per unit of

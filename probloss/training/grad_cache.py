@@ -10,6 +10,9 @@ encoder activation memory of one micro-batch.
 The update equals the one of a k-times larger batch (tests/test_train.py checks it), hard negatives included:
 each micro-batch encodes its own extra texts with its positives, and the loss sees the texts in one big batch's
 order, [every positive, then every extra] (the loss contract, probloss/loss.py).
+
+Only a step with ``trainer.accum_steps > 1`` comes here (probloss/training/loop.py train_step); a plain step
+never does.
 """
 
 from __future__ import annotations
@@ -18,35 +21,7 @@ import torch
 
 from probloss import dist
 from probloss.false_negatives import batch_groups
-
-FIELDS = ("image_emb", "text_emb", "image_log_std", "text_log_std")
-
-
-def present_fields(emb) -> list[str]:
-    return [f for f in FIELDS if getattr(emb, f, None) is not None]
-
-
-def detach(emb, texts: int | None = None):
-    """A copy of an ``Embeddings`` with every tensor detached; ``texts``: keep only the first ``texts`` text
-    rows (the positives, dropping extra texts)."""
-    def rows(field, t):
-        return t if texts is None or not field.startswith("text") else t[:texts]
-
-    return type(emb)(**{f: rows(f, getattr(emb, f).detach()) for f in present_fields(emb)})
-
-
-def with_negatives(tokens: torch.Tensor, negative_tokens: torch.Tensor | None) -> torch.Tensor:
-    """The texts to encode: ``tokens`` (B, L), then ``negative_tokens`` (B, k, L) as (B k, L), sample by sample.
-
-    So the text embeddings are [B positives, B k extras], the loss contract's order (probloss/loss.py).
-    """
-    if negative_tokens is None:
-        return tokens
-    if negative_tokens.dim() != 3 or negative_tokens.shape[0] != tokens.shape[0] or \
-            negative_tokens.shape[2] != tokens.shape[1]:
-        raise ValueError(f"negative_tokens must be (B, k, L) = ({tokens.shape[0]}, k, {tokens.shape[1]}) to go with "
-                         f"tokens {tuple(tokens.shape)}, got {tuple(negative_tokens.shape)}")
-    return torch.cat([tokens, negative_tokens.flatten(0, 1)])
+from probloss.models.dual import with_negatives
 
 
 def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Tensor, k: int,
@@ -73,7 +48,7 @@ def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Ten
             rng_states.append(_rng_snapshot(image_chunk.device))
             cached.append(trainee(image_chunk, token_chunk))
     after = _rng_snapshot(images.device)
-    fields = present_fields(cached[0])
+    fields = cached[0].present_fields()
     sizes = [c[0].shape[0] for c in chunks]
     text_sizes = [c[1].shape[0] for c in chunks]
     # Micro-batch texts are [positives_i, extras_i]; the loss wants [all positives, all extras] (one big batch).
@@ -89,7 +64,7 @@ def grad_cache_backward(fabric, trainee, images: torch.Tensor, tokens: torch.Ten
     groups = batch_groups(trainee.loss, with_negatives(tokens, negative_tokens), metas)
     loss = trainee.loss(*full.loss_args(), **groups)
     value, finite = dist.global_mean(fabric, loss)
-    first = detach(cached[0], texts=sizes[0])
+    first = cached[0].detach(texts=sizes[0])
     if not finite:
         return value, False, first
     loss_params = [p for p in trainee.loss.parameters() if p.requires_grad]

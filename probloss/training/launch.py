@@ -1,4 +1,4 @@
-"""Fabric and process launch, shared by training and sweeps.
+"""Fabric, process launch and host tuning, shared by training and sweeps.
 
 ::
 
@@ -8,18 +8,24 @@
 
 Under ``fabric run`` (``LT_CLI_USED`` set) the processes exist already and ``fabric.launch()`` would raise;
 otherwise :func:`launch` calls it (one process, or Fabric's own DDP-spawn/XLA launcher).
+
+How a run uses the machine it runs on (threads, the C library's allocator, deterministic kernels, the CPU
+matrix products) is set in one place, :func:`host_tuning`, entered once per run by the training loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from probloss import dist
 from probloss.errors import ConfigError
-from probloss.training.settings import FabricSettings
+from probloss.models.linear import cpu_matmul
+from probloss.training.settings import FabricSettings, TrainerSettings
 
 
 def under_fabric_cli() -> bool:
@@ -82,3 +88,66 @@ def launch(fabric, function: Callable[..., Any], *args: Any) -> Any:
         raise
     dist.finish(ok=True)
     return result
+
+
+@contextlib.contextmanager
+def host_tuning(fabric, trainer: TrainerSettings, resumed: Mapping[str, Any] | None = None) -> Iterator[str]:
+    """How one run uses its host, for the block; yields the CPU matrix-product backend in effect.
+
+    - intra-op threads: ``trainer.num_threads``, or a split of the cores between local CPU ranks (:func:`_set_threads`);
+    - glibc keeps freed memory for the next step (:func:`reuse_freed_memory`; process-wide, not undone);
+    - ``torch.use_deterministic_algorithms(trainer.deterministic)``, without its NaN fill of new tensors;
+    - the float32 CPU products of the built-in towers (``trainer.cpu_matmul``, probloss/models/linear.py). A run
+      resumed from a checkpoint whose config (``resumed``) predates the key, or whose settings carry None, runs on
+      ``blas``, the products it was trained with.
+
+    Everything but the allocator is restored after the block: a library call must not leave the caller's
+    process changed (tests, sweeps, notebooks). Results are bit-identical with and without the allocator change
+    and the NaN fill; threads, determinism and the product backend are part of what a run is.
+    """
+    matmul = trainer.cpu_matmul
+    if resumed is not None and "cpu_matmul" not in resumed.get("trainer", {}):
+        matmul = None  # trained before the key existed
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory)
+    _set_threads(fabric, trainer.num_threads)
+    reuse_freed_memory()
+    torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
+    # Deterministic mode also fills every new uninitialised tensor with NaN, a debugging aid for kernels that
+    # read memory they never wrote; no kernel here does, and the fills are a visible share of a tiny model's CPU
+    # step (docs/performance.md). The algorithms stay deterministic; results are bit-identical.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        with cpu_matmul(matmul or "blas") as backend:
+            yield backend
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.set_num_threads(previous[2])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[3]
+
+
+def reuse_freed_memory() -> None:
+    """glibc: serve tensors below 64 MiB from freed heap memory instead of fresh ``mmap`` pages, and keep freed
+    memory (up to 1 GiB at the heap's top) for the next step.
+
+    glibc's defaults hand every block above a (self-raising) threshold back to the kernel when it is freed, so a
+    step that allocates the same activations again page-faults on fresh zeroed pages; with these settings it
+    reuses them (the step time with and without: docs/performance.md). Process-wide and result-neutral; a
+    no-op where the C library has no ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD (also stops glibc from moving it)
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
+def _set_threads(fabric, threads: int | None) -> None:
+    """Intra-op threads per rank: ``trainer.num_threads`` if set; else several CPU ranks on one machine split
+    the cores instead of each taking all; else torch's default."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif fabric.device.type == "cpu" and fabric.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        local = max(1, fabric.world_size // max(1, getattr(fabric, "num_nodes", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

@@ -1,9 +1,12 @@
-"""The training loop, as Lightning's Fabric examples read: ``main -> train -> train_step -> evaluate``.
+"""The training loop, as Lightning's Fabric examples read: ``run_training -> train -> train_step -> evaluate``.
 
 ::
 
     python scripts/train.py loss=gaussian_var                    # one process
     fabric run --devices=2 scripts/train.py loss=sigmoid          # DDP (gloo on CPU, nccl on GPU)
+
+:func:`run_training` is the one entry into training: the command (``probloss train``, :func:`main`), a recipe's
+run and a sweep's trial all call it, and it hands back a :class:`TrainingResult` (the run folder and the summary).
 
 What a step does (``trainer.batch_size`` is the global batch; each of W ranks gets a contiguous slice of
 ``batch_size / W`` samples)::
@@ -12,8 +15,9 @@ What a step does (``trainer.batch_size`` is the global batch; each of W ranks ge
     -> DDP averages gradients (the loss's own logit_scale/logit_bias included: they live in the same module)
     -> clip -> AdamW -> warmup+cosine schedule
 
-With ``trainer.accum_steps = k`` the step is GradCache (probloss/training/grad_cache.py): the same update as one
-k-times larger batch, with the activation memory of one micro-batch.
+With ``trainer.accum_steps = k > 1`` the forward and backward are GradCache's (probloss/training/grad_cache.py):
+the same update as one k-times larger batch, with the activation memory of one micro-batch. A plain step
+(``k = 1``) stays in this file.
 
 Reproducibility: one ``seed``. Parameters are initialised from it; every step re-seeds torch from
 (seed, step, rank), and the data stream is rebuilt from (seed, epoch, rank, world size) and skipped to the
@@ -28,7 +32,8 @@ final evaluation) stops at once; the resume point is then the newest checkpoint.
 Non-finite parameters after an update (a learning rate that blows the weights up while the loss still looks
 finite) stop the run at that step as diverged, naming the newest checkpoint whose weights are finite.
 
-What is not the loop lives in rooms named for their job: probloss/training/launch.py (Fabric), probloss/training/builders.py
+What is not the loop lives in rooms named for their job: probloss/training/launch.py (Fabric and host tuning:
+threads, allocator, determinism, CPU products), probloss/training/builders.py
 (model, loss, optimizer), probloss/data/prepare.py (shards, cache, batches), probloss/training/run_folder.py (run
 folder, resume, summary), probloss/training/evaluation.py (evaluation, val/loss), probloss/training/checkpoint.py.
 """
@@ -36,7 +41,6 @@ folder, resume, summary), probloss/training/evaluation.py (evaluation, val/loss)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import math
 import os
@@ -54,7 +58,7 @@ from probloss import dist
 from probloss.data.prepare import load_eval, prepare_data, train_batches
 from probloss.errors import ConfigError, DataError, NonFiniteLossError, Preempted, WriteError
 from probloss.false_negatives import batch_groups
-from probloss.models.linear import cpu_matmul
+from probloss.models.dual import with_negatives
 from probloss.training import checkpoint as ckpt
 from probloss.training.builders import (
     check_batch_sizes, check_partial_views, make_optimizer, make_scheduler, make_stability_tracker, make_tokenizer,
@@ -63,8 +67,8 @@ from probloss.training.builders import (
 from probloss.training.config import compose_config, save_config, to_dict
 from probloss.training.console import log_error, note, quiet_runs, say, tee_output
 from probloss.training.evaluation import evaluate_at_step, log_projector
-from probloss.training.grad_cache import detach, grad_cache_backward, with_negatives
-from probloss.training.launch import launch, make_fabric
+from probloss.training.grad_cache import grad_cache_backward
+from probloss.training.launch import host_tuning, launch, make_fabric
 from probloss.training.run_folder import (
     check_resume_config, log_hparams, make_logger, print_summary, resolve_run_dir, resume_config, run_folder_lock,
     write_summary,
@@ -133,24 +137,53 @@ def _default_signals_in_child() -> None:
 os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
-def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str, Any]:
-    """Compose the config from ``overrides`` (``key=value`` strings), launch Fabric and train.
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a finished run hands back, on every rank."""
 
-    With ``resume`` set, the config is the resumed run's own (probloss.training.run_folder.resume_config). ``table``:
-    print the end-of-run table (recipes and sweeps print one line per run instead).
+    run_dir: Path  # the run folder (the same on every rank)
+    summary: dict[str, Any]  # what summary.json holds, on rank 0; {} on other ranks
+
+
+def run_training(config: Sequence[str] | Mapping, fabric=None, on_eval: Callable[[int, dict], None] | None = None,
+                 table: bool = True) -> TrainingResult:
+    """Train one run: the one entry into training, for the command, recipes and sweeps.
+
+    Args:
+        config: ``key=value`` overrides, composed with configs/train.yaml (with ``resume`` set: the resumed run's
+            own config, probloss.training.run_folder.resume_config), or a config composed already.
+        fabric: a launched Fabric whose processes train (a sweep's worker, trial after trial); None: one is made
+            from ``fabric.*`` and launched for this run, and its process group ended after it.
+        on_eval: ``on_eval(step, metrics)`` after each intermediate evaluation, on every rank (:func:`train`).
+        table: print the end-of-run table and the ``[eval step N]`` lines (recipes and sweeps print one line per
+            run instead).
+
+    Raises :class:`Preempted` on SIGTERM/SIGINT, NonFiniteLossError when the run diverges (its summary.json then
+    says so), ConfigError/DataError before any work on a bad setting.
+    """
+    cfg = config
+    if not isinstance(config, Mapping):
+        overrides = list(config)
+        cfg = compose_config(overrides)
+        if cfg.resume is not None:  # the run as it was begun (its config.yaml), not defaults + this command line
+            cfg, lines = resume_config(cfg, overrides)
+            if table and os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+                for line in lines:
+                    print(line, file=sys.stderr, flush=True)
+    if fabric is not None:
+        return train(fabric, cfg, on_eval, table)
+    run = RunSettings.from_config(cfg)
+    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg, on_eval, table)
+
+
+def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str, Any]:
+    """``probloss train [key=value ...]`` (``overrides``; default: the command line): :func:`run_training`.
 
     Returns:
         The summary dict on rank 0 (``{}`` on other ranks).
     """
-    overrides = list(sys.argv[1:] if overrides is None else overrides)
-    cfg = compose_config(overrides)
-    if cfg.resume is not None:  # the run as it was begun (its config.yaml), not defaults + this command line
-        cfg, lines = resume_config(cfg, overrides)
-        if table and os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
-            for line in lines:
-                print(line, file=sys.stderr, flush=True)
-    run = RunSettings.from_config(cfg)
-    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg, None, table) or {}
+    result = run_training(list(sys.argv[1:] if overrides is None else overrides), table=table)
+    return result.summary if result is not None else {}
 
 
 class Position:
@@ -179,8 +212,9 @@ class Position:
 
 
 def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = None,
-          table: bool = True) -> dict[str, Any]:
-    """Train, evaluate and checkpoint one run; see the module docstring. Called on every rank.
+          table: bool = True) -> TrainingResult:
+    """Train, evaluate and checkpoint one run (see the module docstring); called on every rank, through
+    :func:`run_training`.
 
     ``on_eval(step, metrics)`` is called on every rank after each intermediate evaluation (metrics on rank 0,
     ``{}`` elsewhere); sweeps use it to report to Optuna and to prune by raising. ``table``: print the
@@ -189,31 +223,17 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     Raises :class:`Preempted` on SIGTERM/SIGINT.
     """
     run = RunSettings.from_config(cfg)
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory)
-    _set_threads(fabric, run.trainer.num_threads)
-    reuse_freed_memory()
-    torch.use_deterministic_algorithms(run.trainer.deterministic, warn_only=True)
-    # Deterministic mode also fills every new uninitialised tensor with NaN, a debugging aid for kernels that
-    # read memory they never wrote; no kernel here does, and the fills were 15% of a tiny-model step on CPU
-    # (~490 per step, scripts/profile_step.py). The algorithms stay deterministic; results are bit-identical.
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        # stack: the run's out.log, once known; quiet_runs: a sweep's trial or a recipe's run keeps its eval lines
-        # in out.log (one console line per run)
-        with contextlib.ExitStack() as stack, StopSignals() as signals, quiet_runs(not table):
-            try:
-                return _train(fabric, cfg, run, on_eval, stack, signals, table)
-            except _Interrupted as stop:  # before the run folder was known: nothing was saved
-                raise Preempted(stop.signum, None, None, None) from None
-    finally:  # a library call must not leave the caller's process changed (tests, sweeps, notebooks)
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.set_num_threads(previous[2])
-        torch.utils.deterministic.fill_uninitialized_memory = previous[3]
+    # stack: the run's out.log and host tuning, once known; quiet_runs: a sweep's trial or a recipe's run keeps its
+    # eval lines in out.log (one console line per run)
+    with contextlib.ExitStack() as stack, StopSignals() as signals, quiet_runs(not table):
+        try:
+            return _train(fabric, cfg, run, on_eval, stack, signals, table)
+        except _Interrupted as stop:  # before the run folder was known: nothing was saved
+            raise Preempted(stop.signum, None, None, None) from None
 
 
 def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.ExitStack, signals: StopSignals,
-           table: bool = True) -> dict[str, Any]:
+           table: bool = True) -> TrainingResult:
     t_start = time.perf_counter()
     t = run.trainer
     per_rank = check_batch_sizes(t.batch_size, t.accum_steps, fabric.world_size)
@@ -231,7 +251,8 @@ def _train(fabric, cfg: Mapping, run: RunSettings, on_eval, stack: contextlib.Ex
             failure = err
     dist.raise_together(fabric, failure, _exit_code(failure), only_rank0=True)
     try:
-        return _run(fabric, cfg, run, spec, per_rank, on_eval, stack, run_dir, resume_from, signals, table, t_start)
+        summary = _run(fabric, cfg, run, spec, per_rank, on_eval, stack, run_dir, resume_from, signals, table, t_start)
+        return TrainingResult(run_dir, summary)
     except _Interrupted as stop:  # outside the loop: the newest readable checkpoint is the resume point
         newest = ckpt.readable_checkpoint(run_dir, warn=lambda _: None) if ckpt.list_checkpoints(run_dir) else None
         step = int(newest.stem.split("-")[1]) if newest is not None else None
@@ -242,12 +263,10 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
          run_dir: Path, resume_from: str | None, signals: StopSignals, table: bool, t_start: float) -> dict[str, Any]:
     t = run.trainer
     tokenizer = make_tokenizer(run)
-    matmul = run.trainer.cpu_matmul
-    if resume_from is not None:
-        saved = check_resume_config(resume_from, cfg, announce=fabric.is_global_zero)
-        if "cpu_matmul" not in saved.get("trainer", {}):
-            matmul = None  # trained before the key existed: resumed on the products it was trained with
-    stack.enter_context(cpu_matmul(matmul or "blas"))
+    saved = check_resume_config(resume_from, cfg, announce=fabric.is_global_zero) if resume_from is not None else None
+    # From here torch computes: threads, allocator, determinism and CPU products as this run asks (or as the
+    # checkpoint it resumes was trained), until the run ends
+    stack.enter_context(host_tuning(fabric, t, resumed=saved))
 
     trainee = make_trainee(run, tokenizer, from_checkpoint=resume_from is not None)
     check_partial_views(trainee.loss, run.data, t.accum_steps)
@@ -422,7 +441,8 @@ class StepOutput:
 
 def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: float | None,
                accum_steps: int = 1, relative_clip: Callable[[float, float], float] | None = None) -> StepOutput:
-    """One optimizer step on this rank's slice of the global batch (GradCache when ``accum_steps > 1``).
+    """One optimizer step on this rank's slice of the global batch: forward, loss and backward here, or GradCache's
+    (probloss/training/grad_cache.py) when ``accum_steps > 1``; then clipping and the optimizer.
 
     Clipping: at ``grad_clip`` (0 or None: none); with ``relative_clip`` (``trainer.grad_clip_mode=relative``:
     the tracker's ``clip_threshold(norm, grad_clip)``) at the threshold it returns for this step's pre-clip norm.
@@ -459,7 +479,7 @@ def train_step(fabric, trainee, optimizer, batch: Mapping[str, Any], grad_clip: 
                     emb.text_emb[:n], None if emb.text_log_std is None else emb.text_log_std[:n], *views,
                     fabric.to_device(batch["partial_mask"]))
             value, finite = dist.global_mean(fabric, loss)
-        emb = detach(emb, texts=images.shape[0])  # positives: diagnostics comparable with and without extras
+        emb = emb.detach(texts=images.shape[0])  # positives: diagnostics comparable with and without extras
         if finite:
             with phase("backward"):
                 fabric.backward(loss)
@@ -598,33 +618,6 @@ def _train_scalars(trainee, optimizer, out: StepOutput, timer: Timer, pos: Posit
         scalars.update({f"train/{k}": float(v) for k, v in values.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return scalars
-
-
-def reuse_freed_memory() -> None:
-    """glibc: serve tensors below 64 MiB from freed heap memory instead of fresh ``mmap`` pages, and keep freed
-    memory (up to 1 GiB at the heap's top) for the next step.
-
-    glibc's defaults hand every block above a (self-raising) threshold back to the kernel when it is freed, so a
-    step that allocates the same activations again page-faults on fresh zeroed pages. The default model's
-    training step alone (forward, loss, backward, AdamW; batch 128, one thread) took 47 ms without and 34 ms
-    with these settings. Process-wide and result-neutral; a no-op where the C library has no ``mallopt``.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD (also stops glibc from moving it)
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-
-
-def _set_threads(fabric, threads: int | None) -> None:
-    """Intra-op threads per rank: ``trainer.num_threads`` if set; else several CPU ranks on one machine split
-    the cores instead of each taking all; else torch's default."""
-    if threads:
-        torch.set_num_threads(int(threads))
-    elif fabric.device.type == "cpu" and fabric.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        local = max(1, fabric.world_size // max(1, getattr(fabric, "num_nodes", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def _progress(fabric, t: TrainerSettings, start: int):
