@@ -3,6 +3,7 @@
 import pytest
 
 import probloss
+import probloss.studies.settings  # noqa: F401  (registers the sweep/recipe defaults the studies' configs compose)
 from probloss.errors import ConfigError
 from probloss.training.config import compose_config, loss_kwargs, save_config
 
