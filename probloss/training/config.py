@@ -15,8 +15,10 @@ Errors (all :class:`ConfigError`, raised before anything is built or written):
 - an unknown choice (``loss=foo``) names it and lists the choices of the group;
 - a loss keyword the loss's constructor does not take lists the keywords it accepts.
 
-Any registered loss is a valid ``loss=<name>`` choice even without ``configs/loss/<name>.yaml``: its
-constructor's defaults become its config (so a plugin needs no config file).
+The ``loss`` group is generated: every registered loss is a choice ``loss=<name>`` whose config is ``name`` plus its
+constructor's keywords with their defaults (:func:`loss_defaults`; the loss's docstring documents each), so a
+default lives in the constructor only and a plugin needs no config file. A ``loss/<name>.yaml`` in a config folder
+of your own (``PROBLOSS_CONFIG_DIR``) sets the keys of that choice (its values win over the generated defaults).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def compose_config(
     except HydraException as err:
         raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
 
-    _register_plugin_losses(directory)
+    register_losses(directory)
     groups = config_groups(config_name, directory)
     choices = [o for o in parsed if o.key_or_group in groups and not o.is_delete()]
     for o in choices:
@@ -203,7 +205,8 @@ def _resolve_towers(cfg: DictConfig) -> None:
 
 
 def _is_new_loss_kwarg(schema: DictConfig, key: str) -> bool:
-    """Whether ``loss.<kwarg>`` is absent from the loss's yaml; raise unless the loss's constructor takes it."""
+    """Whether ``loss.<kwarg>`` is absent from the loss's config (a keyword without a plain default, a ``**kwargs``
+    one, or one a loss yaml of your own leaves out); raise unless the loss's constructor takes it."""
     parts = key.split(".")
     if len(parts) != 2 or parts[0] != "loss" or "loss" not in schema or parts[1] in schema.loss.keys():
         return False
@@ -309,24 +312,34 @@ def check_loss_kwargs(cfg: Mapping) -> None:
         raise ConfigError(f"loss {name!r} needs {', '.join(f'loss.{k}=...' for k in required)}")
 
 
-def _register_plugin_losses(directory: Path) -> None:
-    """Make every registered loss without a yaml file a choice of the ``loss`` group (its defaults as config)."""
+def loss_defaults(name: str) -> dict[str, Any]:
+    """The generated config of ``loss=<name>``: ``name``, then every constructor keyword with its default (``???``
+    where it has none: the command must set it). A default that is not plain data (a tensor, a callable) is left
+    out: set it as ``loss.<keyword>=...`` if needed."""
+    accepted, _ = loss_signature(name)
+    node: dict[str, Any] = {"name": name}
+    for key, default in accepted.items():
+        if default is inspect.Parameter.empty:
+            node[key] = "???"
+        elif default is None or isinstance(default, (bool, int, float, str)):
+            node[key] = default
+    return node
+
+
+def register_losses(directory: Path | None = None) -> None:
+    """Make every registered loss a choice of the ``loss`` group (Hydra's ConfigStore, :func:`loss_defaults`),
+    except where ``<directory>/loss/<name>.yaml`` exists (a config of your own: its values win)."""
     from hydra.core.config_store import ConfigStore
 
+    directory = directory or config_dir()
     store = ConfigStore.instance()
     for name in probloss.list_losses():
         if (directory / "loss" / f"{name}.yaml").is_file():
             continue
         try:
-            accepted, _ = loss_signature(name)
+            node = loss_defaults(name)
         except Exception:  # a broken plugin fails later, with its own error, if it is chosen
             continue
-        node: dict[str, Any] = {"name": name}
-        for key, default in accepted.items():
-            if default is inspect.Parameter.empty:
-                node[key] = "???"
-            elif default is None or isinstance(default, (bool, int, float, str)):
-                node[key] = default
         store.store(group="loss", name=name, node=node)
 
 
@@ -384,6 +397,16 @@ def describe(config_name: str = "train", directory: Path | None = None) -> str:
     lines += ["", "groups:"] if groups else []
     for group, default in groups.items():
         lines.append(f"  {group}={{{','.join(group_options(group, directory))}}}   (default: {default})")
+    if "loss" in groups:
+        register_losses(directory)
+        lines += ["", "loss keywords (loss.<keyword>=value; their defaults are the constructor's, documented in its "
+                  "docstring):"]
+        for name in group_options("loss", directory):
+            try:
+                keywords = {k: v for k, v in loss_defaults(name).items() if k != "name"}
+            except Exception:  # a broken plugin: named, not listed
+                keywords = {}
+            lines.append(f"  {name}: " + " ".join(f"{k}={v}" for k, v in keywords.items()))
     path = directory / f"{config_name}.yaml"
     lines += ["", f"defaults ({path}):", "", path.read_text()]
     return "\n".join(lines)
