@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 BEFORE = "e5d48e5"  # the last commit with every default in configs/*.yaml
 COMMANDS = [("train", []), ("sweep", ["sweep=lr"]), ("recipe", ["recipe=proposal"]),
             ("make_data", ["out=x", "train_size=10", "val_size=10"]), ("evaluate", ["checkpoint=x.ckpt"]),
-            *[("train", [f"loss={name}"]) for name in ("gaussian_var", "sigmoid", "sigmoid_var", "pcmepp", "prolip")]]
+            *[("train", [f"loss={name}"]) for name in ("gaussian_var", "sigmoid", "sigmoid_var", "pcmepp", "prolip")],
+            ("train", ["data=webdataset", "data.train_shards=a.tar", "data.val_shards=b.tar"]),
+            ("train", ["model=cnn_cbow"]), ("train", ["model=base"])]
 
 
 @pytest.fixture(scope="module")

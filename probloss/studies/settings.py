@@ -68,7 +68,8 @@ class Section(Mapping):
         names = cls._fields()
         for key in values:
             if key not in names:
-                raise ConfigError(unknown("config key", f"{cls.section}.{key}", list(names), cls.section, candidate=key))
+                raise ConfigError(unknown("config key", f"{cls.section}.{key}", list(names), cls.section,
+                                          candidate=key))
         if "slurm" in values and not isinstance(values["slurm"], SlurmSettings):  # the one nested section
             values["slurm"] = SlurmSettings.of(values["slurm"] or {})
         return cls(**values)

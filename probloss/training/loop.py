@@ -149,8 +149,8 @@ def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str
         if table and os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
             for line in lines:
                 print(line, file=sys.stderr, flush=True)
-    run = RunSettings.from_config(cfg)
-    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg, None, table) or {}
+    run = RunSettings.from_config(cfg)  # once per run: train() is handed it
+    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg, None, table, run) or {}
 
 
 class Position:
@@ -179,16 +179,17 @@ class Position:
 
 
 def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = None,
-          table: bool = True) -> dict[str, Any]:
+          table: bool = True, run: RunSettings | None = None) -> dict[str, Any]:
     """Train, evaluate and checkpoint one run; see the module docstring. Called on every rank.
 
     ``on_eval(step, metrics)`` is called on every rank after each intermediate evaluation (metrics on rank 0,
     ``{}`` elsewhere); sweeps use it to report to Optuna and to prune by raising. ``table``: print the
     end-of-run table and the ``[eval step N]`` lines; ``False`` (a sweep's trial, a recipe's run: the caller
     prints one line per run) prints neither: the eval lines go to out.log only (probloss/training/console.py).
+    ``run``: the settings of ``cfg`` where the caller built them already (:func:`main`); else built here.
     Raises :class:`Preempted` on SIGTERM/SIGINT.
     """
-    run = RunSettings.from_config(cfg)
+    run = RunSettings.from_config(cfg) if run is None else run
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory)
     _set_threads(fabric, run.trainer.num_threads)
