@@ -281,10 +281,10 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     if n > 1 or launcher == "submitit":
         log(f"[{name}] {n} workers via {launcher} ({why}) for {cells} runs", flush=True)
         if launcher == "submitit":
-            run_submitit("experiment", argv, "recipe", n, exp.slurm, exp_dir / "submitit",
+            run_submitit("recipe", argv, "recipe", n, exp.slurm, exp_dir / "submitit",
                          base.trainer.num_threads, log=log)
         else:
-            run_local("experiment", argv, "recipe", n, base.trainer.num_threads)
+            run_local("recipe", argv, "recipe", n, base.trainer.num_threads)
         return exp_dir / "recipe.md"
     return recipe_worker(exp, name, train_overrides, exp_dir, log=log)
 
