@@ -105,7 +105,7 @@ class GaussianVarLoss(probloss.ContrastiveLoss):
         inverse_temperature: fixed multiplier t of every logit (1.0: none; module docstring).
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered candidates).
         false_negatives: "keep", "mask" or "positive" (module docstring).
-        block_size: tile side for the tiled kernel.
+        block_size: tile side for the tiled kernel (on a GPU: 4096 or more).
     """
 
     invariances = ("shift", "scale")  # distances only; sigma scales with them (invariances_in_use: options)

@@ -64,7 +64,7 @@ class InfoNCE(probloss.ContrastiveLoss):
         local_loss: distributed mode, see the module docstring.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` gathered columns).
         false_negatives: "keep", "mask" or "positive" (module docstring).
-        block_size: tile side for the tiled kernel.
+        block_size: tile side for the tiled kernel (on a GPU: 4096 or more).
     """
 
     invariances = ("scale",)  # cosines of L2-normalised embeddings

@@ -123,7 +123,7 @@ class ProLIPLoss(probloss.ContrastiveLoss):
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
         false_negatives: "keep", "mask" or "positive" (module docstring; the PPCL term only).
-        block_size: rows per block for the tiled kernel.
+        block_size: rows per block for the tiled kernel (on a GPU: 4096 or more).
     """
 
     invariances = ("scale",)  # unit means; normalize=False: dot products, none (invariances_in_use)

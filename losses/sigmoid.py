@@ -78,7 +78,7 @@ class SigmoidLoss(probloss.ContrastiveLoss):
         learn_logit_scale, learn_logit_bias: whether t' and b are learnable parameters.
         dist_impl: "ring", "shift" or "gather" (see the module docstring).
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
-        block_size: rows per block for the tiled kernel.
+        block_size: rows per block for the tiled kernel (on a GPU: 4096 or more).
         neg_mask: "none", "random", "hard" or "easy" negative masking (see the module docstring).
         neg_keep_ratio: fraction of each row's negatives kept when masking.
         false_negatives: "keep", "mask" or "positive" (module docstring).

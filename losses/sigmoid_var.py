@@ -151,7 +151,7 @@ class SigmoidVarLoss(probloss.ContrastiveLoss):
         dist_impl: "ring", "shift" or "gather", as for ``sigmoid``.
         impl: "dense", "tiled" or "auto" (tiled above ``block_size`` rows).
         false_negatives: "keep", "mask" or "positive" (module docstring).
-        block_size: rows per block for the tiled kernel.
+        block_size: rows per block for the tiled kernel (on a GPU: 4096 or more).
     """
 
     invariances = ("scale",)  # unit vectors; normalize=False: distances, shift only (invariances_in_use)

@@ -1,5 +1,6 @@
-"""``data.*`` of a run (configs/data/<name>.yaml) and the keys of ``probloss make-data`` (configs/make_data.yaml):
-typed, frozen, every value checked when built (one-line :class:`probloss.errors.ConfigError`, exit 2)."""
+"""``data.*`` of a run (the defaults here, configs/data/<name>.yaml per source) and the keys of ``probloss
+make-data`` (configs/make_data.yaml): typed, frozen, every value checked when built (one-line
+:class:`probloss.errors.ConfigError`, exit 2)."""
 
 from __future__ import annotations
 
@@ -9,42 +10,81 @@ from typing import Any, Mapping
 from probloss.checks import fail, finite, int_at_least, is_int, unknown
 from probloss.data.shapes import COLOURS, HARD_NEGATIVES, SHAPES
 from probloss.errors import ConfigError
+from probloss.schema import REQUIRED, setting
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """``data.*`` of configs/data/<name>.yaml. Keys that only the built-in shapes data has are ``None`` for
-    other sources (``cache_dir``, ``train_size``, ``val_size``, ``test_size``, ``heldout_combos``,
-    ``gen_seed``)."""
+    """``data.*``: every data source's keys with their defaults (the comment above each says what it means);
+    configs/data/<name>.yaml composes them (the node ``data/_settings``) and sets what differs for its source.
+    Keys only the built-in shapes data has (``node=False``: ``cache_dir``, ``train_size``, ``val_size``,
+    ``test_size``, ``heldout_combos``, ``gen_seed``) live in configs/data/shapes.yaml and are ``None`` for other
+    sources."""
 
-    name: str
-    train_shards: str | None
-    val_shards: str | None
-    test_shards: str | None
-    image_size: int
-    classnames: tuple[str, ...] | None
-    templates: tuple[str, ...] | None
-    tokenizer: str
-    max_len: int | None  # null: an hf: tokenizer's own maximum (resolved when the config is composed)
-    num_workers: int
-    decoded_cache_mb: float
-    batches_per_epoch: int | None
-    image_noise: float | None
-    caption_noise: float | None
-    hard_negatives: str
-    partial_captions: bool = False
-    strict: bool = False
-    noise_attribute: str | None = None  # planted noise (issue 33): a colour or shape of the shapes generator
-    noise_rate: float = 0.0  # planted noise: the probability that a scene with the attribute gets a wrong caption
-    cache_dir: str | None = None
-    train_size: int | None = None
-    val_size: int | None = None
-    test_size: int | None = None
-    heldout_combos: int | None = None
-    gen_seed: int | None = None
-    # Skipped (corrupt or undecodable) samples allowed, as a fraction of those read, before the run stops with a
-    # data error naming the worst shards; None (a config saved before the key existed): no limit.
-    max_skipped_fraction: float | None = None
+    # the data source, set by its config file: shapes (built in, generated and cached) | webdataset (your shards)
+    name: str = REQUIRED
+    # required: brace pattern of the training shards, e.g. /data/train/{00000..00099}.tar; null: generate
+    # (shapes only)
+    train_shards: str | None = REQUIRED
+    # required: brace pattern of the validation shards (selection); null: generate (shapes only)
+    val_shards: str | None = REQUIRED
+    # brace pattern of a test split (reporting, at the end of a run); null: generate (shapes), else none
+    test_shards: str | None = None
+    # images are resized to image_size x image_size (pixels per side)
+    image_size: int = 32
+    # zero-shot class names (a val json's integer `label` indexes them); null: classes.json next to the shards
+    # (the shapes data writes one), else no zero-shot
+    classnames: tuple[str, ...] | None = None
+    # zero-shot prompt templates with {}; null: those of splits.json beside the shards, else
+    # probloss.data.shapes.DEFAULT_TEMPLATES (prompts that no shapes caption equals)
+    templates: tuple[str, ...] | None = None
+    # word (the shapes vocabulary) | byte (any text)
+    tokenizer: str = "word"
+    # tokens per caption (pad 0); null: an hf: tokenizer's own maximum (resolved when the config is composed)
+    max_len: int | None = 16
+    # DataLoader workers per rank (0: load in the training process; with the decoded cache below, in-process is
+    # the faster here: docs/performance.md). On a GPU try 1 or 2
+    num_workers: int = 0
+    # per reader (worker): MiB of decoded samples kept after the first pass over its shards, so later passes read
+    # and decode nothing (the batches are the same). Worth it when a reader's part fits: a decoded image is
+    # H x W x 3 bytes. 0: off
+    decoded_cache_mb: float = 512
+    # batches per rank per "epoch": every rank reads its part of the shards (a seeded shuffled order per pass,
+    # cycled, not resampled) for exactly this many batches, so ranks stay in step; null: samples // batch_size
+    # (shapes: train_size // batch_size; shards: counted from sizes.json beside them, else by reading every tar
+    # header, slow for many shards; img2dataset writes no sizes.json)
+    batches_per_epoch: int | None = None
+    # augmentation noise on training images; null: the loader's default
+    image_noise: float | None = None
+    # caption noise in training; null: the loader's default
+    caption_noise: float | None = None
+    # none | relation | binding | control | all: each sample's negative captions (json `negatives`) in the
+    # training batch (batch["negative_tokens"], (B, k, L)) for losses that use them
+    hard_negatives: str = "none"
+    # each caption's partial view (the caption one level less specific, from the json) for losses with partial
+    # views (loss=prolip loss.partial_alpha=...)
+    partial_captions: bool = setting(False, absent=False)
+    # a shard cut short (no end-of-archive blocks) is named and counted (data/truncated_shards) and read up to
+    # its cut; true: an error before training
+    strict: bool = setting(False, absent=False)
+    # planted noise (issue 33, recipe=planted_noise): a colour or shape word (e.g. magenta); in TRAINING batches
+    # a sample whose scene holds it gets, with probability noise_rate, the caption of another sample that is
+    # false of its scene (val/test stay clean). Needs json `objects` (shapes data). With it the evaluator adds
+    # the planted keys (test/unc/planted_*)
+    noise_attribute: str | None = None
+    # planted noise: that probability, in [0, 1] (0 with an attribute: the clean control arm)
+    noise_rate: float = setting(0.0, absent=0.0)
+    # corrupt/undecodable samples (skipped, each warning names its key and shard) allowed as a fraction of the
+    # samples read, per split and over training; more is a data error (exit 2) naming the worst shards. 1.0:
+    # never stop; 0: any skip stops the run. A config saved before the key existed: null (no limit)
+    max_skipped_fraction: float | None = 0.01
+    # --- the shapes generator's keys (configs/data/shapes.yaml; None for other sources) ---
+    cache_dir: str | None = setting(None, node=False)
+    train_size: int | None = setting(None, node=False)
+    val_size: int | None = setting(None, node=False)
+    test_size: int | None = setting(None, node=False)
+    heldout_combos: int | None = setting(None, node=False)
+    gen_seed: int | None = setting(None, node=False)
 
     def __post_init__(self) -> None:
         # Choices are checked here, when a run's settings are built: a bad value fails before any work (exit 2).

@@ -62,6 +62,7 @@ batch size and data options; arms that change those still pair by seed, but the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -80,7 +81,8 @@ from probloss.studies.readers import read_recipe_folder, read_sweep
 from probloss.studies.render import write_recipe_page
 from probloss.studies.stats import is_number, paired_comparisons, summarise
 from probloss.studies.sweep import claim as claim_unit, heartbeat, reap_dead_trials, retry_concurrent, storage_for, unit_owner
-from probloss.studies.workers import choose_workers, launcher_of, run_local, run_submitit
+from probloss.studies.settings import RecipeSettings
+from probloss.studies.workers import choose_workers, run_local, run_submitit
 from probloss.training.checkpoint import newest_checkpoint
 from probloss.training.config import compose_config, config_dir, config_groups, override_key
 from probloss.training.evaluation import evaluate_checkpoint
@@ -89,8 +91,9 @@ from probloss.training.run_folder import run_base
 from probloss.training.settings import RunSettings
 
 
-def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
-    """(name, the recipe section, training overrides) of a ``scripts/run_recipe.py`` command line.
+def load_recipe(argv: Sequence[str]) -> tuple[str, RecipeSettings, list[str]]:
+    """(name, the recipe section (checked: probloss/studies/settings.py), training overrides) of a
+    ``scripts/run_recipe.py`` command line.
 
     ``argv`` is composed with configs/recipe.yaml (the training config plus ``recipe=<name>``), so every key is
     checked like a training run's; the training overrides are ``argv`` minus the ``recipe`` ones.
@@ -99,22 +102,23 @@ def load_recipe(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
     # The recipe's own group choices (model=lit, data=webdataset) come first, so that the command line's keys
     # are checked against the model and data the runs will use.
     groups = config_groups("train")
-    shared = compose_config(own, config_name="recipe").recipe.get("overrides") or []
+    shared = compose_config(own, config_name="recipe").recipe.overrides
     choices = [o for o in shared if o.split("=", 1)[0] in groups]
     cfg = compose_config([*choices, *argv], config_name="recipe")
-    recipe = OmegaConf.to_container(cfg.recipe, resolve=True)
+    recipe = RecipeSettings.of(OmegaConf.to_container(cfg.recipe, resolve=True))
     name = next(a.split("=", 1)[1] for a in argv if a.startswith("recipe="))
-    if not recipe.get("arms"):
+    if not recipe.arms:
         raise ConfigError(f"recipe {name!r} has no arms (arm name -> training overrides)")
     baselines(recipe)  # a misspelt baseline or primary comparison fails now, not after hours of training
     constants(recipe)
     primaries(recipe)
     train_overrides = [a for a in argv if a not in own]
-    recipe["learning_rates_used"] = arm_learning_rates(recipe, train_overrides)
+    recipe = dataclasses.replace(recipe, learning_rates_used=arm_learning_rates(recipe, train_overrides))
     return name, recipe, train_overrides
 
 
-def arm_learning_rates(exp: Mapping[str, Any], train_overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def arm_learning_rates(exp: RecipeSettings | Mapping[str, Any], train_overrides: Sequence[str] = ()
+                       ) -> dict[str, dict[str, Any]]:
     """{arm: {"lr", "source"}}: each arm's learning rate and where it came from (recorded in recipe.json).
 
     ``learning_rates`` is null (every arm trains at what its overrides or the training config say: {} here), a
@@ -124,7 +128,8 @@ def arm_learning_rates(exp: Mapping[str, Any], train_overrides: Sequence[str] = 
     over seeds of the sweep's first objective). A learning rate set by the recipe's shared overrides, the arm or
     the command line wins over both, and is recorded as such.
     """
-    spec = exp.get("learning_rates")
+    exp = RecipeSettings.of(exp)
+    spec = exp.learning_rates
     if spec is None:
         return {}
     if isinstance(spec, str):
@@ -143,8 +148,8 @@ def arm_learning_rates(exp: Mapping[str, Any], train_overrides: Sequence[str] = 
         raise ConfigError(f"recipe learning_rates must be null, a mapping {{arm or loss: lr}} or the path of a "
                           f"finished sweep (trials.json or journal), got {spec!r}")
     used = {}
-    for arm, arm_overrides in exp["arms"].items():
-        sources = (("the recipe's overrides", exp.get("overrides") or []), ("the arm", arm_overrides),
+    for arm, arm_overrides in exp.arms.items():
+        sources = (("the recipe's overrides", exp.overrides), ("the arm", arm_overrides),
                    ("the command line", train_overrides))
         given = [(where, o.split("=", 1)[1]) for where, ovs in sources for o in ovs if override_key(o) == "trainer.lr"]
         if given:
@@ -243,14 +248,15 @@ def primaries(exp: Mapping[str, Any]) -> set[tuple[str, str, str]]:
     return declared
 
 
-def cell_overrides(exp: Mapping[str, Any], name: str, arm: str, arm_overrides: Sequence[str], seed: Any,
-                   train_overrides: Sequence[str]) -> list[str]:
+def cell_overrides(exp: RecipeSettings | Mapping[str, Any], name: str, arm: str, arm_overrides: Sequence[str],
+                   seed: Any, train_overrides: Sequence[str]) -> list[str]:
     """The training overrides of one cell (arm, seed): the recipe's shared ones, the arm's, the command line's,
     then the cell's experiment, seed, run name (``<arm>-seed<k>``) and data draw (:func:`data_draw`); the arm's
     learning rate from ``learning_rates`` (:func:`arm_learning_rates`) comes after the shared overrides."""
-    chosen = (exp.get("learning_rates_used") or {}).get(arm)
+    exp = RecipeSettings.of(exp)
+    chosen = exp.learning_rates_used.get(arm)
     lr = [f"trainer.lr={chosen['lr']!r}"] if chosen and not chosen["source"].startswith("set by") else []
-    overrides = [*exp.get("overrides", []), *lr, *arm_overrides, *train_overrides, f"experiment={name}",
+    overrides = [*exp.overrides, *lr, *arm_overrides, *train_overrides, f"experiment={name}",
                  f"seed={seed}", f"run_name={slug(arm)}-seed{seed}"]
     return [*overrides, *data_draw(exp, overrides, seed)]
 
@@ -263,19 +269,19 @@ def run_recipe(argv: Sequence[str], log=print) -> Path:
     of the cells that are complete. Returns the path of recipe.md.
     """
     name, exp, train_overrides = load_recipe(argv)
-    base = RunSettings.from_config(compose_config([*exp.get("overrides", []), *train_overrides]))
+    base = RunSettings.from_config(compose_config([*exp.overrides, *train_overrides]))
     exp_dir = Path(os.path.expanduser(base.out_dir)) / name
     exp_dir.mkdir(parents=True, exist_ok=True)
     run_dirs(exp, name, train_overrides)  # every arm's keys are checked before any training
-    if exp.get("report_only"):
+    if exp.report_only:
         return write_results(exp, name, train_overrides, exp_dir, complete_only=True, log=log)
-    launcher = launcher_of(exp, "recipe")
-    cells = len(exp["arms"]) * len(exp.get("seeds", [0]))
-    n, why = choose_workers(exp.get("workers"), cells, base.trainer.num_threads, base.fabric.accelerator)
+    launcher = exp.launcher
+    cells = len(exp.arms) * len(exp.seeds)
+    n, why = choose_workers(exp.workers, cells, base.trainer.num_threads, base.fabric.accelerator)
     if n > 1 or launcher == "submitit":
         log(f"[{name}] {n} workers via {launcher} ({why}) for {cells} runs", flush=True)
         if launcher == "submitit":
-            run_submitit("recipe", argv, "recipe", n, exp.get("slurm") or {}, exp_dir / "submitit",
+            run_submitit("recipe", argv, "recipe", n, exp.slurm, exp_dir / "submitit",
                          base.trainer.num_threads, log=log)
         else:
             run_local("recipe", argv, "recipe", n, base.trainer.num_threads)
@@ -297,23 +303,23 @@ def _unit(arm: str, seed: Any) -> str:
     return json.dumps([arm, seed])
 
 
-def settings_hash(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str]) -> str:
+def settings_hash(exp: RecipeSettings, name: str, train_overrides: Sequence[str]) -> str:
     """What a cell's run depends on besides its seed (arms, overrides, evaluations, metrics): workers with
     equal hashes share a queue; another recipe with the same name (other arms or overrides) gets its own."""
-    arms = {arm: cell_overrides(exp, name, arm, ov, "<seed>", train_overrides) for arm, ov in exp["arms"].items()}
-    key = json.dumps({"arms": arms, "evaluations": exp.get("evaluations") or {}, "metrics": exp.get("metrics")},
+    arms = {arm: cell_overrides(exp, name, arm, ov, "<seed>", train_overrides) for arm, ov in exp.arms.items()}
+    key = json.dumps({"arms": arms, "evaluations": exp.evaluations or {}, "metrics": exp.metrics},
                      sort_keys=True, default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def open_recipe_study(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path):
+def open_recipe_study(exp: RecipeSettings, name: str, train_overrides: Sequence[str], exp_dir: Path):
     """(study, storage) of the recipe's queue: ``recipe.storage`` (an RDB URL or a journal path) or the journal
     file ``<out_dir>/<recipe>/queue.journal``."""
     import optuna
 
 
-    storage = storage_for(exp.get("storage") or str(exp_dir / "queue.journal"), exp_dir, name,
-                          exp["heartbeat_interval"], exp["grace_period"])
+    storage = storage_for(exp.storage or str(exp_dir / "queue.journal"), exp_dir, name,
+                          exp.heartbeat_interval, exp.grace_period)
     study_name = f"recipe-{name}-{settings_hash(exp, name, train_overrides)}"
     study = retry_concurrent(lambda: optuna.create_study(
         study_name=study_name, storage=storage, direction="minimize", load_if_exists=True,
@@ -321,7 +327,7 @@ def open_recipe_study(exp: Mapping[str, Any], name: str, train_overrides: Sequen
     return study, storage
 
 
-def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path,
+def recipe_worker(exp: RecipeSettings, name: str, train_overrides: Sequence[str], exp_dir: Path,
                   log=print) -> Path:
     """Claim cells of the recipe's queue and train them until every cell is COMPLETE; the worker that claims the
     report unit writes results.json, comparisons.json and recipe.md. Dead workers' cells (heartbeat or process
@@ -332,12 +338,12 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
     state = optuna.trial.TrialState
     started = time.perf_counter()
     study, storage = open_recipe_study(exp, name, train_overrides, exp_dir)
-    cells = {_unit(arm, seed): (arm, seed) for arm in exp["arms"] for seed in exp.get("seeds", [0])}
+    cells = {_unit(arm, seed): (arm, seed) for arm in exp.arms for seed in exp.seeds}
     report_unit = "report:" + hashlib.sha1(json.dumps(sorted(cells)).encode()).hexdigest()[:10]  # of this grid
-    interval = float(exp["heartbeat_interval"])
+    interval = float(exp.heartbeat_interval)
     ran = 0
     while True:
-        reap_dead_trials(study, storage, {"grace_period": exp["grace_period"]}, log)
+        reap_dead_trials(study, storage, exp.grace_period, log)
         trials = study.get_trials(deepcopy=False)
         owners = {unit: unit_owner(trials, "unit", unit) for unit in [*cells, report_unit]}
         grid_done = all(owners[u] is not None and owners[u].state == state.COMPLETE for u in cells)
@@ -373,13 +379,13 @@ def recipe_worker(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
         ran += 1
 
 
-def run_dirs(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str]) -> dict[tuple[str, Any], Path]:
+def run_dirs(exp: RecipeSettings, name: str, train_overrides: Sequence[str]) -> dict[tuple[str, Any], Path]:
     """{(arm, seed): run folder} in arm x seed order, as training names them. One config per arm is composed
     (which checks its keys): the folder ``<out_dir>/<recipe>/<loss>/<arm>-seed<k>`` depends on the seed only
     through its name, and composing takes about half a second."""
-    seeds = exp.get("seeds", [0])
+    seeds = exp.seeds
     found = {}
-    for arm, arm_overrides in exp["arms"].items():
+    for arm, arm_overrides in exp.arms.items():
         cfg = compose_config(cell_overrides(exp, name, arm, arm_overrides, seeds[0] if seeds else 0, train_overrides))
         base = run_base(RunSettings.from_config(cfg))
         for seed in seeds:
@@ -390,11 +396,11 @@ def run_dirs(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str]) 
     return found
 
 
-def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overrides: Sequence[str],
+def run_cell(exp: RecipeSettings, name: str, arm: str, seed: Any, train_overrides: Sequence[str],
              log=print) -> float | None:
     """Train one cell unless its run folder holds summary.json (resuming from its newest checkpoint, if a dead
     worker left one), then its extra evaluations; returns the training wall time, None when nothing trained."""
-    overrides = cell_overrides(exp, name, arm, exp["arms"][arm], seed, train_overrides)
+    overrides = cell_overrides(exp, name, arm, exp.arms[arm], seed, train_overrides)
     run_dir = run_base(RunSettings.from_config(compose_config(overrides))) / f"{slug(arm)}-seed{seed}"
     trained_for = None
     if not (run_dir / "summary.json").is_file():
@@ -412,7 +418,7 @@ def run_cell(exp: Mapping[str, Any], name: str, arm: str, seed: Any, train_overr
     return trained_for
 
 
-def cell_row(exp: Mapping[str, Any], arm: str, seed: Any, run_dir: Path, trained_for: float | None,
+def cell_row(exp: RecipeSettings, arm: str, seed: Any, run_dir: Path, trained_for: float | None,
              log=print) -> dict[str, Any]:
     """The results.json row of a trained cell: its summary.json, the extra evaluations (each cached as
     ``<run>/eval-<name>.json``) and backfilled metrics."""
@@ -420,15 +426,15 @@ def cell_row(exp: Mapping[str, Any], arm: str, seed: Any, run_dir: Path, trained
     if trained_for is not None:
         summary.setdefault("wall_time_s", trained_for)  # a stopped run's summary has no time of its own
     finished = summary.get("status", "finished") == "finished"
-    for evaluation, eval_overrides in (exp.get("evaluations") or {}).items() if finished else ():
+    for evaluation, eval_overrides in exp.evaluations.items() if finished else ():
         metrics = cached_evaluation(run_dir, evaluation, eval_overrides)
         summary.update({f"{evaluation}/{k}": v for k, v in metrics.items()})
     if finished:
-        backfill_metrics(run_dir, summary, exp.get("metrics") or (), log=log)
+        backfill_metrics(run_dir, summary, exp.metrics, log=log)
     return {"arm": arm, "seed": seed, "gen_seed": _trained_gen_seed(run_dir), "run_dir": str(run_dir), **summary}
 
 
-def write_results(exp: Mapping[str, Any], name: str, train_overrides: Sequence[str], exp_dir: Path, study=None,
+def write_results(exp: RecipeSettings, name: str, train_overrides: Sequence[str], exp_dir: Path, study=None,
                   started: float | None = None, complete_only: bool = False, log=print) -> Path:
     """Write recipe.json, results.json and the report from the cells' run folders (``complete_only``: the cells
     whose summary.json exists; otherwise every cell must have one). Training wall times come from the queue."""
@@ -459,15 +465,15 @@ def write_results(exp: Mapping[str, Any], name: str, train_overrides: Sequence[s
         timing["invocation_wall_time_s"] = time.perf_counter() - started
     if first_start is not None and not complete_only:
         timing["grid_wall_time_s"] = time.time() - first_start  # the first claim to now, over all workers
-    exp = {**exp, "timing": timing}
-    (exp_dir / "recipe.json").write_text(json.dumps(exp, indent=1))  # the resolved file, for re-rendering
+    recipe = {**exp.to_dict(), "timing": timing}
+    (exp_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))  # the resolved file, for re-rendering
     (exp_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    report = write_recipe_report(exp, name, results, exp_dir)
+    report = write_recipe_report(recipe, name, results, exp_dir)
     log(f"[{name}] wrote {report} ({len(results)} runs)", flush=True)
     return report
 
 
-def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any) -> list[str]:
+def data_draw(exp: RecipeSettings | Mapping[str, Any], overrides: Sequence[str], seed: Any) -> list[str]:
     """The override that gives a run the data draw of its seed: ``data.gen_seed=<seed>``, or nothing.
 
     With ``vary_data`` (the default) every run generates the shapes data from its own seed (samples, val and test
@@ -476,7 +482,7 @@ def data_draw(exp: Mapping[str, Any], overrides: Sequence[str], seed: Any) -> li
     ``vary_data`` is false, when the recipe, the arm or the command line sets data.gen_seed itself, or when the
     run's data group has no generator (webdataset shards have no data.gen_seed).
     """
-    if not exp.get("vary_data", True) or any(override_key(o) == "data.gen_seed" for o in overrides):
+    if not RecipeSettings.of(exp).vary_data or any(override_key(o) == "data.gen_seed" for o in overrides):
         return []
     choice = next((o.split("=", 1)[1] for o in reversed(overrides) if override_key(o) == "data"), None)
     return [f"data.gen_seed={seed}"] if _has_generator(choice) else []

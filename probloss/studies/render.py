@@ -337,7 +337,7 @@ def write_recipe_page(exp: Mapping[str, Any], name: str, results: Sequence[Mappi
                 xs, ys, below, above = zip(*sorted(points))
                 ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, label=group)
             ax.set_xscale("log", base=2)
-            ax.set_xlabel(exp.get("x_label", ""))
+            ax.set_xlabel(exp.get("x_label") or "")
             ax.legend()
         else:
             ax.bar(range(len(arms)), means, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(arms))],

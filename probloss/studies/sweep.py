@@ -44,6 +44,7 @@ is recorded with its stability metrics (objective: the worst value), never a cra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -64,7 +65,8 @@ from omegaconf import OmegaConf
 
 from probloss import dist
 from probloss.errors import ConfigError, NonFiniteLossError, Preempted
-from probloss.studies.workers import choose_workers, launcher_of, run_local, run_submitit, worker_index
+from probloss.studies.settings import SweepSettings
+from probloss.studies.workers import choose_workers, run_local, run_submitit, worker_index
 from probloss.training.checkpoint import newest_checkpoint
 from probloss.training.config import compose_config, override_key
 from probloss.training.console import say
@@ -73,29 +75,21 @@ from probloss.training.loop import run_training
 from probloss.training.run_folder import resume_config, run_base
 from probloss.training.settings import RunSettings
 
-PARAM_TYPES = ("float", "int", "categorical")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 # --- configuration ------------------------------------------------------------------------------------------
 
 
-def load_sweep(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """The sweep section and the training overrides of a ``scripts/sweep.py`` command line.
+def load_sweep(argv: Sequence[str]) -> tuple[SweepSettings, list[str]]:
+    """The sweep section (checked: probloss/studies/settings.py) and the training overrides of a
+    ``scripts/sweep.py`` command line.
 
     ``argv`` is composed with configs/sweep.yaml (the training config plus ``sweep=<name>``), so every key is
     checked like a training run's; the training overrides are ``argv`` minus the ``sweep`` ones.
     """
     cfg = compose_config(argv, config_name="sweep")
-    sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
-    for key, spec in (sweep.get("space") or {}).items():
-        if spec.get("type") not in PARAM_TYPES:
-            raise ConfigError(f"sweep space {key}: type must be one of {PARAM_TYPES}, got {spec.get('type')!r}")
-    objectives = list(sweep.get("objectives") or [])
-    if not objectives:
-        raise ConfigError("give at least one sweep objective ({metric: ..., direction: maximize|minimize})")
-    if len(objectives) > 1 and sweep.get("pruner", "none") != "none":
-        raise ConfigError("multi-objective studies cannot prune (Optuna); set sweep.pruner=none")
+    sweep = SweepSettings.of(OmegaConf.to_container(cfg.sweep, resolve=True))
     train_overrides = [a for a in argv if not override_key(a).startswith("sweep")]
     return sweep, train_overrides
 
@@ -158,12 +152,12 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = "", seed: int | None = None):
+def make_sampler(cfg: SweepSettings, multi_objective: bool, loss_name: str = "", seed: int | None = None):
     """The study's sampler, seeded with ``seed`` (default ``sweep.seed``; workers pass :func:`trial_seed`)."""
-    seed = cfg.get("seed", 0) if seed is None else seed
-    kind = cfg.get("sampler", "tpe")
+    seed = cfg.seed if seed is None else seed
+    kind = cfg.sampler
     if kind == "grid":  # the points are enqueued (enqueue_grid); the sampler only serves a trial asked without one
-        return AskTellGridSampler(grid_space(cfg.get("space") or {}, loss_name), seed=seed)
+        return AskTellGridSampler(grid_space(cfg.space, loss_name), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
@@ -176,10 +170,10 @@ def make_sampler(cfg: Mapping, multi_objective: bool, loss_name: str = "", seed:
     raise ConfigError(f"unknown sweep.sampler {kind!r}; choose tpe, random, nsga2 or grid")
 
 
-def reseeds_per_trial(cfg: Mapping, multi_objective: bool) -> bool:
+def reseeds_per_trial(cfg: SweepSettings, multi_objective: bool) -> bool:
     """Whether the sampler draws every parameter when the trial suggests it (TPE, random): then each trial gets
     a sampler seeded by its own number, known only after ``ask`` (NSGA-II and the grid choose at ``ask``)."""
-    return cfg.get("sampler", "tpe") in ("tpe", "random") and not multi_objective
+    return cfg.sampler in ("tpe", "random") and not multi_objective
 
 
 def trial_seed(sweep_seed: int, identity: str | int) -> int:
@@ -189,9 +183,9 @@ def trial_seed(sweep_seed: int, identity: str | int) -> int:
     return zlib.crc32(f"{sweep_seed}:{identity}".encode())
 
 
-def make_pruner(cfg: Mapping):
-    kind = cfg.get("pruner", "none")
-    warmup = int(cfg.get("pruner_warmup_evals", 1))
+def make_pruner(cfg: SweepSettings):
+    kind = cfg.pruner
+    warmup = int(cfg.pruner_warmup_evals)
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup)
     if kind == "hyperband":
@@ -201,13 +195,13 @@ def make_pruner(cfg: Mapping):
     raise ConfigError(f"unknown sweep.pruner {kind!r}; choose median, hyperband or none")
 
 
-def open_study(cfg: Mapping, storage, study_name: str, loss_name: str = "") -> optuna.Study:
+def open_study(cfg: SweepSettings, storage, study_name: str, loss_name: str = "") -> optuna.Study:
     """Create the study once (or load it: another worker may have created it a moment ago).
 
     The study records its search (space, objectives, sampler, grid) as the user attribute ``search``; opening
     it with another search is an error (two sweeps given one name would silently share trials and results).
     """
-    directions = [o["direction"] for o in cfg["objectives"]]
+    directions = [o["direction"] for o in cfg.objectives]
     study = retry_concurrent(lambda: optuna.create_study(
         study_name=study_name, storage=storage, directions=directions, load_if_exists=True,
         sampler=make_sampler(cfg, len(directions) > 1, loss_name), pruner=make_pruner(cfg),
@@ -223,18 +217,19 @@ def open_study(cfg: Mapping, storage, study_name: str, loss_name: str = "") -> o
     return study
 
 
-def search_signature(cfg: Mapping, loss_name: str) -> str:
+def search_signature(cfg: SweepSettings, loss_name: str) -> str:
     """What makes two sweeps the same search: the space searched for ``loss_name``, objectives and sampler."""
-    space = {k: v for k, v in (cfg.get("space") or {}).items() if not v.get("losses") or loss_name in v["losses"]}
-    return json.dumps({"space": space, "objectives": list(cfg["objectives"]), "sampler": cfg.get("sampler", "tpe")},
+    space = {k: v for k, v in cfg.space.items() if not v.get("losses") or loss_name in v["losses"]}
+    return json.dumps({"space": space, "objectives": list(cfg.objectives), "sampler": cfg.sampler},
                       sort_keys=True, default=str)
 
 
-def grid_points(cfg: Mapping, loss_name: str) -> list[dict[str, Any]]:
+def grid_points(cfg: SweepSettings | Mapping, loss_name: str) -> list[dict[str, Any]]:
     """Every point of ``sampler: grid``, in a seeded order (``sweep.seed``): the order trials take them in."""
-    grid = grid_space(cfg.get("space") or {}, loss_name)
+    cfg = SweepSettings.of(cfg)
+    grid = grid_space(cfg.space, loss_name)
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    random.Random(int(cfg.get("seed", 0))).shuffle(points)
+    random.Random(int(cfg.seed)).shuffle(points)
     return points
 
 
@@ -255,13 +250,13 @@ def enqueue_grid(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> in
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
-def trial_budget(cfg: Mapping, loss_name: str) -> int:
+def trial_budget(cfg: SweepSettings, loss_name: str) -> int:
     """``n_trials``; for a grid without one, the size of the grid."""
-    if cfg.get("n_trials") is not None:
-        return int(cfg["n_trials"])
-    if cfg.get("sampler") != "grid":
+    if cfg.n_trials is not None:
+        return int(cfg.n_trials)
+    if cfg.sampler != "grid":
         raise ConfigError("sweep.n_trials is null; give a number of trials (only sampler=grid can leave it null)")
-    return math.prod(len(choices) for choices in grid_space(cfg.get("space") or {}, loss_name).values())
+    return math.prod(len(choices) for choices in grid_space(cfg.space, loss_name).values())
 
 
 def suggest_overrides(trial, space: Mapping, loss_name: str) -> list[str]:
@@ -396,10 +391,10 @@ def enqueue_resumes(study: optuna.Study) -> int:
     return sum("resumes" in t.user_attrs for t in waiting)
 
 
-def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print) -> None:
+def reap_dead_trials(study: optuna.Study, storage, grace_period: float, log=print) -> None:
     """Fail the trials of dead workers (:func:`fail_dead_trials`); a grid queues their points again
     (:func:`enqueue_grid`, called by the worker: a point whose trial failed has no live trial)."""
-    failed = fail_dead_trials(study, storage, float(sweep_cfg["grace_period"]))
+    failed = fail_dead_trials(study, storage, float(grace_period))
     if failed:
         log(f"[{study.study_name}] marked trials {failed} failed: their worker died", flush=True)
 
@@ -407,7 +402,7 @@ def reap_dead_trials(study: optuna.Study, storage, sweep_cfg: Mapping, log=print
 # --- running trials ---------------------------------------------------------------------------------------------
 
 
-def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss_name: str, study_name: str,
+def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: SweepSettings, loss_name: str, study_name: str,
               seed: int | None = None, fixed_params: Mapping | None = None, run_name: str | None = None,
               resume: bool = False) -> tuple[list[float], dict]:
     """Train one configuration; report the first objective at every evaluation (for pruning).
@@ -420,7 +415,7 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
     if fixed_params is not None:
         params = [f"{key}={value}" for key, value in fixed_params.items()]
     else:
-        params = suggest_overrides(trial, sweep_cfg.get("space") or {}, loss_name)
+        params = suggest_overrides(trial, sweep_cfg.space, loss_name)
     if run_name is None:
         run_name = f"{study_name}-trial{trial.number:04d}" if seed is None else f"{study_name}-seed{seed}"
     overrides = [*base_overrides, *params, f"run_name={run_name}"]
@@ -433,7 +428,7 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: Mapping, loss
     if resume:  # the same overrides as the interrupted trial's: resume_config refuses any change
         overrides.append("resume=auto")
         cfg, _ = resume_config(compose_config(overrides), overrides)
-    objectives = list(sweep_cfg["objectives"])
+    objectives = list(sweep_cfg.objectives)
     single = len(objectives) == 1
 
     def on_eval(step: int, metrics: Mapping[str, Any]) -> None:
@@ -475,7 +470,7 @@ def _record(trial, summary: Mapping[str, Any]) -> None:
                 trial.set_user_attr(key, value)
 
 
-def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overrides: list[str], loss_name: str,
+def worker(fabric, study: optuna.Study, storage, sweep_cfg: SweepSettings, base_overrides: list[str], loss_name: str,
            n_trials: int, log=print) -> int:
     """Ask, train and tell until the study has ``n_trials`` finished (complete or pruned); rank 0 talks to
     Optuna, other ranks follow. Trials of dead workers are failed first and do not count.
@@ -485,12 +480,12 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
     from optuna_integration import TorchDistributedTrial
 
     ran = 0
-    interval = float(sweep_cfg["heartbeat_interval"])
-    points = grid_points(sweep_cfg, loss_name) if sweep_cfg.get("sampler") == "grid" else None
+    interval = float(sweep_cfg.heartbeat_interval)
+    points = grid_points(sweep_cfg, loss_name) if sweep_cfg.sampler == "grid" else None
     while True:
         decision, trial = None, None
         if fabric.is_global_zero:
-            reap_dead_trials(study, storage, sweep_cfg, log)
+            reap_dead_trials(study, storage, sweep_cfg.grace_period, log)
             finished, running = count_taken(study)
             decision = "run" if finished + running < n_trials else "wait" if finished < n_trials else "stop"
             if decision == "run" and points is not None:  # a grid: claim an enqueued point, each run once
@@ -523,7 +518,7 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: Mapping, base_overri
             if worker_index() is not None:
                 trial.set_user_attr("worker", worker_index())
             if reseeds_per_trial(sweep_cfg, len(study.directions) > 1):  # before the trial suggests anything
-                seed = trial_seed(int(sweep_cfg.get("seed", 0)), trial.number)
+                seed = trial_seed(int(sweep_cfg.seed), trial.number)
                 study.sampler = make_sampler(sweep_cfg, False, loss_name, seed=seed)
                 trial.set_user_attr("sampler_seed", seed)
         run_name, resumes = dist.broadcast_object(fabric, (run_name, resumes))
@@ -613,18 +608,18 @@ def claim(study: optuna.Study, key: str):
     return None
 
 
-def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_overrides: list[str],
+def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: SweepSettings, base_overrides: list[str],
                loss_name: str, seeds: Sequence[int], log=print) -> None:
     """Re-run the best configuration once per seed, as trials of the study ``<study>-best`` (resumable; parallel
     workers share the seeds, each run once: :func:`unit_owner`)."""
     params = dist.broadcast_object(fabric, best_params(study) if fabric.is_global_zero else None)
-    rerun = open_study({**sweep_cfg, "pruner": "none"}, storage, f"{study.study_name}-best")
+    rerun = open_study(dataclasses.replace(sweep_cfg, pruner="none"), storage, f"{study.study_name}-best")
     state = optuna.trial.TrialState
-    interval = float(sweep_cfg["heartbeat_interval"])
+    interval = float(sweep_cfg.heartbeat_interval)
     while True:
         decision, trial = None, None
         if fabric.is_global_zero:
-            reap_dead_trials(rerun, storage, sweep_cfg, log)
+            reap_dead_trials(rerun, storage, sweep_cfg.grace_period, log)
             trials = rerun.get_trials(deepcopy=False)
             owners = {seed: unit_owner(trials, "seed", seed) for seed in seeds}
             for seed, owner in owners.items():
@@ -655,40 +650,40 @@ def rerun_best(fabric, storage, study: optuna.Study, sweep_cfg: Mapping, base_ov
             log(f"[{rerun.study_name}] seed {seed}: objective {', '.join(f'{v:.4g}' for v in values)}", flush=True)
 
 
-def sweep_losses(sweep_cfg: Mapping, train_overrides: Sequence[str], default_loss: str) -> list[str]:
+def sweep_losses(sweep_cfg: SweepSettings, train_overrides: Sequence[str], default_loss: str) -> list[str]:
     """The losses a sweep studies: the command line's ``loss=`` (the first), else ``sweep.losses``, else the
     config's default loss."""
     chosen = next((o.split("=", 1)[1] for o in train_overrides if o.startswith("loss=")), None)
-    return [chosen] if chosen else list(sweep_cfg.get("losses") or [default_loss])
+    return [chosen] if chosen else list(sweep_cfg.losses or [default_loss])
 
 
 def run_sweep(fabric, argv: Sequence[str], log=print) -> dict[str, optuna.Study]:
     """The whole sweep for ``argv`` (``sweep=<name> [loss=<name>] [sweep.key=..] [training overrides]``)."""
     sweep_cfg, train_overrides = load_sweep(argv)
     name = next(a.split("=", 1)[1] for a in argv if a.startswith("sweep="))
-    base = compose_config([*sweep_cfg.get("overrides", []), *train_overrides])  # checks every key up front
+    base = compose_config([*sweep_cfg.overrides, *train_overrides])  # checks every key up front
     if not any(o.startswith("experiment=") for o in train_overrides):
         train_overrides = [*train_overrides, f"experiment={name}"]
     experiment = next(o.split("=", 1)[1] for o in train_overrides if o.startswith("experiment="))
     losses = sweep_losses(sweep_cfg, train_overrides, base["loss"]["name"])
-    storage = storage_for(sweep_cfg.get("storage"), base["out_dir"], experiment, sweep_cfg["heartbeat_interval"],
-                          sweep_cfg["grace_period"])
+    storage = storage_for(sweep_cfg.storage, base["out_dir"], experiment, sweep_cfg.heartbeat_interval,
+                          sweep_cfg.grace_period)
     studies = {}
     for loss_name in losses:
-        overrides = [*sweep_cfg.get("overrides", []), *[o for o in train_overrides if not o.startswith("loss=")],
-                     f"loss={loss_name}", *(sweep_cfg.get("loss_overrides") or {}).get(loss_name, [])]
-        study_name = sweep_cfg.get("study_name") or default_study_name(experiment, name, loss_name)
-        if len(losses) > 1 and sweep_cfg.get("study_name"):
-            study_name = f"{sweep_cfg['study_name']}-{loss_name}"
+        overrides = [*sweep_cfg.overrides, *[o for o in train_overrides if not o.startswith("loss=")],
+                     f"loss={loss_name}", *sweep_cfg.loss_overrides.get(loss_name, [])]
+        study_name = sweep_cfg.study_name or default_study_name(experiment, name, loss_name)
+        if len(losses) > 1 and sweep_cfg.study_name:
+            study_name = f"{sweep_cfg.study_name}-{loss_name}"
         study = open_study(sweep_cfg, storage, study_name, loss_name)
         index = worker_index()
         if index and not reseeds_per_trial(sweep_cfg, len(study.directions) > 1):  # NSGA-II draws at ask
-            study.sampler = make_sampler(sweep_cfg, True, loss_name, seed=trial_seed(int(sweep_cfg.get("seed", 0)),
+            study.sampler = make_sampler(sweep_cfg, True, loss_name, seed=trial_seed(int(sweep_cfg.seed),
                                                                                      f"worker{index}"))
         n_trials = trial_budget(sweep_cfg, loss_name)
         worker(fabric, study, storage, sweep_cfg, overrides, loss_name, n_trials, log=log)
-        if sweep_cfg.get("rerun_seeds"):  # the worker returned: every trial of the search has finished
-            rerun_best(fabric, storage, study, sweep_cfg, overrides, loss_name, list(sweep_cfg["rerun_seeds"]), log)
+        if sweep_cfg.rerun_seeds:  # the worker returned: every trial of the search has finished
+            rerun_best(fabric, storage, study, sweep_cfg, overrides, loss_name, list(sweep_cfg.rerun_seeds), log)
         studies[loss_name] = study
     if fabric.is_global_zero:
         log(summary_table(studies), flush=True)
@@ -722,16 +717,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     as the one worker with one Fabric for all trials (``fabric run`` sets devices; its ranks are one worker)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep_cfg, train_overrides = load_sweep(argv)
-    run = RunSettings.from_config(compose_config([*sweep_cfg.get("overrides", []), *train_overrides]))
-    launcher = launcher_of(sweep_cfg, "sweep")
+    run = RunSettings.from_config(compose_config([*sweep_cfg.overrides, *train_overrides]))
+    launcher = sweep_cfg.launcher
     under_fabric_cli = "LT_CLI_USED" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not under_fabric_cli:
         budget = trial_budget(sweep_cfg, sweep_losses(sweep_cfg, train_overrides, run.loss_name)[0])
-        n, why = choose_workers(sweep_cfg.get("workers"), budget, run.trainer.num_threads, run.fabric.accelerator)
+        n, why = choose_workers(sweep_cfg.workers, budget, run.trainer.num_threads, run.fabric.accelerator)
         if n > 1 or launcher == "submitit":
             say(f"sweep: {n} workers via {launcher} ({why})")
             if launcher == "submitit":
-                run_submitit("sweep", argv, "sweep", n, sweep_cfg.get("slurm") or {},
+                run_submitit("sweep", argv, "sweep", n, sweep_cfg.slurm,
                              Path(os.path.expanduser(run.out_dir)) / "submitit", run.trainer.num_threads, log=say)
             else:
                 run_local("sweep", argv, "sweep", n, run.trainer.num_threads)

@@ -27,24 +27,16 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from probloss.errors import ConfigError, Preempted
+from probloss.studies.settings import SlurmSettings
 from probloss.training.config import override_key
 
 WORKER_ENV = "PROBLOSS_WORKER"
 COMMAND_LINE = "from probloss.cli import main; main()"  # a worker runs the command in a process of its own
-LAUNCHERS = ("local", "submitit")
-
-
-def launcher_of(cfg: Mapping[str, Any], section: str) -> str:
-    """``<section>.launcher`` (default "local"), checked against :data:`LAUNCHERS`."""
-    launcher = cfg.get("launcher", "local")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"unknown {section}.launcher {launcher!r}; choose {' or '.join(LAUNCHERS)}")
-    return launcher
 
 
 def usable_cores() -> int:
@@ -148,7 +140,7 @@ def _submitit_worker(command: str, argv: list[str], index: int, threads: int) ->
         raise RuntimeError(f"probloss {command} exited with {code}")
 
 
-def run_submitit(command: str, argv: Sequence[str], section: str, n: int, slurm: Mapping[str, Any],
+def run_submitit(command: str, argv: Sequence[str], section: str, n: int, slurm: SlurmSettings,
                  default_folder: str | Path, threads: int | None, log=print) -> list:
     """Submit ``n`` workers of ``probloss <command> argv`` as one job array (Slurm, or submitit's ``local`` /
     ``debug`` executors with ``slurm.cluster``) and, with ``slurm.wait``, wait for them.
@@ -159,24 +151,24 @@ def run_submitit(command: str, argv: Sequence[str], section: str, n: int, slurm:
         import submitit
     except ImportError as err:
         raise ConfigError(f"{section}.launcher=submitit needs submitit: pip install 'probloss[cluster]'") from err
-    folder = Path(os.path.expanduser(str(slurm.get("folder") or default_folder)))
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=slurm.get("cluster"))
-    params: dict[str, Any] = {"timeout_min": int(slurm.get("time_min") or 60), "name": f"probloss-{command}",
-                              "cpus_per_task": int(slurm.get("cpus_per_task") or max(1, int(threads or 1))),
-                              "slurm_array_parallelism": int(slurm.get("array_parallelism") or n)}
-    if slurm.get("gpus_per_node"):
-        params["gpus_per_node"] = int(slurm["gpus_per_node"])
-    if slurm.get("mem_gb"):
-        params["mem_gb"] = float(slurm["mem_gb"])
-    if slurm.get("partition"):
-        params["slurm_partition"] = str(slurm["partition"])
+    folder = Path(os.path.expanduser(str(slurm.folder or default_folder)))
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=slurm.cluster)
+    params: dict[str, Any] = {"timeout_min": int(slurm.time_min or 60), "name": f"probloss-{command}",
+                              "cpus_per_task": int(slurm.cpus_per_task or max(1, int(threads or 1))),
+                              "slurm_array_parallelism": int(slurm.array_parallelism or n)}
+    if slurm.gpus_per_node:
+        params["gpus_per_node"] = int(slurm.gpus_per_node)
+    if slurm.mem_gb:
+        params["mem_gb"] = float(slurm.mem_gb)
+    if slurm.partition:
+        params["slurm_partition"] = str(slurm.partition)
     executor.update_parameters(**params)
     args = worker_argv(argv, section)
     jobs = executor.map_array(_submitit_worker, [command] * n, [args] * n, list(range(n)),
                               [max(1, int(threads or 1))] * n)
     log(f"submitted {n} workers as job array {jobs[0].job_id.split('_')[0]} ({executor.cluster}); logs in {folder}",
         flush=True)
-    if slurm.get("wait", True):
+    if slurm.wait:
         errors = []
         for job in jobs:
             try:

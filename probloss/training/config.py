@@ -4,6 +4,12 @@ Why the compose API and not ``@hydra.main``: under ``fabric run``/torchrun every
 its own output folder. Here every rank composes the same config from ``configs/`` (no Hydra run folder, no
 chdir, no logging setup) and rank 0 makes the run folder (probloss.training.loop).
 
+The schema is the settings dataclasses: every default lives in one place and the YAML files only choose groups
+and override (:func:`register_schema` turns the dataclasses into the nodes they compose: probloss/training/
+settings.py for the run's keys, probloss/data/settings.py for ``data.*``, the losses' constructors for ``loss.*``,
+probloss/studies/settings.py for ``sweep.*`` and ``recipe.*``). Overrides are checked against the config those
+defaults compose to, key by key and type by type, so an error can list the keys that exist.
+
 ::
 
     cfg = compose_config(["loss=sigmoid", "trainer.max_steps=100"])
@@ -15,23 +21,30 @@ Errors (all :class:`ConfigError`, raised before anything is built or written):
 - an unknown choice (``loss=foo``) names it and lists the choices of the group;
 - a loss keyword the loss's constructor does not take lists the keywords it accepts.
 
-Any registered loss is a valid ``loss=<name>`` choice even without ``configs/loss/<name>.yaml``: its
-constructor's defaults become its config (so a plugin needs no config file).
+The ``loss`` group is generated: every registered loss is a choice ``loss=<name>`` whose config is ``name`` plus
+its constructor's keywords with their defaults (:func:`loss_defaults`; the loss's docstring documents each), so a
+default lives in the constructor only and a plugin needs no config file. A ``loss/<name>.yaml`` in a config folder
+of your own (``PROBLOSS_CONFIG_DIR``) sets the keys of that choice (its values win over the generated defaults).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import probloss
 from probloss.checks import unknown
+from probloss.data.settings import DataSettings
 from probloss.errors import ConfigError
 from probloss.models.towers import resolve_tower_config
+from probloss.schema import comments, defaults
+from probloss.training.settings import RunSettings, loss_kwargs, run_defaults, to_dict
 
 # An installed wheel carries the configs as package data (probloss/configs); a source checkout (editable
 # install, PYTHONPATH) has them in the top-level configs/ folder, the one copy.
@@ -78,7 +91,7 @@ def config_groups(config_name: str, directory: Path | None = None) -> dict[str, 
     except yaml.YAMLError as err:
         raise ConfigError(yaml_error(err, path)) from None
     for entry in primary.get("defaults", []):
-        if isinstance(entry, str) and entry != "_self_":
+        if isinstance(entry, str) and (directory / f"{entry}.yaml").is_file():  # another primary (- train)
             groups.update(config_groups(entry, directory))
         elif isinstance(entry, dict):
             groups.update({key.replace("optional ", ""): value for key, value in entry.items()})
@@ -122,7 +135,7 @@ def compose_config(
     except HydraException as err:
         raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
 
-    _register_plugin_losses(directory)
+    register_schema(directory)
     groups = config_groups(config_name, directory)
     choices = [o for o in parsed if o.key_or_group in groups and not o.is_delete()]
     for o in choices:
@@ -203,7 +216,8 @@ def _resolve_towers(cfg: DictConfig) -> None:
 
 
 def _is_new_loss_kwarg(schema: DictConfig, key: str) -> bool:
-    """Whether ``loss.<kwarg>`` is absent from the loss's yaml; raise unless the loss's constructor takes it."""
+    """Whether ``loss.<kwarg>`` is absent from the loss's config (a keyword without a plain default, a ``**kwargs``
+    one, or one a loss yaml of your own leaves out); raise unless the loss's constructor takes it."""
     parts = key.split(".")
     if len(parts) != 2 or parts[0] != "loss" or "loss" not in schema or parts[1] in schema.loss.keys():
         return False
@@ -281,13 +295,6 @@ def loss_signature(name: str) -> tuple[dict[str, Any], bool]:
     return kwargs, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
-def loss_kwargs(cfg: Mapping) -> dict[str, Any]:
-    """The keyword arguments of ``probloss.build_loss(cfg.loss.name, **kwargs)``: the loss section minus name."""
-    section = cfg["loss"]
-    section = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-    return {k: v for k, v in section.items() if k != "name"}
-
-
 def check_loss_kwargs(cfg: Mapping) -> None:
     """Raise ConfigError unless the loss is registered and takes every keyword its config section gives."""
     if "name" not in cfg["loss"]:
@@ -309,35 +316,48 @@ def check_loss_kwargs(cfg: Mapping) -> None:
         raise ConfigError(f"loss {name!r} needs {', '.join(f'loss.{k}=...' for k in required)}")
 
 
-def _register_plugin_losses(directory: Path) -> None:
-    """Make every registered loss without a yaml file a choice of the ``loss`` group (its defaults as config)."""
-    from hydra.core.config_store import ConfigStore
+def loss_defaults(name: str) -> dict[str, Any]:
+    """The generated config of ``loss=<name>``: ``name``, then every constructor keyword with its default (``???``
+    where it has none: the command must set it). A default that is not plain data (a tensor, a callable) is left
+    out: set it as ``loss.<keyword>=...`` if needed."""
+    accepted, _ = loss_signature(name)
+    node: dict[str, Any] = {"name": name}
+    for key, default in accepted.items():
+        if default is inspect.Parameter.empty:
+            node[key] = "???"
+        elif default is None or isinstance(default, (bool, int, float, str)):
+            node[key] = default
+    return node
 
+
+def register_schema(directory: Path | None = None) -> None:
+    """Register the nodes the config files compose: ``_run_settings`` (the run's top keys and its trainer, fabric
+    and eval sections: probloss/training/settings.py, after configs/train.yaml's group choices), ``data/_settings``
+    (every data source's keys: probloss/data/settings.py) and the ``loss`` group (:func:`register_losses`). Plain
+    data, not typed structured configs: the composed config is checked key by key below, with the messages that
+    list what exists."""
+    store = ConfigStore.instance()
+    store.store(name="_run_settings", node=run_defaults())
+    store.store(group="data", name="_settings", node=defaults(DataSettings))
+    register_losses(directory)
+
+
+def register_losses(directory: Path | None = None) -> None:
+    """Make every registered loss a choice of the ``loss`` group (Hydra's ConfigStore, :func:`loss_defaults`),
+    except where ``<directory>/loss/<name>.yaml`` exists (a config of your own: its values win)."""
+    directory = directory or config_dir()
     store = ConfigStore.instance()
     for name in probloss.list_losses():
         if (directory / "loss" / f"{name}.yaml").is_file():
             continue
         try:
-            accepted, _ = loss_signature(name)
+            node = loss_defaults(name)
         except Exception:  # a broken plugin fails later, with its own error, if it is chosen
             continue
-        node: dict[str, Any] = {"name": name}
-        for key, default in accepted.items():
-            if default is inspect.Parameter.empty:
-                node[key] = "???"
-            elif default is None or isinstance(default, (bool, int, float, str)):
-                node[key] = default
         store.store(group="loss", name=name, node=node)
 
 
 # --- saving and reading back ------------------------------------------------------------------------------------
-
-
-def to_dict(cfg: Mapping) -> dict[str, Any]:
-    """A plain, resolved dict (for checkpoints, hparams, json)."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
 
 
 def save_config(cfg: Mapping, run_dir: str | Path) -> Path:
@@ -384,6 +404,38 @@ def describe(config_name: str = "train", directory: Path | None = None) -> str:
     lines += ["", "groups:"] if groups else []
     for group, default in groups.items():
         lines.append(f"  {group}={{{','.join(group_options(group, directory))}}}   (default: {default})")
+    if "loss" in groups:
+        register_losses(directory)
+        lines += ["", "loss keywords (loss.<keyword>=value; their defaults are the constructor's, documented in its "
+                  "docstring):"]
+        for name in group_options("loss", directory):
+            try:
+                keywords = {k: v for k, v in loss_defaults(name).items() if k != "name"}
+            except Exception:  # a broken plugin: named, not listed
+                keywords = {}
+            lines.append(f"  {name}: " + " ".join(f"{k}={v}" for k, v in keywords.items()))
+    if "data" in groups:  # a training config: the keys the dataclasses hold, with their defaults and comments
+        lines += ["", "settings (key=default  # what it means; probloss/training/settings.py, data.*: "
+                  "probloss/data/settings.py, the shapes generator's own keys: configs/data/shapes.yaml):"]
+        lines += schema_lines(RunSettings) + schema_lines(DataSettings, "data.")
     path = directory / f"{config_name}.yaml"
     lines += ["", f"defaults ({path}):", "", path.read_text()]
     return "\n".join(lines)
+
+
+def schema_lines(cls, prefix: str = "") -> list[str]:
+    """``  <prefix><key>=<default>  # <comment>`` for every composed field of a settings dataclass, nested
+    sections as dotted keys (``trainer.lr``)."""
+    lines, notes = [], comments(cls)
+    node = defaults(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in node:
+            continue
+        value = node[f.name]
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            lines += schema_lines(type(f.default_factory()), f"{prefix}{f.name}.")
+            continue
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        note = f"  # {notes[f.name]}" if f.name in notes else ""
+        lines.append(f"  {prefix}{f.name}={shown}{note}")
+    return lines

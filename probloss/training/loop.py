@@ -170,10 +170,10 @@ def run_training(config: Sequence[str] | Mapping, fabric=None, on_eval: Callable
             if table and os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
                 for line in lines:
                     print(line, file=sys.stderr, flush=True)
+    run = RunSettings.from_config(cfg)  # once per run: train() is handed it
     if fabric is not None:
-        return train(fabric, cfg, on_eval, table)
-    run = RunSettings.from_config(cfg)
-    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg, on_eval, table)
+        return train(fabric, cfg, on_eval, table, run)
+    return launch(make_fabric(run.fabric, run.trainer.deterministic), train, cfg, on_eval, table, run)
 
 
 def main(overrides: Sequence[str] | None = None, table: bool = True) -> dict[str, Any]:
@@ -212,7 +212,7 @@ class Position:
 
 
 def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = None,
-          table: bool = True) -> TrainingResult:
+          table: bool = True, run: RunSettings | None = None) -> TrainingResult:
     """Train, evaluate and checkpoint one run (see the module docstring); called on every rank, through
     :func:`run_training`.
 
@@ -220,9 +220,10 @@ def train(fabric, cfg: Mapping, on_eval: Callable[[int, dict], None] | None = No
     ``{}`` elsewhere); sweeps use it to report to Optuna and to prune by raising. ``table``: print the
     end-of-run table and the ``[eval step N]`` lines; ``False`` (a sweep's trial, a recipe's run: the caller
     prints one line per run) prints neither: the eval lines go to out.log only (probloss/training/console.py).
+    ``run``: the settings of ``cfg`` where the caller built them already (:func:`run_training`); else built here.
     Raises :class:`Preempted` on SIGTERM/SIGINT.
     """
-    run = RunSettings.from_config(cfg)
+    run = RunSettings.from_config(cfg) if run is None else run
     # stack: the run's out.log and host tuning, once known; quiet_runs: a sweep's trial or a recipe's run keeps its
     # eval lines in out.log (one console line per run)
     with contextlib.ExitStack() as stack, StopSignals() as signals, quiet_runs(not table):

@@ -1,9 +1,12 @@
-"""Typed, frozen views of the run config, built once per run and passed to the functions that need them.
+"""The run config's schema: typed, frozen sections with every key's default and what it means, built once per run
+and passed to the functions that need them.
 
-The defaults live in ``configs/`` only (one flat, commented block each, nanoGPT style); these classes list the
-keys and their types, nothing else, so a function says what it reads (``train_step(..., grad_clip)``) instead
-of taking the whole config. A test checks that the keys of ``configs/train.yaml`` and of every
-``configs/data/*.yaml`` are exactly these fields, so the two cannot drift apart.
+These classes are where the defaults live (the comment above each field documents it); configs/train.yaml
+composes them (the node ``_run_settings``, registered by probloss/training/config.py) after its group choices,
+and keeps only its run commands and those choices. A function says what it reads (``train_step(...,
+grad_clip)``) instead of taking the whole config. A key a saved config (an older run's config.yaml) lacks takes
+its field's ``absent`` value (None unless the field says otherwise: probloss/schema.py), not today's default, so
+an old run resumes and evaluates as it ran.
 
 Every value is checked here, in one place, when a run's settings are built (``__post_init__`` of each class,
 :func:`check_path_component`, :func:`check_loss_choices`, :func:`check_make_data`): types, ranges (batch and
@@ -19,29 +22,37 @@ leaves no run folder behind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
 
 import probloss
 from probloss.checks import check_path_component, choice, fail, finite, int_at_least, is_int, is_number
 from probloss.data.settings import DataSettings
 from probloss.errors import ConfigError
 from probloss.models.linear import BACKENDS
-from probloss.training.config import loss_kwargs, to_dict
+from probloss.schema import build, defaults, setting
 
 
-def _build(cls, section: Mapping[str, Any], where: str):
-    """``cls`` from a config section: every field must be present (no defaults here), no other key allowed."""
-    names = [f.name for f in fields(cls)]
-    keys = set(section.keys())
-    extra = sorted(keys - set(names))
-    if extra:  # a key added to a yaml without a field here (caught by the tests, not by users)
-        raise KeyError(f"{where}: keys {extra} have no field in {cls.__name__}")
-    values = {}
-    for name in names:
-        value = section.get(name)
-        values[name] = tuple(value) if isinstance(value, (list, tuple)) else value
-    return cls(**values)
+def to_dict(cfg: Mapping) -> dict[str, Any]:
+    """A plain, resolved dict (for checkpoints, hparams, json)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def loss_kwargs(cfg: Mapping) -> dict[str, Any]:
+    """The keyword arguments of ``probloss.build_loss(cfg.loss.name, **kwargs)``: the loss section minus name."""
+    section = cfg["loss"]
+    section = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+def run_defaults() -> dict[str, Any]:
+    """The composed defaults of a run below its groups (loss, model, data): the top keys and the trainer, fabric
+    and eval sections, as plain data (the node configs/train.yaml starts from)."""
+    return defaults(RunSettings)
 
 
 def check_loss_choices(name: str, kwargs: Mapping[str, Any]) -> None:
@@ -56,29 +67,57 @@ def check_loss_choices(name: str, kwargs: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class TrainerSettings:
-    """``trainer.*`` of configs/train.yaml (its comments document each key)."""
+    """``trainer.*``: the optimisation, its schedule, evaluation and checkpoint cadence, and the numerics."""
 
-    max_steps: int
-    batch_size: int  # global, over all ranks
-    accum_steps: int
-    lr: float
-    min_lr_ratio: float
-    warmup_steps: int
-    weight_decay: float
-    betas: tuple[float, float]
-    eps: float
-    grad_clip: float | None
-    grad_clip_mode: str | None  # absolute | relative; None: a run saved before the key existed (absolute)
-    eval_every: int
-    ckpt_every: int
-    keep_last: int
-    log_every: int
-    on_nonfinite: str
-    max_nonfinite: int
-    deterministic: bool
-    progress: bool
-    num_threads: int | None
-    cpu_matmul: str | None  # None: a run saved before the key existed (trained on blas)
+    # optimizer steps
+    max_steps: int = 2000
+    # GLOBAL batch (all ranks together); per rank = batch_size / world_size
+    batch_size: int = 128
+    # GradCache micro-batches per rank per step (same update as one big batch, less memory)
+    accum_steps: int = 1
+    # peak learning rate of AdamW
+    lr: float = 2.0e-3
+    # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    # linear warmup from 0
+    warmup_steps: int = 100
+    # not applied to norms, biases, embeddings of rank < 2 or the loss's own parameters
+    weight_decay: float = 0.1
+    # AdamW betas (CLIP's)
+    betas: tuple[float, float] = (0.9, 0.98)
+    # AdamW eps
+    eps: float = 1.0e-6
+    # max global grad norm (0 or null: no clipping, the norm is still logged)
+    grad_clip: float | None = 1.0
+    # absolute: clip at grad_clip | relative: at grad_clip x the median pre-clip norm of the run's first 20 steps
+    # (each loss against its own gradient scale, which differs by an order of magnitude at init between the
+    # proposal and infonce: docs/performance.md). stability/grad_norm_init reports it. A run saved before the key
+    # existed: null (absolute)
+    grad_clip_mode: str | None = setting("absolute")
+    # evaluate every N steps (0: only at the end)
+    eval_every: int = 500
+    # checkpoint every N steps (0: only at the end)
+    ckpt_every: int = 500
+    # checkpoints kept in <run>/checkpoints/
+    keep_last: int = 2
+    # TensorBoard scalars every N steps (loss diagnostics too)
+    log_every: int = 10
+    # NaN/Inf loss or grads: skip (skip the update and count it) | stop (exit non-zero)
+    on_nonfinite: str = "skip"
+    # stop anyway after this many consecutive non-finite steps (diverged)
+    max_nonfinite: int = 20
+    # torch.use_deterministic_algorithms (CPU runs are bit-reproducible)
+    deterministic: bool = True
+    # progress bar on rank 0
+    progress: bool = True
+    # torch intra-op threads per rank (null: torch's default, split between local CPU ranks). 1: the tiny model's
+    # operators are too small to split (more threads are slower on a CPU: docs/performance.md); on GPUs it does
+    # not matter
+    num_threads: int | None = 1
+    # float32 CPU linear layers of the built-in towers: auto (onednn where torch has it) | onednn | blas (MKL;
+    # bit-identical to runs from before this key; speeds: docs/performance.md). Not used on GPUs
+    # (probloss/models/linear.py). A run saved before the key existed: null (trained on blas)
+    cpu_matmul: str | None = setting("auto")
 
     def __post_init__(self) -> None:
         if self.grad_clip_mode not in (None, "absolute", "relative"):
@@ -110,11 +149,15 @@ class TrainerSettings:
 class FabricSettings:
     """``fabric.*``: what Fabric is built with (values ``fabric run`` sets are ignored under it)."""
 
-    accelerator: str
-    devices: Any  # an int, a list of device ids or "auto"
-    num_nodes: int
-    strategy: str
-    precision: str
+    # auto | cpu | cuda | mps | tpu   (ignored under `fabric run`, which sets it)
+    accelerator: str = "auto"
+    # per node: an int, -1, a list of device ids or auto (ignored under `fabric run`, use --devices)
+    devices: Any = 1
+    num_nodes: int = 1
+    # auto | ddp | ddp_find_unused_parameters_true | xla: data-parallel only (probloss/training/launch.py)
+    strategy: str = "auto"
+    # auto: bf16-mixed on GPU/TPU, 32-true on CPU | 32-true | bf16-mixed | 64-true | ...
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         int_at_least("fabric.num_nodes", self.num_nodes, 1)
@@ -129,10 +172,15 @@ class FabricSettings:
 class EvalSettings:
     """``eval.*``: what the run-time evaluation does."""
 
-    max_samples: int | None
-    projector_samples: int
-    noise_std: float
-    image_noise: float
+    # cap on val samples (null: the whole val split)
+    max_samples: int | None = None
+    # val embeddings written to TensorBoard's projector at the end (0: none)
+    projector_samples: int = 512
+    # losses with log-std, at the end: image sigma on val images with this pixel noise vs clean
+    # (unc/image_sigma_noise_ratio > 1: noise raises sigma); 0: skip
+    noise_std: float = 0.1
+    # Gaussian pixel noise (std) on every val image: robustness evaluation (0: clean)
+    image_noise: float = 0.0
 
     def __post_init__(self) -> None:
         int_at_least("eval.max_samples", self.max_samples, 1, optional=True, why=" (null: the whole val split)")
@@ -144,20 +192,30 @@ class EvalSettings:
 @dataclass(frozen=True)
 class RunSettings:
     """The whole run: the sections above plus the run folder keys. ``loss`` and ``model`` stay plain dicts: a
-    loss's keywords are its constructor's, a model's are the encoder builder's, and those check them."""
+    loss's keywords are its constructor's (the ``loss`` group is generated from it), a model's are the encoder
+    builder's (configs/model/<name>.yaml), and those check them; ``data`` comes from configs/data/<name>.yaml over
+    :class:`probloss.data.settings.DataSettings`."""
 
-    seed: int
-    out_dir: str
-    experiment: str
-    run_name: str | None
-    resume: str | None
     loss_name: str
     loss_kwargs: Mapping[str, Any]
     model: Mapping[str, Any]
-    trainer: TrainerSettings
-    fabric: FabricSettings
-    eval: EvalSettings
     data: DataSettings
+    # one seed for model init, data order, noise and dropout (per step and rank)
+    seed: int = 0
+    # run folder: <out_dir>/<experiment>/<loss>/<run_name>/
+    out_dir: str = "runs"
+    # a name grouping runs you want to compare
+    experiment: str = "default"
+    # null: a timestamp chosen by rank 0
+    run_name: str | None = None
+    # null: fresh run | auto: continue run_name (it must exist), or without run_name the run with the newest
+    # checkpoint in the experiment | a run folder or checkpoint. A resumed run keeps its saved config.yaml: other
+    # values on the command line are refused, except trainer.max_steps (an extension, announced). SIGTERM/SIGINT
+    # save and print the command
+    resume: str | None = None
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    fabric: FabricSettings = field(default_factory=FabricSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
         int_at_least("seed", self.seed, 0)
@@ -183,8 +241,8 @@ class RunSettings:
             run_name=None if plain["run_name"] is None else str(plain["run_name"]),
             resume=None if plain["resume"] is None else str(plain["resume"]),
             loss_name=str(plain["loss"]["name"]), loss_kwargs=loss_kwargs(plain), model=dict(plain["model"]),
-            trainer=_build(TrainerSettings, plain["trainer"], "trainer"),
-            fabric=_build(FabricSettings, plain["fabric"], "fabric"),
-            eval=_build(EvalSettings, plain["eval"], "eval"),
-            data=_build(DataSettings, plain["data"], "data"),
+            trainer=build(TrainerSettings, plain["trainer"], "trainer"),
+            fabric=build(FabricSettings, plain["fabric"], "fabric"),
+            eval=build(EvalSettings, plain["eval"], "eval"),
+            data=build(DataSettings, plain["data"], "data"),
         )

@@ -1,25 +1,16 @@
-"""configs/loss/<name>.yaml against its loss's constructor: the constructor's defaults are the one source.
-
-A loss yaml lists every keyword of the constructor with exactly its default (floats spelled with enough digits to
-read back the same double), so a run's saved config.yaml records every option, and a default changed in one
-place only fails here.
-"""
+"""The ``loss`` config group is generated from the registered losses' constructors: the constructor's defaults are
+the one source (probloss/training/config.py loss_defaults), so a run's saved config.yaml records every option and
+a default changed in the constructor is the default of ``loss=<name>`` at once."""
 
 import inspect
-from pathlib import Path
+import shutil
+import warnings
 
 import pytest
-import yaml
-from omegaconf import OmegaConf
 
 import probloss
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "loss"
-NAMES = sorted({path.stem for path in CONFIGS.glob("*.yaml")} | set(probloss.list_losses()))
-LOADERS = {
-    "yaml.safe_load": lambda path: yaml.safe_load(path.read_text()),
-    "OmegaConf.load": lambda path: OmegaConf.to_container(OmegaConf.load(path)),  # what Hydra reads
-}
+from probloss.errors import ConfigError
+from probloss.training.config import compose_config, config_dir, describe, loss_kwargs
 
 
 def constructor_defaults(name):
@@ -28,24 +19,55 @@ def constructor_defaults(name):
     return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-@pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("name", NAMES)
-def test_loss_yaml_lists_exactly_the_constructor_defaults(name, loader):
-    path = CONFIGS / f"{name}.yaml"
-    if not path.is_file():
-        pytest.skip(f"{name} has no {path.name}: its config is its constructor's defaults (probloss.training.config)")
-    assert name in probloss.list_losses(), f"{path.name} configures {name!r}, which is not a registered loss"
-    section = LOADERS[loader](path)
-    assert section.pop("name") == name
-    defaults = constructor_defaults(name)
-    unknown = sorted(set(section) - set(defaults))
-    assert not unknown, f"{path.name}: {unknown} are not keywords of {name}'s constructor {sorted(defaults)}"
-    missing = sorted(set(defaults) - set(section))
-    assert not missing, f"{path.name} leaves out {missing}: list them with the constructor's defaults"
-    for key, value in section.items():
-        default = defaults[key]
-        # type too: 1 == 1.0 == True in Python, but a yaml 1 for a float default is a different spelling
-        assert type(value) is type(default) and value == default, (
-            f"{path.name}: {key}: {value!r} differs from {name}'s constructor default {default!r}; "
-            "change both or neither (write the default's repr in the yaml)"
-        )
+@pytest.mark.parametrize("name", probloss.list_losses())
+def test_the_loss_group_is_the_constructor_defaults(name):
+    cfg = compose_config([f"loss={name}"])
+    assert cfg.loss.name == name
+    given, defaults = loss_kwargs(cfg), constructor_defaults(name)
+    assert list(given) == list(defaults)  # every keyword, in the constructor's order
+    for key, default in defaults.items():
+        # type too: 1 == 1.0 == True in Python; a float default must not come back as an int
+        assert type(given[key]) is type(default) and given[key] == default, (key, given[key], default)
+
+
+@pytest.mark.parametrize("name", probloss.list_losses())
+def test_the_help_lists_every_loss_with_its_defaults(name):
+    text = describe("train")
+    line = next(line for line in text.splitlines() if line.startswith(f"  {name}: "))
+    for key, default in constructor_defaults(name).items():
+        assert f"{key}={default}" in line
+
+
+def test_a_keyword_override_reaches_the_loss_and_an_unknown_one_lists_the_keywords():
+    cfg = compose_config(["loss=sigmoid", "loss.init_logit_bias=-5", "loss.neg_mask=random"])
+    assert cfg.loss.init_logit_bias == -5 and cfg.loss.neg_mask == "random"
+    assert probloss.build_loss("sigmoid", **loss_kwargs(cfg)).neg_mask == "random"
+    with pytest.raises(ConfigError) as err:
+        compose_config(["loss=sigmoid", "loss.init_logit_biass=1"])
+    message = str(err.value)
+    assert "unknown keyword for loss 'sigmoid': 'init_logit_biass'. Did you mean 'init_logit_bias'" in message
+    assert "loss.<keyword>=value" in message
+
+
+def test_a_required_keyword_and_a_loss_yaml_of_ones_own(tmp_path, monkeypatch):
+    @probloss.register_loss("_cfg_required_loss")
+    class _Loss(probloss.ContrastiveLoss):
+        def __init__(self, margin: float, scale: float = 2.0):
+            super().__init__()
+            self.margin, self.scale = margin, scale
+
+    try:
+        with pytest.raises(ConfigError, match=r"missing \(\?\?\?\): loss.margin"):
+            compose_config(["loss=_cfg_required_loss"])
+        cfg = compose_config(["loss=_cfg_required_loss", "loss.margin=0.5"])
+        assert loss_kwargs(cfg) == {"margin": 0.5, "scale": 2.0}
+        # a config folder of one's own may hold loss/<name>.yaml: its values win over the generated defaults
+        folder = tmp_path / "configs"
+        shutil.copytree(config_dir(), folder)
+        (folder / "loss" / "_cfg_required_loss.yaml").write_text("name: _cfg_required_loss\nmargin: 0.25\n")
+        with warnings.catch_warnings():  # Hydra's note that the file is matched with the generated node
+            warnings.simplefilter("ignore", UserWarning)
+            cfg = compose_config(["loss=_cfg_required_loss"], directory=folder)
+        assert loss_kwargs(cfg)["margin"] == 0.25
+    finally:
+        probloss.LOSSES.remove("_cfg_required_loss")
