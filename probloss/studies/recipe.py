@@ -73,6 +73,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import optuna
 from omegaconf import OmegaConf
 
 from probloss.errors import ConfigError, NonFiniteLossError
@@ -315,8 +316,6 @@ def settings_hash(exp: RecipeSettings, name: str, train_overrides: Sequence[str]
 def open_recipe_study(exp: RecipeSettings, name: str, train_overrides: Sequence[str], exp_dir: Path):
     """(study, storage) of the recipe's queue: ``recipe.storage`` (an RDB URL or a journal path) or the journal
     file ``<out_dir>/<recipe>/queue.journal``."""
-    import optuna
-
 
     storage = storage_for(exp.storage or str(exp_dir / "queue.journal"), exp_dir, name,
                           exp.heartbeat_interval, exp.grace_period)
@@ -332,8 +331,6 @@ def recipe_worker(exp: RecipeSettings, name: str, train_overrides: Sequence[str]
     """Claim cells of the recipe's queue and train them until every cell is COMPLETE; the worker that claims the
     report unit writes results.json, comparisons.json and recipe.md. Dead workers' cells (heartbeat or process
     id, probloss.studies.sweep.fail_dead_trials) are failed, queued again and resumed from their newest checkpoint."""
-    import optuna
-
 
     state = optuna.trial.TrialState
     started = time.perf_counter()
@@ -438,8 +435,6 @@ def write_results(exp: RecipeSettings, name: str, train_overrides: Sequence[str]
                   started: float | None = None, complete_only: bool = False, log=print) -> Path:
     """Write recipe.json, results.json and the report from the cells' run folders (``complete_only``: the cells
     whose summary.json exists; otherwise every cell must have one). Training wall times come from the queue."""
-    import optuna
-
     if study is None:
         try:
             study = open_recipe_study(exp, name, train_overrides, exp_dir)[0]

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -62,6 +63,10 @@ from typing import Any, Mapping, Sequence
 
 import optuna
 from omegaconf import OmegaConf
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna_integration import TorchDistributedTrial
+from sqlalchemy.exc import SQLAlchemyError
 
 from probloss import dist
 from probloss.errors import ConfigError, NonFiniteLossError, Preempted
@@ -108,8 +113,6 @@ def storage_for(spec: str | None, out_dir: str | Path, experiment: str, heartbea
                 return optuna.storages.RDBStorage(spec, heartbeat_interval=int(heartbeat_interval),
                                                   grace_period=int(grace_period))
         return retry_concurrent(connect, f"connecting to {spec}")
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     path = Path(spec) if spec else Path(out_dir) / "sweeps" / f"{experiment}.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +122,6 @@ def storage_for(spec: str | None, out_dir: str | Path, experiment: str, heartbea
 def retry_concurrent(make, what: str, attempts: int = 8):
     """``make()``, retried with a growing random pause when a concurrent worker's insert collided with ours
     (SQLAlchemy errors: duplicate tables, rows or types while the schema or the study is being created)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     for attempt in range(attempts):
         try:
             return make()
@@ -450,8 +451,6 @@ def _resumable(run_dir: Path) -> bool:
     """Whether an interrupted trial's run folder holds a checkpoint to resume from; a folder without one (the
     worker stopped before its first checkpoint) is removed, so the trial starts again in a clean folder (one
     event file, as recipes do). Rank 0 only."""
-    import shutil
-
 
     if newest_checkpoint(run_dir) is not None:
         return True
@@ -477,8 +476,6 @@ def worker(fabric, study: optuna.Study, storage, sweep_cfg: SweepSettings, base_
 
     Returns the number of trials this worker ran.
     """
-    from optuna_integration import TorchDistributedTrial
-
     ran = 0
     interval = float(sweep_cfg.heartbeat_interval)
     points = grid_points(sweep_cfg, loss_name) if sweep_cfg.sampler == "grid" else None

@@ -20,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+from lightning_fabric.wrappers import _unwrap_objects  # rank 0 saves alone when a write may fail (save_checkpoint)
 
 from probloss import dist
 from probloss.errors import WriteError
@@ -73,8 +74,6 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, state: dict[str, Any
             final.parent.mkdir(parents=True, exist_ok=True)
         dist.barrier(fabric)
         if fabric.world_size > 1:  # fabric.save ends in a barrier that rank 0 would not reach if its write failed
-            from lightning_fabric.wrappers import _unwrap_objects
-
             fabric.strategy.save_checkpoint(path=tmp, state=_unwrap_objects(state))
         else:
             fabric.save(tmp, state)

@@ -35,7 +35,11 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import yaml
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import probloss
@@ -80,8 +84,6 @@ def config_groups(config_name: str, directory: Path | None = None) -> dict[str, 
 
     A default of ``"???"`` means the command must choose (``sweep=<name>``).
     """
-    import yaml
-
     directory = directory or config_dir()
     path = directory / f"{config_name}.yaml"
     groups: dict[str, Any] = {}
@@ -121,11 +123,6 @@ def compose_config(
     Returns:
         The resolved config (a read-only, struct-mode DictConfig).
     """
-    import yaml
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     directory = Path(directory).resolve() if directory else config_dir()
     if not (directory / f"{config_name}.yaml").is_file():
         raise ConfigError(f"no config {config_name!r}: {directory / (config_name + '.yaml')} does not exist")
@@ -372,9 +369,6 @@ def save_config(cfg: Mapping, run_dir: str | Path) -> Path:
 def apply_overrides(saved: Mapping, overrides: Sequence[str], what: str) -> DictConfig:
     """A saved, resolved config (a checkpoint's) with ``key=value`` overrides in the same grammar and with the
     same checks as :func:`compose_config`: an unknown key is an error that lists the keys there."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     cfg = OmegaConf.create(dict(saved))
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))

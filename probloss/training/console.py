@@ -28,6 +28,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 class Tee(io.TextIOBase):
     """A text stream that writes to the console stream and to a log file (see the module docstring)."""
@@ -144,6 +146,4 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def say(message: str, error: bool = False) -> None:
     """Print a line above any progress bar (tqdm.write), to stderr for warnings."""
-    from tqdm import tqdm
-
     tqdm.write(message, file=sys.stderr if error else sys.stdout)

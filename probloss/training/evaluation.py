@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning_fabric import Fabric
 
 from probloss import dist
 from probloss.data.prepare import DataSpec, load_eval, prepare_data
@@ -183,8 +185,6 @@ def evaluate_command(argv: Sequence[str]) -> dict[str, Any]:
 
 def _chosen(overrides: Sequence[str]) -> list[str]:
     """The names of ``benchmark=[a,b]`` (or ``benchmark=a``) among the overrides, in order."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     names: list[str] = []
     for o in OverridesParser.create().parse_overrides([a for a in overrides if a.split("=", 1)[0] == "benchmark"]):
         value = o.value()
@@ -202,8 +202,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), benchma
     with ``selected`` benchmark names: evaluate those instead (probloss/eval/benchmarks/), every file checked
     before the checkpoint is read, and write ``eval.output``.
     """
-    from lightning_fabric import Fabric
-
 
     if Path(path).exists():  # a corrupt checkpoint is named and the previous readable one of its run used
         found = ckpt.readable_checkpoint(path)

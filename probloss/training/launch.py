@@ -21,6 +21,7 @@ import os
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+from lightning_fabric import Fabric
 
 from probloss import dist
 from probloss.errors import ConfigError
@@ -35,8 +36,6 @@ def under_fabric_cli() -> bool:
 def make_fabric(settings: FabricSettings, deterministic: bool):
     """A Fabric from ``fabric.*``; values that ``fabric run`` sets through the environment are not passed
     (Fabric raises on a mismatch between the two)."""
-    from lightning_fabric import Fabric
-
     kwargs: dict[str, Any] = {}
     cli = under_fabric_cli()
     check_strategy(os.environ["LT_STRATEGY"] if cli and "LT_STRATEGY" in os.environ else settings.strategy)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from probloss import dist
 from probloss.data.prepare import load_eval, prepare_data, train_batches
@@ -624,6 +625,5 @@ def _train_scalars(trainee, optimizer, out: StepOutput, timer: Timer, pos: Posit
 def _progress(fabric, t: TrainerSettings, start: int):
     if not (fabric.is_global_zero and t.progress):
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)

@@ -22,12 +22,15 @@ import contextlib
 import itertools
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from lightning_fabric.loggers import TensorBoardLogger
 from omegaconf import DictConfig
+from omegaconf import OmegaConf
 
 from probloss.errors import ConfigError, DataError
 from probloss.files import fmt_number, write_json
@@ -111,8 +114,6 @@ def resume_config(cfg: Mapping, overrides: Sequence[str]) -> tuple[DictConfig, l
         (the run's config, read-only, with ``resume`` pointing at its folder; lines to print: which run, what
         was extended).
     """
-    from omegaconf import OmegaConf
-
 
     run = RunSettings.from_config(cfg)
     keys = [override_key(o) for o in overrides]
@@ -279,8 +280,6 @@ def run_folder_lock(run_dir: str | Path):
 def _remove_own_folder(run_dir: Path) -> None:
     """Remove a run folder this process made (no checkpoint in it) and the empty folders above it, up to
     ``<out_dir>``."""
-    import shutil
-
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in list(run_dir.parents)[:2]:  # <experiment>/<loss>, the folders resolve_run_dir made for it
         try:
@@ -309,8 +308,6 @@ def check_resume_config(path: str | Path, cfg: Mapping, announce: bool) -> dict:
 def make_logger(run_dir: Path, purge_step: int | None = None):
     """Fabric's TensorBoardLogger writing straight into the run folder (so `tensorboard --logdir runs` shows
     every run as <experiment>/<loss>/<run_name>); on resume, events after the checkpoint's step are purged."""
-    from lightning_fabric.loggers import TensorBoardLogger
-
     kwargs = {"purge_step": purge_step} if purge_step is not None else {}
     return TensorBoardLogger(root_dir=str(run_dir), name="", version="", default_hp_metric=False, **kwargs)
 
