@@ -137,6 +137,7 @@ def measure() -> dict:
     files = source_files()
     modules = set(files)
     graph = {m: set() for m in modules}
+    module_level = {m: set() for m in modules}  # the arrows that run when a module is imported
     inside, upward = [], []
     for module, path in files.items():
         for item in imports_of(module, path, modules):
@@ -150,6 +151,8 @@ def measure() -> dict:
             if module != "probloss" and target.startswith(module + "."):
                 continue
             graph[module].add(target)
+            if not item["in_function"]:
+                module_level[module].add(target)
             if layer_of(target) > layer_of(module):
                 upward.append({"where": where, "from": module, "to": target})
     folders = Counter(str(p.parent.relative_to(REPO)) for p in files.values() if p.name != "__init__.py")
@@ -159,6 +162,7 @@ def measure() -> dict:
         "modules": len(files),
         "arrows": sum(len(t) for t in graph.values()),
         "circles": strongly_connected(graph),
+        "circles_of_module_level_imports": strongly_connected(module_level),
         "imports_inside_functions": len(inside),
         "internal_imports_inside_functions": sum(i["internal"] for i in inside),
         "inside_functions": inside,
@@ -178,6 +182,9 @@ def main():
     print(f"modules: {result['modules']}   arrows between modules: {result['arrows']}")
     print(f"import circles: {len(result['circles'])}")
     for circle in result["circles"]:
+        print(f"  {len(circle)} modules: {', '.join(circle)}")
+    print(f"import circles among module-level imports only: {len(result['circles_of_module_level_imports'])}")
+    for circle in result["circles_of_module_level_imports"]:
         print(f"  {len(circle)} modules: {', '.join(circle)}")
     print(f"imports inside functions: {result['imports_inside_functions']} "
           f"({result['internal_imports_inside_functions']} of probloss modules)")
