@@ -280,7 +280,7 @@ def test_malformed_yaml_names_its_file_and_line(tmp_path):
     assert out.returncode == 2
     line = one_line_error(out, "config error: malformed YAML in ")
     assert f"{configs / 'loss' / 'sigmoid.yaml'}, line 3" in line
-    (configs / "train.yaml").write_text((configs / "train.yaml").read_text().replace("seed: 0 ", "seed: [0 ", 1))
+    (configs / "train.yaml").write_text((configs / "train.yaml").read_text() + "seed: [0\n")  # an unclosed list
     with pytest.raises(ConfigError, match=r"malformed YAML in .*train\.yaml, line \d+"):
         compose_config([], directory=configs)
 
