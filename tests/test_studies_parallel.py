@@ -46,6 +46,14 @@ def start(script, args):
     return process
 
 
+def wait_for(process, text, timeout=120):
+    """Until ``text`` is in the process's output (Optuna logs "... study ..." when a worker opens the queue)."""
+    deadline = time.monotonic() + timeout
+    while text not in process.log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.log.read_text()[-4000:]
+        time.sleep(0.1)
+
+
 def finish(process, timeout=600):
     process.wait(timeout=timeout)
     output = process.log.read_text()
@@ -86,6 +94,9 @@ def test_two_recipe_commands_share_the_grid_and_train_each_run_once(tmp_path, ca
     url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
     extra = [f"recipe.storage={url}"] if url else []
     first = start("run_recipe.py", recipe_args(tmp_path, cache_dir, "recipe.workers=2", *extra))
+    # The second command starts once the first one's workers have opened the queue: a command's own imports take
+    # longer than these tiny runs, so started together the in-process worker could train all four alone.
+    wait_for(first, "study")
     second = start("run_recipe.py", recipe_args(tmp_path, cache_dir, "recipe.workers=1", *extra))
     output = finish(first) + finish(second)
     assert output.count("[proposal] training ") == 4, output  # 2 arms x 2 seeds, each once
