@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from probloss.errors import ConfigError
+from probloss.models.settings import ModelSettings
 from probloss.studies.recipe import load_recipe
 from probloss.studies.settings import RecipeSettings, SlurmSettings, SweepSettings
 from probloss.studies.sweep import load_sweep
 from probloss.training.config import compose_config, to_dict
+from probloss.training.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "e5d48e5"  # the last commit with every default in configs/*.yaml
@@ -25,7 +27,11 @@ COMMANDS = [("train", []), ("sweep", ["sweep=lr"]), ("recipe", ["recipe=proposal
             ("make_data", ["out=x", "train_size=10", "val_size=10"]), ("evaluate", ["checkpoint=x.ckpt"]),
             *[("train", [f"loss={name}"]) for name in ("gaussian_var", "sigmoid", "sigmoid_var", "pcmepp", "prolip")],
             ("train", ["data=webdataset", "data.train_shards=a.tar", "data.val_shards=b.tar"]),
-            ("train", ["model=cnn_cbow"]), ("train", ["model=base"])]
+            *[("train", [f"model={name}"]) for name in ("tiny", "base", "cnn_cbow")],
+            # the LiT models with a random timm image tower (the towers extra: part of the dev install) and the
+            # built-in text tower (no weights, no download)
+            ("train", ["model=lit", "model.image_pretrained=null", "model.text_tower=transformer"]),
+            ("train", ["model=lit_shapes", "model.image_pretrained=null"])]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,14 @@ def test_a_partial_mapping_takes_the_dataclass_defaults_and_unknown_keys_fail():
 def test_bad_sweep_values_fail_when_loaded(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_sweep(argv)
+
+
+def test_model_section_is_its_dataclass_with_tower_arguments_apart():
+    run = RunSettings.from_config(compose_config(["model=cnn_cbow"]))
+    assert isinstance(run.model, ModelSettings) and run.model.text_tower == "cbow" and run.model.embed_dim == 64
+    assert run.model.towers["image_blocks"] == [1, 1, 1] and "image_tower" not in run.model.towers
+    assert run.model.lock_image is False and run.model.allow_download is False  # not in its config: absent
+    old = ModelSettings.of({"image_patch_size": 8})  # a config saved without the dual encoder's keys
+    assert (old.image_tower, old.text_tower, old.embed_dim, old.name) == ("vit", "transformer", 64, None)
+    with pytest.raises(ConfigError, match=r"model config 'tiny': unknown model keys \['dropout'\]"):
+        RunSettings.from_config(compose_config(["+model.dropout=0.1"]))
