@@ -23,7 +23,12 @@ from probloss.training.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "e5d48e5"  # the last commit with every default in configs/*.yaml
-COMMANDS = [("train", []), ("sweep", ["sweep=lr"]), ("recipe", ["recipe=proposal"]),
+REQUIRED_BENCHMARK_KEYS = {"karpathy": ["annotations", "images"], "folder": ["root"], "wds": ["shards"],
+                           **{name: ["annotations", "images", "extra_positives"] for name in ("cxc", "eccv_caption")}}
+COMMANDS = [("train", []), ("recipe", ["recipe=proposal"]),
+            *[("sweep", [f"sweep={name}"]) for name in ("lr", "lr_grid", "lr_select", "compare_losses", "stability")],
+            *[("evaluate", [f"benchmark=[{name}]", "checkpoint=x.ckpt", *(f"benchmark.{name}.{key}=x" for key in keys)])
+              for name, keys in REQUIRED_BENCHMARK_KEYS.items()],
             ("make_data", ["out=x", "train_size=10", "val_size=10"]), ("evaluate", ["checkpoint=x.ckpt"]),
             *[("train", [f"loss={name}"]) for name in ("gaussian_var", "sigmoid", "sigmoid_var", "pcmepp", "prolip")],
             ("train", ["data=webdataset", "data.train_shards=a.tar", "data.val_shards=b.tar"]),
@@ -62,7 +67,7 @@ def _differences(old, new, prefix="") -> list[str]:
     return [] if same else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-@pytest.mark.parametrize("config_name, overrides", COMMANDS, ids=[" ".join([c, *o[:1]]) for c, o in COMMANDS])
+@pytest.mark.parametrize("config_name, overrides", COMMANDS, ids=[" ".join([c, *o[:2]]) for c, o in COMMANDS])
 def test_composed_defaults_are_those_of_the_yaml_era(old_configs, config_name, overrides):
     with warnings.catch_warnings():  # the old loss/*.yaml files meet the generated loss nodes of the same name
         warnings.simplefilter("ignore", UserWarning)
