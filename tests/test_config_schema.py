@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from probloss.data.settings import MakeDataSettings
 from probloss.errors import ConfigError
+from probloss.eval.benchmarks.settings import EvaluateSettings, KarpathySettings, benchmark_settings
 from probloss.models.settings import ModelSettings
 from probloss.studies.recipe import load_recipe
 from probloss.studies.settings import RecipeSettings, SlurmSettings, SweepSettings
@@ -116,3 +118,28 @@ def test_model_section_is_its_dataclass_with_tower_arguments_apart():
     assert (old.image_tower, old.text_tower, old.embed_dim, old.name) == ("vit", "transformer", 64, None)
     with pytest.raises(ConfigError, match=r"model config 'tiny': unknown model keys \['dropout'\]"):
         RunSettings.from_config(compose_config(["+model.dropout=0.1"]))
+
+
+def test_evaluate_and_benchmark_sections_are_their_dataclasses():
+    given = {"karpathy": ["annotations=a", "images=b"], "cxc": ["annotations=a", "images=b", "extra_positives=c"]}
+    cfg = compose_config(["checkpoint=x.ckpt", "benchmark=[karpathy,cxc]", "benchmark.block=64",
+                          *(f"benchmark.{name}.{kv}" for name, kvs in given.items() for kv in kvs)],
+                         config_name="evaluate")
+    settings = EvaluateSettings.of(cfg)
+    assert settings.checkpoint == "x.ckpt" and settings.benchmark.block == 64 and settings.benchmark.lowercase == "auto"
+    assert settings.eval.output is None and settings.eval.save_embeddings is False
+    karpathy = benchmark_settings(KarpathySettings, cfg.benchmark.karpathy, "karpathy")
+    assert (karpathy.max_captions, karpathy.split, karpathy.n_folds, karpathy.fold_size) == (5, "test", 5, 1000)
+    assert "n_folds" not in cfg.benchmark.cxc and cfg.benchmark.cxc.coco_captions is None  # no 1K protocol there
+    # a plain section without the keys reads as the readers always read it: every sentence, no folds
+    plain = benchmark_settings(KarpathySettings, {"annotations": "a", "images": "b"}, "karpathy")
+    assert (plain.max_captions, plain.split, plain.n_folds) == (None, "test", None)
+
+
+def test_make_data_keys_are_its_dataclass_and_checked_when_built():
+    cfg = compose_config(["out=x", "train_size=10", "val_size=10"], config_name="make_data")
+    settings = MakeDataSettings(**cfg)
+    assert (settings.test_size, settings.heldout_combos, settings.num_workers) == (5000, 8, None)
+    assert settings.shard_kwargs()["shard_size"] == 1000 and "out" not in settings.shard_kwargs()
+    with pytest.raises(ConfigError, match=r"heldout_combos must be an integer in \[0, 20\]"):
+        MakeDataSettings(**{**cfg, "heldout_combos": 21})

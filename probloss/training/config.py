@@ -47,6 +47,7 @@ import probloss
 from probloss.checks import unknown
 from probloss.data.settings import DataSettings, MakeDataSettings
 from probloss.errors import ConfigError
+from probloss.eval.benchmarks.settings import BENCHMARK_SETTINGS, EvaluateSettings
 from probloss.models.settings import ModelSettings
 from probloss.models.towers import resolve_tower_config
 from probloss.schema import comments, defaults
@@ -333,8 +334,9 @@ def register_schema(directory: Path | None = None) -> None:
     """Register the nodes the config files compose: ``_run_settings`` (the run's top keys and its trainer, fabric
     and eval sections: probloss/training/settings.py, after configs/train.yaml's group choices), ``model/_settings``
     (the dual encoder's own keys: probloss/models/settings.py), ``data/_settings`` (every data source's keys:
-    probloss/data/settings.py), ``_make_data_settings`` (``probloss make-data``'s keys, there too) and the
-    ``loss`` group (:func:`register_losses`). Plain
+    probloss/data/settings.py), ``_make_data_settings`` (``probloss make-data``'s keys, there too),
+    ``_evaluate_settings`` and ``benchmark/_<name>`` (``probloss evaluate``'s and each benchmark's keys:
+    probloss/eval/benchmarks/settings.py) and the ``loss`` group (:func:`register_losses`). Plain
     data, not typed structured configs: the composed config is checked key by key below, with the messages that
     list what exists."""
     store = ConfigStore.instance()
@@ -342,6 +344,9 @@ def register_schema(directory: Path | None = None) -> None:
     store.store(group="data", name="_settings", node=defaults(DataSettings))
     store.store(group="model", name="_settings", node=defaults(ModelSettings))
     store.store(name="_make_data_settings", node=defaults(MakeDataSettings))
+    store.store(name="_evaluate_settings", node=defaults(EvaluateSettings))
+    for name, cls in BENCHMARK_SETTINGS.items():  # each under its own key, as configs/benchmark/<name>.yaml
+        store.store(group="benchmark", name=f"_{name}", node=defaults(cls), package=f"benchmark.{name}")
     register_losses(directory)
 
 
