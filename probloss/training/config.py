@@ -427,6 +427,11 @@ def describe(config_name: str = "train", directory: Path | None = None) -> str:
     if config_name == "make_data":
         lines += ["", "settings (key=default  # what it means; probloss/data/settings.py, MakeDataSettings):"]
         lines += schema_lines(MakeDataSettings)
+    if config_name == "evaluate":
+        lines += ["", "settings (key=default  # what it means; probloss/eval/benchmarks/settings.py):"]
+        lines += schema_lines(EvaluateSettings)
+        for name, cls in BENCHMARK_SETTINGS.items():
+            lines += schema_lines(cls, f"benchmark.{name}.")
     path = directory / f"{config_name}.yaml"
     lines += ["", f"defaults ({path}):", "", path.read_text()]
     return "\n".join(lines)

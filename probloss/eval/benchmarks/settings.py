@@ -83,6 +83,7 @@ class KarpathySettings:
     # the 1K protocol: folds of fold_size consecutive images (skipped when the split is smaller than n_folds x
     # fold_size, e.g. Flickr30k's 1000 test images); null or 0: skipped
     n_folds: int | None = 5
+    # images per fold of the 1K protocol
     fold_size: int | None = 1000
     # not a key of this benchmark (ECCV Caption's and CxC's: below)
     coco_captions: str | None = setting(None, node=False)
