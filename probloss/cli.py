@@ -34,10 +34,11 @@ from typing import Any, Callable, Sequence
 from omegaconf import OmegaConf
 
 from probloss import dist
-from probloss.data.settings import check_make_data
+from probloss.data.settings import MakeDataSettings
 from probloss.data.shards import write_shapes_shards
 from probloss.data.trust import trust_command_line
 from probloss.errors import ConfigError, DataError, NonFiniteLossError, Preempted
+from probloss.schema import build
 from probloss.studies.findings import findings, page_multiplicity, publish
 from probloss.studies.recipe import render_recipe
 from probloss.studies.render import instrument_tables
@@ -189,9 +190,9 @@ def resume_command(config_name: str, argv: Sequence[str], stop) -> str:
 def make_data_command(argv: Sequence[str]) -> dict[str, str]:
     """``probloss make-data out=<dir> train_size=<n> val_size=<m> [test_size=<k> heldout_combos=8 ...]``
     (configs/make_data.yaml); prints the shard patterns as JSON."""
-    kwargs = OmegaConf.to_container(compose_config(argv, config_name="make_data"))
-    check_make_data(kwargs)
-    patterns = write_shapes_shards(kwargs.pop("out"), **kwargs)
+    settings = build(MakeDataSettings, OmegaConf.to_container(compose_config(argv, config_name="make_data")),
+                     "make_data")
+    patterns = write_shapes_shards(settings.out, **settings.shard_kwargs())
     print(json.dumps(patterns))
     return patterns
 

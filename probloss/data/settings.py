@@ -1,11 +1,11 @@
 """``data.*`` of a run (the defaults here, configs/data/<name>.yaml per source) and the keys of ``probloss
-make-data`` (configs/make_data.yaml): typed, frozen, every value checked when built (one-line
-:class:`probloss.errors.ConfigError`, exit 2)."""
+make-data`` (the defaults here, configs/make_data.yaml its run commands): typed, frozen, every value checked when
+built (one-line :class:`probloss.errors.ConfigError`, exit 2)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from probloss.checks import fail, finite, int_at_least, is_int, unknown
 from probloss.data.shapes import COLOURS, HARD_NEGATIVES, SHAPES
@@ -128,17 +128,48 @@ class DataSettings:
         return {k: getattr(self, k) for k in ("image_noise", "caption_noise") if getattr(self, k) is not None}
 
 
-def check_make_data(values: Mapping[str, Any]) -> None:
-    """The keys of configs/make_data.yaml (scripts/make_data.py), before anything is written."""
-    int_at_least("train_size", values.get("train_size"), 1)
-    int_at_least("val_size", values.get("val_size"), 1)
-    int_at_least("test_size", values.get("test_size"), 0, why=" (0: no test split)")
-    int_at_least("seed", values.get("seed"), 0)
-    int_at_least("image_size", values.get("image_size"), 1)
-    int_at_least("shard_size", values.get("shard_size"), 1)
-    int_at_least("num_workers", values.get("num_workers"), 1, optional=True)
-    heldout = values.get("heldout_combos")
-    if not is_int(heldout) or not 0 <= heldout <= 20:
-        fail(f"heldout_combos must be an integer in [0, 20] (at most half the 40 classes), got {heldout!r}")
-    if not str(values.get("out") or "").strip():
-        fail("out must be a folder, e.g. out=data/shapes")
+@dataclass(frozen=True)
+class MakeDataSettings:
+    """The keys of ``probloss make-data`` (scripts/make_data.py): write the built-in shapes dataset as webdataset
+    shards. configs/make_data.yaml composes them (the node ``_make_data_settings``) and keeps the run commands;
+    every value is checked when built, before anything is written."""
+
+    # output folder (required): new, or one make_data wrote (its probloss-manifest.json lists its files); a folder
+    # with any other file is refused, nothing in it is deleted
+    out: str = REQUIRED
+    # training samples (required)
+    train_size: int = REQUIRED
+    # validation samples (required): for selection (learning rates, early stopping)
+    val_size: int = REQUIRED
+    # test samples: for reporting only (0: no test split)
+    test_size: int = 5000
+    # dataset seed (sample i of a split depends only on it and i; it also draws the held-out set)
+    seed: int = 0
+    # colour x shape combinations never in train (listed in splits.json; 0 to 20, 0: none)
+    heldout_combos: int = 8
+    # pixels per side
+    image_size: int = 32
+    # samples per shard
+    shard_size: int = 1000
+    # processes (null: every CPU core, at most one per shard)
+    num_workers: int | None = None
+    # regenerate even if a finished dataset with these parameters is there
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        int_at_least("train_size", self.train_size, 1)
+        int_at_least("val_size", self.val_size, 1)
+        int_at_least("test_size", self.test_size, 0, why=" (0: no test split)")
+        int_at_least("seed", self.seed, 0)
+        int_at_least("image_size", self.image_size, 1)
+        int_at_least("shard_size", self.shard_size, 1)
+        int_at_least("num_workers", self.num_workers, 1, optional=True)
+        heldout = self.heldout_combos
+        if not is_int(heldout) or not 0 <= heldout <= 20:
+            fail(f"heldout_combos must be an integer in [0, 20] (at most half the 40 classes), got {heldout!r}")
+        if not str(self.out or "").strip():
+            fail("out must be a folder, e.g. out=data/shapes")
+
+    def shard_kwargs(self) -> dict[str, Any]:
+        """The keywords of ``write_shapes_shards(out, **kwargs)`` (probloss/data/shards.py)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "out"}

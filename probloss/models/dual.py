@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from probloss.models.linear import Linear
+from probloss.models.settings import ModelSettings
 from probloss.registry import ENCODERS
 
 Tensor = torch.Tensor
@@ -215,9 +216,6 @@ class DualEncoder(nn.Module):
         return Embeddings(image_emb, text_emb, image_log_std, text_log_std)
 
 
-# Flat model-config keys that are not tower arguments; tower arguments are spelled image_<arg> / text_<arg>.
-_GLOBAL_KEYS = {"name", "image_tower", "text_tower", "embed_dim", "log_std_per_dim", "init_log_std", "log_std_hidden",
-                "lock_image", "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_layers", "allow_download"}
 # The constructor keywords every tower of a modality takes from the data and the tokenizer.
 DATA_KWARGS = {"image": ("image_size",), "text": ("vocab_size", "max_len")}
 
@@ -241,12 +239,13 @@ def _tower_class(spec: str, modality: str) -> tuple[Any, str | None]:
     return cls, arg or None
 
 
-def _tower_kwargs(cls: Any, cfg: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    """The tower's :data:`DATA_KWARGS` taken from ``data`` plus its ``<modality>_<key>`` options from ``cfg``."""
+def _tower_kwargs(cls: Any, towers: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """The tower's :data:`DATA_KWARGS` taken from ``data`` plus its ``<modality>_<key>`` options from ``towers``
+    (the tower arguments of the model config, :attr:`ModelSettings.towers`)."""
     prefix = f"{cls.modality}_"
     kwargs = {key: data[key] for key in DATA_KWARGS[cls.modality]}
-    for key, value in cfg.items():
-        if key.startswith(prefix) and key not in _GLOBAL_KEYS:
+    for key, value in towers.items():
+        if key.startswith(prefix):
             arg = key[len(prefix):]
             if arg not in cls.config_keys:
                 source = f"; {arg} comes from the data, not the config" if arg in kwargs else ""
@@ -258,40 +257,38 @@ def _tower_kwargs(cls: Any, cfg: Mapping[str, Any], data: Mapping[str, Any]) -> 
     return kwargs
 
 
-def build_dual_encoder(model_cfg: Mapping[str, Any], *, vocab_size: int, max_len: int, image_size: int,
-                       log_std: bool, cache_size: int = 1) -> DualEncoder:
-    """Build the dual encoder of a flat model config (configs/model/<name>.yaml).
+def build_dual_encoder(model_cfg: ModelSettings | Mapping[str, Any], *, vocab_size: int, max_len: int,
+                       image_size: int, log_std: bool, cache_size: int = 1) -> DualEncoder:
+    """Build the dual encoder of a model config: its settings, or a flat config (configs/model/<name>.yaml).
 
-    Keys: ``image_tower``, ``text_tower`` (registered encoder names; ``timm:<name>``, ``hf:<name or folder>``:
-    probloss/models/towers.py), ``embed_dim``, ``log_std_per_dim``, ``init_log_std``, ``log_std_hidden``,
-    ``lock_image``, ``lock_image_unlocked_groups``, ``lock_text``, ``lock_text_unlocked_layers`` (LiT:
-    :meth:`DualEncoder.lock`), ``allow_download`` (towers by name), ``name`` (ignored), and tower arguments
-    ``image_<arg>`` / ``text_<arg>`` (e.g. ``image_patch_size``, ``text_depth``). ``image_size``, ``vocab_size``
-    and ``max_len`` come from the data and tokenizer. An unknown key is an error naming what is accepted.
+    Keys: those of :class:`probloss.models.settings.ModelSettings` (the towers chosen: registered encoder names,
+    ``timm:<name>``, ``hf:<name or folder>``: probloss/models/towers.py; ``embed_dim``; the log-std heads;
+    locking, LiT: :meth:`DualEncoder.lock`; ``allow_download``, towers by name; ``name``, ignored), and tower
+    arguments ``image_<arg>`` / ``text_<arg>`` (e.g. ``image_patch_size``, ``text_depth``), checked against the
+    tower's ``config_keys``. ``image_size``, ``vocab_size`` and ``max_len`` come from the data and tokenizer. An
+    unknown key is an error naming what is accepted.
 
     Args:
         log_std: grow log-std heads (``loss.needs_log_std``).
         cache_size: batches of features a fully locked tower keeps (GradCache: its micro-batches per step).
     """
-    cfg = dict(model_cfg)
-    unknown = [k for k in cfg if k not in _GLOBAL_KEYS and not k.startswith(("image_", "text_"))]
-    if unknown:
-        raise ValueError(f"unknown model keys {unknown}; accepted: {sorted(_GLOBAL_KEYS)} and image_<arg>/text_<arg>")
+    cfg = model_cfg if isinstance(model_cfg, ModelSettings) else ModelSettings.of(model_cfg)
     data = {"image_size": image_size, "vocab_size": vocab_size, "max_len": max_len}
     towers = []
-    for modality, default in (("image", "vit"), ("text", "transformer")):
-        cls, name = _tower_class(cfg.get(f"{modality}_tower", default), modality)
-        kwargs = _tower_kwargs(cls, cfg, data)
+    for modality, spec in (("image", cfg.image_tower), ("text", cfg.text_tower)):
+        cls, name = _tower_class(spec, modality)
+        kwargs = _tower_kwargs(cls, cfg.towers, data)
         if name is not None:
-            kwargs.update(name=name, allow_download=bool(cfg.get("allow_download", False)))
+            kwargs.update(name=name, allow_download=bool(cfg.allow_download))
         towers.append(cls(**kwargs))
-    model = DualEncoder(*towers, int(cfg.get("embed_dim", 64)), log_std=log_std,
-                        log_std_per_dim=bool(cfg.get("log_std_per_dim", False)),
-                        init_log_std=float(cfg.get("init_log_std") or 0.0),  # null: 0 (training uses the loss's)
-                        log_std_hidden=int(cfg.get("log_std_hidden", 0)))
-    for modality, unlocked in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
-        if cfg.get(f"lock_{modality}"):
-            model.lock(modality, int(cfg.get(unlocked) or 0), cache_size)
-        elif cfg.get(unlocked):
-            raise ValueError(f"{unlocked}={cfg[unlocked]} unlocks part of a locked tower: set lock_{modality}=true")
+    model = DualEncoder(*towers, int(cfg.embed_dim), log_std=log_std, log_std_per_dim=bool(cfg.log_std_per_dim),
+                        init_log_std=float(cfg.init_log_std or 0.0),  # null: 0 (training uses the loss's)
+                        log_std_hidden=int(cfg.log_std_hidden))
+    locks = (("image", cfg.lock_image, "lock_image_unlocked_groups", cfg.lock_image_unlocked_groups),
+             ("text", cfg.lock_text, "lock_text_unlocked_layers", cfg.lock_text_unlocked_layers))
+    for modality, lock, key, unlocked in locks:
+        if lock:
+            model.lock(modality, int(unlocked or 0), cache_size)
+        elif unlocked:
+            raise ValueError(f"{key}={unlocked} unlocks part of a locked tower: set lock_{modality}=true")
     return model

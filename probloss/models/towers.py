@@ -38,6 +38,7 @@ from torch import nn
 
 from probloss.models._blocks import MEAN, STD
 from probloss.models.hub import from_pretrained, hf_max_len, import_timm, import_transformers
+from probloss.models.settings import ModelSettings
 from probloss.models.text import masked_mean
 from probloss.models.tokenizer import PAD
 from probloss.registry import ENCODERS
@@ -253,7 +254,7 @@ def resolve_tower_config(model: dict, data: dict) -> tuple[dict, dict]:
     """The model and data sections with the tower's preprocessing filled in (module docstring); unchanged for
     the built-in towers. Raises ValueError on a mismatch (an ``hf:`` tokenizer without an ``hf:`` tower)."""
     model, data = dict(model), dict(data)
-    image, text = str(model.get("image_tower", "")), str(model.get("text_tower", ""))
+    image, text = (str(ModelSettings.value(model, key)) for key in ("image_tower", "text_tower"))
     if image.startswith("timm:"):
         default = timm_preprocessing(image[len("timm:"):])
         for key, value in default.items():
@@ -265,7 +266,7 @@ def resolve_tower_config(model: dict, data: dict) -> tuple[dict, dict]:
     if text.startswith("hf:"):
         data["tokenizer"] = text  # the tower's own tokenizer
         name = text[len("hf:"):]
-        own = hf_max_len(name, bool(model.get("allow_download", False)))
+        own = hf_max_len(name, bool(ModelSettings.value(model, "allow_download")))
         if data.get("max_len") is None:
             data["max_len"] = own
         elif int(data["max_len"]) > own:

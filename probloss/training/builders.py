@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -77,7 +78,7 @@ def make_tokenizer(run: RunSettings):
     vocab = caption_words() if data.tokenizer == "word" else None
     try:
         return build_tokenizer(data.tokenizer, max_len=data.max_len, vocab=vocab,
-                               allow_download=bool(run.model.get("allow_download", False)))
+                               allow_download=bool(run.model.allow_download))
     except ValueError as err:
         raise ConfigError(f"data.tokenizer={data.tokenizer}: {err}") from None
 
@@ -89,17 +90,19 @@ def make_trainee(run: RunSettings, tokenizer, from_checkpoint: bool = False) -> 
     weights are not read: the run's weights file need not exist any more.
     """
     loss = probloss.build_loss(run.loss_name, **run.loss_kwargs)
-    model_cfg = dict(run.model)
-    if model_cfg.get("init_log_std") is None:  # null: where the loss's paper starts its log-std heads
-        model_cfg["init_log_std"] = loss.init_log_std
+    model_cfg = run.model
+    if model_cfg.init_log_std is None:  # null: where the loss's paper starts its log-std heads
+        model_cfg = dataclasses.replace(model_cfg, init_log_std=loss.init_log_std)
     if from_checkpoint:
-        model_cfg.update({key: False for key in ("image_pretrained", "text_pretrained") if key in model_cfg})
+        weights = ("image_pretrained", "text_pretrained")
+        towers = {k: False if k in weights else v for k, v in model_cfg.towers.items()}
+        model_cfg = dataclasses.replace(model_cfg, towers=towers)
     try:
         model = build_dual_encoder(model_cfg, vocab_size=tokenizer.vocab_size, max_len=tokenizer.max_len,
                                    image_size=run.data.image_size, log_std=loss.needs_log_std,
                                    cache_size=run.trainer.accum_steps)
     except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"model config {run.model.get('name', '?')!r}: {err}") from None
+        raise ConfigError(f"model config {run.model.label!r}: {err}") from None
     return Trainee(model, loss)
 
 
@@ -133,8 +136,8 @@ def make_scheduler(optimizer, trainer: TrainerSettings):
 def uninformative_reference(trainee: Trainee, run: RunSettings, batch_size: int) -> float:
     """The run's loss at equal scores for a global batch of ``batch_size`` (probloss/eval/stability.py
     ``uninformative_loss``), with the model's embedding size and log-std shape."""
-    dim = int(getattr(trainee.model, "embed_dim", run.model.get("embed_dim", 64)))
-    return uninformative_loss(trainee.loss, batch_size, dim, bool(run.model.get("log_std_per_dim", False)))
+    dim = int(getattr(trainee.model, "embed_dim", run.model.embed_dim))
+    return uninformative_loss(trainee.loss, batch_size, dim, bool(run.model.log_std_per_dim))
 
 
 def make_stability_tracker(trainer: TrainerSettings, reference: float | None = None):

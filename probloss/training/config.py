@@ -6,7 +6,8 @@ chdir, no logging setup) and rank 0 makes the run folder (probloss.training.loop
 
 The schema is the settings dataclasses: every default lives in one place and the YAML files only choose groups
 and override (:func:`register_schema` turns the dataclasses into the nodes they compose: probloss/training/
-settings.py for the run's keys, probloss/data/settings.py for ``data.*``, the losses' constructors for ``loss.*``,
+settings.py for the run's keys, probloss/models/settings.py for ``model.*`` (a tower's own arguments: its
+constructor), probloss/data/settings.py for ``data.*``, the losses' constructors for ``loss.*``,
 probloss/studies/settings.py for ``sweep.*`` and ``recipe.*``). Overrides are checked against the config those
 defaults compose to, key by key and type by type, so an error can list the keys that exist.
 
@@ -44,8 +45,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import probloss
 from probloss.checks import unknown
-from probloss.data.settings import DataSettings
+from probloss.data.settings import DataSettings, MakeDataSettings
 from probloss.errors import ConfigError
+from probloss.eval.benchmarks.settings import BENCHMARK_SETTINGS, EvaluateSettings
+from probloss.models.settings import ModelSettings
 from probloss.models.towers import resolve_tower_config
 from probloss.schema import comments, defaults
 from probloss.training.settings import RunSettings, loss_kwargs, run_defaults, to_dict
@@ -329,13 +332,21 @@ def loss_defaults(name: str) -> dict[str, Any]:
 
 def register_schema(directory: Path | None = None) -> None:
     """Register the nodes the config files compose: ``_run_settings`` (the run's top keys and its trainer, fabric
-    and eval sections: probloss/training/settings.py, after configs/train.yaml's group choices), ``data/_settings``
-    (every data source's keys: probloss/data/settings.py) and the ``loss`` group (:func:`register_losses`). Plain
+    and eval sections: probloss/training/settings.py, after configs/train.yaml's group choices), ``model/_settings``
+    (the dual encoder's own keys: probloss/models/settings.py), ``data/_settings`` (every data source's keys:
+    probloss/data/settings.py), ``_make_data_settings`` (``probloss make-data``'s keys, there too),
+    ``_evaluate_settings`` and ``benchmark/_<name>`` (``probloss evaluate``'s and each benchmark's keys:
+    probloss/eval/benchmarks/settings.py) and the ``loss`` group (:func:`register_losses`). Plain
     data, not typed structured configs: the composed config is checked key by key below, with the messages that
     list what exists."""
     store = ConfigStore.instance()
     store.store(name="_run_settings", node=run_defaults())
     store.store(group="data", name="_settings", node=defaults(DataSettings))
+    store.store(group="model", name="_settings", node=defaults(ModelSettings))
+    store.store(name="_make_data_settings", node=defaults(MakeDataSettings))
+    store.store(name="_evaluate_settings", node=defaults(EvaluateSettings))
+    for name, cls in BENCHMARK_SETTINGS.items():  # each under its own key, as configs/benchmark/<name>.yaml
+        store.store(group="benchmark", name=f"_{name}", node=defaults(cls), package=f"benchmark.{name}")
     register_losses(directory)
 
 
@@ -409,9 +420,18 @@ def describe(config_name: str = "train", directory: Path | None = None) -> str:
                 keywords = {}
             lines.append(f"  {name}: " + " ".join(f"{k}={v}" for k, v in keywords.items()))
     if "data" in groups:  # a training config: the keys the dataclasses hold, with their defaults and comments
-        lines += ["", "settings (key=default  # what it means; probloss/training/settings.py, data.*: "
+        lines += ["", "settings (key=default  # what it means; probloss/training/settings.py, model.*: "
+                  "probloss/models/settings.py, a tower's own keys: configs/model/<name>.yaml, data.*: "
                   "probloss/data/settings.py, the shapes generator's own keys: configs/data/shapes.yaml):"]
-        lines += schema_lines(RunSettings) + schema_lines(DataSettings, "data.")
+        lines += schema_lines(RunSettings) + schema_lines(ModelSettings, "model.") + schema_lines(DataSettings, "data.")
+    if config_name == "make_data":
+        lines += ["", "settings (key=default  # what it means; probloss/data/settings.py, MakeDataSettings):"]
+        lines += schema_lines(MakeDataSettings)
+    if config_name == "evaluate":
+        lines += ["", "settings (key=default  # what it means; probloss/eval/benchmarks/settings.py):"]
+        lines += schema_lines(EvaluateSettings)
+        for name, cls in BENCHMARK_SETTINGS.items():
+            lines += schema_lines(cls, f"benchmark.{name}.")
     path = directory / f"{config_name}.yaml"
     lines += ["", f"defaults ({path}):", "", path.read_text()]
     return "\n".join(lines)

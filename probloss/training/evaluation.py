@@ -24,6 +24,7 @@ from probloss.errors import ConfigError
 from probloss.eval import evaluate, image_sigma_vs_noise
 from probloss.eval.benchmarks import prepare, run_benchmarks
 from probloss.eval.benchmarks.run import default_output
+from probloss.eval.benchmarks.settings import EvaluateSettings
 from probloss.files import write_json
 from probloss.models.linear import cpu_matmul
 from probloss.training import checkpoint as ckpt
@@ -176,10 +177,11 @@ def evaluate_command(argv: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"{override_key(arg)} is set but benchmark {parts[1]!r} is not selected; add it: "
                               f"benchmark=[{','.join([*selected, parts[1]])}]")
     cfg = compose_config(own, config_name="evaluate")
-    if not selected and (cfg.eval.output is not None or cfg.eval.save_embeddings):
+    settings = EvaluateSettings.of(cfg)
+    if not selected and (settings.eval.output is not None or settings.eval.save_embeddings):
         raise ConfigError("eval.output and eval.save_embeddings are for benchmarks; select one with "
                           "benchmark=[karpathy,...] (the run's own evaluation writes <run>/eval-step-<step>.json)")
-    return evaluate_checkpoint(cfg.checkpoint, [a for a in argv if a not in own],
+    return evaluate_checkpoint(settings.checkpoint, [a for a in argv if a not in own],
                                benchmarks=cfg if selected else None, selected=selected)
 
 
@@ -221,12 +223,13 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), benchma
     fabric = Fabric(accelerator="auto", devices=1, precision="32-true")
     trainee = fabric.setup_module(trainee)
     if benches is not None:
+        own = EvaluateSettings.of(benchmarks)
         step = int(raw.get("position", {}).get("step", 0))
         with cpu_matmul(run.trainer.cpu_matmul or "blas"):  # the products the run was trained with
             return run_benchmarks(trainee.module.model, trainee.module.loss, tokenizer, benches,
                                   image_size=run.data.image_size, tokenizer_kind=run.data.tokenizer,
-                                  cfg=benchmarks.benchmark, output=benchmarks.eval.output or default_output(path),
-                                  save=bool(benchmarks.eval.save_embeddings), device=fabric.device,
+                                  cfg=own.benchmark, output=own.eval.output or default_output(path),
+                                  save=bool(own.eval.save_embeddings), device=fabric.device,
                                   extra={"steps": step, "checkpoint": str(Path(path).resolve())})
     spec = prepare_data(run.data, run.trainer.batch_size)
     eval_set = load_eval(spec, run.data, tokenizer, seed=run.seed, max_samples=run.eval.max_samples,

@@ -404,7 +404,7 @@ def _run(fabric, cfg: Mapping, run: RunSettings, spec, per_rank: int, on_eval, s
             log_hparams(logger, cfg, summary)
             logger.finalize("success")
             if table:
-                title = f"{run.loss_name} / {run.model.get('name', '?')} / {fabric.world_size} rank(s)"
+                title = f"{run.loss_name} / {run.model.label} / {fabric.world_size} rank(s)"
                 print_summary(summary, run_dir, title, run.out_dir)
             if (broken := log_error()) is not None:
                 raise WriteError(*broken)

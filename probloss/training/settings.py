@@ -9,7 +9,7 @@ its field's ``absent`` value (None unless the field says otherwise: probloss/sch
 an old run resumes and evaluates as it ran.
 
 Every value is checked here, in one place, when a run's settings are built (``__post_init__`` of each class,
-:func:`check_path_component`, :func:`check_loss_choices`, :func:`check_make_data`): types, ranges (batch and
+:func:`check_path_component`, :func:`check_loss_choices`): types, ranges (batch and
 sizes positive, learning rates finite and positive, steps and intervals sensible) and choices, each a one-line
 :class:`probloss.errors.ConfigError` (exit 2) raised before anything is built or written, so a bad command
 leaves no run folder behind.
@@ -32,6 +32,7 @@ from probloss.checks import check_path_component, choice, fail, finite, int_at_l
 from probloss.data.settings import DataSettings
 from probloss.errors import ConfigError
 from probloss.models.linear import BACKENDS
+from probloss.models.settings import ModelSettings
 from probloss.schema import build, defaults, setting
 
 
@@ -191,14 +192,15 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The whole run: the sections above plus the run folder keys. ``loss`` and ``model`` stay plain dicts: a
-    loss's keywords are its constructor's (the ``loss`` group is generated from it), a model's are the encoder
-    builder's (configs/model/<name>.yaml), and those check them; ``data`` comes from configs/data/<name>.yaml over
+    """The whole run: the sections above plus the run folder keys. ``loss`` stays a plain dict: a loss's keywords
+    are its constructor's (the ``loss`` group is generated from it), which checks them; ``model`` comes from
+    configs/model/<name>.yaml over :class:`probloss.models.settings.ModelSettings` (its towers' arguments checked
+    by the towers' constructors) and ``data`` from configs/data/<name>.yaml over
     :class:`probloss.data.settings.DataSettings`."""
 
     loss_name: str
     loss_kwargs: Mapping[str, Any]
-    model: Mapping[str, Any]
+    model: ModelSettings
     data: DataSettings
     # one seed for model init, data order, noise and dropout (per step and rank)
     seed: int = 0
@@ -236,11 +238,16 @@ class RunSettings:
         if not is_int(plain["seed"]):
             fail(f"seed must be a non-negative integer, got {plain['seed']!r}")
         check_loss_choices(str(plain["loss"]["name"]), loss_kwargs(plain))
+        try:
+            model = ModelSettings.of(plain["model"])
+        except ValueError as err:
+            name = ModelSettings.value(plain["model"], "name")
+            raise ConfigError(f"model config {'?' if name is None else name!r}: {err}") from None
         return cls(
             seed=int(plain["seed"]), out_dir=str(plain["out_dir"]), experiment=str(plain["experiment"]),
             run_name=None if plain["run_name"] is None else str(plain["run_name"]),
             resume=None if plain["resume"] is None else str(plain["resume"]),
-            loss_name=str(plain["loss"]["name"]), loss_kwargs=loss_kwargs(plain), model=dict(plain["model"]),
+            loss_name=str(plain["loss"]["name"]), loss_kwargs=loss_kwargs(plain), model=model,
             trainer=build(TrainerSettings, plain["trainer"], "trainer"),
             fabric=build(FabricSettings, plain["fabric"], "fabric"),
             eval=build(EvalSettings, plain["eval"], "eval"),

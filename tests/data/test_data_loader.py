@@ -181,6 +181,7 @@ def test_jpeg_shards_from_arbitrary_images_train_one_step(tmp_path):
     assert batch["image"].shape == (8, 3, 32, 32) and batch["json"] == [{}] * 8
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/model/tiny.yaml").read_text())
+    cfg.pop("defaults")  # Hydra's defaults list: the other keys take their defaults (probloss/models/settings.py)
     torch.manual_seed(0)
     model = build_dual_encoder(cfg, vocab_size=tok.vocab_size, max_len=tok.max_len, image_size=32, log_std=False)
     loss = probloss.build_loss("infonce")

@@ -11,6 +11,8 @@ import probloss
 from probloss import ENCODERS
 from probloss.data.shapes import caption_words
 from probloss.models import DualEncoder, Embeddings, build_dual_encoder, build_tokenizer
+from probloss.models.settings import ModelSettings
+from probloss.schema import defaults
 from probloss.models.dual import DATA_KWARGS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -87,7 +89,10 @@ def test_tower_options(name, kwargs):
 
 
 def _cfg(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    """configs/model/<name>.yaml as Hydra composes it: the node of ModelSettings' defaults, then the file's keys
+    (without its defaults list)."""
+    own = {k: v for k, v in yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()).items() if k != "defaults"}
+    return {**defaults(ModelSettings), **own}
 
 
 @pytest.mark.parametrize("config", ["tiny", "cnn_cbow"])

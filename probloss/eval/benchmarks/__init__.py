@@ -13,7 +13,7 @@
 - :mod:`.export`: a shapes split written in each format, and the agreement check with the built-in evaluator
   (``scripts/check_benchmarks.py``).
 
-Configs: configs/benchmark/<name>.yaml; docs: docs/benchmarks.md.
+Configs: configs/benchmark/<name>.yaml (their keys and defaults: :mod:`.settings`); docs: docs/benchmarks.md.
 """
 
 from probloss.eval.benchmarks.readers import Benchmark

@@ -33,6 +33,8 @@ import webdataset as wds
 
 from probloss.data.loader import IMAGE_EXTS, expand_shards
 from probloss.errors import ConfigError, DataError
+from probloss.eval.benchmarks.settings import (ASSOCIATION_NAMES, AssociationSettings, FolderSettings,
+                                               KarpathySettings, WdsSettings, benchmark_settings)
 
 CLIP_TEMPLATES_FILE = Path(__file__).resolve().parent / "clip_imagenet_templates.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -123,7 +125,8 @@ def coco_caption_ids(path: Path, key: str) -> dict[tuple[int, str], int]:
     return {(int(a["image_id"]), _normal_text(a["caption"])): int(a["id"]) for a in anns}
 
 
-def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool = False) -> Benchmark:
+def read_karpathy(section: Mapping[str, Any] | KarpathySettings, name: str,
+                  need_caption_ids: bool = False) -> Benchmark:
     """The images of ``section.split`` in file order, each with all its sentences (``raw``) as captions.
 
     ``section.max_captions``: keep the first k sentences of each image (None: all). Image id: ``cocoid`` (COCO)
@@ -132,22 +135,23 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
     when ``need_caption_ids`` is False) its ``sentid``.
     """
     prefix = f"benchmark.{name}"
-    path = _need_path(section.get("annotations"), f"{prefix}.annotations")
-    root = _need_path(section.get("images"), f"{prefix}.images", folder=True)
+    section = benchmark_settings(AssociationSettings if name in ASSOCIATION_NAMES else KarpathySettings, section, name)
+    path = _need_path(section.annotations, f"{prefix}.annotations")
+    root = _need_path(section.images, f"{prefix}.images", folder=True)
     data = _read_json(path, f"{prefix}.annotations")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise DataError(f"{prefix}.annotations={path}: not a Karpathy split file (a JSON object with 'images'); "
                         "give dataset_coco.json or dataset_flickr30k.json")
-    split = str(section.get("split", "test"))
+    split = str(section.split)
     chosen = [im for im in images if im.get("split") == split]
     if not chosen:
         splits = sorted({str(im.get("split")) for im in images})
         raise ConfigError(f"{prefix}.split={split}: no image of {path} is in that split; its splits: "
                           f"{', '.join(splits)}")
     coco_ids = None
-    if section.get("coco_captions"):
-        coco_ids = coco_caption_ids(_need_path(section["coco_captions"], f"{prefix}.coco_captions"),
+    if section.coco_captions:
+        coco_ids = coco_caption_ids(_need_path(section.coco_captions, f"{prefix}.coco_captions"),
                                     f"{prefix}.coco_captions")
     has_ids = all("id" in s for im in chosen for s in im.get("sentences", []))
     if need_caption_ids and not has_ids and coco_ids is None:
@@ -155,7 +159,7 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
                           f"sentid): pass {prefix}.coco_captions=<COCO annotations/captions_val2014.json>")
     samples = []
     unmatched = 0
-    keep = section.get("max_captions")  # the first k sentences of each image (None: all)
+    keep = section.max_captions  # the first k sentences of each image (None: all)
     for im in chosen:
         image_id = im.get("cocoid", im.get("imgid", im.get("filename")))
         file = root / str(im.get("filepath", "")) / str(im["filename"])
@@ -173,7 +177,7 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
                 ids.append(s.get("sentid"))
         samples.append(Sample(image_id, str(file), captions, ids, where=str(file)))
     if unmatched:
-        print(f"warning: {prefix}: {unmatched} sentences of {path} match no caption of {section['coco_captions']} "
+        print(f"warning: {prefix}: {unmatched} sentences of {path} match no caption of {section.coco_captions} "
               "(same image id and text); they stay in the gallery without a COCO caption id", file=sys.stderr)
     missing = [s.source for s in samples if not os.path.isfile(s.source)]
     if missing:
@@ -181,8 +185,8 @@ def read_karpathy(section: Mapping[str, Any], name: str, need_caption_ids: bool 
                                 f"are missing (e.g. {missing[0]}); point it at the folder the file's "
                                 "filepath/filename are relative to")
     folds = None
-    if section.get("n_folds") and section.get("fold_size"):
-        folds = (int(section["n_folds"]), int(section["fold_size"]))
+    if section.n_folds and section.fold_size:
+        folds = (int(section.n_folds), int(section.fold_size))
     return Benchmark(name, lambda: iter(samples), len(samples), folds=folds,
                      gallery=("karpathy", str(path.resolve()), str(root.resolve()), split, keep))
 
@@ -199,10 +203,10 @@ def _association_file(folder: Path, kind: str, name: str, key: str) -> Path:
                             "with the benchmark's image_to_caption.json and caption_to_image.json")
 
 
-def read_associations(section: Mapping[str, Any], name: str) -> dict[str, Any]:
+def read_associations(section: Mapping[str, Any] | AssociationSettings, name: str) -> dict[str, Any]:
     """``{"i2t": {image id: [caption ids]}, "t2i": {caption id: [image ids]}, "file": folder}`` with int ids."""
     key = f"benchmark.{name}.extra_positives"
-    folder = _need_path(section.get("extra_positives"), key, folder=True)
+    folder = _need_path(benchmark_settings(AssociationSettings, section, name).extra_positives, key, folder=True)
     out: dict[str, Any] = {"file": str(folder)}
     for d, kind in (("i2t", "image_to_caption"), ("t2i", "caption_to_image")):
         path = _association_file(folder, kind, name, key)
@@ -262,17 +266,18 @@ def _beside(shards: list[str], filename: str) -> Path | None:
     return None
 
 
-def read_wds(section: Mapping[str, Any], name: str = "wds") -> Benchmark:
+def read_wds(section: Mapping[str, Any] | WdsSettings, name: str = "wds") -> Benchmark:
     """CLIP_benchmark's layout, read in shard order with webdataset (probloss's shard patterns: braces, globs,
     ``::``). A sample's ``.txt`` lines are its captions; its ``.cls`` its class index."""
     prefix = f"benchmark.{name}"
-    pattern = section.get("shards")
+    section = benchmark_settings(WdsSettings, section, name)
+    pattern = section.shards
     if not pattern:
         raise ConfigError(f"{prefix}.shards is not set: give it as {prefix}=<brace pattern of the tar shards>")
     shards = expand_shards(str(pattern))  # FileNotFoundError naming the pattern
-    names_file = _need_path(section["classnames"], f"{prefix}.classnames") if section.get("classnames") \
+    names_file = _need_path(section.classnames, f"{prefix}.classnames") if section.classnames \
         else _beside(shards, "classnames.txt")
-    templates_file = section.get("templates") or _beside(shards, "zeroshot_classification_templates.txt")
+    templates_file = section.templates or _beside(shards, "zeroshot_classification_templates.txt")
     classnames = read_lines(names_file) if names_file is not None else None
     templates = read_templates(templates_file, f"{prefix}.templates") if classnames else None
 
@@ -304,18 +309,19 @@ def read_wds(section: Mapping[str, Any], name: str = "wds") -> Benchmark:
 # --- class folders (ImageNet style) -----------------------------------------------------------------------------
 
 
-def read_folder(section: Mapping[str, Any], name: str = "folder") -> Benchmark:
+def read_folder(section: Mapping[str, Any] | FolderSettings, name: str = "folder") -> Benchmark:
     """``root/<class dir>/<image>``: class k is the k-th dir in sorted order (torchvision ImageFolder); images
     sorted within each dir. Class names: the file (lines in dir order, or JSON {dir: name} or [names]), else the
     dir names with ``_`` as spaces."""
     prefix = f"benchmark.{name}"
-    root = _need_path(section.get("root"), f"{prefix}.root", folder=True)
+    section = benchmark_settings(FolderSettings, section, name)
+    root = _need_path(section.root, f"{prefix}.root", folder=True)
     dirs = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not dirs:
         raise DataError(f"{prefix}.root={root}: no class folders in it; give the folder that holds one folder per "
                         "class")
-    if section.get("classnames"):
-        path = _need_path(section["classnames"], f"{prefix}.classnames")
+    if section.classnames:
+        path = _need_path(section.classnames, f"{prefix}.classnames")
         if path.suffix == ".json":
             raw = _read_json(path, f"{prefix}.classnames")
             classnames = [raw.get(d) for d in dirs] if isinstance(raw, dict) else list(raw)
@@ -329,7 +335,7 @@ def read_folder(section: Mapping[str, Any], name: str = "folder") -> Benchmark:
                             f"{root}; give one name per folder, in sorted folder order")
     else:
         classnames = [d.replace("_", " ") for d in dirs]
-    templates = read_templates(section.get("templates"), f"{prefix}.templates")
+    templates = read_templates(section.templates, f"{prefix}.templates")
     files = [(f, label) for label, d in enumerate(dirs) for f in sorted((root / d).iterdir())
              if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:

@@ -55,6 +55,7 @@ from probloss.data.loader import BadSample, _to_tensor, decode_clean
 from probloss.errors import ConfigError, DataError
 from probloss.eval.benchmarks import readers
 from probloss.eval.benchmarks.readers import Benchmark
+from probloss.eval.benchmarks.settings import ASSOCIATION_NAMES, BenchmarkRunSettings
 from probloss.eval.dual_encoder import _rows, _zeroshot
 from probloss.eval.retrieval import fold_summary, positive_pairs, rank_retrieval, summarize
 from probloss.eval.uncertainty import benchmark_uncertainty, plot_uncertainty_bins
@@ -104,7 +105,7 @@ def prepare(cfg: Mapping[str, Any], selected: Sequence[str]) -> list[Benchmark]:
         section = cfg[name]
         if name == "karpathy":
             out.append(readers.read_karpathy(section, name))
-        elif name in ("eccv_caption", "cxc"):
+        elif name in ASSOCIATION_NAMES:
             bench = readers.read_karpathy(section, name, need_caption_ids=True)
             bench.associations = readers.read_associations(section, name)
             bench.folds = None
@@ -352,14 +353,16 @@ def npz_path(output: Path, name: str) -> Path:
 
 
 def run_benchmarks(model: nn.Module, loss: nn.Module, tokenizer, benches: Sequence[Benchmark], *,
-                   image_size: int, tokenizer_kind: str, cfg: Mapping[str, Any], output: str | Path,
-                   save: bool = False, device=None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   image_size: int, tokenizer_kind: str, cfg: Mapping[str, Any] | BenchmarkRunSettings,
+                   output: str | Path, save: bool = False, device=None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate, then write the results JSON (and with ``save`` the embeddings) and print the table. Nothing is
-    written when any benchmark fails."""
+    written when any benchmark fails. ``cfg``: the ``benchmark`` section (:class:`BenchmarkRunSettings`)."""
+    how = cfg if isinstance(cfg, BenchmarkRunSettings) else BenchmarkRunSettings.of(cfg)
     results, encoded = evaluate_benchmarks(
         model, loss, tokenizer, benches, image_size=image_size,
-        lowercase=lowercase_for(cfg.get("lowercase", "auto"), tokenizer_kind), batch_size=int(cfg.get("batch_size", 256)),
-        block=int(cfg.get("block", 256)), device=device, progress=bool(cfg.get("progress", True)))
+        lowercase=lowercase_for(how.lowercase, tokenizer_kind), batch_size=int(how.batch_size),
+        block=int(how.block), device=device, progress=bool(how.progress))
     results = {**results, **(extra or {})}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
