@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 
 from probloss.checks import fail, unknown
 from probloss.errors import ConfigError
+from probloss.schema import defaults, setting
 
 LAUNCHERS = ("local", "submitit")
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
@@ -41,7 +42,6 @@ class Section(Mapping):
     section (for messages)."""
 
     section: ClassVar[str] = ""
-    derived: ClassVar[tuple[str, ...]] = ()  # fields computed when loaded, not settable in a config
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._fields():
@@ -77,8 +77,7 @@ class Section(Mapping):
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Every settable key with its default, as plain data: the Hydra node the config files start from."""
-        plain = dataclasses.asdict(cls())
-        return {k: v for k, v in plain.items() if k not in cls.derived}
+        return defaults(cls)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (nested sections too), for JSON."""
@@ -192,7 +191,6 @@ class RecipeSettings(Section):
     the report once the grid is complete)."""
 
     section: ClassVar[str] = "recipe"
-    derived: ClassVar[tuple[str, ...]] = ("learning_rates_used",)
 
     # --- the grid ---
     # what the recipe asks, one paragraph (the report's first lines)
@@ -257,7 +255,7 @@ class RecipeSettings(Section):
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
     # filled by load_recipe, not a config key: {arm: {"lr", "source"}} (recipe.json records it)
-    learning_rates_used: dict = field(default_factory=dict)
+    learning_rates_used: dict = setting(factory=dict, node=False)
 
     def __post_init__(self) -> None:
         check_launcher(self.launcher, "recipe")

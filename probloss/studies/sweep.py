@@ -77,7 +77,7 @@ from probloss.training.config import compose_config, override_key
 from probloss.training.console import say
 from probloss.training.launch import launch, make_fabric
 from probloss.training.loop import run_training
-from probloss.training.run_folder import resume_config, run_base
+from probloss.training.run_folder import run_base
 from probloss.training.settings import RunSettings
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -422,13 +422,12 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: SweepSettings
     overrides = [*base_overrides, *params, f"run_name={run_name}"]
     if seed is not None:
         overrides.append(f"seed={seed}")
-    cfg = compose_config([*overrides, "resume=null"])
+    config = compose_config([*overrides, "resume=null"])  # or, resuming, the overrides (run_training rebuilds)
     if resume:
-        run_dir = run_base(RunSettings.from_config(cfg)) / run_name
+        run_dir = run_base(RunSettings.from_config(config)) / run_name
         resume = dist.broadcast_object(fabric, _resumable(run_dir) if fabric.is_global_zero else None)
-    if resume:  # the same overrides as the interrupted trial's: resume_config refuses any change
-        overrides.append("resume=auto")
-        cfg, _ = resume_config(compose_config(overrides), overrides)
+    if resume:  # the same overrides as the interrupted trial's: run_training rebuilds the run, refusing any change
+        config = [*overrides, "resume=auto"]
     objectives = list(sweep_cfg.objectives)
     single = len(objectives) == 1
 
@@ -441,7 +440,7 @@ def run_trial(fabric, trial, base_overrides: list[str], sweep_cfg: SweepSettings
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
     try:
-        summary = run_training(cfg, fabric, on_eval=on_eval, table=False).summary  # one line per trial
+        summary = run_training(config, fabric, on_eval=on_eval, table=False).summary  # one line per trial
     except NonFiniteLossError as err:  # diverged: a result, not a crash of the study
         summary = {"stability/diverged": 1.0, "error": str(err)}
     return objective_values(summary, objectives), summary

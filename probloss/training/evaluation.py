@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +25,7 @@ from probloss.errors import ConfigError
 from probloss.eval import evaluate, image_sigma_vs_noise
 from probloss.eval.benchmarks import prepare, run_benchmarks
 from probloss.eval.benchmarks.run import default_output
-from probloss.eval.benchmarks.settings import EvaluateSettings
+from probloss.eval.benchmarks.settings import EvaluateOutputSettings, EvaluateSettings
 from probloss.files import write_json
 from probloss.models.linear import cpu_matmul
 from probloss.training import checkpoint as ckpt
@@ -160,7 +161,8 @@ def log_projector(model, eval_set, logger, step: int, max_samples: int) -> None:
     writer.flush()
 
 
-BENCHMARK_KEYS = ("checkpoint", "benchmark", "eval.output", "eval.save_embeddings")  # configs/evaluate.yaml's own
+# configs/evaluate.yaml's own keys (EvaluateSettings); every other key=value changes the checkpoint's config
+BENCHMARK_KEYS = ("checkpoint", "benchmark", *(f"eval.{f.name}" for f in fields(EvaluateOutputSettings)))
 
 
 def evaluate_command(argv: Sequence[str]) -> dict[str, Any]:

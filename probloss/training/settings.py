@@ -237,7 +237,8 @@ class RunSettings:
             raise KeyError(f"config: top-level keys {extra} have no field in RunSettings")
         if not is_int(plain["seed"]):
             fail(f"seed must be a non-negative integer, got {plain['seed']!r}")
-        check_loss_choices(str(plain["loss"]["name"]), loss_kwargs(plain))
+        kwargs = loss_kwargs(plain)
+        check_loss_choices(str(plain["loss"]["name"]), kwargs)
         try:
             model = ModelSettings.of(plain["model"])
         except ValueError as err:
@@ -247,7 +248,7 @@ class RunSettings:
             seed=int(plain["seed"]), out_dir=str(plain["out_dir"]), experiment=str(plain["experiment"]),
             run_name=None if plain["run_name"] is None else str(plain["run_name"]),
             resume=None if plain["resume"] is None else str(plain["resume"]),
-            loss_name=str(plain["loss"]["name"]), loss_kwargs=loss_kwargs(plain), model=model,
+            loss_name=str(plain["loss"]["name"]), loss_kwargs=kwargs, model=model,
             trainer=build(TrainerSettings, plain["trainer"], "trainer"),
             fabric=build(FabricSettings, plain["fabric"], "fabric"),
             eval=build(EvalSettings, plain["eval"], "eval"),

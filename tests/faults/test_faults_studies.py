@@ -80,6 +80,28 @@ def stop_mid_run(tmp_path, command: str, args, run_dir: Path) -> subprocess.Comp
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def preempt(tmp_path, command: str, args, run_dir: Path, line: str) -> tuple[int, Path, list[str]]:
+    """:func:`stop_mid_run`, then the checks every preempted study shares: exit 143, a last line matching ``line``
+    (groups: the step, the checkpoint, the command that resumes it), a checkpoint of that step in ``run_dir``,
+    and the same command. Returns (step, checkpoint, command)."""
+    stopped = stop_mid_run(tmp_path, command, args, run_dir)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    found = re.fullmatch(line, last_line(stopped.stderr))
+    assert found, last_line(stopped.stderr)
+    step, saved, again = int(found[1]), Path(found[2]), shlex.split(found[3])
+    assert 3 <= step < STEPS and saved == ckpt.checkpoint_path(run_dir, step) and saved.is_file()
+    assert again[2:] == args  # the same study command resumes it
+    return step, saved, again
+
+
+def resume(command: list[str], name: str) -> subprocess.CompletedProcess:
+    """Run the printed resume command (its script through the SLOW hook's entry, as ``probloss <name>``)."""
+    resumed = subprocess.run([sys.executable, *command[1:]], env=env(COMMAND=name), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed
+
+
 def last_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr[-3000:]
     return [line for line in stderr.splitlines() if line.strip()][-1]
@@ -128,21 +150,14 @@ def test_a_preempted_sweep_trial_is_resumed_by_the_same_command_bit_identically(
                                                                                  straight_sweep):
     args = sweep_args(tmp_path, cache_dir)
     run_dir = tmp_path / "lr" / "infonce" / "lr-infonce-trial0000"
-    stopped = stop_mid_run(tmp_path, "sweep", args, run_dir)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    found = re.fullmatch(r"stopped by SIGTERM at step (\d+) of trial 0 of study lr-infonce: saved (\S+); the sweep "
-                         r"resumes the trial from it; resume with: (.+)", last_line(stopped.stderr))
-    assert found, last_line(stopped.stderr)
-    step, saved, command = int(found[1]), Path(found[2]), shlex.split(found[3])
-    assert 3 <= step < STEPS and saved == ckpt.checkpoint_path(run_dir, step) and saved.is_file()
-    assert command[2:] == args  # the same sweep command resumes it
+    step, saved, command = preempt(tmp_path, "sweep", args, run_dir,
+                                   r"stopped by SIGTERM at step (\d+) of trial 0 of study lr-infonce: saved (\S+); the "
+                                   r"sweep resumes the trial from it; resume with: (.+)")
     (trial,) = trials(tmp_path)
     assert trial.state == FAIL and trial.user_attrs["interrupted"].startswith(f"SIGTERM (step {step} saved")
     assert trial.user_attrs["run_name"] == run_dir.name
 
-    resumed = subprocess.run([sys.executable, *command[1:]], env=env(COMMAND="sweep"), capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = resume(command, "sweep")
     first, second = trials(tmp_path)  # no second trial with new parameters: the budget of 1 is the resumed trial
     assert (first.state, second.state) == (FAIL, COMPLETE)
     assert second.user_attrs["resumes"] == 0 and second.params == first.params
@@ -159,17 +174,11 @@ def test_a_preempted_recipe_run_is_resumed_by_the_same_command_bit_identically(t
                                                                                straight_recipe):
     args = recipe_args(tmp_path, cache_dir)
     run_dir = tmp_path / "bias_init" / "sigmoid" / "a-seed0"
-    stopped = stop_mid_run(tmp_path, "recipe", args, run_dir)
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    found = re.fullmatch(r"stopped by SIGTERM at step (\d+): saved (\S+); resume with: (.+)", last_line(stopped.stderr))
-    assert found, last_line(stopped.stderr)
-    step, saved, command = int(found[1]), Path(found[2]), shlex.split(found[3])
-    assert 3 <= step < STEPS and saved == ckpt.checkpoint_path(run_dir, step) and saved.is_file()
-    assert command[2:] == args and not (run_dir / "summary.json").exists()
+    step, saved, command = preempt(tmp_path, "recipe", args, run_dir,
+                                   r"stopped by SIGTERM at step (\d+): saved (\S+); resume with: (.+)")
+    assert not (run_dir / "summary.json").exists()
 
-    resumed = subprocess.run([sys.executable, *command[1:]], env=env(COMMAND="recipe"), capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = resume(command, "recipe")
     assert f"training a seed 0 (resuming from {saved.name})" in resumed.stdout
     assert f"resumed from {saved} at step {step}" in (run_dir / "out.log").read_text()
     reference, _ = straight_recipe
