@@ -174,6 +174,7 @@ def test_parallel_sweep_workers_never_repeat_a_parameter_set(tmp_path, cache_dir
     """Two local workers of one command plus one started by hand, all on one journal: every trial's parameters
     differ (with one sampler seed for every worker, two workers started together ran 3 distinct of 6)."""
     spawned = start("sweep.py", sweep_args(tmp_path, cache_dir, "sweep.n_trials=4", "sweep.workers=2"))
+    wait_for(spawned, "study")  # its workers are up (see the recipe test above: start-up outlasts a tiny trial)
     by_hand = start("sweep.py", sweep_args(tmp_path, cache_dir, "sweep.n_trials=4", "sweep.workers=1"))
     output = finish(spawned) + finish(by_hand)
     assert "sweep: 2 workers via local" in output
